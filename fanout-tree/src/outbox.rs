@@ -1,0 +1,393 @@
+//! A connection's outbound queue, bounded by bytes and by frame count.
+//!
+//! Owns the frames that are waiting for one connection's writer. Does not own
+//! the socket: the writer task drains the queue and writes.
+//!
+//! Invariants:
+//! - Producers never wait. [`Outbox::try_push`] either queues the frame or
+//!   reports [`PushError::Full`]; a full outbox marks itself *overflowed*,
+//!   refuses everything after that and wakes the writer, which closes the
+//!   connection as a slow consumer. Memory per outbox therefore never exceeds
+//!   its caps plus one frame.
+//! - Frames come out in the order they went in, with one exception that the
+//!   caller asks for: while the outbox is *held*, pushes go to a side queue, and
+//!   [`Outbox::release`] puts the caller's own frames (a reply and its catch-up
+//!   messages) in front of them. That is how a `subscribe` reply is guaranteed to
+//!   precede the live messages of the rooms it just joined.
+//!
+//! Concurrency: one short `parking_lot` mutex per outbox, taken for a push or
+//! a drain, never across `.await`. The writer is woken through a
+//! `tokio::sync::Notify` only when the queue goes from empty to non-empty, so a
+//! burst of pushes costs one wake-up.
+
+use std::collections::VecDeque;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+/// Anything queued in an outbox reports its size, so the cap is in bytes.
+pub trait Weighted {
+    /// Bytes this item accounts for (payload; the queue slot is not counted).
+    fn weight(&self) -> usize;
+}
+
+impl Weighted for bytes::Bytes {
+    fn weight(&self) -> usize {
+        self.len()
+    }
+}
+
+/// Caps of one outbox.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxLimits {
+    /// Most bytes queued at once (live frames; catch-up is extra, see [`Outbox::release`]).
+    pub max_bytes: usize,
+    /// Most frames queued at once.
+    pub max_frames: usize,
+}
+
+impl Default for OutboxLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 1 << 20,
+            max_frames: 8192,
+        }
+    }
+}
+
+/// Why a push was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// Over the caps: the consumer is too slow. The outbox is now overflowed.
+    Full,
+    /// The outbox was closed or had overflowed before.
+    Closed,
+}
+
+/// What the writer learns from one [`Outbox::drain`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Frames were moved into the caller's buffer.
+    Frames,
+    /// The outbox overflowed: close the connection as a slow consumer.
+    Overflowed,
+    /// The outbox was closed by its owner.
+    Closed,
+}
+
+struct State<T> {
+    queue: VecDeque<T>,
+    /// Bytes in `queue` and `held`.
+    bytes: usize,
+    /// Bytes pushed by [`Outbox::release`] as catch-up that the writer has not
+    /// taken yet; they do not count against `max_bytes`.
+    extra_bytes: usize,
+    extra_frames: usize,
+    held: Option<VecDeque<T>>,
+    overflowed: bool,
+    closed: bool,
+    /// Highest byte count ever queued: lets tests assert on memory bounds.
+    peak_bytes: usize,
+}
+
+/// A byte-bounded multi-producer, single-consumer frame queue.
+pub struct Outbox<T> {
+    state: Mutex<State<T>>,
+    ready: Notify,
+    limits: OutboxLimits,
+}
+
+impl<T: Weighted> Outbox<T> {
+    /// An empty outbox; allocates nothing until the first push.
+    pub fn new(limits: OutboxLimits) -> Self {
+        Self {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                bytes: 0,
+                extra_bytes: 0,
+                extra_frames: 0,
+                held: None,
+                overflowed: false,
+                closed: false,
+                peak_bytes: 0,
+            }),
+            ready: Notify::new(),
+            limits,
+        }
+    }
+
+    /// Queues `item` without waiting. On [`PushError::Full`] the outbox is
+    /// overflowed and the writer is woken to close the connection.
+    pub fn try_push(&self, item: T) -> Result<(), PushError> {
+        let mut st = self.state.lock();
+        if st.overflowed || st.closed {
+            return Err(PushError::Closed);
+        }
+        let weight = item.weight();
+        let held_len = st.held.as_ref().map_or(0, VecDeque::len);
+        let live_frames = st.queue.len() + held_len - st.extra_frames;
+        let live_bytes = st.bytes - st.extra_bytes;
+        if live_bytes + weight > self.limits.max_bytes || live_frames >= self.limits.max_frames {
+            st.overflowed = true;
+            drop(st);
+            self.ready.notify_one();
+            return Err(PushError::Full);
+        }
+        st.bytes += weight;
+        st.peak_bytes = st.peak_bytes.max(st.bytes);
+        let wake = match st.held.as_mut() {
+            Some(held) => {
+                held.push_back(item);
+                false
+            }
+            None => {
+                st.queue.push_back(item);
+                st.queue.len() == 1
+            }
+        };
+        drop(st);
+        if wake {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// From now until [`Outbox::release`], pushes are set aside.
+    pub fn hold(&self) {
+        let mut st = self.state.lock();
+        if st.held.is_none() {
+            st.held = Some(VecDeque::new());
+        }
+    }
+
+    /// Queues `reply` (counted against the caps like any push), then
+    /// `catchup`, then everything pushed since [`Outbox::hold`], and ends the hold.
+    ///
+    /// Catch-up frames are history the client asked for and whose total size
+    /// the caller has already bounded, so they are queued even past
+    /// `max_bytes`: a recovering client is not closed as slow for them.
+    pub fn release(&self, reply: Option<T>, catchup: impl IntoIterator<Item = T>) -> Result<(), PushError> {
+        let mut st = self.state.lock();
+        let held = st.held.take().unwrap_or_default();
+        if st.overflowed || st.closed {
+            return Err(PushError::Closed);
+        }
+        let was_empty = st.queue.is_empty();
+        if let Some(reply) = reply {
+            st.bytes += reply.weight();
+            st.queue.push_back(reply);
+        }
+        for item in catchup {
+            let weight = item.weight();
+            st.bytes += weight;
+            st.extra_bytes += weight;
+            st.extra_frames += 1;
+            st.queue.push_back(item);
+        }
+        st.queue.extend(held);
+        st.peak_bytes = st.peak_bytes.max(st.bytes);
+        let wake = was_empty && !st.queue.is_empty();
+        drop(st);
+        if wake {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Moves every queued frame into `into` (which should be empty), waiting
+    /// until there is at least one, or until the outbox is closed or overflowed.
+    pub async fn drain(&self, into: &mut VecDeque<T>) -> Drained {
+        loop {
+            {
+                let mut st = self.state.lock();
+                if st.overflowed {
+                    return Drained::Overflowed;
+                }
+                if !st.queue.is_empty() {
+                    debug_assert!(into.is_empty(), "drain into an empty buffer");
+                    std::mem::swap(&mut st.queue, into);
+                    st.bytes -= into.iter().map(Weighted::weight).sum::<usize>();
+                    st.extra_bytes = 0;
+                    st.extra_frames = 0;
+                    // Keep memory of a quiet connection small after a burst.
+                    if st.queue.capacity() > 256 {
+                        st.queue = VecDeque::new();
+                    }
+                    return Drained::Frames;
+                }
+                if st.closed {
+                    return Drained::Closed;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Moves whatever is queued into `into` without waiting; false if nothing was.
+    /// Used for the last frames before a close.
+    pub fn try_drain(&self, into: &mut VecDeque<T>) -> bool {
+        let mut st = self.state.lock();
+        if st.queue.is_empty() {
+            return false;
+        }
+        into.extend(st.queue.drain(..));
+        st.bytes = st.held.as_ref().map_or(0, |h| h.iter().map(Weighted::weight).sum());
+        st.extra_bytes = 0;
+        st.extra_frames = 0;
+        true
+    }
+
+    /// Waits until the outbox overflows. The writer races this against a
+    /// socket write that does not finish, so a client that stops reading is
+    /// noticed even while a flush is pending.
+    pub async fn overflowed(&self) {
+        loop {
+            if self.is_overflowed() {
+                return;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Refuses further pushes and wakes the writer.
+    pub fn close(&self) {
+        self.state.lock().closed = true;
+        self.ready.notify_one();
+    }
+
+    /// Whether the outbox overflowed (the consumer was too slow).
+    pub fn is_overflowed(&self) -> bool {
+        self.state.lock().overflowed
+    }
+
+    /// Frames and bytes queued right now.
+    pub fn queued(&self) -> (usize, usize) {
+        let st = self.state.lock();
+        let held = st.held.as_ref().map_or(0, VecDeque::len);
+        (st.queue.len() + held, st.bytes)
+    }
+
+    /// Highest byte count ever queued.
+    pub fn peak_bytes(&self) -> usize {
+        self.state.lock().peak_bytes
+    }
+
+    /// The caps this outbox was built with.
+    pub fn limits(&self) -> OutboxLimits {
+        self.limits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn frame(n: usize) -> Bytes {
+        Bytes::from(vec![b'x'; n])
+    }
+
+    #[tokio::test]
+    async fn frames_come_out_in_order() {
+        let ob = Outbox::new(OutboxLimits::default());
+        for i in 0..10u8 {
+            ob.try_push(Bytes::from(vec![i])).unwrap();
+        }
+        let mut out = VecDeque::new();
+        assert_eq!(ob.drain(&mut out).await, Drained::Frames);
+        let got: Vec<u8> = out.iter().map(|b| b[0]).collect();
+        assert_eq!(got, (0..10).collect::<Vec<_>>());
+        assert_eq!(ob.queued(), (0, 0));
+    }
+
+    #[test]
+    fn byte_cap_overflows_and_refuses_everything_after() {
+        let ob = Outbox::new(OutboxLimits {
+            max_bytes: 1000,
+            max_frames: 100,
+        });
+        for _ in 0..10 {
+            ob.try_push(frame(100)).unwrap();
+        }
+        assert_eq!(ob.try_push(frame(1)), Err(PushError::Full));
+        assert!(ob.is_overflowed());
+        assert_eq!(ob.try_push(frame(1)), Err(PushError::Closed));
+        assert_eq!(ob.queued(), (10, 1000));
+        assert_eq!(ob.peak_bytes(), 1000);
+    }
+
+    #[test]
+    fn frame_cap_overflows() {
+        let ob = Outbox::new(OutboxLimits {
+            max_bytes: 1 << 20,
+            max_frames: 3,
+        });
+        for _ in 0..3 {
+            ob.try_push(frame(1)).unwrap();
+        }
+        assert_eq!(ob.try_push(frame(1)), Err(PushError::Full));
+    }
+
+    #[tokio::test]
+    async fn held_pushes_come_after_released_front() {
+        let ob = Outbox::new(OutboxLimits::default());
+        ob.try_push(Bytes::from_static(b"before")).unwrap();
+        ob.hold();
+        ob.try_push(Bytes::from_static(b"live")).unwrap();
+        ob.release(Some(Bytes::from_static(b"reply")), [Bytes::from_static(b"catchup")])
+            .unwrap();
+        let mut out = VecDeque::new();
+        ob.drain(&mut out).await;
+        let got: Vec<&[u8]> = out.iter().map(|b| b.as_ref()).collect();
+        assert_eq!(got, vec![&b"before"[..], b"reply", b"catchup", b"live"]);
+    }
+
+    #[tokio::test]
+    async fn catchup_does_not_count_against_the_live_cap() {
+        let ob = Outbox::new(OutboxLimits {
+            max_bytes: 100,
+            max_frames: 10,
+        });
+        ob.hold();
+        let catchup = (0..50).map(|_| frame(50));
+        ob.release(Some(frame(10)), catchup).unwrap();
+        // Live frames still fit next to 2,500 bytes of catch-up.
+        ob.try_push(frame(50)).unwrap();
+        let mut out = VecDeque::new();
+        assert_eq!(ob.drain(&mut out).await, Drained::Frames);
+        assert_eq!(out.len(), 52);
+        assert_eq!(ob.queued(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn overflow_wakes_the_writer() {
+        let ob = std::sync::Arc::new(Outbox::new(OutboxLimits {
+            max_bytes: 10,
+            max_frames: 10,
+        }));
+        let w = {
+            let ob = ob.clone();
+            tokio::spawn(async move {
+                let mut out = VecDeque::new();
+                loop {
+                    match ob.drain(&mut out).await {
+                        Drained::Frames => out.clear(),
+                        other => return other,
+                    }
+                }
+            })
+        };
+        tokio::task::yield_now().await;
+        let _ = ob.try_push(frame(11));
+        assert_eq!(w.await.unwrap(), Drained::Overflowed);
+    }
+
+    #[tokio::test]
+    async fn close_ends_an_empty_drain() {
+        let ob: Outbox<Bytes> = Outbox::new(OutboxLimits::default());
+        ob.close();
+        let mut out = VecDeque::new();
+        assert_eq!(ob.drain(&mut out).await, Drained::Closed);
+        assert_eq!(ob.try_push(frame(1)), Err(PushError::Closed));
+    }
+}

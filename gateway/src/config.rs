@@ -1,0 +1,586 @@
+//! Configuration: one typed [`Config`] from flags, environment and a TOML file.
+//!
+//! Precedence: flag, then `GATEWAY_*` environment variable, then the file given
+//! by `--config`, then the default. Every option has all three spellings:
+//! `--max-frame-bytes`, `GATEWAY_MAX_FRAME_BYTES`, `max_frame_bytes`.
+//! Values are validated before any port is bound; an invalid configuration is
+//! an error that names the option, never a silent default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version, about = "WebSocket fan-out gateway for chat.", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub opts: Opts,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a connection token signed with the configured HS256 secret.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The user id (`sub` claim).
+    #[arg(long)]
+    pub sub: String,
+    /// Room patterns the user may subscribe to, comma-separated (`*` matches any run of room characters).
+    #[arg(long, default_value = "*", value_delimiter = ',')]
+    pub rooms: Vec<String>,
+    /// Room patterns the user may publish to [default: the value of --rooms].
+    #[arg(long = "pub", value_delimiter = ',')]
+    pub publish: Option<Vec<String>>,
+    /// Lifetime in seconds; 0 for a token without `exp`.
+    #[arg(long, default_value_t = 86_400)]
+    pub ttl: u64,
+}
+
+/// Every option, unresolved. The same struct is read from flags/environment
+/// (clap) and from the TOML file (serde).
+#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Opts {
+    /// TOML file with any of the options below (keys in snake_case).
+    #[arg(long, env = "GATEWAY_CONFIG", global = true)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Address for WebSocket (/ws) and HTTP [default: 127.0.0.1:8080].
+    #[arg(long, env = "GATEWAY_LISTEN", global = true)]
+    pub listen: Option<SocketAddr>,
+    /// Separate address for Prometheus /metrics [default: served on --listen].
+    #[arg(long, env = "GATEWAY_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// This node's id, shown to clients and in metrics [default: gw-<random>].
+    #[arg(long, env = "GATEWAY_NODE_ID", global = true)]
+    pub node_id: Option<String>,
+
+    /// HS256 secret for connection and room tokens. Without any key the node runs in dev mode.
+    #[arg(long, env = "GATEWAY_JWT_SECRET", global = true, hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key files (RSA, EC or Ed25519), comma-separated.
+    #[arg(long, env = "GATEWAY_JWT_PUBLIC_KEY", global = true, value_delimiter = ',')]
+    pub jwt_public_key: Option<Vec<PathBuf>>,
+    /// A JWKS file with verification keys.
+    #[arg(long, env = "GATEWAY_JWKS", global = true)]
+    pub jwks: Option<String>,
+    /// Accepted `iss` values, comma-separated [default: any].
+    #[arg(long, env = "GATEWAY_JWT_ISSUER", global = true, value_delimiter = ',')]
+    pub jwt_issuer: Option<Vec<String>>,
+    /// Accepted `aud` values, comma-separated [default: any; tokens with `aud` then pass].
+    #[arg(long, env = "GATEWAY_JWT_AUDIENCE", global = true, value_delimiter = ',')]
+    pub jwt_audience: Option<Vec<String>>,
+    /// Clock leeway for `exp` and `nbf`, seconds [default: 5].
+    #[arg(long, env = "GATEWAY_JWT_LEEWAY_SECS", global = true)]
+    pub jwt_leeway_secs: Option<u64>,
+    /// Subscribe grants for tokens without a `rooms` claim, comma-separated patterns [default: none].
+    #[arg(long, env = "GATEWAY_DEFAULT_ROOMS", global = true, value_delimiter = ',')]
+    pub default_rooms: Option<Vec<String>>,
+    /// Publish grants for tokens without a `rooms` claim, comma-separated patterns [default: none].
+    #[arg(long, env = "GATEWAY_DEFAULT_PUB", global = true, value_delimiter = ',')]
+    pub default_pub: Option<Vec<String>>,
+
+    /// NATS URLs, comma-separated: cluster mode (JetStream for durable rooms) [default: embedded, no NATS].
+    #[arg(long, env = "GATEWAY_NATS", global = true)]
+    pub nats: Option<String>,
+    /// PEM certificate chain: serve wss:// (with --tls-key).
+    #[arg(long, env = "GATEWAY_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "GATEWAY_TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
+    /// Origins allowed to upgrade, comma-separated (e.g. https://chat.example.com) [default: any].
+    #[arg(long, env = "GATEWAY_ALLOWED_ORIGINS", global = true, value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Whether upgrades without an Origin header (non-browser clients) are allowed [default: true].
+    #[arg(long, env = "GATEWAY_ALLOW_NO_ORIGIN", global = true)]
+    pub allow_no_origin: Option<bool>,
+
+    /// Room size (members) at which a room fans out through the tiered tree [default: 10000].
+    #[arg(long, env = "GATEWAY_TREE_THRESHOLD", global = true)]
+    pub tree_threshold: Option<usize>,
+    /// Fan-out per node of the tiered tree [default: 16].
+    #[arg(long, env = "GATEWAY_TREE_DEGREE", global = true)]
+    pub tree_degree: Option<usize>,
+    /// Turn every rate limit and admission budget off (benchmarks, trusted networks); connection-count limits stay.
+    #[arg(long, env = "GATEWAY_NO_RATE_LIMITS", global = true, num_args = 0..=1, default_missing_value = "true")]
+    pub no_rate_limits: Option<bool>,
+
+    /// Time a new connection has to send `connect`, ms [default: 5000].
+    #[arg(long, env = "GATEWAY_AUTH_TIMEOUT_MS", global = true)]
+    pub auth_timeout_ms: Option<u64>,
+    /// Largest client frame, bytes; larger closes with 1009 [default: 65536].
+    #[arg(long, env = "GATEWAY_MAX_FRAME_BYTES", global = true)]
+    pub max_frame_bytes: Option<usize>,
+    /// Rooms one connection may be subscribed to [default: 5000].
+    #[arg(long, env = "GATEWAY_MAX_ROOMS_PER_CONN", global = true)]
+    pub max_rooms_per_conn: Option<usize>,
+    /// WebSocket connections on this node; more are closed with 4029 [default: 50000].
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", global = true)]
+    pub max_connections: Option<usize>,
+    /// Bytes queued for one connection before it is closed as a slow consumer (4009) [default: 1048576].
+    #[arg(long, env = "GATEWAY_OUTBOX_MAX_BYTES", global = true)]
+    pub outbox_max_bytes: Option<usize>,
+    /// Frames queued for one connection before it is closed as a slow consumer (4009) [default: 8192].
+    #[arg(long, env = "GATEWAY_OUTBOX_MAX_FRAMES", global = true)]
+    pub outbox_max_frames: Option<usize>,
+    /// A socket write that makes no progress for this long closes the connection as slow, ms [default: 10000].
+    #[arg(long, env = "GATEWAY_WRITE_TIMEOUT_MS", global = true)]
+    pub write_timeout_ms: Option<u64>,
+
+    /// Messages kept per room for `since` and `history` [default: 1000].
+    #[arg(long, env = "GATEWAY_HISTORY_SIZE", global = true)]
+    pub history_size: Option<usize>,
+    /// Bytes kept per room for `since` and `history` [default: 4194304].
+    #[arg(long, env = "GATEWAY_HISTORY_MAX_BYTES", global = true)]
+    pub history_max_bytes: Option<usize>,
+    /// Largest `limit` of one `history` page [default: 200].
+    #[arg(long, env = "GATEWAY_HISTORY_PAGE_MAX", global = true)]
+    pub history_page_max: Option<usize>,
+    /// How long a publish `key` is remembered for de-duplication, ms [default: 120000].
+    #[arg(long, env = "GATEWAY_DEDUP_WINDOW_MS", global = true)]
+    pub dedup_window_ms: Option<u64>,
+    /// Publish keys remembered per room [default: 10000].
+    #[arg(long, env = "GATEWAY_DEDUP_MAX_KEYS", global = true)]
+    pub dedup_max_keys: Option<usize>,
+    /// Rooms with state (members or history) on this node [default: 1000000].
+    #[arg(long, env = "GATEWAY_MAX_ROOMS", global = true)]
+    pub max_rooms: Option<usize>,
+    /// Bytes of missed messages one `subscribe` may replay; rooms beyond answer recovered:false [default: 16777216].
+    #[arg(long, env = "GATEWAY_CATCHUP_MAX_BYTES", global = true)]
+    pub catchup_max_bytes: Option<usize>,
+
+    /// Interval of WebSocket pings from the server, ms [default: 25000].
+    #[arg(long, env = "GATEWAY_PING_INTERVAL_MS", global = true)]
+    pub ping_interval_ms: Option<u64>,
+    /// A connection that sends nothing (not even a pong) for this long is closed, ms [default: 70000].
+    #[arg(long, env = "GATEWAY_IDLE_TIMEOUT_MS", global = true)]
+    pub idle_timeout_ms: Option<u64>,
+    /// Bad frames tolerated per minute before closing with 4008 [default: 20].
+    #[arg(long, env = "GATEWAY_MAX_BAD_FRAMES", global = true)]
+    pub max_bad_frames: Option<u32>,
+    /// Time the node takes on shutdown to close every connection with 1012 and exit, ms [default: 10000].
+    #[arg(long, env = "GATEWAY_DRAIN_TIMEOUT_MS", global = true)]
+    pub drain_timeout_ms: Option<u64>,
+    /// Window over which drain closes are spread so clients do not reconnect all at once, ms [default: 2000].
+    #[arg(long, env = "GATEWAY_DRAIN_SPREAD_MS", global = true)]
+    pub drain_spread_ms: Option<u64>,
+
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "GATEWAY_LOG_FORMAT", global = true)]
+    pub log_format: Option<String>,
+    /// Log filter (tracing EnvFilter syntax, e.g. info,gateway=debug) [default: info; RUST_LOG also works].
+    #[arg(long, env = "GATEWAY_LOG", global = true)]
+    pub log: Option<String>,
+}
+
+macro_rules! prefer {
+    ($a:ident, $b:ident, $($f:ident),* $(,)?) => {
+        Opts { config: $a.config.or($b.config), $($f: $a.$f.or($b.$f)),* }
+    };
+}
+
+impl Opts {
+    /// `self` where set, else `file`.
+    pub fn or(self, file: Opts) -> Opts {
+        let a = self;
+        let b = file;
+        prefer!(
+            a,
+            b,
+            listen,
+            metrics_listen,
+            node_id,
+            jwt_secret,
+            jwt_public_key,
+            jwks,
+            jwt_issuer,
+            jwt_audience,
+            jwt_leeway_secs,
+            default_rooms,
+            default_pub,
+            nats,
+            tls_cert,
+            tls_key,
+            allowed_origins,
+            allow_no_origin,
+            tree_threshold,
+            tree_degree,
+            no_rate_limits,
+            auth_timeout_ms,
+            max_frame_bytes,
+            max_rooms_per_conn,
+            max_connections,
+            outbox_max_bytes,
+            outbox_max_frames,
+            write_timeout_ms,
+            history_size,
+            history_max_bytes,
+            history_page_max,
+            dedup_window_ms,
+            dedup_max_keys,
+            max_rooms,
+            catchup_max_bytes,
+            ping_interval_ms,
+            idle_timeout_ms,
+            max_bad_frames,
+            drain_timeout_ms,
+            drain_spread_ms,
+            log_format,
+            log,
+        )
+    }
+
+    /// Reads the TOML file named by `--config` (if any) and merges it under `self`.
+    pub fn with_file(self) -> Result<Opts, ConfigError> {
+        match self.config.clone() {
+            None => Ok(self),
+            Some(path) => Ok(self.or(read_file(&path)?)),
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Result<Opts, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Why the configuration is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid")]
+    Parse {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{option}: {problem}")]
+    Invalid { option: &'static str, problem: String },
+}
+
+fn invalid(option: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        option,
+        problem: problem.into(),
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The resolved configuration. Field docs give defaults and units.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// WebSocket and HTTP address. Default 127.0.0.1:8080.
+    pub listen: SocketAddr,
+    /// Separate /metrics address. Default: none (served on `listen`).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Node id. Default gw-<8 random hex digits>.
+    pub node_id: String,
+    /// HS256 secret. Default none (dev mode when no key at all).
+    pub jwt_secret: Option<String>,
+    /// PEM public keys. Default none.
+    pub jwt_public_keys: Vec<PathBuf>,
+    /// JWKS file. Default none.
+    pub jwks: Option<String>,
+    pub jwt_issuers: Vec<String>,
+    pub jwt_audiences: Vec<String>,
+    /// Leeway for exp/nbf. Default 5 s.
+    pub jwt_leeway: Duration,
+    pub default_rooms: Vec<String>,
+    pub default_pub: Vec<String>,
+    /// NATS URLs; empty = embedded mode.
+    pub nats: Vec<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Allowed origins; empty = any.
+    pub allowed_origins: Vec<String>,
+    /// Allow upgrades without Origin. Default true.
+    pub allow_no_origin: bool,
+    /// Default 10,000 members.
+    pub tree_threshold: usize,
+    /// Default 16.
+    pub tree_degree: usize,
+    /// Default false.
+    pub no_rate_limits: bool,
+    /// Default 5 s.
+    pub auth_timeout: Duration,
+    /// Default 64 KiB.
+    pub max_frame_bytes: usize,
+    /// Default 5,000.
+    pub max_rooms_per_conn: usize,
+    /// Default 50,000.
+    pub max_connections: usize,
+    /// Default 1 MiB.
+    pub outbox_max_bytes: usize,
+    /// Default 8,192.
+    pub outbox_max_frames: usize,
+    /// Default 10 s.
+    pub write_timeout: Duration,
+    /// Default 1,000 messages.
+    pub history_size: usize,
+    /// Default 4 MiB.
+    pub history_max_bytes: usize,
+    /// Default 200.
+    pub history_page_max: usize,
+    /// Default 120 s.
+    pub dedup_window: Duration,
+    /// Default 10,000.
+    pub dedup_max_keys: usize,
+    /// Default 1,000,000.
+    pub max_rooms: usize,
+    /// Default 16 MiB.
+    pub catchup_max_bytes: usize,
+    /// Default 25 s.
+    pub ping_interval: Duration,
+    /// Default 70 s.
+    pub idle_timeout: Duration,
+    /// Default 20 per minute.
+    pub max_bad_frames: u32,
+    /// Default 10 s.
+    pub drain_timeout: Duration,
+    /// Default 2 s.
+    pub drain_spread: Duration,
+    /// Default text.
+    pub log_format: LogFormat,
+    /// Default "info".
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::resolve(Opts::default()).expect("defaults are valid")
+    }
+}
+
+fn ms(v: Option<u64>, default: u64) -> Duration {
+    Duration::from_millis(v.unwrap_or(default))
+}
+
+fn positive<T: PartialOrd + Default + Copy>(option: &'static str, v: Option<T>, default: T) -> Result<T, ConfigError> {
+    let v = v.unwrap_or(default);
+    if v <= T::default() {
+        return Err(invalid(option, "must be greater than 0"));
+    }
+    Ok(v)
+}
+
+impl Config {
+    /// Applies defaults and checks every value.
+    pub fn resolve(o: Opts) -> Result<Config, ConfigError> {
+        let nats: Vec<String> = o
+            .nats
+            .as_deref()
+            .map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !nats.is_empty() {
+            return Err(invalid(
+                "nats",
+                "cluster mode over NATS is not available in this build yet; run without --nats for the embedded node",
+            ));
+        }
+        if o.tls_cert.is_some() != o.tls_key.is_some() {
+            return Err(invalid("tls_cert", "--tls-cert and --tls-key go together"));
+        }
+        if o.tls_cert.is_some() {
+            return Err(invalid(
+                "tls_cert",
+                "TLS termination is not available in this build yet; terminate TLS in front of the node",
+            ));
+        }
+        if let Some(s) = &o.jwt_secret
+            && s.is_empty()
+        {
+            return Err(invalid("jwt_secret", "must not be empty"));
+        }
+        let log_format = match o.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(invalid("log_format", format!("{other:?} is not text or json"))),
+        };
+        let max_frame_bytes = positive("max_frame_bytes", o.max_frame_bytes, 64 * 1024)?;
+        let outbox_max_bytes = positive("outbox_max_bytes", o.outbox_max_bytes, 1 << 20)?;
+        if outbox_max_bytes < max_frame_bytes {
+            return Err(invalid(
+                "outbox_max_bytes",
+                format!("must be at least max_frame_bytes ({max_frame_bytes})"),
+            ));
+        }
+        let tree_degree = o.tree_degree.unwrap_or(16);
+        if tree_degree < 2 {
+            return Err(invalid("tree_degree", "must be at least 2"));
+        }
+        for origin in o.allowed_origins.iter().flatten() {
+            if !(origin.starts_with("http://") || origin.starts_with("https://")) || origin.ends_with('/') {
+                return Err(invalid(
+                    "allowed_origins",
+                    format!("{origin:?} is not an origin like https://chat.example.com"),
+                ));
+            }
+        }
+        let node_id = match o.node_id {
+            Some(id) if id.is_empty() || id.len() > 64 => {
+                return Err(invalid("node_id", "must be 1 to 64 characters"));
+            }
+            Some(id) => id,
+            None => format!("gw-{:08x}", rand::random::<u32>()),
+        };
+        Ok(Config {
+            listen: o.listen.unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid")),
+            metrics_listen: o.metrics_listen,
+            node_id,
+            jwt_secret: o.jwt_secret,
+            jwt_public_keys: o.jwt_public_key.unwrap_or_default(),
+            jwks: o.jwks,
+            jwt_issuers: o.jwt_issuer.unwrap_or_default(),
+            jwt_audiences: o.jwt_audience.unwrap_or_default(),
+            jwt_leeway: Duration::from_secs(o.jwt_leeway_secs.unwrap_or(5)),
+            default_rooms: o.default_rooms.unwrap_or_default(),
+            default_pub: o.default_pub.unwrap_or_default(),
+            nats,
+            tls_cert: o.tls_cert,
+            tls_key: o.tls_key,
+            allowed_origins: o.allowed_origins.unwrap_or_default(),
+            allow_no_origin: o.allow_no_origin.unwrap_or(true),
+            tree_threshold: positive("tree_threshold", o.tree_threshold, 10_000)?,
+            tree_degree,
+            no_rate_limits: o.no_rate_limits.unwrap_or(false),
+            auth_timeout: ms(Some(positive("auth_timeout_ms", o.auth_timeout_ms, 5_000)?), 0),
+            max_frame_bytes,
+            max_rooms_per_conn: positive("max_rooms_per_conn", o.max_rooms_per_conn, 5_000)?,
+            max_connections: positive("max_connections", o.max_connections, 50_000)?,
+            outbox_max_bytes,
+            outbox_max_frames: positive("outbox_max_frames", o.outbox_max_frames, 8_192)?,
+            write_timeout: ms(Some(positive("write_timeout_ms", o.write_timeout_ms, 10_000)?), 0),
+            history_size: positive("history_size", o.history_size, 1_000)?,
+            history_max_bytes: positive("history_max_bytes", o.history_max_bytes, 4 << 20)?,
+            history_page_max: positive("history_page_max", o.history_page_max, 200)?,
+            dedup_window: ms(o.dedup_window_ms, 120_000),
+            dedup_max_keys: positive("dedup_max_keys", o.dedup_max_keys, 10_000)?,
+            max_rooms: positive("max_rooms", o.max_rooms, 1_000_000)?,
+            catchup_max_bytes: o.catchup_max_bytes.unwrap_or(16 << 20),
+            ping_interval: ms(Some(positive("ping_interval_ms", o.ping_interval_ms, 25_000)?), 0),
+            idle_timeout: ms(Some(positive("idle_timeout_ms", o.idle_timeout_ms, 70_000)?), 0),
+            max_bad_frames: o.max_bad_frames.unwrap_or(20),
+            drain_timeout: ms(o.drain_timeout_ms, 10_000),
+            drain_spread: ms(o.drain_spread_ms, 2_000),
+            log_format,
+            log: o.log.unwrap_or_else(|| "info".to_string()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Opts {
+        let mut v = vec!["gateway"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).unwrap().opts
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.max_frame_bytes, 65_536);
+        assert_eq!(c.max_rooms_per_conn, 5_000);
+        assert_eq!(c.history_size, 1_000);
+        assert_eq!(c.auth_timeout, Duration::from_secs(5));
+        assert!(c.node_id.starts_with("gw-"));
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\nhistory_size = 50\nallowed_origins = [\"https://a.example\"]\n",
+        )
+        .unwrap();
+        let opts = parse(&["--config", path.to_str().unwrap(), "--history-size", "7"]);
+        let c = Config::resolve(opts.with_file().unwrap()).unwrap();
+        assert_eq!(c.history_size, 7);
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.allowed_origins, vec!["https://a.example"]);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(&path, "lisen = \"x\"\n").unwrap();
+        let err = parse(&["--config", path.to_str().unwrap()]).with_file().unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }));
+    }
+
+    #[test]
+    fn invalid_values_name_the_option() {
+        let err = Config::resolve(parse(&["--max-frame-bytes", "0"])).unwrap_err();
+        assert!(err.to_string().starts_with("max_frame_bytes"), "{err}");
+        let err = Config::resolve(parse(&["--allowed-origins", "example.com"])).unwrap_err();
+        assert!(err.to_string().starts_with("allowed_origins"), "{err}");
+        let err = Config::resolve(parse(&["--log-format", "xml"])).unwrap_err();
+        assert!(err.to_string().starts_with("log_format"), "{err}");
+    }
+
+    #[test]
+    fn bool_flags_take_no_value() {
+        assert_eq!(parse(&["--no-rate-limits"]).no_rate_limits, Some(true));
+        assert_eq!(parse(&["--no-rate-limits", "false"]).no_rate_limits, Some(false));
+    }
+
+    #[test]
+    fn token_subcommand_takes_global_options() {
+        let cli = Cli::try_parse_from([
+            "gateway",
+            "token",
+            "--jwt-secret",
+            "s",
+            "--sub",
+            "alice",
+            "--rooms",
+            "general,team-*",
+        ])
+        .unwrap();
+        assert_eq!(cli.opts.jwt_secret.as_deref(), Some("s"));
+        match cli.command {
+            Some(Command::Token(t)) => assert_eq!(t.rooms, vec!["general", "team-*"]),
+            None => panic!("no subcommand"),
+        }
+    }
+}

@@ -1,0 +1,638 @@
+//! One WebSocket connection: its task, its session state and its outbox.
+//!
+//! Owns everything per connection. The task races two futures:
+//! - the **reader** decodes client frames, checks rights and limits, calls the
+//!   room index and the bus, and queues replies in the outbox;
+//! - the **writer** is the only owner of the sink: it drains the outbox in
+//!   batches (feed each frame, flush once), sends pings, and notices a client
+//!   that stopped reading.
+//!
+//! Whichever ends first decides the [`CloseReason`]; cleanup (leaving every
+//! room, the final close frame) always runs, bounded in time.
+//!
+//! Replies and pushes share one queue, so a client sees them in the order the
+//! node produced them. A `subscribe` holds the outbox while it joins rooms, so
+//! its reply precedes the catch-up and live messages of those rooms.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fanout_tree::{Drained, Outbox, OutboxLimits};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError as WsProtocolError};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::auth::{self, Identity};
+use crate::bus::{BusError, Outgoing};
+use crate::error::{CloseReason, ErrorCode, ProtoError};
+use crate::protocol::{self, Command, SubscribeEntry};
+use crate::rooms::{ConnId, ConnOutbox, Frame, RoomError, RoomId};
+use crate::server::Node;
+
+/// How long the final close frame may take to go out.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
+/// Longest publish `key`.
+const MAX_KEY_LEN: usize = 256;
+/// Window over which bad frames are counted.
+const BAD_FRAME_WINDOW: Duration = Duration::from_secs(60);
+
+/// Runs one upgraded connection to its end.
+pub async fn run<S>(node: Arc<Node>, ws: S, peer: SocketAddr)
+where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    let cfg = &node.cfg;
+    let id = node.next_conn_id();
+    let _count = node.count_conn();
+    let outbox: ConnOutbox = Arc::new(Outbox::new(OutboxLimits {
+        max_bytes: cfg.outbox_max_bytes,
+        max_frames: cfg.outbox_max_frames,
+    }));
+    let (mut sink, mut stream) = ws.split();
+    let mut batch = VecDeque::new();
+
+    if node.conns_active() > cfg.max_connections {
+        tracing::debug!(%peer, "refusing connection: node is full");
+        finish(&mut sink, &outbox, &mut batch, CloseReason::TooManyConnections).await;
+        node.metrics.closed(CloseReason::TooManyConnections);
+        return;
+    }
+
+    let mut session = Session::new(node.clone(), id, outbox.clone());
+    let reason = {
+        let reader = session.read_loop(&mut stream);
+        let writer = write_loop(&mut sink, &outbox, &mut batch, cfg.ping_interval, cfg.write_timeout);
+        let drain = async {
+            node.draining().await;
+            // Spread the 1012s so clients do not all reconnect at once.
+            let spread = cfg.drain_spread.min(cfg.drain_timeout / 2);
+            if !spread.is_zero() {
+                sleep(spread.mul_f64(rand::random::<f64>())).await;
+            }
+        };
+        tokio::select! {
+            r = reader => r,
+            r = writer => r,
+            () = drain => CloseReason::NodeDraining,
+        }
+    };
+    session.leave_all();
+    if reason == CloseReason::SlowConsumer {
+        node.metrics.slow_closes_total.increment(1);
+        tracing::debug!(conn = id.0, %peer, "closing slow consumer");
+    }
+    node.record_outbox_peak(outbox.peak_bytes());
+    finish(&mut sink, &outbox, &mut batch, reason).await;
+    node.metrics.closed(reason);
+}
+
+/// Sends what is still queued (unless the client is the reason it could not be
+/// sent) and the close frame, within [`CLOSE_GRACE`].
+async fn finish<Si>(sink: &mut Si, outbox: &ConnOutbox, batch: &mut VecDeque<Frame>, reason: CloseReason)
+where
+    Si: Sink<Message, Error = WsError> + Unpin,
+{
+    outbox.close();
+    let Some(code) = reason.code() else {
+        return;
+    };
+    let work = async {
+        if reason != CloseReason::SlowConsumer {
+            outbox.try_drain(batch);
+            write_batch(sink, batch).await?;
+        }
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.text().into(),
+        };
+        sink.send(Message::Close(Some(frame))).await?;
+        sink.close().await
+    };
+    let _ = timeout(CLOSE_GRACE, work).await;
+}
+
+/// Feeds every frame of `batch` and flushes once. Cancel-safe: a frame leaves
+/// `batch` only once the sink has accepted it.
+async fn write_batch<Si>(sink: &mut Si, batch: &mut VecDeque<Frame>) -> Result<(), WsError>
+where
+    Si: Sink<Message, Error = WsError> + Unpin,
+{
+    while !batch.is_empty() {
+        futures_util::future::poll_fn(|cx| sink.poll_ready_unpin(cx)).await?;
+        if let Some(frame) = batch.pop_front() {
+            sink.start_send_unpin(frame.into_message())?;
+        }
+    }
+    sink.flush().await
+}
+
+async fn write_loop<Si>(
+    sink: &mut Si,
+    outbox: &ConnOutbox,
+    batch: &mut VecDeque<Frame>,
+    ping_interval: Duration,
+    write_timeout: Duration,
+) -> CloseReason
+where
+    Si: Sink<Message, Error = WsError> + Unpin,
+{
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            d = outbox.drain(batch) => match d {
+                Drained::Frames => {}
+                Drained::Overflowed => return CloseReason::SlowConsumer,
+                Drained::Closed => return CloseReason::ClientGone,
+            },
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                    return CloseReason::ClientGone;
+                }
+                continue;
+            }
+        }
+        // A client that stops reading leaves this write pending; notice it
+        // through the overflowing outbox or the write timeout.
+        tokio::select! {
+            r = write_batch(sink, batch) => {
+                if r.is_err() {
+                    return CloseReason::ClientGone;
+                }
+            }
+            () = outbox.overflowed() => return CloseReason::SlowConsumer,
+            () = sleep(write_timeout) => return CloseReason::SlowConsumer,
+        }
+        if batch.capacity() > 1024 {
+            *batch = VecDeque::new();
+        }
+    }
+}
+
+/// A room this connection is subscribed to.
+#[derive(Debug, Clone, Copy)]
+struct RoomSub {
+    /// Publishing granted by a room token (beyond the connection's grants).
+    token_pub: bool,
+    /// Subscribed through a room token, so a refresh does not revoke it.
+    by_token: bool,
+}
+
+struct Session {
+    node: Arc<Node>,
+    id: ConnId,
+    outbox: ConnOutbox,
+    identity: Option<Identity>,
+    /// `sub` as a JSON string literal, encoded once for every message push.
+    from_json: String,
+    rooms: HashMap<RoomId, RoomSub>,
+    expires_at: Option<Instant>,
+    bad_frames: u32,
+    bad_window: Instant,
+}
+
+impl Session {
+    fn new(node: Arc<Node>, id: ConnId, outbox: ConnOutbox) -> Self {
+        Self {
+            node,
+            id,
+            outbox,
+            identity: None,
+            from_json: String::new(),
+            rooms: HashMap::new(),
+            expires_at: None,
+            bad_frames: 0,
+            bad_window: Instant::now(),
+        }
+    }
+
+    fn leave_all(&mut self) {
+        for room in self.rooms.keys() {
+            self.node.rooms.leave(room, self.id);
+        }
+        self.rooms.clear();
+    }
+
+    /// Queues a reply; a full outbox ends the connection as slow.
+    fn send(&self, text: String) -> Result<(), CloseReason> {
+        self.outbox
+            .try_push(Frame::text(text))
+            .map_err(|_| CloseReason::SlowConsumer)
+    }
+
+    fn reply_err(&self, id: Option<u32>, err: &ProtoError) -> Result<(), CloseReason> {
+        self.send(protocol::error_reply(id, err))
+    }
+
+    fn reply_ok(&self, id: Option<u32>, body: &str) -> Result<(), CloseReason> {
+        match id {
+            Some(id) => self.send(protocol::ok_reply(id, body)),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a bad frame; too many within the window is a policy violation.
+    fn bad_frame(&mut self, id: Option<u32>, err: &ProtoError) -> Result<(), CloseReason> {
+        self.node.metrics.bad_frames_total.increment(1);
+        let now = Instant::now();
+        if now.duration_since(self.bad_window) > BAD_FRAME_WINDOW {
+            self.bad_window = now;
+            self.bad_frames = 0;
+        }
+        self.bad_frames += 1;
+        self.reply_err(id, err)?;
+        if self.bad_frames > self.node.cfg.max_bad_frames {
+            return Err(CloseReason::PolicyViolation);
+        }
+        Ok(())
+    }
+
+    async fn read_loop<St>(&mut self, stream: &mut St) -> CloseReason
+    where
+        St: Stream<Item = Result<Message, WsError>> + Unpin,
+    {
+        if let Err(reason) = self.authenticate(stream).await {
+            return reason;
+        }
+        let idle = self.node.cfg.idle_timeout;
+        loop {
+            let expiry = self.expires_at;
+            let next = tokio::select! {
+                m = timeout(idle, stream.next()) => m,
+                () = sleep_until(expiry.unwrap_or_else(far_future)), if expiry.is_some() => {
+                    return CloseReason::TokenExpired;
+                }
+            };
+            let msg = match next {
+                Err(_) => return CloseReason::IdleTimeout,
+                Ok(None) => return CloseReason::ClientGone,
+                Ok(Some(Err(e))) => return ws_error_reason(&e),
+                Ok(Some(Ok(m))) => m,
+            };
+            let result = match msg {
+                Message::Text(t) => self.handle(Bytes::from(t)).await,
+                Message::Binary(_) => self.bad_frame(
+                    None,
+                    &ProtoError::bad_request("binary frames are not accepted on gw.v1.json"),
+                ),
+                Message::Close(_) => return CloseReason::ClientGone,
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
+            };
+            if let Err(reason) = result {
+                return reason;
+            }
+        }
+    }
+
+    async fn authenticate<St>(&mut self, stream: &mut St) -> Result<(), CloseReason>
+    where
+        St: Stream<Item = Result<Message, WsError>> + Unpin,
+    {
+        let deadline = Instant::now() + self.node.cfg.auth_timeout;
+        let unauthorized = |msg: &'static str| ProtoError::new(ErrorCode::Unauthorized, msg);
+        loop {
+            let msg = match timeout(deadline.saturating_duration_since(Instant::now()), stream.next()).await {
+                Err(_) => {
+                    self.reply_err(None, &unauthorized("no connect within the auth timeout"))?;
+                    self.node.metrics.auth_failed("timeout");
+                    return Err(CloseReason::Unauthorized);
+                }
+                Ok(None) => return Err(CloseReason::ClientGone),
+                Ok(Some(Err(e))) => return Err(ws_error_reason(&e)),
+                Ok(Some(Ok(m))) => m,
+            };
+            let text = match msg {
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+                Message::Close(_) => return Err(CloseReason::ClientGone),
+                Message::Binary(_) => {
+                    self.reply_err(None, &unauthorized("the first frame must be connect"))?;
+                    return Err(CloseReason::Unauthorized);
+                }
+                Message::Text(t) => Bytes::from(t),
+            };
+            let parsed = protocol::parse(&text);
+            let token = match parsed.command {
+                Ok(Command::Connect { token }) => token,
+                _ => {
+                    self.reply_err(parsed.id, &unauthorized("the first frame must be connect"))?;
+                    self.node.metrics.auth_failed("no_connect");
+                    return Err(CloseReason::Unauthorized);
+                }
+            };
+            return match self.node.verifier.verify_connect(&token) {
+                Ok(identity) => {
+                    self.accept(identity, parsed.id)?;
+                    Ok(())
+                }
+                Err(e) => {
+                    self.node.metrics.auth_failed(e.label());
+                    self.reply_err(parsed.id, &ProtoError::new(ErrorCode::Unauthorized, e.to_string()))?;
+                    Err(CloseReason::Unauthorized)
+                }
+            };
+        }
+    }
+
+    fn accept(&mut self, identity: Identity, id: Option<u32>) -> Result<(), CloseReason> {
+        self.from_json = protocol::json_string(&identity.sub);
+        let expires_in = self.set_expiry(identity.exp);
+        let body = format!(
+            "{{\"client\":{},\"node\":{},\"expires_in\":{}}}",
+            protocol::json_string(&self.client_id()),
+            protocol::json_string(&self.node.cfg.node_id),
+            expires_in.map_or_else(|| "null".to_string(), |s| s.to_string())
+        );
+        self.identity = Some(identity);
+        self.reply_ok(id, &body)
+    }
+
+    fn client_id(&self) -> String {
+        format!("{}-{:x}", self.node.cfg.node_id, self.id.0)
+    }
+
+    /// Sets the expiry timer; returns seconds left (None without `exp`).
+    fn set_expiry(&mut self, exp: Option<u64>) -> Option<u64> {
+        let exp = exp?;
+        let left = exp.saturating_sub(auth::now_secs());
+        self.expires_at = Some(Instant::now() + Duration::from_secs(left));
+        Some(left)
+    }
+
+    async fn handle(&mut self, frame: Bytes) -> Result<(), CloseReason> {
+        let parsed = protocol::parse(&frame);
+        let id = parsed.id;
+        let command = match parsed.command {
+            Ok(c) => c,
+            Err(e) => return self.bad_frame(id, &e),
+        };
+        match command {
+            Command::Connect { .. } => self.bad_frame(id, &ProtoError::bad_request("already connected")),
+            Command::Subscribe { rooms } => self.subscribe(id, rooms),
+            Command::Unsubscribe { rooms } => {
+                for name in rooms {
+                    if let Some(room) = RoomId::parse(&name)
+                        && self.rooms.remove(&room).is_some()
+                    {
+                        self.node.rooms.leave(&room, self.id);
+                    }
+                }
+                self.reply_ok(id, "{}")
+            }
+            Command::Publish { room, data, key } => self.publish(id, &room, &data, key.as_deref()).await,
+            Command::History { room, limit, before } => self.history(id, &room, limit, before),
+            Command::Refresh { token } => self.refresh(id, &token),
+            Command::Ping => {
+                self.send(protocol::PONG.to_string())?;
+                self.reply_ok(id, "{}")
+            }
+        }
+    }
+
+    fn identity(&self) -> &Identity {
+        self.identity.as_ref().expect("commands run only after connect")
+    }
+
+    fn subscribe(&mut self, id: Option<u32>, entries: Vec<SubscribeEntry>) -> Result<(), CloseReason> {
+        let started = std::time::Instant::now();
+        let node = self.node.clone();
+        let mut body = String::with_capacity(16 + entries.len() * 40);
+        body.push_str("{\"rooms\":[");
+        let mut catchup = Vec::new();
+        let mut budget = node.cfg.catchup_max_bytes;
+        self.outbox.hold();
+        for (i, entry) in entries.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            let name = entry.room.as_deref().unwrap_or("");
+            match self.join_one(entry, &mut catchup, &mut budget) {
+                Ok((room, offset, recovered)) => {
+                    let _ = write!(body, "{{\"room\":\"{room}\",\"offset\":{offset}");
+                    if let Some(r) = recovered {
+                        let _ = write!(body, ",\"recovered\":{r}");
+                    }
+                    body.push('}');
+                }
+                Err(err) => {
+                    let _ = write!(
+                        body,
+                        "{{\"room\":{},\"error\":",
+                        protocol::json_string(truncate(name, 200))
+                    );
+                    protocol::write_error(&mut body, &err);
+                    body.push('}');
+                }
+            }
+        }
+        body.push_str("]}");
+        let reply = id.map(|id| Frame::text(protocol::ok_reply(id, &body)));
+        node.metrics.subscribe_rooms.record(entries.len() as f64);
+        tracing::trace!(conn = self.id.0, rooms = entries.len(), elapsed = ?started.elapsed(), "subscribe");
+        self.outbox
+            .release(reply, catchup)
+            .map_err(|_| CloseReason::SlowConsumer)
+    }
+
+    fn join_one(
+        &mut self,
+        entry: &SubscribeEntry,
+        catchup: &mut Vec<Frame>,
+        budget: &mut usize,
+    ) -> Result<(RoomId, u64, Option<bool>), ProtoError> {
+        let name = entry.room.as_deref().unwrap_or("");
+        let room = RoomId::parse(name).ok_or_else(|| ProtoError::bad_request("invalid room name"))?;
+        match entry.mode.as_deref() {
+            None | Some("full") => {}
+            Some("notify") => {
+                return Err(ProtoError::bad_request("mode notify is not supported by this node yet"));
+            }
+            Some(_) => return Err(ProtoError::bad_request("mode must be full or notify")),
+        }
+        let mut sub = RoomSub {
+            token_pub: false,
+            by_token: false,
+        };
+        if let Some(token) = &entry.token {
+            let grant = self
+                .node
+                .verifier
+                .verify_room(token, &self.identity().sub, room.as_str())
+                .map_err(|e| {
+                    self.node.metrics.auth_failed(e.label());
+                    ProtoError::forbidden(format!("room token refused: {e}"))
+                })?;
+            sub.token_pub = grant.publish;
+            sub.by_token = true;
+        } else if !self.identity().grants.can_subscribe(room.as_str()) {
+            return Err(ProtoError::forbidden("the token does not grant this room"));
+        }
+        let already = self.rooms.contains_key(&room);
+        if !already && self.rooms.len() >= self.node.cfg.max_rooms_per_conn {
+            return Err(ProtoError::new(
+                ErrorCode::LimitExceeded,
+                format!("at most {} rooms per connection", self.node.cfg.max_rooms_per_conn),
+            ));
+        }
+        let joined = self
+            .node
+            .rooms
+            .join(&room, self.id, &self.outbox, entry.since, catchup, budget)
+            .map_err(room_error)?;
+        self.rooms.insert(room.clone(), sub);
+        Ok((room, joined.offset, joined.recovered))
+    }
+
+    async fn publish(
+        &mut self,
+        id: Option<u32>,
+        name: &str,
+        data: &[u8],
+        key: Option<&str>,
+    ) -> Result<(), CloseReason> {
+        let Some(room) = RoomId::parse(name) else {
+            return self.bad_frame(id, &ProtoError::bad_request("invalid room name"));
+        };
+        let allowed =
+            self.identity().grants.can_publish(room.as_str()) || self.rooms.get(&room).is_some_and(|s| s.token_pub);
+        if !allowed {
+            return self.reply_err(
+                id,
+                &ProtoError::forbidden("the token does not grant publishing to this room"),
+            );
+        }
+        if key.is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN) {
+            return self.reply_err(id, &ProtoError::bad_request("key must be 1 to 256 bytes"));
+        }
+        let started = std::time::Instant::now();
+        let node = self.node.clone();
+        let out = Outgoing {
+            room: &room,
+            from_json: &self.from_json,
+            data,
+            key,
+        };
+        match node.bus.publish(&node.rooms, out).await {
+            Ok(p) => {
+                let m = &node.metrics;
+                if p.fresh {
+                    m.published_total.increment(1);
+                    m.deliveries_total.increment(p.delivered as u64);
+                } else {
+                    m.deduplicated_total.increment(1);
+                }
+                m.publish_seconds.record(started.elapsed().as_secs_f64());
+                self.reply_ok(id, &format!("{{\"offset\":{}}}", p.offset))
+            }
+            Err(BusError::Room(e)) => self.reply_err(id, &room_error(e)),
+        }
+    }
+
+    fn history(
+        &mut self,
+        id: Option<u32>,
+        name: &str,
+        limit: Option<u32>,
+        before: Option<u64>,
+    ) -> Result<(), CloseReason> {
+        let Some(room) = RoomId::parse(name) else {
+            return self.bad_frame(id, &ProtoError::bad_request("invalid room name"));
+        };
+        if !self.identity().grants.can_subscribe(room.as_str()) && !self.rooms.contains_key(&room) {
+            return self.reply_err(id, &ProtoError::forbidden("the token does not grant this room"));
+        }
+        let limit = (limit.unwrap_or(50) as usize).min(self.node.cfg.history_page_max);
+        let (frames, more) = self.node.rooms.history(&room, before, limit);
+        let Some(id) = id else {
+            return Ok(());
+        };
+        let size: usize = frames.iter().map(|f| f.as_bytes().len() + 1).sum();
+        let mut body = String::with_capacity(size + 40);
+        body.push_str("{\"messages\":[");
+        for (i, f) in frames.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(std::str::from_utf8(f.as_bytes()).unwrap_or("null"));
+        }
+        let _ = write!(body, "],\"more\":{more}}}");
+        // A history page may exceed the live cap; it is bounded by the page
+        // size and asked for by the client, so it goes out as catch-up.
+        self.outbox.hold();
+        self.outbox
+            .release(None, [Frame::text(protocol::ok_reply(id, &body))])
+            .map_err(|_| CloseReason::SlowConsumer)
+    }
+
+    fn refresh(&mut self, id: Option<u32>, token: &str) -> Result<(), CloseReason> {
+        let identity = match self.node.verifier.verify_connect(token) {
+            Ok(i) => i,
+            Err(e) => {
+                self.node.metrics.auth_failed(e.label());
+                return self.reply_err(id, &ProtoError::new(ErrorCode::Unauthorized, e.to_string()));
+            }
+        };
+        if identity.sub != self.identity().sub {
+            self.node.metrics.auth_failed("wrong_sub");
+            return self.reply_err(
+                id,
+                &ProtoError::new(ErrorCode::Unauthorized, "token is for another user"),
+            );
+        }
+        // Rooms the new grants no longer cover are left, with a push that says so.
+        let revoked: Vec<RoomId> = self
+            .rooms
+            .iter()
+            .filter(|(room, sub)| !sub.by_token && !identity.grants.can_subscribe(room.as_str()))
+            .map(|(room, _)| room.clone())
+            .collect();
+        for room in revoked {
+            self.rooms.remove(&room);
+            self.node.rooms.leave(&room, self.id);
+            self.send(format!(
+                "{{\"op\":\"unsubscribed\",\"room\":\"{room}\",\"error\":{{\"code\":\"forbidden\",\"message\":\"the refreshed token does not grant this room\"}}}}"
+            ))?;
+        }
+        let expires_in = self.set_expiry(identity.exp);
+        self.identity = Some(identity);
+        let body = format!(
+            "{{\"expires_in\":{}}}",
+            expires_in.map_or_else(|| "null".to_string(), |s| s.to_string())
+        );
+        self.reply_ok(id, &body)
+    }
+}
+
+fn room_error(e: RoomError) -> ProtoError {
+    match e {
+        RoomError::TooManyRooms => ProtoError::new(ErrorCode::LimitExceeded, "the node holds too many rooms"),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+fn ws_error_reason(e: &WsError) -> CloseReason {
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => CloseReason::TooLarge,
+        WsError::Capacity(_) => CloseReason::TooLarge,
+        WsError::Utf8(_) => CloseReason::BadPayload,
+        WsError::Protocol(WsProtocolError::ResetWithoutClosingHandshake) => CloseReason::ClientGone,
+        WsError::Protocol(_) => CloseReason::ProtocolError,
+        _ => CloseReason::ClientGone,
+    }
+}

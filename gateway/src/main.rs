@@ -1,0 +1,155 @@
+//! The `gateway` binary: parse configuration, then run the library's server.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use gateway::config::{Cli, Command, Config, LogFormat, TokenArgs};
+use gateway::{Node, auth};
+use tokio::net::TcpListener;
+
+/// Exit status for an invalid configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = cli
+        .opts
+        .with_file()
+        .map_err(anyhow::Error::from)
+        .and_then(|o| Config::resolve(o).map_err(anyhow::Error::from));
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gateway: invalid configuration: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(Command::Token(args)) = cli.command {
+        return token(&config, args);
+    }
+    init_logs(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn token(config: &Config, args: TokenArgs) -> ExitCode {
+    let Some(secret) = &config.jwt_secret else {
+        eprintln!(
+            "gateway token: no HS256 secret configured (--jwt-secret, GATEWAY_JWT_SECRET or jwt_secret in --config)"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let publish = args.publish.unwrap_or_else(|| args.rooms.clone());
+    let ttl = (args.ttl > 0).then_some(args.ttl);
+    match auth::mint_hs256(secret.as_bytes(), &args.sub, args.rooms, publish, ttl) {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gateway token: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logs(config: &Config) {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.clone());
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(mut config: Config) -> anyhow::Result<()> {
+    let dev_mode = config.jwt_secret.is_none() && config.jwt_public_keys.is_empty() && config.jwks.is_none();
+    if dev_mode {
+        let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+        config.jwt_secret = Some(secret);
+    }
+    let node = Node::new(config.clone()).context("starting the node")?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for metrics"))?,
+        ),
+        None => None,
+    };
+    let addr = listener.local_addr()?;
+    tracing::info!(node = %config.node_id, %addr, bus = node.bus.kind(), "gateway listening on ws://{addr}/ws");
+    if dev_mode {
+        announce_dev_mode(&config, addr);
+    }
+    if let Some(l) = metrics_listener {
+        tokio::spawn(gateway::server::serve_metrics(node.clone(), l));
+    }
+    let report = gateway::serve(node, listener, shutdown_signal()).await;
+    tracing::info!(clean = report.clean, conns = report.conns_at_start, elapsed = ?report.elapsed, "stopped");
+    Ok(())
+}
+
+fn announce_dev_mode(config: &Config, addr: std::net::SocketAddr) {
+    let secret = config.jwt_secret.as_deref().unwrap_or_default();
+    let sample = auth::mint_hs256(
+        secret.as_bytes(),
+        "dev",
+        vec!["*".into()],
+        vec!["*".into()],
+        Some(86_400),
+    )
+    .unwrap_or_default();
+    tracing::warn!(
+        "DEV MODE: no --jwt-secret, --jwt-public-key or --jwks configured; using a random HS256 secret for this run only"
+    );
+    eprintln!(
+        "\n  DEV MODE: tokens are signed with a secret made up for this run.\n  \
+         Get a token:  gateway token --jwt-secret {secret} --sub alice --rooms 'general,team-*'\n  \
+         Or use this one (user \"dev\", all rooms, 24 h):\n    {sample}\n  \
+         Connect:      ws://{addr}/ws  then send {{\"id\":1,\"op\":\"connect\",\"token\":\"<token>\"}}\n  \
+         Production:   set --jwt-secret / --jwt-public-key / --jwks.\n"
+    );
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}

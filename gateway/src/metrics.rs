@@ -1,0 +1,82 @@
+//! Metric names and cached handles.
+//!
+//! Names start with `gateway_` and end with the unit. Handles are registered
+//! once per node, so the hot path bumps an atomic instead of looking a metric up
+//! by name. The Prometheus recorder is process-wide (installed once), which lets
+//! tests run many nodes in one process.
+
+use std::sync::OnceLock;
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::error::CloseReason;
+
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process) and returns its handle.
+pub fn prometheus() -> PrometheusHandle {
+    RECORDER
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                ])
+                .expect("static buckets are valid")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is already installed (embedding
+            // applications); then their recorder gets our metrics.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Handles for one node's metrics.
+pub struct Metrics {
+    pub conns_active: Gauge,
+    pub conns_total: Counter,
+    pub rooms_active: Gauge,
+    pub published_total: Counter,
+    pub deduplicated_total: Counter,
+    pub deliveries_total: Counter,
+    pub slow_closes_total: Counter,
+    pub bad_frames_total: Counter,
+    pub publish_seconds: Histogram,
+    pub subscribe_rooms: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        prometheus();
+        Self {
+            conns_active: gauge!("gateway_conns_active"),
+            conns_total: counter!("gateway_conns_total"),
+            rooms_active: gauge!("gateway_rooms_active"),
+            published_total: counter!("gateway_published_messages_total"),
+            deduplicated_total: counter!("gateway_deduplicated_messages_total"),
+            deliveries_total: counter!("gateway_deliveries_total"),
+            slow_closes_total: counter!("gateway_slow_closes_total"),
+            bad_frames_total: counter!("gateway_bad_frames_total"),
+            publish_seconds: histogram!("gateway_publish_seconds"),
+            subscribe_rooms: histogram!("gateway_subscribe_rooms"),
+        }
+    }
+
+    /// Counts a closed connection by reason.
+    pub fn closed(&self, reason: CloseReason) {
+        counter!("gateway_closes_total", "reason" => reason.label()).increment(1);
+    }
+
+    /// Counts a refused token by reason.
+    pub fn auth_failed(&self, reason: &'static str) {
+        counter!("gateway_auth_failures_total", "reason" => reason).increment(1);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,390 @@
+//! The node and its HTTP/WebSocket server: router, listener, shutdown.
+//!
+//! Owns the accept loop, the upgrade to WebSocket, health and metrics
+//! endpoints, and the ordered shutdown. Does not own what a connection does
+//! (`conn`).
+//!
+//! Shutdown, in order: readiness goes 503; the accept loop stops; the node
+//! token is cancelled; every connection sends close 1012 at a random moment
+//! within the drain spread; the task tracker is awaited for at most the drain
+//! timeout, and the report says whether every connection ended in time.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_service::Service;
+
+use crate::auth::{Grants, Pattern, Verifier, VerifyOptions};
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::conn;
+use crate::metrics::{self, Metrics};
+use crate::rooms::{ConnId, RoomIndex, RoomLimits};
+
+/// The JSON sub-protocol (the default).
+pub const PROTOCOL_JSON: &str = "gw.v1.json";
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("loading verification keys failed")]
+    Keys(#[from] crate::auth::KeyError),
+}
+
+/// Shared state of one gateway node.
+pub struct Node {
+    pub cfg: Config,
+    pub rooms: RoomIndex,
+    pub verifier: Verifier,
+    pub bus: Bus,
+    pub metrics: Metrics,
+    conn_seq: AtomicU64,
+    conns: Arc<AtomicUsize>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    ready: AtomicBool,
+    peak_outbox_bytes: AtomicUsize,
+}
+
+/// Decrements the connection count when a connection ends.
+pub struct ConnCount(Arc<AtomicUsize>);
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Node {
+    /// Builds a node: loads keys and sizes the room index. Binds nothing.
+    pub fn new(cfg: Config) -> Result<Arc<Self>, StartError> {
+        let mut verifier = Verifier::new(VerifyOptions {
+            leeway_secs: cfg.jwt_leeway.as_secs(),
+            issuers: cfg.jwt_issuers.clone(),
+            audiences: cfg.jwt_audiences.clone(),
+            default_grants: Grants {
+                subscribe: cfg.default_rooms.iter().map(|p| Pattern::new(p)).collect(),
+                publish: cfg.default_pub.iter().map(|p| Pattern::new(p)).collect(),
+            },
+        });
+        if let Some(secret) = &cfg.jwt_secret {
+            verifier.add_secret(secret.as_bytes())?;
+        }
+        for path in &cfg.jwt_public_keys {
+            verifier.add_public_key_file(path)?;
+        }
+        if let Some(jwks) = &cfg.jwks {
+            verifier.add_jwks_file(std::path::Path::new(jwks))?;
+        }
+        let rooms = RoomIndex::new(RoomLimits {
+            history_size: cfg.history_size,
+            history_max_bytes: cfg.history_max_bytes,
+            dedup_window: cfg.dedup_window,
+            dedup_max_keys: cfg.dedup_max_keys,
+            max_rooms: cfg.max_rooms,
+        });
+        Ok(Arc::new(Self {
+            cfg,
+            rooms,
+            verifier,
+            bus: Bus::Embedded,
+            metrics: Metrics::new(),
+            conn_seq: AtomicU64::new(1),
+            conns: Arc::new(AtomicUsize::new(0)),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            ready: AtomicBool::new(true),
+            peak_outbox_bytes: AtomicUsize::new(0),
+        }))
+    }
+
+    pub(crate) fn next_conn_id(&self) -> ConnId {
+        ConnId(self.conn_seq.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Counts a connection until the returned guard drops.
+    pub(crate) fn count_conn(&self) -> ConnCount {
+        self.conns.fetch_add(1, Ordering::Relaxed);
+        self.metrics.conns_total.increment(1);
+        ConnCount(self.conns.clone())
+    }
+
+    /// WebSocket connections open right now.
+    pub fn conns_active(&self) -> usize {
+        self.conns.load(Ordering::Relaxed)
+    }
+
+    /// Whether the node accepts new traffic.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when the node starts draining.
+    pub async fn draining(&self) {
+        self.shutdown.cancelled().await;
+    }
+
+    pub(crate) fn record_outbox_peak(&self, bytes: usize) {
+        self.peak_outbox_bytes.fetch_max(bytes, Ordering::Relaxed);
+    }
+
+    /// Highest number of bytes queued for any one closed connection.
+    pub fn peak_outbox_bytes(&self) -> usize {
+        self.peak_outbox_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// What a shutdown achieved.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainReport {
+    /// Connections open when the drain began.
+    pub conns_at_start: usize,
+    /// Whether every task ended within the drain timeout.
+    pub clean: bool,
+    pub elapsed: Duration,
+}
+
+/// Serves the node on `listener` until `shutdown` resolves, then drains.
+pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> DrainReport {
+    let router = router(node.clone());
+    let accept = accept_loop(node.clone(), listener, router);
+    tokio::select! {
+        () = accept => {}
+        () = shutdown => {}
+    }
+    drain(&node).await
+}
+
+async fn drain(node: &Node) -> DrainReport {
+    let started = Instant::now();
+    node.ready.store(false, Ordering::Relaxed);
+    let conns_at_start = node.conns_active();
+    tracing::info!(conns = conns_at_start, timeout = ?node.cfg.drain_timeout, "draining");
+    node.shutdown.cancel();
+    node.tracker.close();
+    let clean = tokio::time::timeout(node.cfg.drain_timeout, node.tracker.wait())
+        .await
+        .is_ok();
+    let report = DrainReport {
+        conns_at_start,
+        clean,
+        elapsed: started.elapsed(),
+    };
+    if clean {
+        tracing::info!(elapsed = ?report.elapsed, "drain complete");
+    } else {
+        tracing::warn!(
+            left = node.conns_active(),
+            "drain timed out with connections still open"
+        );
+    }
+    report
+}
+
+async fn accept_loop(node: Arc<Node>, listener: TcpListener, router: Router) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let router = router.clone();
+        let token = node.shutdown.clone();
+        node.tracker.spawn(async move {
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(peer);
+                let mut router = router.clone();
+                async move { router.call(req.map(Body::new)).await }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "http connection ended");
+                    }
+                }
+                () = token.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+                }
+            }
+        });
+    }
+}
+
+/// The HTTP routes of a node.
+pub fn router(node: Arc<Node>) -> Router {
+    let mut r = Router::new()
+        .route("/ws", get(ws_upgrade))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz));
+    if node.cfg.metrics_listen.is_none() {
+        r = r.route("/metrics", get(metrics_text));
+    }
+    r.with_state(node)
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    if node.is_ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    }
+}
+
+async fn metrics_text(State(node): State<Arc<Node>>) -> Response {
+    node.metrics.conns_active.set(node.conns_active() as f64);
+    node.metrics.rooms_active.set(node.rooms.len() as f64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics::prometheus().render(),
+    )
+        .into_response()
+}
+
+/// Serves `/metrics` alone (for `--metrics-listen`).
+pub async fn serve_metrics(node: Arc<Node>, listener: TcpListener) {
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .with_state(node.clone());
+    let token = node.shutdown.clone();
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await;
+}
+
+fn refuse(status: StatusCode, why: &'static str) -> Response {
+    (status, why).into_response()
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Checks the Origin header against the allowlist.
+fn origin_allowed(cfg: &Config, headers: &HeaderMap) -> bool {
+    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        None => cfg.allow_no_origin,
+        Some(origin) => {
+            cfg.allowed_origins.is_empty() || cfg.allowed_origins.iter().any(|o| o.eq_ignore_ascii_case(origin))
+        }
+    }
+}
+
+/// Picks the sub-protocol: `Ok(None)` when the client offered none (JSON is
+/// the default), `Err` when it offered only ones this node does not speak.
+fn pick_protocol(headers: &HeaderMap) -> Result<Option<&'static str>, ()> {
+    let offered: Vec<&str> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if offered.is_empty() {
+        return Ok(None);
+    }
+    if offered.contains(&PROTOCOL_JSON) {
+        return Ok(Some(PROTOCOL_JSON));
+    }
+    Err(())
+}
+
+async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response {
+    if !node.is_ready() {
+        let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, "node draining");
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    }
+    let headers = req.headers();
+    if !header_has_token(headers, header::CONNECTION, "upgrade")
+        || !header_has_token(headers, header::UPGRADE, "websocket")
+    {
+        return refuse(StatusCode::UPGRADE_REQUIRED, "WebSocket upgrade required");
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        let mut r = refuse(StatusCode::BAD_REQUEST, "unsupported WebSocket version");
+        r.headers_mut()
+            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return r;
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return refuse(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+    };
+    if !origin_allowed(&node.cfg, headers) {
+        return refuse(StatusCode::FORBIDDEN, "origin not allowed");
+    }
+    let Ok(protocol) = pick_protocol(headers) else {
+        return refuse(StatusCode::BAD_REQUEST, "no supported sub-protocol (gw.v1.json)");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let peer = req
+        .extensions()
+        .get::<SocketAddr>()
+        .copied()
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return refuse(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
+    };
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(64 * 1024)
+        .max_write_buffer_size(usize::MAX)
+        .max_message_size(Some(node.cfg.max_frame_bytes))
+        .max_frame_size(Some(node.cfg.max_frame_bytes));
+    let task_node = node.clone();
+    node.tracker.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
+                conn::run(task_node, ws, peer).await;
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "upgrade failed"),
+        }
+    });
+    let mut builder = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if let Some(p) = protocol {
+        builder = builder.header(header::SEC_WEBSOCKET_PROTOCOL, p);
+    }
+    builder
+        .body(Body::empty())
+        .unwrap_or_else(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+}

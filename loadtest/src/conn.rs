@@ -1,0 +1,502 @@
+//! One load-generator connection: TCP, WebSocket upgrade, authentication, and
+//! the target's protocol (`gw.v1.json` or NATS text over WebSocket).
+//!
+//! Owns one socket and its buffers; the scenario owns what the messages mean.
+//! The hot path is split in two so it stays cancel-safe and allocation-free:
+//! [`Conn::fill`] is a single `read` into the frame buffer (safe to race in
+//! `select!`), [`Conn::drain`] parses everything buffered synchronously and
+//! hands each application message to a callback as a borrowed slice. Control
+//! traffic (WebSocket ping, NATS `PING`) is answered by queueing bytes that the
+//! caller writes with [`Conn::flush`] or [`Conn::try_flush`].
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::timeout;
+
+use crate::nats::{self, NatsParser};
+use crate::ws::{self, FrameReader, MaskKeys};
+
+/// Which system a connection talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum Target {
+    /// The gateway, sub-protocol `gw.v1.json`.
+    #[value(name = "gw.v1.json", alias = "gw")]
+    #[serde(rename = "gw.v1.json")]
+    GwJson,
+    /// nats-server's WebSocket listener, NATS text protocol.
+    #[value(name = "nats-ws", alias = "nats")]
+    #[serde(rename = "nats-ws")]
+    NatsWs,
+}
+
+impl Target {
+    pub fn label(self) -> &'static str {
+        match self {
+            Target::GwJson => "gw.v1.json",
+            Target::NatsWs => "nats-ws",
+        }
+    }
+}
+
+/// Where and how to connect.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub target: Target,
+    pub addr: SocketAddr,
+    pub host: String,
+    pub path: String,
+}
+
+impl Endpoint {
+    /// Parses `ws://HOST:PORT[/PATH]`. Only loopback addresses are accepted:
+    /// the load generator never sends load off the machine.
+    pub fn parse(target: Target, url: &str) -> Result<Self> {
+        let rest = url.strip_prefix("ws://").with_context(|| format!("{url}: only ws:// URLs"))?;
+        let (host, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let addr = host
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {host}"))?
+            .find(|a| a.is_ipv4())
+            .with_context(|| format!("{host}: no IPv4 address"))?;
+        if !addr.ip().is_loopback() {
+            bail!("{url}: the load generator only targets 127.0.0.0/8");
+        }
+        Ok(Self { target, addr, host: host.to_string(), path: path.to_string() })
+    }
+}
+
+/// Why a connection failed or ended; grouped by [`ConnError::kind`] in reports.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("TCP connect failed")]
+    Connect(#[source] io::Error),
+    #[error("WebSocket upgrade answered HTTP {0}")]
+    Upgrade(u16),
+    #[error("server refused: {0}")]
+    Refused(String),
+    #[error("server closed the WebSocket with code {0}")]
+    Closed(u16),
+    #[error("server closed the TCP connection")]
+    Eof,
+    #[error("timed out during {0}")]
+    Timeout(&'static str),
+    #[error("socket error")]
+    Io(#[from] io::Error),
+    #[error("protocol error")]
+    Protocol(#[source] anyhow::Error),
+}
+
+impl ConnError {
+    /// A short stable label for counting refusals by kind.
+    pub fn kind(&self) -> String {
+        match self {
+            ConnError::Connect(e) => format!("tcp_connect:{:?}", e.kind()),
+            ConnError::Upgrade(s) => format!("http_{s}"),
+            ConnError::Refused(code) => format!("refused:{code}"),
+            ConnError::Closed(c) => format!("close_{c}"),
+            ConnError::Eof => "eof".into(),
+            ConnError::Timeout(what) => format!("timeout:{what}"),
+            ConnError::Io(e) => format!("io:{:?}", e.kind()),
+            ConnError::Protocol(_) => "protocol".into(),
+        }
+    }
+}
+
+/// One application-level message.
+#[derive(Debug)]
+pub enum Incoming<'a> {
+    /// A gateway frame (reply or push), or a NATS `MSG` payload.
+    Data(&'a [u8]),
+    /// NATS `PONG` (the answer to our `PING`).
+    Pong,
+    /// NATS `INFO`.
+    Info,
+    /// NATS `-ERR` text.
+    Error(&'a [u8]),
+}
+
+/// Options for opening a connection.
+#[derive(Clone, Debug)]
+pub struct OpenOpts {
+    /// Local source address (for more than ~28K connections).
+    pub source: Option<IpAddr>,
+    /// Token for the gateway's `connect` command.
+    pub token: Option<String>,
+    /// Initial read buffer size; it grows for larger frames.
+    pub read_buf: usize,
+    pub timeout: Duration,
+    /// Skip authentication (calibration server only).
+    pub raw: bool,
+}
+
+pub struct Conn {
+    stream: TcpStream,
+    reader: FrameReader,
+    target: Target,
+    nats: NatsParser,
+    /// Reassembly of a fragmented gateway message (rare).
+    frag: Vec<u8>,
+    in_frag: bool,
+    /// Masked bytes waiting to be written.
+    out: Vec<u8>,
+    /// NATS commands not yet wrapped in a frame.
+    nats_cmds: Vec<u8>,
+    /// Gateway command being built.
+    scratch: Vec<u8>,
+    keys: MaskKeys,
+    next_id: u32,
+    closed: Option<u16>,
+}
+
+impl Conn {
+    /// TCP connect, upgrade, and authenticate (gateway `connect`, or NATS
+    /// `INFO`/`CONNECT`/`PING`-`PONG`).
+    pub async fn open(ep: &Endpoint, opts: &OpenOpts) -> Result<Conn, ConnError> {
+        let deadline = tokio::time::Instant::now() + opts.timeout;
+        let socket = TcpSocket::new_v4().map_err(ConnError::Connect)?;
+        if let Some(src) = opts.source {
+            socket.bind(SocketAddr::new(src, 0)).map_err(ConnError::Connect)?;
+        }
+        let stream = tokio::time::timeout_at(deadline, socket.connect(ep.addr))
+            .await
+            .map_err(|_| ConnError::Timeout("tcp_connect"))?
+            .map_err(ConnError::Connect)?;
+        stream.set_nodelay(true)?;
+        let seed = rand::random::<u128>();
+        let mut conn = tokio::time::timeout_at(deadline, upgrade(stream, ep, opts.read_buf, seed))
+            .await
+            .map_err(|_| ConnError::Timeout("upgrade"))??;
+        if !opts.raw {
+            tokio::time::timeout_at(deadline, conn.authenticate(opts.token.as_deref()))
+                .await
+                .map_err(|_| ConnError::Timeout("auth"))??;
+        }
+        Ok(conn)
+    }
+
+    pub fn target(&self) -> Target {
+        self.target
+    }
+
+    async fn authenticate(&mut self, token: Option<&str>) -> Result<(), ConnError> {
+        match self.target {
+            Target::GwJson => {
+                let id = self.take_id();
+                let frame = serde_json::json!({"id": id, "op": "connect", "token": token.unwrap_or("")});
+                self.send_json(&frame.to_string());
+                self.flush().await?;
+                self.wait_reply(id).await.map(drop)
+            }
+            Target::NatsWs => {
+                // INFO first, then CONNECT + PING; PONG means CONNECT was accepted.
+                self.wait_nats(|i| matches!(i, Incoming::Info)).await?;
+                nats::connect(&mut self.nats_cmds);
+                nats::ping(&mut self.nats_cmds);
+                self.flush().await?;
+                self.wait_nats(|i| matches!(i, Incoming::Pong)).await
+            }
+        }
+    }
+
+    /// Subscribes to `rooms` in one frame (gateway) or one batch of `SUB`s
+    /// followed by `PING` (NATS), and waits until the server has applied it.
+    /// Returns how many rooms the server refused.
+    pub async fn subscribe(&mut self, rooms: &[String]) -> Result<usize, ConnError> {
+        match self.target {
+            Target::GwJson => {
+                let id = self.take_id();
+                let mut s = String::with_capacity(48 + rooms.len() * 20);
+                s.push_str(&format!(r#"{{"id":{id},"op":"subscribe","rooms":["#));
+                for (i, r) in rooms.iter().enumerate() {
+                    if i > 0 {
+                        s.push(',');
+                    }
+                    s.push_str(r#"{"room":""#);
+                    s.push_str(r);
+                    s.push_str(r#""}"#);
+                }
+                s.push_str("]}");
+                self.send_json(&s);
+                self.flush().await?;
+                let reply = self.wait_reply(id).await?;
+                let refused = reply
+                    .get("rooms")
+                    .and_then(|r| r.as_array())
+                    .map(|a| a.iter().filter(|e| e.get("error").is_some()).count())
+                    .unwrap_or(rooms.len());
+                Ok(refused)
+            }
+            Target::NatsWs => {
+                for (i, r) in rooms.iter().enumerate() {
+                    nats::sub(&mut self.nats_cmds, r, i as u64 + 1);
+                }
+                nats::ping(&mut self.nats_cmds);
+                self.flush().await?;
+                self.wait_nats(|i| matches!(i, Incoming::Pong)).await?;
+                Ok(0)
+            }
+        }
+    }
+
+    /// Queues one publish of `payload` to `room`; written by the next flush.
+    /// For the gateway `payload` becomes a JSON string, so it must not need
+    /// escaping (stamps and padding never do).
+    pub fn queue_publish(&mut self, room: &str, payload: &[u8]) {
+        match self.target {
+            Target::GwJson => {
+                let id = self.take_id();
+                self.scratch.clear();
+                self.scratch.extend_from_slice(br#"{"id":"#);
+                nats::push_number(&mut self.scratch, u64::from(id));
+                self.scratch.extend_from_slice(br#","op":"publish","room":""#);
+                self.scratch.extend_from_slice(room.as_bytes());
+                self.scratch.extend_from_slice(br#"","data":""#);
+                self.scratch.extend_from_slice(payload);
+                self.scratch.extend_from_slice(br#""}"#);
+                ws::encode_frame(&mut self.out, ws::OP_TEXT, &self.scratch, &mut self.keys);
+            }
+            Target::NatsWs => nats::publish(&mut self.nats_cmds, room, payload),
+        }
+    }
+
+    /// Reads once from the socket into the frame buffer. Cancel-safe.
+    pub async fn fill(&mut self) -> Result<(), ConnError> {
+        if let Some(code) = self.closed {
+            return Err(ConnError::Closed(code));
+        }
+        let n = self.stream.read(self.reader.spare()).await?;
+        if n == 0 {
+            return Err(ConnError::Eof);
+        }
+        self.reader.filled(n);
+        Ok(())
+    }
+
+    /// Parses every buffered frame; `on` gets each application message.
+    pub fn drain(&mut self, on: &mut impl FnMut(Incoming<'_>)) -> Result<(), ConnError> {
+        let Conn { reader, target, nats, frag, in_frag, out, nats_cmds, keys, closed, .. } = self;
+        let res = reader.frames(|f| {
+            match f.opcode {
+                ws::OP_PING => ws::encode_frame(out, ws::OP_PONG, f.payload, keys),
+                ws::OP_PONG => {}
+                ws::OP_CLOSE => {
+                    let code = match f.payload {
+                        [a, b, ..] => u16::from_be_bytes([*a, *b]),
+                        _ => 1005,
+                    };
+                    if closed.is_none() {
+                        ws::encode_frame(out, ws::OP_CLOSE, &f.payload[..f.payload.len().min(2)], keys);
+                    }
+                    *closed = Some(code);
+                }
+                ws::OP_TEXT | ws::OP_BINARY | ws::OP_CONT => match target {
+                    Target::NatsWs => nats.feed(f.payload, &mut |e| match e {
+                        nats::Event::Msg { payload, .. } => on(Incoming::Data(payload)),
+                        nats::Event::Ping => nats::pong(nats_cmds),
+                        nats::Event::Pong => on(Incoming::Pong),
+                        nats::Event::Info(_) => on(Incoming::Info),
+                        nats::Event::Err(text) => on(Incoming::Error(text)),
+                        nats::Event::Ok => {}
+                    })?,
+                    Target::GwJson => {
+                        if f.fin && !*in_frag {
+                            on(Incoming::Data(f.payload));
+                        } else {
+                            if f.opcode != ws::OP_CONT {
+                                frag.clear();
+                            }
+                            frag.extend_from_slice(f.payload);
+                            *in_frag = !f.fin;
+                            if f.fin {
+                                on(Incoming::Data(frag));
+                            }
+                        }
+                    }
+                },
+                op => anyhow::bail!("unknown WebSocket opcode {op}"),
+            }
+            Ok(())
+        });
+        res.map_err(ConnError::Protocol)?;
+        match self.closed {
+            Some(code) => Err(ConnError::Closed(code)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether bytes are waiting to be written.
+    pub fn wants_flush(&self) -> bool {
+        !self.out.is_empty() || !self.nats_cmds.is_empty()
+    }
+
+    fn frame_nats(&mut self) {
+        if !self.nats_cmds.is_empty() {
+            ws::encode_frame(&mut self.out, ws::OP_BINARY, &self.nats_cmds, &mut self.keys);
+            self.nats_cmds.clear();
+        }
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> Result<(), ConnError> {
+        self.frame_nats();
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes what the socket takes without waiting; true when all is written.
+    pub fn try_flush(&mut self) -> Result<bool, ConnError> {
+        self.frame_nats();
+        while !self.out.is_empty() {
+            match self.stream.try_write(&self.out) {
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Waits until the socket can take more bytes.
+    pub async fn writable(&self) -> Result<(), ConnError> {
+        self.stream.writable().await?;
+        Ok(())
+    }
+
+    /// Bytes queued but not yet written.
+    pub fn queued(&self) -> usize {
+        self.out.len() + self.nats_cmds.len()
+    }
+
+    /// Sends a close frame and shuts the write side, bounded by `within`.
+    pub async fn close(mut self, within: Duration) {
+        ws::encode_frame(&mut self.out, ws::OP_CLOSE, &1000u16.to_be_bytes(), &mut self.keys);
+        let _ = timeout(within, async {
+            self.flush().await?;
+            self.stream.shutdown().await?;
+            Ok::<_, ConnError>(())
+        })
+        .await;
+    }
+
+    fn take_id(&mut self) -> u32 {
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        self.next_id
+    }
+
+    fn send_json(&mut self, text: &str) {
+        ws::encode_frame(&mut self.out, ws::OP_TEXT, text.as_bytes(), &mut self.keys);
+    }
+
+    /// Reads until the reply with `id`; returns its `ok` value or the error.
+    /// Setup path only: replies are parsed as JSON here, never in the hot path.
+    async fn wait_reply(&mut self, id: u32) -> Result<serde_json::Value, ConnError> {
+        loop {
+            self.fill().await?;
+            let mut found: Option<Result<serde_json::Value, ConnError>> = None;
+            self.drain(&mut |inc| {
+                let Incoming::Data(bytes) = inc else { return };
+                if found.is_some() || !bytes.starts_with(b"{") {
+                    return;
+                }
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else { return };
+                if v.get("id").and_then(|x| x.as_u64()) != Some(u64::from(id)) {
+                    return;
+                }
+                found = Some(match (v.get("ok"), v.get("error")) {
+                    (Some(ok), _) => Ok(ok.clone()),
+                    (None, Some(err)) => Err(ConnError::Refused(
+                        err.get("code").and_then(|c| c.as_str()).unwrap_or("unknown").to_string(),
+                    )),
+                    _ => Err(ConnError::Refused("malformed_reply".into())),
+                });
+            })?;
+            if self.wants_flush() {
+                self.flush().await?;
+            }
+            if let Some(r) = found {
+                return r;
+            }
+        }
+    }
+
+    /// Reads until `want` matches a NATS event; `-ERR` fails.
+    async fn wait_nats(&mut self, want: impl Fn(&Incoming<'_>) -> bool) -> Result<(), ConnError> {
+        loop {
+            self.fill().await?;
+            let mut done = false;
+            let mut err = None;
+            self.drain(&mut |inc| {
+                if let Incoming::Error(text) = inc {
+                    err.get_or_insert_with(|| String::from_utf8_lossy(text).trim_matches('\'').to_string());
+                } else if want(&inc) {
+                    done = true;
+                }
+            })?;
+            if self.wants_flush() {
+                self.flush().await?;
+            }
+            if let Some(e) = err {
+                return Err(ConnError::Refused(e));
+            }
+            if done {
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn upgrade(mut stream: TcpStream, ep: &Endpoint, read_buf: usize, seed: u128) -> Result<Conn, ConnError> {
+    let protocol = match ep.target {
+        Target::GwJson => Some("gw.v1.json"),
+        Target::NatsWs => None,
+    };
+    stream.write_all(&ws::handshake_request(&ep.host, &ep.path, protocol, seed)).await?;
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    let parsed = loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(ConnError::Eof);
+        }
+        head.extend_from_slice(&chunk[..n]);
+        if let Some(h) = ws::parse_response_head(&head).map_err(ConnError::Protocol)? {
+            break h;
+        }
+    };
+    if parsed.status != 101 {
+        return Err(ConnError::Upgrade(parsed.status));
+    }
+    Ok(Conn {
+        stream,
+        reader: FrameReader::with_leftover(read_buf, &head[parsed.len..]),
+        target: ep.target,
+        nats: NatsParser::default(),
+        frag: Vec::new(),
+        in_frag: false,
+        out: Vec::new(),
+        nats_cmds: Vec::new(),
+        scratch: Vec::new(),
+        keys: MaskKeys::new(seed as u64),
+        next_id: 0,
+        closed: None,
+    })
+}
+
+/// Picks source addresses round-robin over 127.0.0.1..=127.0.0.N, so more
+/// than one ephemeral port range (~28K) of connections can reach one server.
+pub fn source_addr(index: usize, spread: usize) -> Option<IpAddr> {
+    (spread > 1).then(|| IpAddr::from([127, 0, 0, 1 + (index % spread.min(254)) as u8]))
+}
