@@ -1,0 +1,249 @@
+//! Test harness: a real node on 127.0.0.1:0 and real WebSocket clients.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use gateway::config::{Config, Opts};
+use gateway::{Running, auth};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "test-secret-0123456789";
+
+/// Awaits `f` for at most 15 s, with a clear panic.
+pub async fn within<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(15), f)
+        .await
+        .expect("timed out after 15 s")
+}
+
+pub fn test_opts() -> Opts {
+    Opts {
+        jwt_secret: Some(SECRET.into()),
+        node_id: Some("test-node".into()),
+        drain_timeout_ms: Some(3_000),
+        drain_spread_ms: Some(100),
+        ..Default::default()
+    }
+}
+
+pub struct TestNode {
+    pub running: Running,
+}
+
+impl TestNode {
+    pub async fn start() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    pub async fn with(f: impl FnOnce(&mut Opts)) -> Self {
+        let mut opts = test_opts();
+        f(&mut opts);
+        let cfg = Config::resolve(opts).expect("valid test config");
+        Self {
+            running: Running::bind_local(cfg).await.expect("node starts"),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.running.addr)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.running.addr, path)
+    }
+
+    /// A token for `sub` granting every room.
+    pub fn token(&self, sub: &str) -> String {
+        token(sub, &["*"], &["*"])
+    }
+
+    /// A connected client for `sub` with every room granted.
+    pub async fn client(&self, sub: &str) -> Client {
+        let mut c = Client::open(&self.url()).await;
+        let r = c.connect(&self.token(sub)).await;
+        assert!(r.get("ok").is_some(), "connect failed: {r}");
+        c
+    }
+
+    /// Checks that the node still serves: two fresh clients chat.
+    pub async fn assert_serving(&self) {
+        let room = format!("health-{}", rand_suffix());
+        let mut a = self.client("health-a").await;
+        let mut b = self.client("health-b").await;
+        b.subscribe(&[&room]).await;
+        let r = a.publish(&room, json!("still here")).await;
+        assert!(r["ok"]["offset"].as_u64().is_some(), "{r}");
+        let m = b.next_push().await;
+        assert_eq!(m["data"], "still here");
+    }
+
+    pub async fn shutdown(self) -> gateway::DrainReport {
+        self.running.shutdown().await
+    }
+}
+
+pub fn rand_suffix() -> u32 {
+    rand::random::<u32>()
+}
+
+/// An HS256 connection token signed with [`SECRET`].
+pub fn token(sub: &str, rooms: &[&str], publish: &[&str]) -> String {
+    auth::mint_hs256(
+        SECRET.as_bytes(),
+        sub,
+        rooms.iter().map(|s| s.to_string()).collect(),
+        publish.iter().map(|s| s.to_string()).collect(),
+        Some(3600),
+    )
+    .unwrap()
+}
+
+/// Signs arbitrary claims with [`SECRET`] (HS256).
+pub fn sign(claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_id: u32,
+    /// Pushes read while waiting for a reply.
+    pushes: VecDeque<Value>,
+}
+
+/// How a connection ended, seen from the client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    Close(u16),
+    /// Closed without a close frame.
+    Dropped,
+}
+
+impl Client {
+    pub async fn open(url: &str) -> Self {
+        let (ws, _) = within(tokio_tungstenite::connect_async(url)).await.expect("upgrade");
+        Self {
+            ws,
+            next_id: 1,
+            pushes: VecDeque::new(),
+        }
+    }
+
+    pub async fn send_text(&mut self, s: impl Into<String>) {
+        self.ws.send(Message::text(s.into())).await.expect("send");
+    }
+
+    pub async fn send_json(&mut self, v: &Value) {
+        self.send_text(v.to_string()).await;
+    }
+
+    pub async fn send_binary(&mut self, b: Vec<u8>) {
+        self.ws.send(Message::Binary(Bytes::from(b))).await.expect("send");
+    }
+
+    /// The next text frame as JSON. Panics on close.
+    pub async fn next_frame(&mut self) -> Value {
+        loop {
+            match within(self.ws.next()).await {
+                Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).expect("server sends JSON"),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Sends `cmd` with a fresh id and returns the reply with that id; pushes
+    /// read meanwhile are kept for [`Client::next_push`].
+    pub async fn request(&mut self, mut cmd: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        cmd["id"] = json!(id);
+        self.send_json(&cmd).await;
+        self.reply(id).await
+    }
+
+    pub async fn reply(&mut self, id: u32) -> Value {
+        loop {
+            let f = self.next_frame().await;
+            if f.get("id") == Some(&json!(id)) {
+                return f;
+            }
+            assert!(f.get("id").is_none(), "reply for another id: {f}");
+            self.pushes.push_back(f);
+        }
+    }
+
+    /// The next push (a frame without id).
+    pub async fn next_push(&mut self) -> Value {
+        if let Some(p) = self.pushes.pop_front() {
+            return p;
+        }
+        loop {
+            let f = self.next_frame().await;
+            if f.get("id").is_none() {
+                return f;
+            }
+        }
+    }
+
+    /// Whether a push arrives within `wait`.
+    pub async fn push_within(&mut self, wait: Duration) -> Option<Value> {
+        if let Some(p) = self.pushes.pop_front() {
+            return Some(p);
+        }
+        tokio::time::timeout(wait, self.next_push()).await.ok()
+    }
+
+    pub async fn connect(&mut self, token: &str) -> Value {
+        self.request(json!({"op":"connect","token":token})).await
+    }
+
+    pub async fn subscribe(&mut self, rooms: &[&str]) -> Value {
+        let entries: Vec<Value> = rooms.iter().map(|r| json!({"room": r})).collect();
+        let r = self.request(json!({"op":"subscribe","rooms":entries})).await;
+        assert!(r.get("ok").is_some(), "subscribe failed: {r}");
+        r
+    }
+
+    pub async fn publish(&mut self, room: &str, data: Value) -> Value {
+        self.request(json!({"op":"publish","room":room,"data":data})).await
+    }
+
+    /// Reads until the connection ends; returns the close code.
+    pub async fn closed(&mut self) -> Ended {
+        loop {
+            match within(self.ws.next()).await {
+                Some(Ok(Message::Close(Some(f)))) => return Ended::Close(u16::from(f.code)),
+                Some(Ok(Message::Close(None))) => return Ended::Close(u16::from(CloseCode::Status)),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Ended::Dropped,
+            }
+        }
+    }
+}
+
+/// A plain HTTP GET on loopback; returns the status code.
+pub async fn http_status(url: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = TcpStream::connect(host).await.unwrap();
+    s.write_all(format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    within(s.read_to_end(&mut buf)).await.unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    text.split_whitespace().nth(1).unwrap().parse().unwrap()
+}

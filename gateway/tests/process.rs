@@ -1,0 +1,202 @@
+//! The `gateway` binary as an operator runs it: flags, dev mode, the token
+//! subcommand, exit codes and SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Client, Ended, within};
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gateway");
+
+/// A gateway process; killed on drop if still running.
+struct Proc {
+    child: Child,
+    addr: String,
+    stderr: Vec<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary with `args` on an ephemeral port and waits for its
+/// "listening" log line.
+fn spawn(args: &[&str]) -> Proc {
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--drain-spread-ms",
+            "100",
+        ])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("gateway binary starts");
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let mut lines = Vec::new();
+    let addr = loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            panic!("gateway exited before listening: {lines:?}");
+        }
+        lines.push(line.clone());
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && let Some(addr) = v["fields"]["addr"].as_str()
+        {
+            break addr.to_string();
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe, and keep
+    // the dev-mode banner (printed right after the listening line).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in reader.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    lines.extend(rx.try_iter());
+    Proc {
+        child,
+        addr,
+        stderr: lines,
+    }
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_1012_and_exits_0() {
+    let mut p = spawn(&["--jwt-secret", common::SECRET]);
+    let url = format!("ws://{}/ws", p.addr);
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let mut c = Client::open(&url).await;
+        c.connect(&common::token(&format!("u{i}"), &["*"], &["*"])).await;
+        c.subscribe(&["lobby"]).await;
+        clients.push(c);
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for c in &mut clients {
+        assert_eq!(c.closed().await, Ended::Close(1012));
+    }
+    let exit = within(async {
+        loop {
+            if let Some(s) = p.child.try_wait().unwrap() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test]
+async fn dev_mode_prints_a_token_that_works() {
+    let p = spawn(&[]);
+    let banner = p.stderr.join("\n");
+    assert!(banner.contains("DEV MODE"), "{banner}");
+    let token = p
+        .stderr
+        .iter()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with("ey") && l.split('.').count() == 3)
+        .expect("a sample token in the banner")
+        .to_string();
+    let mut c = Client::open(&format!("ws://{}/ws", p.addr)).await;
+    let r = c.connect(&token).await;
+    assert_eq!(
+        r["ok"]["node"].as_str().map(|s| s.starts_with("gw-")),
+        Some(true),
+        "{r}"
+    );
+    c.subscribe(&["general"]).await;
+    let r = c.publish("general", json!("hello")).await;
+    assert_eq!(r["ok"]["offset"], 1);
+}
+
+#[test]
+fn token_subcommand_mints_a_verifiable_token() {
+    let out = Command::new(BIN)
+        .args([
+            "token",
+            "--jwt-secret",
+            "s3",
+            "--sub",
+            "alice",
+            "--rooms",
+            "general,team-*",
+            "--ttl",
+            "60",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap();
+    let mut v = gateway::auth::Verifier::new(Default::default());
+    v.add_secret(b"s3").unwrap();
+    let id = v.verify_connect(token.trim()).unwrap();
+    assert_eq!(id.sub, "alice");
+    assert!(id.grants.can_subscribe("team-9") && id.grants.can_publish("general"));
+    assert!(!id.grants.can_subscribe("random"));
+    assert!(id.exp.is_some());
+
+    let out = Command::new(BIN)
+        .args(["token", "--sub", "alice"])
+        .env_remove("GATEWAY_JWT_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "no secret configured");
+}
+
+#[test]
+fn invalid_configuration_exits_64_and_names_the_option() {
+    for (args, needle) in [
+        (vec!["--max-frame-bytes", "0"], "max_frame_bytes"),
+        (vec!["--listen", "nowhere"], "listen"),
+        (vec!["--config", "/nonexistent/gw.toml"], "config file"),
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(matches!(out.status.code(), Some(64) | Some(2)), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn help_lists_the_operator_contract() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--listen",
+        "--metrics-listen",
+        "--node-id",
+        "--jwt-secret",
+        "--jwt-public-key",
+        "--jwks",
+        "--nats",
+        "--tls-cert",
+        "--tls-key",
+        "--allowed-origins",
+        "--tree-threshold",
+        "--tree-degree",
+        "--no-rate-limits",
+        "--config",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
+}
