@@ -93,6 +93,30 @@ pub struct Opts {
     /// NATS URLs, comma-separated: cluster mode (JetStream for durable rooms) [default: embedded, no NATS].
     #[arg(long, env = "GATEWAY_NATS", global = true)]
     pub nats: Option<String>,
+    /// Subject prefix in NATS; streams are named <PREFIX>_ROOMS_<n> [default: gw].
+    #[arg(long, env = "GATEWAY_NATS_PREFIX", global = true)]
+    pub nats_prefix: Option<String>,
+    /// Number of JetStream streams rooms are spread over (by a hash of the name); the same on every node [default: 8].
+    #[arg(long, env = "GATEWAY_NATS_PARTITIONS", global = true)]
+    pub nats_partitions: Option<u32>,
+    /// Replicas of each room stream (3 in production) [default: 1].
+    #[arg(long, env = "GATEWAY_NATS_REPLICAS", global = true)]
+    pub nats_replicas: Option<usize>,
+    /// Age after which stored room messages expire, seconds; 0 keeps them [default: 0].
+    #[arg(long, env = "GATEWAY_ROOM_MAX_AGE_SECS", global = true)]
+    pub room_max_age_secs: Option<u64>,
+    /// Room-name prefixes of ephemeral rooms (no storage, no history; e.g. typing:), comma-separated [default: none].
+    #[arg(long, env = "GATEWAY_EPHEMERAL_PREFIXES", global = true, value_delimiter = ',')]
+    pub ephemeral_prefixes: Option<Vec<String>>,
+    /// How long a node stays subscribed to a room after its last local member left, ms [default: 5000].
+    #[arg(long, env = "GATEWAY_ROOM_LINGER_MS", global = true)]
+    pub room_linger_ms: Option<u64>,
+    /// How long a durable publish waits for the stream's acknowledgement, ms [default: 5000].
+    #[arg(long, env = "GATEWAY_PUBLISH_TIMEOUT_MS", global = true)]
+    pub publish_timeout_ms: Option<u64>,
+    /// How long the node waits for NATS at start, ms [default: 10000].
+    #[arg(long, env = "GATEWAY_NATS_CONNECT_TIMEOUT_MS", global = true)]
+    pub nats_connect_timeout_ms: Option<u64>,
     /// PEM certificate chain: serve wss:// (with --tls-key).
     #[arg(long, env = "GATEWAY_TLS_CERT", global = true)]
     pub tls_cert: Option<PathBuf>,
@@ -210,6 +234,14 @@ impl Opts {
             default_rooms,
             default_pub,
             nats,
+            nats_prefix,
+            nats_partitions,
+            nats_replicas,
+            room_max_age_secs,
+            ephemeral_prefixes,
+            room_linger_ms,
+            publish_timeout_ms,
+            nats_connect_timeout_ms,
             tls_cert,
             tls_key,
             allowed_origins,
@@ -317,6 +349,22 @@ pub struct Config {
     pub default_pub: Vec<String>,
     /// NATS URLs; empty = embedded mode.
     pub nats: Vec<String>,
+    /// Default "gw".
+    pub nats_prefix: String,
+    /// Default 8.
+    pub nats_partitions: u32,
+    /// Default 1.
+    pub nats_replicas: usize,
+    /// Default 0 (keep).
+    pub room_max_age: Duration,
+    /// Default none.
+    pub ephemeral_prefixes: Vec<String>,
+    /// Default 5 s.
+    pub room_linger: Duration,
+    /// Default 5 s.
+    pub publish_timeout: Duration,
+    /// Default 10 s.
+    pub nats_connect_timeout: Duration,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// Allowed origins; empty = any.
@@ -405,10 +453,26 @@ impl Config {
                     .collect()
             })
             .unwrap_or_default();
-        if !nats.is_empty() {
+        let nats_prefix = o.nats_prefix.unwrap_or_else(|| "gw".to_string());
+        if nats_prefix.is_empty()
+            || !nats_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
             return Err(invalid(
-                "nats",
-                "cluster mode over NATS is not available in this build yet; run without --nats for the embedded node",
+                "nats_prefix",
+                "must be letters, digits, _ or - (one subject token)",
+            ));
+        }
+        let nats_partitions = positive("nats_partitions", o.nats_partitions, 8)?;
+        if nats_partitions > 1024 {
+            return Err(invalid("nats_partitions", "at most 1024"));
+        }
+        let ephemeral_prefixes = o.ephemeral_prefixes.unwrap_or_default();
+        if ephemeral_prefixes.iter().any(String::is_empty) {
+            return Err(invalid(
+                "ephemeral_prefixes",
+                "an empty prefix would make every room ephemeral",
             ));
         }
         if o.tls_cert.is_some() != o.tls_key.is_some() {
@@ -470,6 +534,17 @@ impl Config {
             default_rooms: o.default_rooms.unwrap_or_default(),
             default_pub: o.default_pub.unwrap_or_default(),
             nats,
+            nats_prefix,
+            nats_partitions,
+            nats_replicas: positive("nats_replicas", o.nats_replicas, 1)?,
+            room_max_age: Duration::from_secs(o.room_max_age_secs.unwrap_or(0)),
+            ephemeral_prefixes,
+            room_linger: ms(o.room_linger_ms, 5_000),
+            publish_timeout: ms(Some(positive("publish_timeout_ms", o.publish_timeout_ms, 5_000)?), 0),
+            nats_connect_timeout: ms(
+                Some(positive("nats_connect_timeout_ms", o.nats_connect_timeout_ms, 10_000)?),
+                0,
+            ),
             tls_cert: o.tls_cert,
             tls_key: o.tls_key,
             allowed_origins: o.allowed_origins.unwrap_or_default(),

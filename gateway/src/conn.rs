@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fanout_tree::{Drained, Outbox, OutboxLimits};
+use fanout_tree::{Drained, Outbox, OutboxLimits, Weighted};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_tungstenite::tungstenite::Message;
@@ -30,10 +30,10 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::auth::{self, Identity};
-use crate::bus::{BusError, Outgoing};
+use crate::bus::{BusError, Fetched, Outgoing};
 use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::protocol::{self, Command, SubscribeEntry};
-use crate::rooms::{ConnId, ConnOutbox, Frame, RoomError, RoomId};
+use crate::rooms::{Catchup, ConnId, ConnOutbox, Frame, HistoryPage, RoomError, RoomId, Transition};
 use crate::server::Node;
 
 /// How long the final close frame may take to go out.
@@ -215,7 +215,7 @@ impl Session {
 
     fn leave_all(&mut self) {
         for room in self.rooms.keys() {
-            self.node.rooms.leave(room, self.id);
+            leave(&self.node, room, self.id);
         }
         self.rooms.clear();
     }
@@ -374,19 +374,19 @@ impl Session {
         };
         match command {
             Command::Connect { .. } => self.bad_frame(id, &ProtoError::bad_request("already connected")),
-            Command::Subscribe { rooms } => self.subscribe(id, rooms),
+            Command::Subscribe { rooms } => self.subscribe(id, rooms).await,
             Command::Unsubscribe { rooms } => {
                 for name in rooms {
                     if let Some(room) = RoomId::parse(&name)
                         && self.rooms.remove(&room).is_some()
                     {
-                        self.node.rooms.leave(&room, self.id);
+                        leave(&self.node, &room, self.id);
                     }
                 }
                 self.reply_ok(id, "{}")
             }
             Command::Publish { room, data, key } => self.publish(id, &room, &data, key.as_deref()).await,
-            Command::History { room, limit, before } => self.history(id, &room, limit, before),
+            Command::History { room, limit, before } => self.history(id, &room, limit, before).await,
             Command::Refresh { token } => self.refresh(id, &token),
             Command::Ping => {
                 self.send(protocol::PONG.to_string())?;
@@ -399,20 +399,104 @@ impl Session {
         self.identity.as_ref().expect("commands run only after connect")
     }
 
-    fn subscribe(&mut self, id: Option<u32>, entries: Vec<SubscribeEntry>) -> Result<(), CloseReason> {
+    /// Joins every room of one `subscribe` frame. The outbox is held from
+    /// the first join until the reply is queued, so the reply comes first,
+    /// then each room's catch-up, then live messages.
+    async fn subscribe(&mut self, id: Option<u32>, entries: Vec<SubscribeEntry>) -> Result<(), CloseReason> {
         let started = std::time::Instant::now();
         let node = self.node.clone();
+        self.outbox.hold();
+        // Phase 1: check and register every room.
+        let mut slots: Vec<Result<Slot, ProtoError>> = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            slots.push(self.join_one(entry).await);
+        }
+        // Phase 2 (cluster mode): rooms new to this node are subscribed on the
+        // bus, concurrently; each room once however many joiners wait.
+        let cold: Vec<(usize, RoomId)> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Ok(s) if s.at.is_none() => Some((i, s.room.clone())),
+                _ => None,
+            })
+            .collect();
+        if !cold.is_empty() {
+            let results: Vec<(usize, Result<(), BusError>)> = futures_util::stream::iter(cold)
+                .map(|(i, room)| {
+                    let node = &node;
+                    async move { (i, node.bus.ensure_live(&room).await) }
+                })
+                .buffer_unordered(32)
+                .collect()
+                .await;
+            for (i, r) in results {
+                let slot = std::mem::replace(&mut slots[i], Err(ProtoError::bad_request("")));
+                slots[i] = match (slot, r) {
+                    (Ok(mut s), Ok(())) => {
+                        let upto = node.rooms.live_from(&s.room).unwrap_or(0);
+                        s.at = Some((upto, s.since.map(|since| node.rooms.catchup(&s.room, since, upto))));
+                        Ok(s)
+                    }
+                    (Ok(s), Err(e)) => {
+                        tracing::debug!(room = %s.room, error = %e, "room could not be made live");
+                        self.rooms.remove(&s.room);
+                        leave(&node, &s.room, self.id);
+                        Err(bus_error(&e))
+                    }
+                    (Err(e), _) => Err(e),
+                };
+            }
+        }
+        // Phase 3: catch-up older than this node's cache, from the stream.
+        let backend: Vec<(usize, RoomId, u64, u64)> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Ok(Slot {
+                    room,
+                    since,
+                    at: Some((upto, Some(Catchup::NeedsBackend))),
+                }) => Some((i, room.clone(), since.unwrap_or(0), *upto)),
+                _ => None,
+            })
+            .collect();
+        let mut fetched: HashMap<usize, Result<Fetched, BusError>> = HashMap::new();
+        if !backend.is_empty() {
+            fetched = futures_util::stream::iter(backend)
+                .map(|(i, room, since, upto)| {
+                    let node = &node;
+                    async move { (i, node.bus.catchup(&room, since, upto).await) }
+                })
+                .buffer_unordered(16)
+                .collect()
+                .await;
+        }
+        // Phase 4: the reply, and the catch-up within the byte budget.
         let mut body = String::with_capacity(16 + entries.len() * 40);
         body.push_str("{\"rooms\":[");
         let mut catchup = Vec::new();
         let mut budget = node.cfg.catchup_max_bytes;
-        self.outbox.hold();
-        for (i, entry) in entries.iter().enumerate() {
+        for (i, slot) in slots.into_iter().enumerate() {
             if i > 0 {
                 body.push(',');
             }
-            let name = entry.room.as_deref().unwrap_or("");
-            match self.join_one(entry, &mut catchup, &mut budget) {
+            let slot = slot.and_then(|s| {
+                let (offset, c) = s.at.unwrap_or((0, None));
+                let recovered = match c {
+                    None => None,
+                    Some(Catchup::Frames { frames, recovered }) => {
+                        Some(take_within(&mut catchup, frames, recovered, &mut budget))
+                    }
+                    Some(Catchup::NeedsBackend) => match fetched.remove(&i) {
+                        Some(Ok(f)) => Some(take_within(&mut catchup, f.frames, f.recovered, &mut budget)),
+                        Some(Err(e)) => return Err(bus_error(&e)),
+                        None => Some(false),
+                    },
+                };
+                Ok((s.room, offset, recovered))
+            });
+            match slot {
                 Ok((room, offset, recovered)) => {
                     let _ = write!(body, "{{\"room\":\"{room}\",\"offset\":{offset}");
                     if let Some(r) = recovered {
@@ -421,6 +505,7 @@ impl Session {
                     body.push('}');
                 }
                 Err(err) => {
+                    let name = entries[i].room.as_deref().unwrap_or("");
                     let _ = write!(
                         body,
                         "{{\"room\":{},\"error\":",
@@ -440,12 +525,7 @@ impl Session {
             .map_err(|_| CloseReason::SlowConsumer)
     }
 
-    fn join_one(
-        &mut self,
-        entry: &SubscribeEntry,
-        catchup: &mut Vec<Frame>,
-        budget: &mut usize,
-    ) -> Result<(RoomId, u64, Option<bool>), ProtoError> {
+    async fn join_one(&mut self, entry: &SubscribeEntry) -> Result<Slot, ProtoError> {
         let name = entry.room.as_deref().unwrap_or("");
         let room = RoomId::parse(name).ok_or_else(|| ProtoError::bad_request("invalid room name"))?;
         match entry.mode.as_deref() {
@@ -480,13 +560,21 @@ impl Session {
                 format!("at most {} rooms per connection", self.node.cfg.max_rooms_per_conn),
             ));
         }
+        if let Some(since) = entry.since {
+            // The client may have seen newer messages on another node.
+            self.node.bus.sync_to(&room, since).await;
+        }
         let joined = self
             .node
             .rooms
-            .join(&room, self.id, &self.outbox, entry.since, catchup, budget)
+            .join(&room, self.id, &self.outbox, entry.since)
             .map_err(room_error)?;
         self.rooms.insert(room.clone(), sub);
-        Ok((room, joined.offset, joined.recovered))
+        Ok(Slot {
+            room,
+            since: entry.since,
+            at: joined.at,
+        })
     }
 
     async fn publish(
@@ -512,8 +600,10 @@ impl Session {
         }
         let started = std::time::Instant::now();
         let node = self.node.clone();
+        let sub = self.identity().sub.clone();
         let out = Outgoing {
             room: &room,
+            from: &sub,
             from_json: &self.from_json,
             data,
             key,
@@ -530,11 +620,14 @@ impl Session {
                 m.publish_seconds.record(started.elapsed().as_secs_f64());
                 self.reply_ok(id, &format!("{{\"offset\":{}}}", p.offset))
             }
-            Err(BusError::Room(e)) => self.reply_err(id, &room_error(e)),
+            Err(e) => {
+                tracing::debug!(%room, error = %e, "publish failed");
+                self.reply_err(id, &bus_error(&e))
+            }
         }
     }
 
-    fn history(
+    async fn history(
         &mut self,
         id: Option<u32>,
         name: &str,
@@ -548,7 +641,13 @@ impl Session {
             return self.reply_err(id, &ProtoError::forbidden("the token does not grant this room"));
         }
         let limit = (limit.unwrap_or(50) as usize).min(self.node.cfg.history_page_max);
-        let (frames, more) = self.node.rooms.history(&room, before, limit);
+        let (frames, more) = match self.node.rooms.history(&room, before, limit) {
+            HistoryPage::Frames { frames, more } => (frames, more),
+            HistoryPage::NeedsBackend => match self.node.bus.history(&room, before, limit).await {
+                Ok(page) => page,
+                Err(e) => return self.reply_err(id, &bus_error(&e)),
+            },
+        };
         let Some(id) = id else {
             return Ok(());
         };
@@ -594,7 +693,7 @@ impl Session {
             .collect();
         for room in revoked {
             self.rooms.remove(&room);
-            self.node.rooms.leave(&room, self.id);
+            leave(&self.node, &room, self.id);
             self.send(format!(
                 "{{\"op\":\"unsubscribed\",\"room\":\"{room}\",\"error\":{{\"code\":\"forbidden\",\"message\":\"the refreshed token does not grant this room\"}}}}"
             ))?;
@@ -606,6 +705,46 @@ impl Session {
             expires_in.map_or_else(|| "null".to_string(), |s| s.to_string())
         );
         self.reply_ok(id, &body)
+    }
+}
+
+/// One room of a `subscribe` on its way through the phases.
+struct Slot {
+    room: RoomId,
+    since: Option<u64>,
+    /// The offset the membership took effect at and the catch-up; `None`
+    /// until the room is live on this node.
+    at: Option<(u64, Option<Catchup>)>,
+}
+
+/// Appends `frames` to the catch-up if they fit the budget; otherwise the
+/// room is reported as not recovered and the client reloads its history.
+fn take_within(catchup: &mut Vec<Frame>, frames: Vec<Frame>, recovered: bool, budget: &mut usize) -> bool {
+    if !recovered {
+        return false;
+    }
+    let bytes: usize = frames.iter().map(Weighted::weight).sum();
+    if bytes > *budget {
+        return false;
+    }
+    *budget -= bytes;
+    catchup.extend(frames);
+    true
+}
+
+/// Leaves `room`; the last local member tells the bus.
+fn leave(node: &Node, room: &RoomId, conn: ConnId) {
+    if node.rooms.leave(room, conn) == Transition::LastLocal {
+        node.bus.room_left(room);
+    }
+}
+
+fn bus_error(e: &BusError) -> ProtoError {
+    match e {
+        BusError::Room(r) => room_error(*r),
+        BusError::Unavailable(_) | BusError::Timeout => {
+            ProtoError::new(ErrorCode::Unavailable, "the message bus is unavailable; retry")
+        }
     }
 }
 

@@ -57,7 +57,7 @@ impl Running {
     /// Binds `127.0.0.1:0` and starts a node with `cfg`.
     pub async fn bind_local(cfg: Config) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let node = Node::new(cfg)?;
+        let node = Node::new(cfg).await?;
         Ok(Self::start(node, listener)?)
     }
 

@@ -86,7 +86,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
         config.jwt_secret = Some(secret);
     }
-    let node = Node::new(config.clone()).context("starting the node")?;
+    let node = Node::new(config.clone()).await.context("starting the node")?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

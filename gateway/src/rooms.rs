@@ -19,7 +19,7 @@
 //! `.await`. Broadcasts never block: full outboxes overflow and their writers
 //! close those connections as slow consumers.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -129,22 +129,57 @@ pub struct RoomLimits {
     pub history_size: usize,
     /// Bytes of encoded frames kept per room.
     pub history_max_bytes: usize,
-    /// How long a publish `key` is remembered.
+    /// How long a publish `key` is remembered (embedded bus).
     pub dedup_window: Duration,
-    /// Most keys remembered per room.
+    /// Most keys remembered per room (embedded bus).
     pub dedup_max_keys: usize,
     /// Most rooms with state on the node.
     pub max_rooms: usize,
+    /// Most out-of-order messages buffered per room while it syncs.
+    pub max_pending: usize,
+}
+
+/// Who assigns offsets: this node's log (embedded) or the cluster's streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogMode {
+    /// The room log on this node is the source of truth; rooms are live at once.
+    Authoritative,
+    /// The log is a cache of a JetStream stream; a room is live once the bus
+    /// has subscribed and learnt its latest offset.
+    Cache,
 }
 
 /// What a join did.
 #[derive(Debug)]
 pub struct Joined {
-    /// The room's latest offset when the membership took effect.
-    pub offset: u64,
-    /// For a join with `since`: whether every message after it was supplied.
-    pub recovered: Option<bool>,
     pub transition: Transition,
+    /// The room's latest offset when the membership took effect, and the
+    /// catch-up for `since`; `None` while the room is not live yet (then ask
+    /// [`RoomIndex::live_from`] once the bus made it live).
+    pub at: Option<(u64, Option<Catchup>)>,
+}
+
+/// The messages a joiner with `since` missed.
+#[derive(Debug)]
+pub enum Catchup {
+    /// Served from the log; `recovered` is false when some are gone for good.
+    Frames { frames: Vec<Frame>, recovered: bool },
+    /// Older than this node's cache: read the stream (then try again).
+    NeedsBackend,
+}
+
+/// A hole in a room's sequence: fetch offsets in `(after, upto]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    pub after: u64,
+    pub upto: u64,
+}
+
+/// A page of `history`.
+#[derive(Debug)]
+pub enum HistoryPage {
+    Frames { frames: Vec<Frame>, more: bool },
+    NeedsBackend,
 }
 
 /// Why a room operation failed.
@@ -161,18 +196,83 @@ struct Entry {
     frame: Frame,
 }
 
-#[derive(Default)]
 struct RoomState {
     members: MemberSet<ConnId, Frame>,
     log: VecDeque<Entry>,
     log_bytes: usize,
     last_offset: u64,
-    /// Every offset up to and including this one may be missing from `log`.
+    /// The log holds every message in `(evicted_upto, last_offset]`.
     evicted_upto: u64,
+    /// Whether messages at or below `evicted_upto` are gone for good (true
+    /// for the authoritative log, and for a cache backfilled from the stream).
+    complete: bool,
+    /// Receiving messages in order (cache mode: subscribed and synced).
+    live: bool,
+    /// The offset the room went live at.
+    live_from: u64,
+    /// Messages that arrived ahead of a gap or before going live: seq -> (previous seq of the room, frame).
+    pending: BTreeMap<u64, (u64, Frame)>,
+    /// Highest offset dropped from `pending` for lack of room; the repair fetches it.
+    pending_dropped: u64,
+    /// A repair (gap fetch) is under way.
+    repairing: bool,
     dedup: HashMap<Box<str>, u64>,
     dedup_order: VecDeque<(Instant, Box<str>)>,
     /// Removed from the index; a caller holding an old `Arc` must look again.
     dead: bool,
+}
+
+impl RoomState {
+    fn new(mode: LogMode) -> Self {
+        let authoritative = mode == LogMode::Authoritative;
+        Self {
+            members: MemberSet::default(),
+            log: VecDeque::new(),
+            log_bytes: 0,
+            last_offset: 0,
+            evicted_upto: 0,
+            complete: authoritative,
+            live: authoritative,
+            live_from: 0,
+            pending: BTreeMap::new(),
+            pending_dropped: 0,
+            repairing: false,
+            dedup: HashMap::new(),
+            dedup_order: VecDeque::new(),
+            dead: false,
+        }
+    }
+
+    fn catchup(&self, since: u64, upto: u64) -> Catchup {
+        if since >= upto {
+            // Nothing missed, unless the client saw offsets this room never
+            // had here (e.g. an embedded node restarted): it must reload.
+            return Catchup::Frames {
+                frames: Vec::new(),
+                recovered: since == upto,
+            };
+        }
+        if since >= self.evicted_upto {
+            let start = self.log.partition_point(|e| e.offset <= since);
+            let frames = self
+                .log
+                .range(start..)
+                .take_while(|e| e.offset <= upto)
+                .map(|e| e.frame.clone())
+                .collect();
+            return Catchup::Frames {
+                frames,
+                recovered: true,
+            };
+        }
+        if self.complete {
+            return Catchup::Frames {
+                frames: Vec::new(),
+                recovered: false,
+            };
+        }
+        Catchup::NeedsBackend
+    }
 }
 
 struct Room {
@@ -191,19 +291,36 @@ pub struct Published {
     pub slow: usize,
 }
 
+/// What happened to a message that arrived from the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Appended and offered to `members`.
+    Applied { members: usize },
+    /// Seen before (offset not above the last one).
+    Duplicate,
+    /// Kept until the room is live or a gap is filled.
+    Buffered,
+    /// Kept; the messages in the gap must be fetched first.
+    Gap(Gap),
+    /// The room has no state on this node.
+    NoRoom,
+}
+
 /// Per-node index from room to its state.
 pub struct RoomIndex {
     rooms: DashMap<RoomId, Arc<Room>>,
     count: AtomicUsize,
     limits: RoomLimits,
+    mode: LogMode,
 }
 
 impl RoomIndex {
-    pub fn new(limits: RoomLimits) -> Self {
+    pub fn new(limits: RoomLimits, mode: LogMode) -> Self {
         Self {
             rooms: DashMap::new(),
             count: AtomicUsize::new(0),
             limits,
+            mode,
         }
     }
 
@@ -218,12 +335,16 @@ impl RoomIndex {
 
     /// Local members of `room`.
     pub fn members(&self, room: &RoomId) -> usize {
-        self.rooms.get(room).map_or(0, |r| r.state.lock().members.len())
+        self.get(room).map_or(0, |r| r.state.lock().members.len())
+    }
+
+    fn get(&self, room: &RoomId) -> Option<Arc<Room>> {
+        self.rooms.get(room).map(|r| r.clone())
     }
 
     fn get_or_create(&self, room: &RoomId) -> Result<Arc<Room>, RoomError> {
-        if let Some(r) = self.rooms.get(room) {
-            return Ok(r.clone());
+        if let Some(r) = self.get(room) {
+            return Ok(r);
         }
         if self.count.load(Ordering::Relaxed) >= self.limits.max_rooms {
             return Err(RoomError::TooManyRooms);
@@ -231,7 +352,7 @@ impl RoomIndex {
         let entry = self.rooms.entry(room.clone()).or_insert_with(|| {
             self.count.fetch_add(1, Ordering::Relaxed);
             Arc::new(Room {
-                state: Mutex::new(RoomState::default()),
+                state: Mutex::new(RoomState::new(self.mode)),
             })
         });
         Ok(entry.clone())
@@ -249,75 +370,115 @@ impl RoomIndex {
         }
     }
 
-    /// Drops the room's state if it holds nothing. Called with the lock held.
-    fn reap_if_empty(&self, room: &RoomId, st: &mut RoomState) {
-        if st.members.is_empty() && st.log.is_empty() && st.dedup.is_empty() && !st.dead {
-            st.dead = true;
-            self.rooms.remove(room);
-            self.count.fetch_sub(1, Ordering::Relaxed);
+    /// Runs `f` on the state of `room` if it exists.
+    fn with_existing<R>(&self, room: &RoomId, f: impl FnOnce(&mut RoomState) -> R) -> Option<R> {
+        let r = self.get(room)?;
+        let mut st = r.state.lock();
+        if st.dead {
+            return None;
         }
+        Some(f(&mut st))
     }
 
-    /// Adds `conn` to `room`. With `since`, the messages after it are appended
-    /// to `catchup` (oldest first) if they are all still in the log and fit in
-    /// `catchup_budget` bytes (which is reduced by what was taken).
+    /// Drops the room's state. Called with the lock held.
+    fn remove_locked(&self, room: &RoomId, st: &mut RoomState) {
+        st.dead = true;
+        self.rooms.remove(room);
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Adds `conn` to `room`. If the room is live, the returned offset is the
+    /// one the membership took effect at and, with `since`, the catch-up up
+    /// to it is read under the same lock: no gap, no overlap with live pushes.
     pub fn join(
         &self,
         room: &RoomId,
         conn: ConnId,
         outbox: &ConnOutbox,
         since: Option<u64>,
-        catchup: &mut Vec<Frame>,
-        catchup_budget: &mut usize,
     ) -> Result<Joined, RoomError> {
         self.with_room(room, |st| {
             let first = st.members.is_empty();
             st.members.insert(conn, outbox.clone());
-            let recovered = since.map(|since| {
-                if since >= st.last_offset {
-                    // Nothing missed, unless the client saw offsets this log
-                    // never issued (e.g. the node restarted): it must reload.
-                    return since == st.last_offset;
-                }
-                if since < st.evicted_upto {
-                    return false;
-                }
-                let start = st.log.partition_point(|e| e.offset <= since);
-                let bytes: usize = st.log.range(start..).map(|e| e.frame.weight()).sum();
-                if bytes > *catchup_budget {
-                    return false;
-                }
-                *catchup_budget -= bytes;
-                catchup.extend(st.log.range(start..).map(|e| e.frame.clone()));
-                true
-            });
+            let at = st
+                .live
+                .then(|| (st.last_offset, since.map(|s| st.catchup(s, st.last_offset))));
             Joined {
-                offset: st.last_offset,
-                recovered,
                 transition: if first {
                     Transition::FirstLocal
                 } else {
                     Transition::Unchanged
                 },
+                at,
             }
         })
     }
 
-    /// Removes `conn` from `room`.
+    /// The offset `room` went live at (cache mode), if it is live.
+    pub fn live_from(&self, room: &RoomId) -> Option<u64> {
+        self.with_existing(room, |st| st.live.then_some(st.live_from)).flatten()
+    }
+
+    /// Whether `room` is live on this node.
+    pub fn is_live(&self, room: &RoomId) -> bool {
+        self.with_existing(room, |st| st.live).unwrap_or(false)
+    }
+
+    /// The messages of `room` in `(since, upto]` as far as this node has them.
+    pub fn catchup(&self, room: &RoomId, since: u64, upto: u64) -> Catchup {
+        self.with_existing(room, |st| st.catchup(since, upto))
+            .unwrap_or(Catchup::NeedsBackend)
+    }
+
+    /// Removes `conn` from `room`. With the authoritative log an empty room
+    /// without history is dropped at once; a cache is dropped by
+    /// [`RoomIndex::forget_if_empty`] after the bus's linger.
     pub fn leave(&self, room: &RoomId, conn: ConnId) -> Transition {
-        let Some(r) = self.rooms.get(room).map(|r| r.clone()) else {
+        let Some(r) = self.get(room) else {
             return Transition::Unchanged;
         };
         let mut st = r.state.lock();
         if st.dead || !st.members.remove(conn) {
             return Transition::Unchanged;
         }
-        if st.members.is_empty() {
-            self.reap_if_empty(room, &mut st);
-            Transition::LastLocal
-        } else {
-            Transition::Unchanged
+        if !st.members.is_empty() {
+            return Transition::Unchanged;
         }
+        if self.mode == LogMode::Authoritative && st.log.is_empty() && st.dedup.is_empty() {
+            self.remove_locked(room, &mut st);
+        }
+        Transition::LastLocal
+    }
+
+    /// Drops the state of `room` if it has no members (cache mode, after the
+    /// linger). Returns whether it did.
+    pub fn forget_if_empty(&self, room: &RoomId) -> bool {
+        let Some(r) = self.get(room) else {
+            return false;
+        };
+        let mut st = r.state.lock();
+        if st.dead || !st.members.is_empty() {
+            return false;
+        }
+        self.remove_locked(room, &mut st);
+        true
+    }
+
+    /// Rooms that are live, with their latest offset (to check for missed
+    /// messages after the bus reconnects).
+    pub fn live_rooms(&self) -> Vec<(RoomId, u64)> {
+        let rooms: Vec<(RoomId, Arc<Room>)> = self
+            .rooms
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        rooms
+            .into_iter()
+            .filter_map(|(id, r)| {
+                let st = r.state.lock();
+                (st.live && !st.dead).then_some((id, st.last_offset))
+            })
+            .collect()
     }
 
     /// Stores a message published on this node (the embedded bus): assigns
@@ -382,38 +543,245 @@ impl RoomIndex {
             offset,
             frame: frame.clone(),
         });
+        self.trim(st);
+        let mut slow = Vec::new();
+        let delivered = st.members.broadcast(&frame, &mut slow);
+        (delivered, slow.len())
+    }
+
+    fn trim(&self, st: &mut RoomState) {
         while st.log.len() > self.limits.history_size
             || (st.log_bytes > self.limits.history_max_bytes && st.log.len() > 1)
         {
             if let Some(old) = st.log.pop_front() {
                 st.log_bytes -= old.frame.weight();
                 st.evicted_upto = old.offset;
+                // Evicted from a cache: the stream still has it.
+                if self.mode == LogMode::Cache {
+                    st.complete = false;
+                }
             }
         }
-        let mut slow = Vec::new();
-        let delivered = st.members.broadcast(&frame, &mut slow);
-        (delivered, slow.len())
+    }
+
+    /// Broadcasts a frame that is not stored (ephemeral rooms).
+    pub fn broadcast_unstored(&self, room: &RoomId, frame: &Frame) -> usize {
+        self.with_existing(room, |st| {
+            let mut slow = Vec::new();
+            st.members.broadcast(frame, &mut slow)
+        })
+        .unwrap_or(0)
+    }
+
+    /// A message from the bus with its offset `seq`; `prev` is the previous
+    /// offset of the same room (0 if unknown).
+    pub fn deliver(&self, room: &RoomId, seq: u64, prev: u64, frame: Frame) -> Delivered {
+        self.with_existing(room, |st| {
+            if !st.live || st.repairing {
+                if st.live && seq <= st.last_offset {
+                    return Delivered::Duplicate;
+                }
+                self.buffer(st, seq, prev, frame);
+                return Delivered::Buffered;
+            }
+            if seq <= st.last_offset {
+                return Delivered::Duplicate;
+            }
+            if prev > st.last_offset {
+                let gap = Gap {
+                    after: st.last_offset,
+                    upto: prev,
+                };
+                self.buffer(st, seq, prev, frame);
+                st.repairing = true;
+                return Delivered::Gap(gap);
+            }
+            let (members, _) = self.append_and_broadcast(st, seq, frame);
+            Delivered::Applied { members }
+        })
+        .unwrap_or(Delivered::NoRoom)
+    }
+
+    fn buffer(&self, st: &mut RoomState, seq: u64, prev: u64, frame: Frame) {
+        st.pending.insert(seq, (prev, frame));
+        while st.pending.len() > self.limits.max_pending {
+            if let Some((dropped, _)) = st.pending.pop_first() {
+                st.pending_dropped = st.pending_dropped.max(dropped);
+            }
+        }
+    }
+
+    /// Applies buffered messages that now follow on; returns the next gap.
+    fn drain_pending(&self, st: &mut RoomState) -> Option<Gap> {
+        if st.pending_dropped > st.last_offset {
+            st.repairing = true;
+            return Some(Gap {
+                after: st.last_offset,
+                upto: st.pending_dropped,
+            });
+        }
+        while let Some(entry) = st.pending.first_entry() {
+            let seq = *entry.key();
+            let prev = entry.get().0;
+            if seq <= st.last_offset {
+                entry.remove();
+                continue;
+            }
+            if prev > st.last_offset {
+                st.repairing = true;
+                return Some(Gap {
+                    after: st.last_offset,
+                    upto: prev,
+                });
+            }
+            let (_, frame) = entry.remove();
+            self.append_and_broadcast(st, seq, frame);
+        }
+        st.repairing = false;
+        None
+    }
+
+    /// Makes `room` live at offset `last` (cache mode): applies what was
+    /// buffered meanwhile. Returns a gap to fetch, if any.
+    pub fn go_live(&self, room: &RoomId, last: u64) -> Option<Gap> {
+        self.with_existing(room, |st| {
+            if st.live {
+                return None;
+            }
+            st.live = true;
+            st.live_from = last;
+            st.last_offset = last;
+            st.evicted_upto = last;
+            self.drain_pending(st)
+        })
+        .flatten()
+    }
+
+    /// Applies messages fetched for a gap (in offset order), then what was
+    /// buffered behind it. Returns the next gap, if any.
+    pub fn repaired(&self, room: &RoomId, fetched: Vec<(u64, Frame)>, upto: u64) -> Option<Gap> {
+        self.with_existing(room, |st| {
+            for (seq, frame) in fetched {
+                if seq > st.last_offset {
+                    self.append_and_broadcast(st, seq, frame);
+                }
+            }
+            // Whatever the gap held that the stream no longer has is skipped.
+            if upto > st.last_offset {
+                st.last_offset = upto;
+            }
+            if st.pending_dropped <= st.last_offset {
+                st.pending_dropped = 0;
+            }
+            self.drain_pending(st)
+        })
+        .flatten()
+    }
+
+    /// Asks for the messages up to `tail` (the stream's last offset, or one
+    /// acknowledged to a publisher here). Returns the gap to fetch now, or
+    /// `None` if there is none or a repair under way will reach `tail`.
+    pub fn request_repair(&self, room: &RoomId, tail: u64) -> Option<Gap> {
+        self.with_existing(room, |st| {
+            if tail <= st.last_offset {
+                return None;
+            }
+            if !st.live || st.repairing {
+                st.pending_dropped = st.pending_dropped.max(tail);
+                return None;
+            }
+            st.repairing = true;
+            Some(Gap {
+                after: st.last_offset,
+                upto: tail,
+            })
+        })
+        .flatten()
+    }
+
+    /// Where the cache starts, if it could take older messages from the
+    /// stream (live, not complete, not full).
+    pub fn cache_floor(&self, room: &RoomId) -> Option<u64> {
+        self.with_existing(room, |st| {
+            (st.live && !st.complete && st.log.len() < self.limits.history_size).then_some(st.evicted_upto)
+        })
+        .flatten()
+    }
+
+    /// Ends a repair that could not run (the bus is down); the next message
+    /// or reconnect starts another.
+    pub fn repair_failed(&self, room: &RoomId) {
+        self.with_existing(room, |st| st.repairing = false);
+    }
+
+    /// Puts the stream's older messages of `room` in front of the cache
+    /// (cache mode). `entries` are all the stored messages at or below the
+    /// cache's start, oldest first; `gone_upto` is the offset below which
+    /// messages are gone for good.
+    pub fn backfill(&self, room: &RoomId, entries: Vec<(u64, Frame)>, gone_upto: u64) {
+        self.with_existing(room, |st| {
+            if st.complete {
+                return;
+            }
+            let floor = st.evicted_upto;
+            let mut older: Vec<Entry> = entries
+                .into_iter()
+                .filter(|(seq, _)| *seq <= floor)
+                .map(|(offset, frame)| Entry { offset, frame })
+                .collect();
+            let room_left = self.limits.history_size.saturating_sub(st.log.len());
+            if older.len() > room_left {
+                let cut = older.len() - room_left;
+                // Keep the newest that fit; the rest stays in the stream only.
+                let cut_at = older[cut - 1].offset;
+                older.drain(..cut);
+                st.evicted_upto = cut_at;
+            } else {
+                st.evicted_upto = gone_upto;
+                st.complete = true;
+            }
+            for e in older.into_iter().rev() {
+                st.log_bytes += e.frame.weight();
+                st.log.push_front(e);
+            }
+        });
     }
 
     /// Up to `limit` messages older than `before` (all if `None`), oldest
-    /// first, and whether older ones remain in the log.
-    pub fn history(&self, room: &RoomId, before: Option<u64>, limit: usize) -> (Vec<Frame>, bool) {
-        let Some(r) = self.rooms.get(room).map(|r| r.clone()) else {
-            return (Vec::new(), false);
+    /// first, and whether older ones remain.
+    pub fn history(&self, room: &RoomId, before: Option<u64>, limit: usize) -> HistoryPage {
+        let empty = HistoryPage::Frames {
+            frames: Vec::new(),
+            more: false,
         };
-        let st = r.state.lock();
-        let end = match before {
-            Some(b) => st.log.partition_point(|e| e.offset < b),
-            None => st.log.len(),
+        let Some(page) = self.with_existing(room, |st| {
+            let end = match before {
+                Some(b) => st.log.partition_point(|e| e.offset < b),
+                None => st.log.len(),
+            };
+            let start = end.saturating_sub(limit);
+            let covered = st.complete || end - start == limit;
+            if !covered {
+                return HistoryPage::NeedsBackend;
+            }
+            let frames = st.log.range(start..end).map(|e| e.frame.clone()).collect();
+            HistoryPage::Frames {
+                frames,
+                more: start > 0 || !st.complete,
+            }
+        }) else {
+            return if self.mode == LogMode::Authoritative {
+                empty
+            } else {
+                HistoryPage::NeedsBackend
+            };
         };
-        let start = end.saturating_sub(limit);
-        let frames = st.log.range(start..end).map(|e| e.frame.clone()).collect();
-        (frames, start > 0)
+        page
     }
 
     /// The latest offset of `room` (0 if it has none).
     pub fn last_offset(&self, room: &RoomId) -> u64 {
-        self.rooms.get(room).map_or(0, |r| r.state.lock().last_offset)
+        self.with_existing(room, |st| st.last_offset).unwrap_or(0)
     }
 }
 
@@ -422,14 +790,23 @@ mod tests {
     use super::*;
     use fanout_tree::{Drained, OutboxLimits};
 
-    fn index(history: usize) -> RoomIndex {
-        RoomIndex::new(RoomLimits {
+    fn limits(history: usize) -> RoomLimits {
+        RoomLimits {
             history_size: history,
             history_max_bytes: 1 << 20,
             dedup_window: Duration::from_secs(60),
             dedup_max_keys: 100,
             max_rooms: 10,
-        })
+            max_pending: 4,
+        }
+    }
+
+    fn index(history: usize) -> RoomIndex {
+        RoomIndex::new(limits(history), LogMode::Authoritative)
+    }
+
+    fn cache(history: usize) -> RoomIndex {
+        RoomIndex::new(limits(history), LogMode::Cache)
     }
 
     fn room(s: &str) -> RoomId {
@@ -440,14 +817,33 @@ mod tests {
         Arc::new(Outbox::new(OutboxLimits::default()))
     }
 
+    fn offset_of(f: &Frame) -> u64 {
+        let v: serde_json::Value = serde_json::from_slice(f.as_bytes()).unwrap();
+        v["offset"].as_u64().unwrap()
+    }
+
     fn offsets(frames: &[Frame]) -> Vec<u64> {
-        frames
-            .iter()
-            .map(|f| {
-                let v: serde_json::Value = serde_json::from_slice(f.as_bytes()).unwrap();
-                v["offset"].as_u64().unwrap()
-            })
-            .collect()
+        frames.iter().map(offset_of).collect()
+    }
+
+    fn frame(seq: u64) -> Frame {
+        Frame::text(protocol::message_push(&room("r"), seq, 0, "\"a\"", b"1"))
+    }
+
+    fn catchup(j: &Joined) -> (Vec<u64>, bool) {
+        match &j.at {
+            Some((_, Some(Catchup::Frames { frames, recovered }))) => (offsets(frames), *recovered),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn drained(ob: &ConnOutbox) -> Vec<u64> {
+        let mut out = VecDeque::new();
+        if ob.queued().0 == 0 {
+            return Vec::new();
+        }
+        assert_eq!(ob.drain(&mut out).await, Drained::Frames);
+        out.iter().map(offset_of).collect()
     }
 
     #[test]
@@ -465,18 +861,12 @@ mod tests {
         let idx = index(10);
         let r = room("r");
         let (a, b) = (outbox(), outbox());
-        let mut c = Vec::new();
-        let mut budget = usize::MAX;
         assert_eq!(
-            idx.join(&r, ConnId(1), &a, None, &mut c, &mut budget)
-                .unwrap()
-                .transition,
+            idx.join(&r, ConnId(1), &a, None).unwrap().transition,
             Transition::FirstLocal
         );
         assert_eq!(
-            idx.join(&r, ConnId(2), &b, None, &mut c, &mut budget)
-                .unwrap()
-                .transition,
+            idx.join(&r, ConnId(2), &b, None).unwrap().transition,
             Transition::Unchanged
         );
         assert_eq!(idx.leave(&r, ConnId(1)), Transition::Unchanged);
@@ -494,45 +884,24 @@ mod tests {
             idx.publish(&r, "\"a\"", b"1", None, 0, now).unwrap();
         }
         let ob = outbox();
-        let mut c = Vec::new();
-        let mut budget = usize::MAX;
-        let j = idx.join(&r, ConnId(1), &ob, Some(5), &mut c, &mut budget).unwrap();
-        assert_eq!((j.offset, j.recovered), (8, Some(true)));
-        assert_eq!(offsets(&c), vec![6, 7, 8]);
-        c.clear();
+        let j = idx.join(&r, ConnId(1), &ob, Some(5)).unwrap();
+        assert_eq!(j.at.as_ref().unwrap().0, 8);
+        assert_eq!(catchup(&j), (vec![6, 7, 8], true));
         // Offsets 1..=3 were evicted: since 2 cannot be served.
-        let j = idx.join(&r, ConnId(2), &ob, Some(2), &mut c, &mut budget).unwrap();
-        assert_eq!(j.recovered, Some(false));
-        assert!(c.is_empty());
+        let j = idx.join(&r, ConnId(2), &ob, Some(2)).unwrap();
+        assert_eq!(catchup(&j), (vec![], false));
         // since 3: 4..=8 are all there.
-        let j = idx.join(&r, ConnId(3), &ob, Some(3), &mut c, &mut budget).unwrap();
-        assert_eq!(j.recovered, Some(true));
-        assert_eq!(offsets(&c), vec![4, 5, 6, 7, 8]);
+        let j = idx.join(&r, ConnId(3), &ob, Some(3)).unwrap();
+        assert_eq!(catchup(&j), (vec![4, 5, 6, 7, 8], true));
         // A since from the future (the log was reset) is not recovered.
-        let j = idx.join(&r, ConnId(4), &ob, Some(99), &mut c, &mut budget).unwrap();
-        assert_eq!(j.recovered, Some(false));
-        // Live messages go to members.
+        let j = idx.join(&r, ConnId(4), &ob, Some(99)).unwrap();
+        assert_eq!(catchup(&j), (vec![], false));
         idx.publish(&r, "\"a\"", b"2", None, 0, now).unwrap();
-        let mut out = VecDeque::new();
-        assert_eq!(ob.drain(&mut out).await, Drained::Frames);
-        assert_eq!(out.len(), 4, "one per membership of this outbox");
-    }
-
-    #[test]
-    fn catchup_over_budget_is_not_recovered() {
-        let idx = index(100);
-        let r = room("r");
-        for _ in 0..10 {
-            idx.publish(&r, "\"a\"", b"1", None, 0, Instant::now()).unwrap();
-        }
-        let mut c = Vec::new();
-        let mut budget = 100;
-        let j = idx
-            .join(&r, ConnId(1), &outbox(), Some(0), &mut c, &mut budget)
-            .unwrap();
-        assert_eq!(j.recovered, Some(false));
-        assert!(c.is_empty());
-        assert_eq!(budget, 100);
+        assert_eq!(
+            drained(&ob).await,
+            vec![9, 9, 9, 9],
+            "one per membership of this outbox"
+        );
     }
 
     #[test]
@@ -550,6 +919,13 @@ mod tests {
         assert_eq!(idx.last_offset(&r), 2);
     }
 
+    fn page(p: HistoryPage) -> (Vec<u64>, bool) {
+        match p {
+            HistoryPage::Frames { frames, more } => (offsets(&frames), more),
+            HistoryPage::NeedsBackend => panic!("needs backend"),
+        }
+    }
+
     #[test]
     fn history_pages_backwards() {
         let idx = index(100);
@@ -557,13 +933,10 @@ mod tests {
         for _ in 0..7 {
             idx.publish(&r, "\"a\"", b"1", None, 0, Instant::now()).unwrap();
         }
-        let (page, more) = idx.history(&r, None, 3);
-        assert_eq!((offsets(&page), more), (vec![5, 6, 7], true));
-        let (page, more) = idx.history(&r, Some(5), 3);
-        assert_eq!((offsets(&page), more), (vec![2, 3, 4], true));
-        let (page, more) = idx.history(&r, Some(2), 3);
-        assert_eq!((offsets(&page), more), (vec![1], false));
-        assert_eq!(idx.history(&room("none"), None, 3).0.len(), 0);
+        assert_eq!(page(idx.history(&r, None, 3)), (vec![5, 6, 7], true));
+        assert_eq!(page(idx.history(&r, Some(5), 3)), (vec![2, 3, 4], true));
+        assert_eq!(page(idx.history(&r, Some(2), 3)), (vec![1], false));
+        assert_eq!(page(idx.history(&room("none"), None, 3)), (vec![], false));
     }
 
     #[test]
@@ -577,5 +950,87 @@ mod tests {
             idx.publish(&room("r10"), "\"a\"", b"1", None, 0, Instant::now()),
             Err(RoomError::TooManyRooms)
         );
+    }
+
+    #[tokio::test]
+    async fn a_cache_room_buffers_until_live_then_applies_in_order() {
+        let idx = cache(100);
+        let r = room("r");
+        let ob = outbox();
+        let j = idx.join(&r, ConnId(1), &ob, Some(3)).unwrap();
+        assert!(j.at.is_none(), "not live yet");
+        assert_eq!(idx.deliver(&r, 12, 10, frame(12)), Delivered::Buffered);
+        assert_eq!(idx.deliver(&r, 9, 5, frame(9)), Delivered::Buffered);
+        // The stream's last offset for the room was 10 when it went live:
+        // 9 is older (dropped), 12 follows 10.
+        assert_eq!(idx.go_live(&r, 10), None);
+        assert_eq!(idx.live_from(&r), Some(10));
+        assert_eq!(drained(&ob).await, vec![12]);
+        assert!(matches!(idx.catchup(&r, 3, 10), Catchup::NeedsBackend));
+        assert_eq!(idx.deliver(&r, 12, 10, frame(12)), Delivered::Duplicate);
+        assert_eq!(idx.deliver(&r, 15, 12, frame(15)), Delivered::Applied { members: 1 });
+    }
+
+    #[tokio::test]
+    async fn a_gap_is_repaired_before_later_messages() {
+        let idx = cache(100);
+        let r = room("r");
+        let ob = outbox();
+        idx.join(&r, ConnId(1), &ob, None).unwrap();
+        idx.go_live(&r, 10);
+        assert_eq!(
+            idx.deliver(&r, 20, 15, frame(20)),
+            Delivered::Gap(Gap { after: 10, upto: 15 })
+        );
+        assert_eq!(idx.deliver(&r, 22, 20, frame(22)), Delivered::Buffered);
+        assert_eq!(drained(&ob).await, Vec::<u64>::new());
+        assert_eq!(idx.repaired(&r, vec![(13, frame(13)), (15, frame(15))], 15), None);
+        assert_eq!(drained(&ob).await, vec![13, 15, 20, 22]);
+        assert_eq!(idx.last_offset(&r), 22);
+    }
+
+    #[tokio::test]
+    async fn pending_overflow_turns_into_a_repair() {
+        let idx = cache(100);
+        let r = room("r");
+        let ob = outbox();
+        idx.join(&r, ConnId(1), &ob, None).unwrap();
+        idx.go_live(&r, 1);
+        assert!(matches!(idx.deliver(&r, 3, 2, frame(3)), Delivered::Gap(_)));
+        for seq in 4..12 {
+            idx.deliver(&r, seq, seq - 1, frame(seq));
+        }
+        // Only 4 fit in pending; the repair must reach what was dropped.
+        let gap = idx.repaired(&r, vec![(2, frame(2))], 2).unwrap();
+        assert_eq!(gap, Gap { after: 2, upto: 7 });
+        let next = idx.repaired(&r, (3..=7).map(|s| (s, frame(s))).collect(), 7);
+        assert_eq!(next, None);
+        assert_eq!(drained(&ob).await, (2..12).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn backfill_completes_the_cache() {
+        let idx = cache(100);
+        let r = room("r");
+        let ob = outbox();
+        idx.join(&r, ConnId(1), &ob, None).unwrap();
+        idx.go_live(&r, 10);
+        idx.deliver(&r, 11, 10, frame(11));
+        assert!(matches!(idx.history(&r, None, 5), HistoryPage::NeedsBackend));
+        idx.backfill(&r, vec![(4, frame(4)), (7, frame(7)), (10, frame(10))], 3);
+        assert_eq!(page(idx.history(&r, None, 5)), (vec![4, 7, 10, 11], false));
+        match idx.catchup(&r, 5, 11) {
+            Catchup::Frames { frames, recovered } => assert_eq!((offsets(&frames), recovered), (vec![7, 10, 11], true)),
+            Catchup::NeedsBackend => panic!(),
+        }
+        match idx.catchup(&r, 2, 11) {
+            Catchup::Frames { recovered, .. } => assert!(!recovered, "offset 3 and below are gone"),
+            Catchup::NeedsBackend => panic!(),
+        }
+        // The cache is dropped only without members.
+        assert!(!idx.forget_if_empty(&r));
+        idx.leave(&r, ConnId(1));
+        assert!(idx.forget_if_empty(&r));
+        assert_eq!(idx.deliver(&r, 12, 11, frame(12)), Delivered::NoRoom);
     }
 }

@@ -32,11 +32,11 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
 use crate::auth::{Grants, Pattern, Verifier, VerifyOptions};
-use crate::bus::Bus;
+use crate::bus::{Bus, ClusterConfig, NatsBus};
 use crate::config::Config;
 use crate::conn;
 use crate::metrics::{self, Metrics};
-use crate::rooms::{ConnId, RoomIndex, RoomLimits};
+use crate::rooms::{ConnId, LogMode, RoomIndex, RoomLimits};
 
 /// The JSON sub-protocol (the default).
 pub const PROTOCOL_JSON: &str = "gw.v1.json";
@@ -46,12 +46,14 @@ pub const PROTOCOL_JSON: &str = "gw.v1.json";
 pub enum StartError {
     #[error("loading verification keys failed")]
     Keys(#[from] crate::auth::KeyError),
+    #[error("cluster mode could not start")]
+    Cluster(#[from] crate::bus::nats::ClusterError),
 }
 
 /// Shared state of one gateway node.
 pub struct Node {
     pub cfg: Config,
-    pub rooms: RoomIndex,
+    pub rooms: Arc<RoomIndex>,
     pub verifier: Verifier,
     pub bus: Bus,
     pub metrics: Metrics,
@@ -73,8 +75,9 @@ impl Drop for ConnCount {
 }
 
 impl Node {
-    /// Builds a node: loads keys and sizes the room index. Binds nothing.
-    pub fn new(cfg: Config) -> Result<Arc<Self>, StartError> {
+    /// Builds a node: loads keys, sizes the room index and, in cluster mode,
+    /// connects to NATS and checks the streams. Binds nothing.
+    pub async fn new(cfg: Config) -> Result<Arc<Self>, StartError> {
         let mut verifier = Verifier::new(VerifyOptions {
             leeway_secs: cfg.jwt_leeway.as_secs(),
             issuers: cfg.jwt_issuers.clone(),
@@ -93,18 +96,46 @@ impl Node {
         if let Some(jwks) = &cfg.jwks {
             verifier.add_jwks_file(std::path::Path::new(jwks))?;
         }
-        let rooms = RoomIndex::new(RoomLimits {
-            history_size: cfg.history_size,
-            history_max_bytes: cfg.history_max_bytes,
-            dedup_window: cfg.dedup_window,
-            dedup_max_keys: cfg.dedup_max_keys,
-            max_rooms: cfg.max_rooms,
-        });
+        let mode = if cfg.nats.is_empty() {
+            LogMode::Authoritative
+        } else {
+            LogMode::Cache
+        };
+        let rooms = Arc::new(RoomIndex::new(
+            RoomLimits {
+                history_size: cfg.history_size,
+                history_max_bytes: cfg.history_max_bytes,
+                dedup_window: cfg.dedup_window,
+                dedup_max_keys: cfg.dedup_max_keys,
+                max_rooms: cfg.max_rooms,
+                max_pending: 10_000,
+            },
+            mode,
+        ));
+        let bus = if cfg.nats.is_empty() {
+            Bus::Embedded
+        } else {
+            let cluster = ClusterConfig {
+                urls: cfg.nats.clone(),
+                name: cfg.node_id.clone(),
+                prefix: cfg.nats_prefix.clone(),
+                partitions: cfg.nats_partitions,
+                replicas: cfg.nats_replicas,
+                history: cfg.history_size as i64,
+                max_age: cfg.room_max_age,
+                dedup_window: cfg.dedup_window,
+                ephemeral_prefixes: cfg.ephemeral_prefixes.clone(),
+                linger: cfg.room_linger,
+                publish_timeout: cfg.publish_timeout,
+                connect_timeout: cfg.nats_connect_timeout,
+            };
+            Bus::Nats(NatsBus::start(cluster, rooms.clone()).await?)
+        };
         Ok(Arc::new(Self {
             cfg,
             rooms,
             verifier,
-            bus: Bus::Embedded,
+            bus,
             metrics: Metrics::new(),
             conn_seq: AtomicU64::new(1),
             conns: Arc::new(AtomicUsize::new(0)),
@@ -131,9 +162,15 @@ impl Node {
         self.conns.load(Ordering::Relaxed)
     }
 
-    /// Whether the node accepts new traffic.
+    /// Whether the node accepts new traffic: not draining, and (cluster
+    /// mode) connected to NATS.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && self.bus.is_connected()
+    }
+
+    /// Whether the node is draining.
+    pub fn is_draining(&self) -> bool {
+        !self.ready.load(Ordering::Relaxed)
     }
 
     /// Resolves when the node starts draining.
@@ -324,7 +361,7 @@ fn pick_protocol(headers: &HeaderMap) -> Result<Option<&'static str>, ()> {
 }
 
 async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response {
-    if !node.is_ready() {
+    if node.is_draining() {
         let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, "node draining");
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -1,0 +1,873 @@
+//! Cluster mode: rooms over NATS, durable rooms in JetStream.
+//!
+//! Subjects (prefix `gw` by default):
+//! - `gw.store.<p>.<room>`: a durable publish, stored in stream `GW_ROOMS_<p>`
+//!   where `p` is a hash of the room name modulo the partition count.
+//! - `gw.room.<room>`: the room's fan-out subject. Each stream republishes
+//!   every stored message there with its sequence (`Nats-Sequence`, the
+//!   offset) and the room's previous sequence (`Nats-Last-Sequence`).
+//!   Ephemeral rooms are published there directly, without storage.
+//!
+//! A node subscribes to `gw.room.<room>` only while the room has local
+//! members (plus a linger), so NATS carries one copy of each message per
+//! interested gateway; there is no wildcard subscription anywhere.
+//!
+//! Order and completeness: messages arrive in stream order; a message whose
+//! previous sequence is newer than the room's last offset reveals a gap, and
+//! the missing messages are read from the stream before later ones are
+//! applied. After a reconnect every live room is checked against the stream's
+//! last sequence the same way.
+//!
+//! Concurrency: one task per subscribed room feeds [`RoomIndex::deliver`];
+//! making a room live, backfilling its cache and repairing gaps are
+//! single-flight per room.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, stream};
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use proto::Message as _;
+use proto::bus::Envelope;
+use tokio::sync::OnceCell;
+use tokio::task::AbortHandle;
+
+use super::{BusError, Fetched, Outgoing, now_ms};
+use crate::protocol;
+use crate::rooms::{Catchup, Delivered, Frame, Gap, HistoryPage, Published, RoomId, RoomIndex};
+
+/// Settings of cluster mode.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub urls: Vec<String>,
+    /// Node name shown in NATS monitoring.
+    pub name: String,
+    /// Subject prefix (default `gw`); streams are named `<PREFIX>_ROOMS_<p>`.
+    pub prefix: String,
+    /// Number of room streams.
+    pub partitions: u32,
+    /// Stream replicas.
+    pub replicas: usize,
+    /// Messages kept per room (the per-subject limit of the streams).
+    pub history: i64,
+    /// Age after which stored messages expire; zero keeps them.
+    pub max_age: Duration,
+    /// Publish de-duplication window.
+    pub dedup_window: Duration,
+    /// Room-name prefixes of ephemeral rooms (no storage).
+    pub ephemeral_prefixes: Vec<String>,
+    /// How long a room stays subscribed after its last local member left.
+    pub linger: Duration,
+    /// How long a publish may wait for the stream's acknowledgement.
+    pub publish_timeout: Duration,
+    /// How long to wait for NATS at start.
+    pub connect_timeout: Duration,
+}
+
+/// Why cluster mode could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot connect to NATS at {urls}")]
+    Connect {
+        urls: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("JetStream request for stream {stream} failed")]
+    Stream {
+        stream: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "stream {stream} would lose messages the gateway promises to keep: {limit} ({detail}); fix or delete the stream, or change the gateway's settings"
+    )]
+    Unsafe {
+        stream: String,
+        limit: &'static str,
+        detail: String,
+    },
+}
+
+/// A room's link to NATS on this node.
+#[derive(Default)]
+struct RoomLink {
+    live: OnceCell<()>,
+    task: Mutex<Option<AbortHandle>>,
+    backfill: tokio::sync::Mutex<()>,
+}
+
+impl Drop for RoomLink {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.lock().take() {
+            task.abort();
+        }
+    }
+}
+
+/// The NATS bus.
+pub struct NatsBus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    rooms: Arc<RoomIndex>,
+    cfg: ClusterConfig,
+    streams: Vec<stream::Stream>,
+    links: DashMap<RoomId, Arc<RoomLink>>,
+    /// Offsets acknowledged to local publishers, not yet seen on the fan-out
+    /// subject: checked by the sweeper so a lost republish is repaired.
+    expected: DashMap<RoomId, (u64, Instant)>,
+    connected: AtomicBool,
+}
+
+const SEQ: &str = "Nats-Sequence";
+const LAST_SEQ: &str = "Nats-Last-Sequence";
+const MSG_ID: &str = "Nats-Msg-Id";
+const EPHEMERAL: &str = "Gw-Ephemeral";
+/// Messages per fetch request when reading a room from its stream.
+const FETCH_BATCH: usize = 256;
+
+fn partition(room: &str, partitions: u32) -> u32 {
+    // FNV-1a: stable across processes and versions, unlike the std hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in room.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % u64::from(partitions.max(1))) as u32
+}
+
+/// Escapes a publish key for a NATS header value (no CR/LF, no spaces).
+fn header_safe(s: &str, out: &mut String) {
+    for b in s.bytes() {
+        if (0x21..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+}
+
+impl NatsBus {
+    /// Connects, checks or creates the room streams, and starts the
+    /// reconnect watcher and the delivery sweeper.
+    pub async fn start(cfg: ClusterConfig, rooms: Arc<RoomIndex>) -> Result<Arc<Self>, ClusterError> {
+        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let opts = async_nats::ConnectOptions::new()
+            .name(&cfg.name)
+            .connection_timeout(cfg.connect_timeout)
+            .request_timeout(Some(Duration::from_secs(5)))
+            .max_reconnects(None)
+            .event_callback(move |event| {
+                let tx = events_tx.clone();
+                async move {
+                    let _ = tx.send(event);
+                }
+            });
+        let urls = cfg.urls.join(",");
+        let client = opts
+            .connect(cfg.urls.as_slice())
+            .await
+            .map_err(|source| ClusterError::Connect { urls, source })?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(cfg.publish_timeout);
+        let mut streams = Vec::with_capacity(cfg.partitions as usize);
+        for p in 0..cfg.partitions {
+            streams.push(ensure_stream(&js, &cfg, p).await?);
+        }
+        let bus = Arc::new(Self {
+            client,
+            js,
+            rooms,
+            cfg,
+            streams,
+            links: DashMap::new(),
+            expected: DashMap::new(),
+            connected: AtomicBool::new(true),
+        });
+        let weak = Arc::downgrade(&bus);
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let Some(bus) = weak.upgrade() else { return };
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!("NATS connected");
+                        bus.connected.store(true, Ordering::Relaxed);
+                        let bus = bus.clone();
+                        tokio::spawn(async move { bus.resync_all().await });
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("NATS disconnected; durable publishes answer unavailable until it is back");
+                        bus.connected.store(false, Ordering::Relaxed);
+                    }
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            }
+        });
+        let weak = Arc::downgrade(&bus);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let Some(bus) = weak.upgrade() else { return };
+                bus.sweep_expected();
+            }
+        });
+        Ok(bus)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+            && self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    pub fn is_ephemeral(&self, room: &RoomId) -> bool {
+        self.cfg
+            .ephemeral_prefixes
+            .iter()
+            .any(|p| room.as_str().starts_with(p.as_str()))
+    }
+
+    fn store_subject(&self, room: &RoomId) -> String {
+        format!(
+            "{}.store.{}.{}",
+            self.cfg.prefix,
+            partition(room.as_str(), self.cfg.partitions),
+            room
+        )
+    }
+
+    fn fanout_subject(&self, room: &RoomId) -> String {
+        format!("{}.room.{}", self.cfg.prefix, room)
+    }
+
+    fn stream_of(&self, room: &RoomId) -> &stream::Stream {
+        &self.streams[partition(room.as_str(), self.cfg.partitions) as usize]
+    }
+
+    /// Publishes: durable rooms are acknowledged only once stored.
+    pub async fn publish(&self, msg: Outgoing<'_>) -> Result<Published, BusError> {
+        if !self.is_connected() {
+            return Err(BusError::Unavailable("not connected to NATS".into()));
+        }
+        let payload = Envelope {
+            from: msg.from.to_owned(),
+            ts_ms: now_ms(),
+            data: bytes::Bytes::copy_from_slice(msg.data),
+        }
+        .encode_to_vec();
+        if self.is_ephemeral(msg.room) {
+            let mut headers = HeaderMap::new();
+            headers.insert(EPHEMERAL, "1");
+            self.client
+                .publish_with_headers(self.fanout_subject(msg.room), headers, payload.into())
+                .await
+                .map_err(BusError::unavailable)?;
+            return Ok(Published {
+                offset: 0,
+                fresh: true,
+                delivered: 0,
+                slow: 0,
+            });
+        }
+        let mut headers = HeaderMap::new();
+        if let Some(key) = msg.key {
+            // De-duplication is per stream; scope the key to the room.
+            let mut id = String::with_capacity(msg.room.as_str().len() + key.len() + 1);
+            id.push_str(msg.room.as_str());
+            id.push('/');
+            header_safe(key, &mut id);
+            headers.insert(MSG_ID, id.as_str());
+        }
+        let ack = async {
+            let fut = self
+                .js
+                .publish_with_headers(self.store_subject(msg.room), headers, payload.into())
+                .await
+                .map_err(BusError::unavailable)?;
+            fut.await.map_err(BusError::unavailable)
+        };
+        let ack = tokio::time::timeout(self.cfg.publish_timeout, ack)
+            .await
+            .map_err(|_| BusError::Timeout)??;
+        if self.rooms.is_live(msg.room) {
+            self.expected
+                .entry(msg.room.clone())
+                .and_modify(|e| {
+                    if ack.sequence > e.0 {
+                        *e = (ack.sequence, Instant::now());
+                    }
+                })
+                .or_insert((ack.sequence, Instant::now()));
+        }
+        Ok(Published {
+            offset: ack.sequence,
+            fresh: !ack.duplicate,
+            delivered: 0,
+            slow: 0,
+        })
+    }
+
+    fn link(&self, room: &RoomId) -> Arc<RoomLink> {
+        self.links.entry(room.clone()).or_default().clone()
+    }
+
+    /// Subscribes to the room's fan-out subject and learns its last offset,
+    /// once per room however many joiners wait on it.
+    pub async fn ensure_live(self: &Arc<Self>, room: &RoomId) -> Result<(), BusError> {
+        let link = self.link(room);
+        link.live
+            .get_or_try_init(|| async {
+                let mut sub = self
+                    .client
+                    .subscribe(self.fanout_subject(room))
+                    .await
+                    .map_err(BusError::unavailable)?;
+                self.client.flush().await.map_err(BusError::unavailable)?;
+                let last = if self.is_ephemeral(room) {
+                    0
+                } else {
+                    self.last_seq(room).await?
+                };
+                let bus = Arc::downgrade(self);
+                let task_room = room.clone();
+                let task = tokio::spawn(async move {
+                    while let Some(msg) = sub.next().await {
+                        let Some(bus) = bus.upgrade() else { return };
+                        bus.on_message(&task_room, msg);
+                    }
+                });
+                *link.task.lock() = Some(task.abort_handle());
+                if let Some(gap) = self.rooms.go_live(room, last) {
+                    self.spawn_repair(room.clone(), gap);
+                }
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// The stream's last offset for `room` (0 if it has none).
+    async fn last_seq(&self, room: &RoomId) -> Result<u64, BusError> {
+        match self
+            .stream_of(room)
+            .direct_get_last_for_subject(self.store_subject(room))
+            .await
+        {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(0),
+            Err(e) => Err(BusError::unavailable(e)),
+        }
+    }
+
+    fn on_message(self: &Arc<Self>, room: &RoomId, msg: async_nats::Message) {
+        let headers = msg.headers.as_ref();
+        let get = |name: &str| {
+            headers
+                .and_then(|h| h.get_last(name))
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+        };
+        let Ok(env) = Envelope::decode(msg.payload.as_ref()) else {
+            tracing::warn!(%room, "undecodable message on the fan-out subject");
+            return;
+        };
+        let Some(seq) = get(SEQ) else {
+            // Ephemeral: not stored, no offset.
+            let frame = encode(room, 0, &env);
+            self.rooms.broadcast_unstored(room, &frame);
+            return;
+        };
+        let prev = get(LAST_SEQ).unwrap_or(0);
+        match self.rooms.deliver(room, seq, prev, encode(room, seq, &env)) {
+            Delivered::Gap(gap) => self.spawn_repair(room.clone(), gap),
+            Delivered::Applied { .. } | Delivered::Duplicate | Delivered::Buffered | Delivered::NoRoom => {}
+        }
+    }
+
+    fn spawn_repair(self: &Arc<Self>, room: RoomId, gap: Gap) {
+        let bus = self.clone();
+        tokio::spawn(async move { bus.repair(room, gap).await });
+    }
+
+    /// Reads the messages of a gap from the stream and applies them, then
+    /// whatever waited behind the gap; repeats while gaps remain.
+    async fn repair(self: Arc<Self>, room: RoomId, mut gap: Gap) {
+        loop {
+            tracing::debug!(%room, after = gap.after, upto = gap.upto, "repairing a gap");
+            metrics::counter!("gateway_bus_gaps_total").increment(1);
+            let fetched = match self.read(&room, gap.after + 1, gap.upto).await {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(%room, error = %e, "gap repair failed; retried on the next message or reconnect");
+                    self.rooms.repair_failed(&room);
+                    return;
+                }
+            };
+            match self.rooms.repaired(&room, fetched, gap.upto) {
+                Some(next) => gap = next,
+                None => return,
+            }
+        }
+    }
+
+    /// Messages of `room` with offsets in `[from, upto]`, oldest first.
+    async fn read(&self, room: &RoomId, from: u64, upto: u64) -> Result<Vec<(u64, Frame)>, BusError> {
+        let mut out = Vec::new();
+        if from > upto {
+            return Ok(out);
+        }
+        self.read_with(room, from.max(1), |seq, frame| {
+            if seq > upto {
+                return false;
+            }
+            out.push((seq, frame));
+            true
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Streams the stored messages of `room` from offset `from` to `each`
+    /// until it returns false or the stream has no more.
+    async fn read_with(
+        &self,
+        room: &RoomId,
+        from: u64,
+        mut each: impl FnMut(u64, Frame) -> bool,
+    ) -> Result<(), BusError> {
+        metrics::counter!("gateway_bus_reads_total").increment(1);
+        let stream = self.stream_of(room);
+        let consumer = stream
+            .create_consumer(consumer::pull::Config {
+                filter_subject: self.store_subject(room),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: from },
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
+                num_replicas: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(BusError::unavailable)?;
+        let name = consumer.cached_info().name.clone();
+        let result = async {
+            loop {
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(FETCH_BATCH)
+                    .messages()
+                    .await
+                    .map_err(BusError::unavailable)?;
+                let mut got = 0;
+                let mut pending = 0;
+                while let Some(m) = batch.next().await {
+                    let m = m.map_err(BusError::Unavailable)?;
+                    let Ok(info) = m.info() else { continue };
+                    let (seq, left) = (info.stream_sequence, info.pending);
+                    got += 1;
+                    pending = left;
+                    let Ok(env) = Envelope::decode(m.payload.as_ref()) else {
+                        continue;
+                    };
+                    if !each(seq, encode(room, seq, &env)) {
+                        return Ok(());
+                    }
+                }
+                if got == 0 || pending == 0 {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        let _ = stream.delete_consumer(&name).await;
+        result
+    }
+
+    /// Catch-up for a joiner whose `since` is older than the cache: fills
+    /// the cache from the stream once per room, then serves from it; falls
+    /// back to a direct read when the cache cannot hold the room's history.
+    pub async fn catchup(&self, room: &RoomId, since: u64, upto: u64) -> Result<Fetched, BusError> {
+        self.backfill(room).await?;
+        if let Catchup::Frames { frames, recovered } = self.rooms.catchup(room, since, upto) {
+            return Ok(Fetched { frames, recovered });
+        }
+        // The room has more history than the cache holds: read it directly.
+        let start = since.max(1);
+        let mut first = None;
+        let mut frames = Vec::new();
+        self.read_with(room, start, |seq, frame| {
+            if seq > upto {
+                return false;
+            }
+            first.get_or_insert(seq);
+            if seq > since {
+                frames.push(frame);
+            }
+            true
+        })
+        .await?;
+        // `since` is the offset of a message the client saw: if the stream
+        // still has it, it has everything after it too.
+        let recovered = since == 0 || first == Some(since);
+        Ok(Fetched { frames, recovered })
+    }
+
+    /// Loads the room's stored history below the cache, once per room.
+    async fn backfill(&self, room: &RoomId) -> Result<(), BusError> {
+        let link = self.link(room);
+        let _guard = link.backfill.lock().await;
+        let Some(floor) = self.rooms.cache_floor(room) else {
+            return Ok(());
+        };
+        let entries = self.read(room, 1, floor).await?;
+        // With fewer messages than the per-room limit nothing was dropped;
+        // otherwise everything before the oldest stored one is gone.
+        let full = self.cfg.history > 0 && entries.len() as i64 >= self.cfg.history;
+        let gone_upto = match entries.first() {
+            Some((first, _)) if full => first - 1,
+            _ => 0,
+        };
+        self.rooms.backfill(room, entries, gone_upto);
+        Ok(())
+    }
+
+    /// A history page beyond the cache.
+    pub async fn history(
+        &self,
+        room: &RoomId,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<Frame>, bool), BusError> {
+        if self.is_ephemeral(room) {
+            return Ok((Vec::new(), false));
+        }
+        if self.rooms.live_from(room).is_some() {
+            self.backfill(room).await?;
+            if let HistoryPage::Frames { frames, more } = self.rooms.history(room, before, limit) {
+                return Ok((frames, more));
+            }
+        }
+        // Not subscribed here (or more history than the cache holds): read
+        // the room's stored messages below `before` and keep the newest page.
+        let upto = before.map_or(u64::MAX, |b| b.saturating_sub(1));
+        let mut all = std::collections::VecDeque::new();
+        self.read_with(room, 1, |seq, frame| {
+            if seq > upto {
+                return false;
+            }
+            all.push_back(frame);
+            if all.len() > limit + 1 {
+                all.pop_front();
+            }
+            true
+        })
+        .await?;
+        let more = all.len() > limit;
+        if more {
+            all.pop_front();
+        }
+        Ok((all.into(), more))
+    }
+
+    /// A client saw `offset` elsewhere; make sure this node has applied it
+    /// before the client joins, so it gets no message twice.
+    pub async fn sync_to(self: &Arc<Self>, room: &RoomId, offset: u64) {
+        if !self.rooms.is_live(room) || offset <= self.rooms.last_offset(room) {
+            return;
+        }
+        self.clone().repair_to(room.clone(), offset).await;
+        // A repair that was already running reaches `offset` on its own.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.rooms.last_offset(room) < offset && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The last local member left: unsubscribe after the linger unless one
+    /// came back.
+    pub fn room_left(self: &Arc<Self>, room: &RoomId) {
+        let bus = Arc::downgrade(self);
+        let room = room.clone();
+        let linger = self.cfg.linger;
+        tokio::spawn(async move {
+            tokio::time::sleep(linger).await;
+            let Some(bus) = bus.upgrade() else { return };
+            if bus.rooms.forget_if_empty(&room) {
+                // Dropping the link aborts the room task, which drops the
+                // subscription (an UNSUB to NATS).
+                bus.links.remove(&room);
+                bus.expected.remove(&room);
+                tracing::debug!(%room, "room unsubscribed");
+            }
+        });
+    }
+
+    /// After a reconnect: fetch what every live room missed.
+    async fn resync_all(self: Arc<Self>) {
+        let rooms = self.rooms.live_rooms();
+        tracing::info!(
+            rooms = rooms.len(),
+            "checking rooms for messages missed while disconnected"
+        );
+        let bus = &self;
+        futures_util::stream::iter(rooms)
+            .for_each_concurrent(32, |(room, last)| async move {
+                if bus.is_ephemeral(&room) {
+                    return;
+                }
+                match bus.last_seq(&room).await {
+                    Ok(tail) if tail > last => {
+                        bus.clone().repair_to(room, tail).await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(%room, error = %e, "resync failed"),
+                }
+            })
+            .await;
+    }
+
+    /// Repairs `room` up to offset `tail` unless a repair is already under
+    /// way (which then continues to `tail`).
+    async fn repair_to(self: Arc<Self>, room: RoomId, tail: u64) {
+        if let Some(gap) = self.rooms.request_repair(&room, tail) {
+            self.repair(room, gap).await;
+        }
+    }
+
+    fn sweep_expected(self: &Arc<Self>) {
+        let now = Instant::now();
+        let mut due: Vec<(RoomId, u64)> = Vec::new();
+        self.expected.retain(|room, (seq, at)| {
+            let last = self.rooms.last_offset(room);
+            if last >= *seq || !self.rooms.is_live(room) {
+                return false;
+            }
+            if now.duration_since(*at) > Duration::from_millis(500) {
+                due.push((room.clone(), *seq));
+                return false;
+            }
+            true
+        });
+        for (room, seq) in due {
+            let bus = self.clone();
+            tokio::spawn(async move { bus.repair_to(room, seq).await });
+        }
+    }
+}
+
+/// Encodes the `message` push for a stored or ephemeral message.
+fn encode(room: &RoomId, offset: u64, env: &Envelope) -> Frame {
+    let from_json = protocol::json_string(&env.from);
+    Frame::text(protocol::message_push(room, offset, env.ts_ms, &from_json, &env.data))
+}
+
+fn stream_name(cfg: &ClusterConfig, p: u32) -> String {
+    format!("{}_ROOMS_{p}", cfg.prefix.to_ascii_uppercase())
+}
+
+fn stream_config(cfg: &ClusterConfig, p: u32) -> stream::Config {
+    stream::Config {
+        name: stream_name(cfg, p),
+        description: Some(format!("gateway rooms, partition {p} of {}", cfg.partitions)),
+        subjects: vec![format!("{}.store.{p}.*", cfg.prefix)],
+        storage: stream::StorageType::File,
+        num_replicas: cfg.replicas,
+        max_messages: -1,
+        max_bytes: -1,
+        max_messages_per_subject: cfg.history,
+        max_age: cfg.max_age,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: cfg.dedup_window,
+        allow_direct: true,
+        republish: Some(stream::Republish {
+            source: format!("{}.store.{p}.*", cfg.prefix),
+            destination: format!("{}.room.{{{{wildcard(1)}}}}", cfg.prefix),
+            headers_only: false,
+        }),
+        metadata: HashMap::from([("gateway.partitions".to_string(), cfg.partitions.to_string())]),
+        ..Default::default()
+    }
+}
+
+/// Creates the stream of partition `p`, or checks that an existing one keeps
+/// at least what the gateway promises. Never shrinks or rewrites a stream.
+async fn ensure_stream(js: &jetstream::Context, cfg: &ClusterConfig, p: u32) -> Result<stream::Stream, ClusterError> {
+    let name = stream_name(cfg, p);
+    let wrap = |e: Box<dyn std::error::Error + Send + Sync>| ClusterError::Stream {
+        stream: name.clone(),
+        source: e,
+    };
+    match js.get_stream(&name).await {
+        Ok(mut s) => {
+            let info = s.info().await.map_err(|e| wrap(Box::new(e)))?;
+            check_stream(&name, &info.config, cfg)?;
+            Ok(s)
+        }
+        Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            tracing::info!(stream = %name, replicas = cfg.replicas, "creating room stream");
+            js.create_stream(stream_config(cfg, p))
+                .await
+                .map_err(|e| wrap(Box::new(e)))
+        }
+        Err(e) => Err(wrap(Box::new(e))),
+    }
+}
+
+/// Refuses a stream whose limits would drop messages the gateway promises
+/// to keep (the report's silent JetStream loss).
+pub fn check_stream(name: &str, have: &stream::Config, want: &ClusterConfig) -> Result<(), ClusterError> {
+    let unsafe_ = |limit: &'static str, detail: String| ClusterError::Unsafe {
+        stream: name.to_string(),
+        limit,
+        detail,
+    };
+    if have.storage != stream::StorageType::File {
+        return Err(unsafe_("storage", "memory storage loses everything on restart".into()));
+    }
+    let discards_old = have.discard == stream::DiscardPolicy::Old;
+    if have.max_messages > 0 && discards_old {
+        return Err(unsafe_(
+            "max_msgs",
+            format!(
+                "max_msgs={} with discard=old evicts other rooms' history",
+                have.max_messages
+            ),
+        ));
+    }
+    if have.max_bytes > 0 && discards_old {
+        return Err(unsafe_(
+            "max_bytes",
+            format!(
+                "max_bytes={} with discard=old evicts other rooms' history",
+                have.max_bytes
+            ),
+        ));
+    }
+    if have.max_messages_per_subject > 0 && (want.history < 0 || have.max_messages_per_subject < want.history) {
+        return Err(unsafe_(
+            "max_msgs_per_subject",
+            format!(
+                "{} < the room history of {}",
+                have.max_messages_per_subject, want.history
+            ),
+        ));
+    }
+    if !have.max_age.is_zero() && (want.max_age.is_zero() || have.max_age < want.max_age) {
+        return Err(unsafe_(
+            "max_age",
+            format!("{:?} is shorter than the configured {:?}", have.max_age, want.max_age),
+        ));
+    }
+    if have.num_replicas < want.replicas {
+        return Err(unsafe_(
+            "replicas",
+            format!("{} < the configured {}", have.num_replicas, want.replicas),
+        ));
+    }
+    if have.duplicate_window < want.dedup_window {
+        return Err(unsafe_(
+            "duplicate_window",
+            format!(
+                "{:?} < the publish dedup window {:?}",
+                have.duplicate_window, want.dedup_window
+            ),
+        ));
+    }
+    let partitions = have.metadata.get("gateway.partitions");
+    if partitions.is_some_and(|p| *p != want.partitions.to_string()) {
+        return Err(unsafe_(
+            "partitions",
+            format!(
+                "made for {} partitions, the gateway has {}",
+                partitions.cloned().unwrap_or_default(),
+                want.partitions
+            ),
+        ));
+    }
+    if have.republish.is_none() {
+        return Err(unsafe_(
+            "republish",
+            "no republish to the rooms' fan-out subjects".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ClusterConfig {
+        ClusterConfig {
+            urls: vec![],
+            name: "t".into(),
+            prefix: "gw".into(),
+            partitions: 4,
+            replicas: 3,
+            history: 1000,
+            max_age: Duration::ZERO,
+            dedup_window: Duration::from_secs(120),
+            ephemeral_prefixes: vec![],
+            linger: Duration::from_secs(5),
+            publish_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn partitions_are_stable_and_spread() {
+        assert_eq!(partition("general", 8), partition("general", 8));
+        let mut seen = [0; 8];
+        for i in 0..800 {
+            seen[partition(&format!("room-{i}"), 8) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+    }
+
+    #[test]
+    fn our_own_stream_config_passes_the_check() {
+        let c = cfg();
+        check_stream("GW_ROOMS_0", &stream_config(&c, 0), &c).unwrap();
+    }
+
+    #[test]
+    fn lossy_streams_are_refused_naming_the_limit() {
+        let c = cfg();
+        type Change = Box<dyn Fn(&mut stream::Config)>;
+        let cases: Vec<(&str, Change)> = vec![
+            ("max_msgs", Box::new(|s| s.max_messages = 10_000)),
+            ("max_bytes", Box::new(|s| s.max_bytes = 64 << 20)),
+            ("max_msgs_per_subject", Box::new(|s| s.max_messages_per_subject = 100)),
+            ("max_age", Box::new(|s| s.max_age = Duration::from_secs(60))),
+            ("storage", Box::new(|s| s.storage = stream::StorageType::Memory)),
+            ("replicas", Box::new(|s| s.num_replicas = 1)),
+        ];
+        for (limit, change) in cases {
+            let mut s = stream_config(&c, 0);
+            change(&mut s);
+            let err = check_stream("GW_ROOMS_0", &s, &c).unwrap_err();
+            assert!(
+                matches!(err, ClusterError::Unsafe { limit: l, .. } if l == limit),
+                "{limit}: {err}"
+            );
+            assert!(err.to_string().contains(limit));
+        }
+        // Discard-new limits refuse publishes instead of dropping: accepted.
+        let mut s = stream_config(&c, 0);
+        s.max_bytes = 1 << 30;
+        s.discard = stream::DiscardPolicy::New;
+        check_stream("GW_ROOMS_0", &s, &c).unwrap();
+    }
+
+    #[test]
+    fn keys_are_header_safe() {
+        let mut out = String::new();
+        header_safe("a b\r\n%ü", &mut out);
+        assert_eq!(out, "a%20b%0D%0A%25%C3%BC");
+    }
+}
