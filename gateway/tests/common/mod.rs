@@ -1,6 +1,8 @@
 //! Test harness: a real node on 127.0.0.1:0 and real WebSocket clients.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::collections::VecDeque;
 use std::future::Future;
 use std::time::Duration;

