@@ -69,6 +69,15 @@ impl<K: Copy + Eq + Hash, T: Clone + Weighted> MemberSet<K, T> {
         self.members.is_empty()
     }
 
+    /// Closes every member as a slow consumer (their writers send the close);
+    /// returns how many there were.
+    pub fn abort_all(&self) -> usize {
+        for (_, outbox) in &self.members {
+            outbox.abort();
+        }
+        self.members.len()
+    }
+
     /// Offers `item` to every member without waiting. Members whose outbox was
     /// full are appended to `slow` (their outbox is now overflowed and their
     /// writer has been woken to close them). Returns the number of members the

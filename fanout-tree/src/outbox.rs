@@ -255,6 +255,13 @@ impl<T: Weighted> Outbox<T> {
         self.ready.notify_one();
     }
 
+    /// Marks the outbox overflowed: its writer closes the connection as a
+    /// slow consumer (the client resumes with `since`).
+    pub fn abort(&self) {
+        self.state.lock().overflowed = true;
+        self.ready.notify_one();
+    }
+
     /// Whether the outbox overflowed (the consumer was too slow).
     pub fn is_overflowed(&self) -> bool {
         self.state.lock().overflowed

@@ -587,6 +587,9 @@ impl RoomIndex {
             if seq <= st.last_offset {
                 return Delivered::Duplicate;
             }
+            // An unknown previous offset (0 while the room has messages) may
+            // hide a gap: read up to the message before this one to be sure.
+            let prev = if prev == 0 && st.last_offset > 0 { seq - 1 } else { prev };
             if prev > st.last_offset {
                 let gap = Gap {
                     after: st.last_offset,
@@ -611,15 +614,10 @@ impl RoomIndex {
         }
     }
 
-    /// Applies buffered messages that now follow on; returns the next gap.
+    /// Applies buffered messages that now follow on; returns the next gap:
+    /// up to the previous offset of the first message still waiting, or, with
+    /// nothing waiting, up to a tail learnt from the stream or a publish ack.
     fn drain_pending(&self, st: &mut RoomState) -> Option<Gap> {
-        if st.pending_dropped > st.last_offset {
-            st.repairing = true;
-            return Some(Gap {
-                after: st.last_offset,
-                upto: st.pending_dropped,
-            });
-        }
         while let Some(entry) = st.pending.first_entry() {
             let seq = *entry.key();
             let prev = entry.get().0;
@@ -627,6 +625,7 @@ impl RoomIndex {
                 entry.remove();
                 continue;
             }
+            let prev = if prev == 0 && st.last_offset > 0 { seq - 1 } else { prev };
             if prev > st.last_offset {
                 st.repairing = true;
                 return Some(Gap {
@@ -637,8 +636,24 @@ impl RoomIndex {
             let (_, frame) = entry.remove();
             self.append_and_broadcast(st, seq, frame);
         }
+        if st.pending_dropped > st.last_offset {
+            st.repairing = true;
+            return Some(Gap {
+                after: st.last_offset,
+                upto: st.pending_dropped,
+            });
+        }
+        st.pending_dropped = 0;
         st.repairing = false;
         None
+    }
+
+    /// Messages of `room` were lost for this node (the stream dropped them
+    /// before this node could read them): every local member is closed as a
+    /// slow consumer, so it reconnects with `since` and learns
+    /// `recovered:false`. Returns how many were closed.
+    pub fn lost_messages(&self, room: &RoomId) -> usize {
+        self.with_existing(room, |st| st.members.abort_all()).unwrap_or(0)
     }
 
     /// Makes `room` live at offset `last` (cache mode): applies what was
@@ -669,9 +684,6 @@ impl RoomIndex {
             // Whatever the gap held that the stream no longer has is skipped.
             if upto > st.last_offset {
                 st.last_offset = upto;
-            }
-            if st.pending_dropped <= st.last_offset {
-                st.pending_dropped = 0;
             }
             self.drain_pending(st)
         })

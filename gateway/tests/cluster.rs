@@ -12,6 +12,10 @@ use common::{Client, Ended, TestNode, within};
 use serde_json::{Value, json};
 
 async fn gateway(cluster: &Cluster, name: &str, urls: Option<String>) -> TestNode {
+    gateway_with(cluster, name, urls, 1000).await
+}
+
+async fn gateway_with(cluster: &Cluster, name: &str, urls: Option<String>, history: usize) -> TestNode {
     let urls = urls.unwrap_or_else(|| cluster.urls());
     let replicas = cluster.servers.len().min(3);
     let name = name.to_string();
@@ -21,6 +25,7 @@ async fn gateway(cluster: &Cluster, name: &str, urls: Option<String>) -> TestNod
         o.node_id = Some(name);
         o.room_linger_ms = Some(300);
         o.nats_partitions = Some(4);
+        o.history_size = Some(history);
     })
     .await
 }
@@ -62,12 +67,20 @@ async fn a_message_published_on_one_gateway_reaches_members_on_all_three_once_in
         let got_offsets: Vec<u64> = got.iter().map(|(o, _)| *o).collect();
         assert_eq!(got_offsets, offsets, "every message once, in offset order");
         assert_eq!(got[7].1, json!(7));
-        assert!(m.push_within(Duration::from_millis(300)).await.is_none(), "nothing twice");
+        assert!(
+            m.push_within(Duration::from_millis(300)).await.is_none(),
+            "nothing twice"
+        );
     }
     // History comes from any node.
     let mut h = c.client("historian").await;
     let r = h.request(json!({"op":"history","room":"lobby","limit":10})).await;
-    let hist: Vec<u64> = r["ok"]["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    let hist: Vec<u64> = r["ok"]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect();
     assert_eq!(hist, offsets[90..].to_vec());
     assert_eq!(r["ok"]["more"], true);
 }
@@ -101,7 +114,10 @@ async fn nats_carries_one_copy_per_gateway_not_per_member() {
     }
     let names = ["gw-one", "gw-two"];
     let before = cluster.connections().await;
-    let out_before: u64 = gateway_conns(&before, &names).iter().map(|c| c["out_msgs"].as_u64().unwrap()).sum();
+    let out_before: u64 = gateway_conns(&before, &names)
+        .iter()
+        .map(|c| c["out_msgs"].as_u64().unwrap())
+        .sum();
     for i in 0..MESSAGES {
         publisher.publish("big", json!(i)).await;
     }
@@ -115,17 +131,27 @@ async fn nats_carries_one_copy_per_gateway_not_per_member() {
     let per_message = (out_after - out_before) as f64 / MESSAGES as f64;
     // Two gateways receive each message once (plus the publish acknowledgement
     // to the publishing gateway): about 3 NATS deliveries, not 1,000.
-    assert!((2.0..=4.0).contains(&per_message), "{per_message} NATS deliveries per message");
+    assert!(
+        (2.0..=4.0).contains(&per_message),
+        "{per_message} NATS deliveries per message"
+    );
     // Subscriptions grow with rooms per gateway, not with users.
     for c in &conns {
         let room_subs = c["subscriptions_list"]
             .as_array()
-            .map(|l| l.iter().filter(|s| s.as_str().is_some_and(|s| s.starts_with("gw.room."))).count())
+            .map(|l| {
+                l.iter()
+                    .filter(|s| s.as_str().is_some_and(|s| s.starts_with("gw.room.")))
+                    .count()
+            })
             .unwrap_or(0);
         assert_eq!(room_subs, 1, "one subscription for one room: {c}");
         let wildcard = c["subscriptions_list"]
             .as_array()
-            .map(|l| l.iter().any(|s| s.as_str().is_some_and(|s| s.contains('>') || s.contains("room.*"))))
+            .map(|l| {
+                l.iter()
+                    .any(|s| s.as_str().is_some_and(|s| s.contains('>') || s.contains("room.*")))
+            })
             .unwrap_or(false);
         assert!(!wildcard, "no wildcard room subscription: {c}");
     }
@@ -137,8 +163,10 @@ async fn kill_9_of_a_nats_server_loses_no_acknowledged_message() {
     const PUBLISHERS: usize = 10;
     const EACH: usize = 500;
     let mut cluster = Cluster::start(3).await;
-    let a = gateway(&cluster, "gw-k1", None).await;
-    let b = gateway(&cluster, "gw-k2", None).await;
+    // Rooms keep 10,000 messages: a node that falls behind during the
+    // failover can always read what it missed.
+    let a = gateway_with(&cluster, "gw-k1", None, 10_000).await;
+    let b = gateway_with(&cluster, "gw-k2", None, 10_000).await;
     let mut members = Vec::new();
     for (i, node) in [&a, &b, &a, &b].into_iter().enumerate() {
         let mut m = node.client(&format!("watcher{i}")).await;
@@ -147,7 +175,11 @@ async fn kill_9_of_a_nats_server_loses_no_acknowledged_message() {
     }
     let mut tasks = Vec::new();
     for p in 0..PUBLISHERS {
-        let mut c = if p % 2 == 0 { a.client(&format!("p{p}")).await } else { b.client(&format!("p{p}")).await };
+        let mut c = if p % 2 == 0 {
+            a.client(&format!("p{p}")).await
+        } else {
+            b.client(&format!("p{p}")).await
+        };
         tasks.push(tokio::spawn(async move {
             let mut acked = Vec::new();
             let mut refused = 0;
@@ -170,7 +202,10 @@ async fn kill_9_of_a_nats_server_loses_no_acknowledged_message() {
     let mut acked = HashMap::new();
     let mut refused = 0;
     for t in tasks {
-        let (a, r) = tokio::time::timeout(Duration::from_secs(180), t).await.expect("publishers finish").unwrap();
+        let (a, r) = tokio::time::timeout(Duration::from_secs(180), t)
+            .await
+            .expect("publishers finish")
+            .unwrap();
         refused += r;
         for (o, d) in a {
             assert!(acked.insert(o, d).is_none(), "two acks with one offset");
@@ -182,16 +217,29 @@ async fn kill_9_of_a_nats_server_loses_no_acknowledged_message() {
         let mut seen: Vec<(u64, String)> = Vec::new();
         // Read until every acknowledged offset has arrived.
         while seen.last().is_none_or(|(o, _)| *o < max_acked) {
-            let push = tokio::time::timeout(Duration::from_secs(30), m.next_push()).await.expect("messages keep arriving");
-            seen.push((push["offset"].as_u64().unwrap(), push["data"].as_str().unwrap().to_string()));
+            let push = tokio::time::timeout(Duration::from_secs(30), m.next_push())
+                .await
+                .expect("messages keep arriving");
+            seen.push((
+                push["offset"].as_u64().unwrap(),
+                push["data"].as_str().unwrap().to_string(),
+            ));
         }
         assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "in order, none twice");
         let by_offset: HashMap<u64, &String> = seen.iter().map(|(o, d)| (*o, d)).collect();
         for (o, d) in &acked {
-            assert_eq!(by_offset.get(o).copied(), Some(d), "acknowledged offset {o} delivered with its data");
+            assert_eq!(
+                by_offset.get(o).copied(),
+                Some(d),
+                "acknowledged offset {o} delivered with its data"
+            );
         }
     }
-    println!("acknowledged {} publishes, {} answered unavailable during the failover", acked.len(), refused);
+    println!(
+        "acknowledged {} publishes, {} answered unavailable during the failover",
+        acked.len(),
+        refused
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -212,15 +260,25 @@ async fn clients_of_a_stopped_gateway_resume_on_another_with_since() {
     assert!(within(report).await.unwrap().clean);
     let mut missed = Vec::new();
     for i in 5..12 {
-        missed.push(writer.publish("resume", json!(i)).await["ok"]["offset"].as_u64().unwrap());
+        missed.push(
+            writer.publish("resume", json!(i)).await["ok"]["offset"]
+                .as_u64()
+                .unwrap(),
+        );
     }
     let mut reader = b.client("reader").await;
     let r = reader
         .request(json!({"op":"subscribe","rooms":[{"room":"resume","since":last_seen}]}))
         .await;
     assert_eq!(r["ok"]["rooms"][0]["recovered"], true, "{r}");
-    let live = writer.publish("resume", json!("live")).await["ok"]["offset"].as_u64().unwrap();
-    let got: Vec<u64> = read_messages(&mut reader, missed.len() + 1).await.iter().map(|(o, _)| *o).collect();
+    let live = writer.publish("resume", json!("live")).await["ok"]["offset"]
+        .as_u64()
+        .unwrap();
+    let got: Vec<u64> = read_messages(&mut reader, missed.len() + 1)
+        .await
+        .iter()
+        .map(|(o, _)| *o)
+        .collect();
     missed.push(live);
     assert_eq!(got, missed, "exactly the missed messages, then live");
     assert!(reader.push_within(Duration::from_millis(300)).await.is_none());
@@ -248,17 +306,34 @@ async fn while_nats_is_down_publishes_are_refused_and_missed_messages_arrive_aft
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        code = common::nats::http_get(a.running.addr.port(), "/readyz").await.map(|(c, _)| c);
+        code = common::nats::http_get(a.running.addr.port(), "/readyz")
+            .await
+            .map(|(c, _)| c);
     }
     assert_eq!(code, Some(503), "not ready while NATS is down");
     let r = on_a.publish("outage", json!("lost?")).await;
     assert_eq!(r["error"]["code"], "unavailable", "never a false ok: {r}");
     let mut during = Vec::new();
     for i in 0..20 {
-        during.push(on_b.publish("outage", json!(i)).await["ok"]["offset"].as_u64().unwrap());
+        // B's streams may be electing a new leader: retry until stored.
+        let mut offset = None;
+        for _ in 0..100 {
+            let r = on_b.publish("outage", json!(i)).await;
+            if let Some(o) = r["ok"]["offset"].as_u64() {
+                offset = Some(o);
+                break;
+            }
+            assert_eq!(r["error"]["code"], "unavailable", "{r}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        during.push(offset.expect("B stores messages while server 1 is down"));
     }
     cluster.restart(0).await;
-    let got: Vec<u64> = read_messages(&mut on_a, during.len()).await.iter().map(|(o, _)| *o).collect();
+    let got: Vec<u64> = read_messages(&mut on_a, during.len())
+        .await
+        .iter()
+        .map(|(o, _)| *o)
+        .collect();
     assert_eq!(got, during, "missed messages arrive after the reconnect, in order");
     let r = on_a.publish("outage", json!("after")).await;
     assert!(r["ok"]["offset"].as_u64().is_some(), "{r}");

@@ -128,6 +128,8 @@ const SEQ: &str = "Nats-Sequence";
 const LAST_SEQ: &str = "Nats-Last-Sequence";
 const MSG_ID: &str = "Nats-Msg-Id";
 const EPHEMERAL: &str = "Gw-Ephemeral";
+/// Attempts to read a gap before giving up on the part the stream lacks.
+const REPAIR_ATTEMPTS: u32 = 30;
 /// Messages per fetch request when reading a room from its stream.
 const FETCH_BATCH: usize = 256;
 
@@ -351,6 +353,14 @@ impl NatsBus {
             .map(|_| ())
     }
 
+    /// Whether the message at `offset` of `room` is still in the stream.
+    async fn still_stored(&self, room: &RoomId, offset: u64) -> bool {
+        match self.stream_of(room).direct_get(offset).await {
+            Ok(m) => m.subject.as_str() == self.store_subject(room),
+            Err(_) => false,
+        }
+    }
+
     /// The stream's last offset for `room` (0 if it has none).
     async fn last_seq(&self, room: &RoomId) -> Result<u64, BusError> {
         match self
@@ -382,6 +392,9 @@ impl NatsBus {
             return;
         };
         let prev = get(LAST_SEQ).unwrap_or(0);
+        if prev == 0 {
+            tracing::debug!(%room, seq, "message without a previous offset");
+        }
         match self.rooms.deliver(room, seq, prev, encode(room, seq, &env)) {
             Delivered::Gap(gap) => self.spawn_repair(room.clone(), gap),
             Delivered::Applied { .. } | Delivered::Duplicate | Delivered::Buffered | Delivered::NoRoom => {}
@@ -395,18 +408,55 @@ impl NatsBus {
 
     /// Reads the messages of a gap from the stream and applies them, then
     /// whatever waited behind the gap; repeats while gaps remain.
+    ///
+    /// `gap.upto` is an offset known to be stored (a message's previous
+    /// offset, the stream's tail, or an acknowledged publish), so a read that
+    /// did not reach it is incomplete (for example during a leader election)
+    /// and is retried rather than skipped.
     async fn repair(self: Arc<Self>, room: RoomId, mut gap: Gap) {
+        let mut attempt = 0u32;
         loop {
-            tracing::debug!(%room, after = gap.after, upto = gap.upto, "repairing a gap");
-            metrics::counter!("gateway_bus_gaps_total").increment(1);
-            let fetched = match self.read(&room, gap.after + 1, gap.upto).await {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::warn!(%room, error = %e, "gap repair failed; retried on the next message or reconnect");
+            tracing::debug!(%room, after = gap.after, upto = gap.upto, attempt, "repairing a gap");
+            metrics::counter!("gateway_bus_gaps_total").increment(u64::from(attempt == 0));
+            let read = self.read(&room, gap.after + 1, gap.upto).await;
+            let fetched = match read {
+                Ok((entries, true)) => entries,
+                Ok((entries, false)) if attempt >= REPAIR_ATTEMPTS => {
+                    tracing::error!(%room, after = gap.after, upto = gap.upto, "the stream no longer has part of a gap; skipping it");
+                    metrics::counter!("gateway_bus_gaps_skipped_total").increment(1);
+                    entries
+                }
+                Ok(_) | Err(_) if attempt < REPAIR_ATTEMPTS => {
+                    if let Err(e) = read {
+                        tracing::debug!(%room, error = %e, "gap read failed; retrying");
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(20)))).await;
+                    continue;
+                }
+                Ok(_) | Err(_) => {
+                    tracing::warn!(%room, "gap repair failed; retried on the next message or reconnect");
                     self.rooms.repair_failed(&room);
                     return;
                 }
             };
+            attempt = 0;
+            let first = fetched.first().map_or(gap.upto, |f| f.0);
+            if first > gap.after + 1 && gap.after > 0 && !self.still_stored(&room, gap.after).await {
+                // The last message this node applied is gone from the stream,
+                // so messages between it and `first` may be gone too: never
+                // skip silently; members resume with `since` and are told.
+                let closed = self.rooms.lost_messages(&room);
+                metrics::counter!("gateway_bus_lost_resets_total").increment(1);
+                tracing::error!(%room, after = gap.after, first, closed, "messages left the stream before this node read them; members must resume");
+            }
+            tracing::debug!(
+                %room,
+                n = fetched.len(),
+                first = fetched.first().map(|f| f.0),
+                last = fetched.last().map(|f| f.0),
+                "gap read"
+            );
             match self.rooms.repaired(&room, fetched, gap.upto) {
                 Some(next) => gap = next,
                 None => return,
@@ -414,21 +464,26 @@ impl NatsBus {
         }
     }
 
-    /// Messages of `room` with offsets in `[from, upto]`, oldest first.
-    async fn read(&self, room: &RoomId, from: u64, upto: u64) -> Result<Vec<(u64, Frame)>, BusError> {
+    /// Messages of `room` with offsets in `[from, upto]`, oldest first, and
+    /// whether the read reached `upto` (saw it or a later message).
+    async fn read(&self, room: &RoomId, from: u64, upto: u64) -> Result<(Vec<(u64, Frame)>, bool), BusError> {
         let mut out = Vec::new();
         if from > upto {
-            return Ok(out);
+            return Ok((out, true));
         }
+        let mut reached = false;
         self.read_with(room, from.max(1), |seq, frame| {
+            if seq >= upto {
+                reached = true;
+            }
             if seq > upto {
                 return false;
             }
             out.push((seq, frame));
-            true
+            seq < upto
         })
         .await?;
-        Ok(out)
+        Ok((out, reached))
     }
 
     /// Streams the stored messages of `room` from offset `from` to `each`
@@ -454,6 +509,7 @@ impl NatsBus {
             .await
             .map_err(BusError::unavailable)?;
         let name = consumer.cached_info().name.clone();
+        let mut delivered = 0u64;
         let result = async {
             loop {
                 let mut batch = consumer
@@ -468,6 +524,19 @@ impl NatsBus {
                     let m = m.map_err(BusError::Unavailable)?;
                     let Ok(info) = m.info() else { continue };
                     let (seq, left) = (info.stream_sequence, info.pending);
+                    // A fresh consumer numbers its deliveries 1, 2, 3...: a
+                    // jump means a delivery was lost between batches, so the
+                    // read is incomplete and the caller retries.
+                    delivered += 1;
+                    if info.consumer_sequence != delivered {
+                        return Err(BusError::Unavailable(
+                            format!(
+                                "read of {room} skipped deliveries {delivered}..{}",
+                                info.consumer_sequence
+                            )
+                            .into(),
+                        ));
+                    }
                     got += 1;
                     pending = left;
                     let Ok(env) = Envelope::decode(m.payload.as_ref()) else {
@@ -523,7 +592,7 @@ impl NatsBus {
         let Some(floor) = self.rooms.cache_floor(room) else {
             return Ok(());
         };
-        let entries = self.read(room, 1, floor).await?;
+        let (entries, _) = self.read(room, 1, floor).await?;
         // With fewer messages than the per-room limit nothing was dropped;
         // otherwise everything before the oldest stored one is gone.
         let full = self.cfg.history > 0 && entries.len() as i64 >= self.cfg.history;
@@ -619,13 +688,23 @@ impl NatsBus {
                 if bus.is_ephemeral(&room) {
                     return;
                 }
-                match bus.last_seq(&room).await {
-                    Ok(tail) if tail > last => {
-                        bus.clone().repair_to(room, tail).await;
+                // The stream may be electing a leader right after a
+                // reconnect: retry for a while before giving up.
+                for attempt in 1..=REPAIR_ATTEMPTS {
+                    match bus.last_seq(&room).await {
+                        Ok(tail) => {
+                            if tail > last {
+                                bus.clone().repair_to(room, tail).await;
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(%room, error = %e, attempt, "resync failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(20)))).await;
+                        }
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(%room, error = %e, "resync failed"),
                 }
+                tracing::warn!(%room, "resync gave up; the next message repairs the room");
             })
             .await;
     }

@@ -45,6 +45,7 @@ impl TestNode {
     }
 
     pub async fn with(f: impl FnOnce(&mut Opts)) -> Self {
+        init_logs();
         let mut opts = test_opts();
         f(&mut opts);
         let cfg = Config::resolve(opts).expect("valid test config");
@@ -89,6 +90,19 @@ impl TestNode {
     pub async fn shutdown(self) -> gateway::DrainReport {
         self.running.shutdown().await
     }
+}
+
+/// Logs of in-process nodes on stderr when `TEST_LOG` is set (e.g. `TEST_LOG=gateway=debug`).
+pub fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
 }
 
 pub fn rand_suffix() -> u32 {

@@ -22,8 +22,11 @@ pub fn binary() -> PathBuf {
     panic!("nats-server not found: run scripts/ensure-nats.sh (scripts/test.sh does it for you)");
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// `n` distinct free ports: all listeners are held until every port is
+/// known, so the kernel cannot hand out the same one twice.
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 pub struct Server {
@@ -36,6 +39,17 @@ pub struct Server {
 }
 
 impl Server {
+    fn log(&self) -> PathBuf {
+        self.config.with_extension("log")
+    }
+
+    /// The last lines of the server's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.contains("Healthcheck failed")).collect();
+        lines[lines.len().saturating_sub(25)..].join("\n")
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
@@ -79,12 +93,13 @@ pub struct Cluster {
 impl Cluster {
     pub async fn start(n: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let ports = free_ports(3 * n);
         let mut servers: Vec<Server> = (0..n)
             .map(|i| Server {
                 name: format!("n{}", i + 1),
-                port: free_port(),
-                monitor: free_port(),
-                cluster_port: free_port(),
+                port: ports[3 * i],
+                monitor: ports[3 * i + 1],
+                cluster_port: ports[3 * i + 2],
                 config: dir.path().join(format!("n{}.conf", i + 1)),
                 child: None,
             })
@@ -106,10 +121,12 @@ impl Cluster {
             };
             let conf = format!(
                 "server_name: {}\nlisten: \"127.0.0.1:{}\"\nhttp: \"127.0.0.1:{}\"\n\
+                 log_file: \"{}\"\n\
                  jetstream {{ store_dir: \"{}\", sync_interval: always }}\n{}\n",
                 s.name,
                 s.port,
                 s.monitor,
+                s.log().display(),
                 store.display(),
                 cluster
             );
@@ -125,13 +142,23 @@ impl Cluster {
 
     /// Waits until every running server reports healthy JetStream.
     pub async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Generous: the machine is shared and a cold JetStream cluster on a
+        // loaded 2-core box can take a while to elect its meta leader.
+        let deadline = Instant::now() + Duration::from_secs(90);
         for s in self.servers.iter().filter(|s| s.is_running()) {
             loop {
-                if http_get(s.monitor, "/healthz").await.is_some_and(|(code, _)| code == 200) {
+                if http_get(s.monitor, "/healthz")
+                    .await
+                    .is_some_and(|(code, _)| code == 200)
+                {
                     break;
                 }
-                assert!(Instant::now() < deadline, "nats-server {} not ready in 30 s", s.name);
+                assert!(
+                    Instant::now() < deadline,
+                    "nats-server {} not ready in 90 s; its log ends with:\n{}",
+                    s.name,
+                    s.log_tail()
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -174,7 +201,10 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .ok()?;
     let text = String::from_utf8_lossy(&buf).to_string();
     let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     // Chunked bodies: nats-server answers with Content-Length, so no decoding.
     Some((code, body))
 }
