@@ -252,7 +252,7 @@ impl Strikes {
     }
 }
 
-/// One connection's limiters and admission guards. A few hundred bytes, inline.
+/// One connection's limiters and admission guards: 256 bytes, inline in its task.
 pub struct ConnLimits {
     publish: Option<DirectLimiter>,
     subscribe: Option<(DirectLimiter, u32)>,
@@ -506,6 +506,8 @@ impl Limits {
     /// limit and admission budget is off; the per-address connection cap stays
     /// (it counts connections, like `max_connections`).
     pub fn new(cfg: &LimitConfig, enabled: bool) -> Self {
+        // Handles made before the recorder is installed would count nowhere.
+        metrics::prometheus();
         let on = |r: Option<Rate>| if enabled { r } else { None };
         let namespaces = if enabled {
             cfg.room_namespaces
@@ -806,8 +808,10 @@ mod tests {
 
     #[test]
     fn namespaces_pick_the_room_limiter() {
-        let mut cfg = LimitConfig::default();
-        cfg.room_publish = Rate::new(100, 100);
+        let mut cfg = LimitConfig {
+            room_publish: Rate::new(100, 100),
+            ..LimitConfig::default()
+        };
         cfg.room_namespaces.insert("ann".into(), Rate::new(1, 1));
         cfg.room_namespaces.insert("free".into(), None);
         let limits = Limits::new(&cfg, true);
@@ -831,10 +835,12 @@ mod tests {
 
     #[test]
     fn disabled_limits_pass_everything_but_keep_the_address_cap() {
-        let mut cfg = LimitConfig::default();
-        cfg.addr_max_conns = 1;
-        cfg.max_handshakes = 1;
-        cfg.connects = Rate::new(1, 1);
+        let cfg = LimitConfig {
+            addr_max_conns: 1,
+            max_handshakes: 1,
+            connects: Rate::new(1, 1),
+            ..LimitConfig::default()
+        };
         let limits = Limits::new(&cfg, false);
         let conn = limits.conn(Admit::none());
         for _ in 0..100 {
@@ -860,8 +866,10 @@ mod tests {
 
     #[test]
     fn handshake_cap_counts_until_connect() {
-        let mut cfg = LimitConfig::default();
-        cfg.max_handshakes = 2;
+        let cfg = LimitConfig {
+            max_handshakes: 2,
+            ..LimitConfig::default()
+        };
         let limits = Limits::new(&cfg, true);
         let peer: SocketAddr = "10.0.0.1:1000".parse().unwrap();
         let a = limits.admit(&HeaderMap::new(), peer).unwrap();
@@ -906,11 +914,13 @@ mod tests {
 
     #[test]
     fn sweeping_drops_fresh_keys_and_resets_over_the_cap() {
-        let mut cfg = LimitConfig::default();
-        cfg.max_keys = 10;
-        cfg.user_publish = Rate::new(1_000_000, 1);
-        cfg.publish = None;
-        cfg.room_publish = None;
+        let mut cfg = LimitConfig {
+            max_keys: 10,
+            user_publish: Rate::new(1_000_000, 1),
+            publish: None,
+            room_publish: None,
+            ..LimitConfig::default()
+        };
         let limits = Limits::new(&cfg, true);
         let conn = limits.conn(Admit::none());
         let room = RoomId::parse("r").unwrap();
@@ -935,6 +945,7 @@ mod tests {
     #[test]
     fn a_connections_limiters_are_small() {
         let size = std::mem::size_of::<ConnLimits>();
-        assert!(size <= 512, "ConnLimits is {size} bytes");
+        // 256 bytes on x86_64 when written: four limiters, the strikes window, the guards.
+        assert!(size <= 320, "ConnLimits is {size} bytes");
     }
 }

@@ -92,6 +92,11 @@ async fn a_publish_flood_gets_rate_limited_then_4008_while_a_neighbour_publishes
     assert!(seen.ok >= 10, "the burst of 10 passes: {seen:?}");
     assert_eq!(seen.rate_limited, 21, "20 tolerated, the 21st closes: {seen:?}");
     assert!(seen.other.is_empty(), "{seen:?}");
+    let text = gateway::metrics::prometheus().render();
+    assert!(
+        text.contains("gateway_rate_limited_total{limit=\"publish_conn\"}"),
+        "{text}"
+    );
 
     // Both members got every one of the neighbour's messages, in order.
     for c in [&mut neighbour, &mut reader] {
@@ -405,6 +410,11 @@ async fn a_storm_of_5000_clients_against_1000_per_sec_all_connect_through_retrie
     // 5,000 upgrades asked within moments cannot all fit a burst of 1,000.
     assert!(r503 > 0, "the budget refused some upgrades");
     assert_eq!(r429, 0, "no per-address limit is configured");
+    let text = gateway::metrics::prometheus().render();
+    assert!(
+        text.contains("gateway_admission_refused_total{reason=\"budget\"}"),
+        "{text}"
+    );
     // Bounded work in flight: handshakes never exceeded their cap, and
     // every admitted handshake has finished.
     assert!(
