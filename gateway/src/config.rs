@@ -6,12 +6,17 @@
 //! Values are validated before any port is bound; an invalid configuration is
 //! an error that names the option, never a silent default.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use axum::http::HeaderName;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
+
+use crate::limits::{LimitConfig, Rate};
+use crate::rooms::RoomId;
 
 /// The command line.
 #[derive(Debug, Parser)]
@@ -139,6 +144,76 @@ pub struct Opts {
     /// Turn every rate limit and admission budget off (benchmarks, trusted networks); connection-count limits stay.
     #[arg(long, env = "GATEWAY_NO_RATE_LIMITS", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub no_rate_limits: Option<bool>,
+    /// Publishes per second per connection; 0 turns the limit off [default: 5].
+    #[arg(long, env = "GATEWAY_PUBLISH_PER_SEC", global = true)]
+    pub publish_per_sec: Option<u32>,
+    /// Publish burst per connection [default: 2 x --publish-per-sec].
+    #[arg(long, env = "GATEWAY_PUBLISH_BURST", global = true)]
+    pub publish_burst: Option<u32>,
+    /// Publishes per second per user, across that user's connections on this node; 0 = off [default: 10].
+    #[arg(long, env = "GATEWAY_USER_PUBLISH_PER_SEC", global = true)]
+    pub user_publish_per_sec: Option<u32>,
+    /// Publish burst per user [default: 2 x --user-publish-per-sec].
+    #[arg(long, env = "GATEWAY_USER_PUBLISH_BURST", global = true)]
+    pub user_publish_burst: Option<u32>,
+    /// Publishes per second per room entering through this node; 0 = off [default: 50].
+    #[arg(long, env = "GATEWAY_ROOM_PUBLISH_PER_SEC", global = true)]
+    pub room_publish_per_sec: Option<u32>,
+    /// Publish burst per room [default: 2 x --room-publish-per-sec].
+    #[arg(long, env = "GATEWAY_ROOM_PUBLISH_BURST", global = true)]
+    pub room_publish_burst: Option<u32>,
+    /// Per-room publish limits by room namespace (the name before the first `:`), TOML only:
+    /// `[room_limits.ann]` with `publish_per_sec` (0 = unlimited) and `publish_burst`.
+    #[arg(skip)]
+    pub room_limits: Option<BTreeMap<String, RoomLimitOpts>>,
+    /// Rooms subscribed per second per connection (a frame costs its room count); 0 = off [default: 100].
+    #[arg(long, env = "GATEWAY_SUBSCRIBE_ROOMS_PER_SEC", global = true)]
+    pub subscribe_rooms_per_sec: Option<u32>,
+    /// Rooms one connection may subscribe at once [default: --max-rooms-per-conn].
+    #[arg(long, env = "GATEWAY_SUBSCRIBE_ROOMS_BURST", global = true)]
+    pub subscribe_rooms_burst: Option<u32>,
+    /// `history` requests per second per connection; 0 = off [default: 5].
+    #[arg(long, env = "GATEWAY_HISTORY_PER_SEC", global = true)]
+    pub history_per_sec: Option<u32>,
+    /// `history` burst per connection [default: 2 x --history-per-sec].
+    #[arg(long, env = "GATEWAY_HISTORY_BURST", global = true)]
+    pub history_burst: Option<u32>,
+    /// Bytes per second of client frames per connection; 0 = off [default: 65536].
+    #[arg(long, env = "GATEWAY_CLIENT_BYTES_PER_SEC", global = true)]
+    pub client_bytes_per_sec: Option<u32>,
+    /// Byte burst per connection [default: 2 x --client-bytes-per-sec].
+    #[arg(long, env = "GATEWAY_CLIENT_BYTES_BURST", global = true)]
+    pub client_bytes_burst: Option<u32>,
+    /// `rate_limited` replies tolerated per window; one more closes with 4008 [default: 20].
+    #[arg(long, env = "GATEWAY_MAX_RATE_LIMITED", global = true)]
+    pub max_rate_limited: Option<u32>,
+    /// Window for --max-rate-limited, ms [default: 10000].
+    #[arg(long, env = "GATEWAY_RATE_LIMITED_WINDOW_MS", global = true)]
+    pub rate_limited_window_ms: Option<u64>,
+    /// New connections per second on this node; more get HTTP 503 with Retry-After; 0 = off [default: 2000].
+    #[arg(long, env = "GATEWAY_CONNECTS_PER_SEC", global = true)]
+    pub connects_per_sec: Option<u32>,
+    /// Burst of new connections [default: --connects-per-sec].
+    #[arg(long, env = "GATEWAY_CONNECTS_BURST", global = true)]
+    pub connects_burst: Option<u32>,
+    /// Upgrades accepted but not yet through `connect`; more get HTTP 503; 0 = off [default: 1000].
+    #[arg(long, env = "GATEWAY_MAX_HANDSHAKES", global = true)]
+    pub max_handshakes: Option<usize>,
+    /// Open connections per client address; more get HTTP 429; 0 = off [default: 0].
+    #[arg(long, env = "GATEWAY_ADDR_MAX_CONNS", global = true)]
+    pub addr_max_conns: Option<usize>,
+    /// New connections per second per client address; more get HTTP 429; 0 = off [default: 0].
+    #[arg(long, env = "GATEWAY_ADDR_CONNECTS_PER_SEC", global = true)]
+    pub addr_connects_per_sec: Option<u32>,
+    /// Burst of new connections per client address [default: --addr-connects-per-sec].
+    #[arg(long, env = "GATEWAY_ADDR_CONNECTS_BURST", global = true)]
+    pub addr_connects_burst: Option<u32>,
+    /// Header set by a trusted proxy with the client address (e.g. X-Forwarded-For; its right-most entry is used) [default: none, the socket address].
+    #[arg(long, env = "GATEWAY_TRUSTED_PROXY_HEADER", global = true)]
+    pub trusted_proxy_header: Option<String>,
+    /// Keys (users, rooms, addresses) one keyed rate limiter may hold after pruning before it is reset [default: 100000].
+    #[arg(long, env = "GATEWAY_RATE_LIMIT_MAX_KEYS", global = true)]
+    pub rate_limit_max_keys: Option<usize>,
 
     /// Time a new connection has to send `connect`, ms [default: 5000].
     #[arg(long, env = "GATEWAY_AUTH_TIMEOUT_MS", global = true)]
@@ -249,6 +324,29 @@ impl Opts {
             tree_threshold,
             tree_degree,
             no_rate_limits,
+            publish_per_sec,
+            publish_burst,
+            user_publish_per_sec,
+            user_publish_burst,
+            room_publish_per_sec,
+            room_publish_burst,
+            room_limits,
+            subscribe_rooms_per_sec,
+            subscribe_rooms_burst,
+            history_per_sec,
+            history_burst,
+            client_bytes_per_sec,
+            client_bytes_burst,
+            max_rate_limited,
+            rate_limited_window_ms,
+            connects_per_sec,
+            connects_burst,
+            max_handshakes,
+            addr_max_conns,
+            addr_connects_per_sec,
+            addr_connects_burst,
+            trusted_proxy_header,
+            rate_limit_max_keys,
             auth_timeout_ms,
             max_frame_bytes,
             max_rooms_per_conn,
@@ -377,6 +475,9 @@ pub struct Config {
     pub tree_degree: usize,
     /// Default false.
     pub no_rate_limits: bool,
+    /// Rate limits and admission budgets (each field gives its default);
+    /// `no_rate_limits` turns them off.
+    pub limits: LimitConfig,
     /// Default 5 s.
     pub auth_timeout: Duration,
     /// Default 64 KiB.
@@ -442,6 +543,7 @@ fn positive<T: PartialOrd + Default + Copy>(option: &'static str, v: Option<T>, 
 impl Config {
     /// Applies defaults and checks every value.
     pub fn resolve(o: Opts) -> Result<Config, ConfigError> {
+        let limits = resolve_limits(&o)?;
         let nats: Vec<String> = o
             .nats
             .as_deref()
@@ -552,6 +654,7 @@ impl Config {
             tree_threshold: positive("tree_threshold", o.tree_threshold, 10_000)?,
             tree_degree,
             no_rate_limits: o.no_rate_limits.unwrap_or(false),
+            limits,
             auth_timeout: ms(Some(positive("auth_timeout_ms", o.auth_timeout_ms, 5_000)?), 0),
             max_frame_bytes,
             max_rooms_per_conn: positive("max_rooms_per_conn", o.max_rooms_per_conn, 5_000)?,
@@ -575,6 +678,111 @@ impl Config {
             log: o.log.unwrap_or_else(|| "info".to_string()),
         })
     }
+}
+
+/// Per-room publish limits of one room namespace (TOML `[room_limits.NAME]`).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomLimitOpts {
+    /// Publishes per second per room of the namespace; 0 = unlimited [default: --room-publish-per-sec].
+    pub publish_per_sec: Option<u32>,
+    /// Burst per room [default: 2 x publish_per_sec].
+    pub publish_burst: Option<u32>,
+}
+
+/// A rate from a `per_sec` and a `burst` option: off when the rate is 0; an
+/// unset burst is `burst_default(rate)`.
+fn rate(
+    option: &'static str,
+    per_sec: Option<u32>,
+    burst: Option<u32>,
+    default: u32,
+    burst_default: impl Fn(u32) -> u32,
+) -> Result<Option<Rate>, ConfigError> {
+    let per_sec = per_sec.unwrap_or(default);
+    if burst == Some(0) && per_sec > 0 {
+        return Err(invalid(option, "burst must be greater than 0"));
+    }
+    Ok(Rate::new(per_sec, burst.unwrap_or_else(|| burst_default(per_sec))))
+}
+
+fn resolve_limits(o: &Opts) -> Result<LimitConfig, ConfigError> {
+    let twice = |r: u32| r.saturating_mul(2);
+    let same = |r: u32| r;
+    let room_publish = rate(
+        "room_publish_burst",
+        o.room_publish_per_sec,
+        o.room_publish_burst,
+        50,
+        twice,
+    )?;
+    let mut room_namespaces = BTreeMap::new();
+    for (ns, l) in o.room_limits.iter().flatten() {
+        let valid = !ns.is_empty()
+            && ns.len() < RoomId::MAX_LEN
+            && ns.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid {
+            return Err(invalid(
+                "room_limits",
+                format!("{ns:?} is not a room namespace (the part of a room name before ':')"),
+            ));
+        }
+        let per_sec = l.publish_per_sec.or(room_publish.map(|r| r.per_sec));
+        room_namespaces.insert(ns.clone(), rate("room_limits", per_sec, l.publish_burst, 0, twice)?);
+    }
+    let max_rooms = o.max_rooms_per_conn.unwrap_or(5_000);
+    let max_rooms = u32::try_from(max_rooms).unwrap_or(u32::MAX);
+    let header = match o.trusted_proxy_header.as_deref() {
+        None | Some("") => None,
+        Some(h) => Some(
+            HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
+                .map_err(|_| invalid("trusted_proxy_header", format!("{h:?} is not an HTTP header name")))?,
+        ),
+    };
+    Ok(LimitConfig {
+        publish: rate("publish_burst", o.publish_per_sec, o.publish_burst, 5, twice)?,
+        user_publish: rate(
+            "user_publish_burst",
+            o.user_publish_per_sec,
+            o.user_publish_burst,
+            10,
+            twice,
+        )?,
+        room_publish,
+        room_namespaces,
+        subscribe_rooms: rate(
+            "subscribe_rooms_burst",
+            o.subscribe_rooms_per_sec,
+            o.subscribe_rooms_burst,
+            100,
+            |_| max_rooms,
+        )?,
+        history: rate("history_burst", o.history_per_sec, o.history_burst, 5, twice)?,
+        client_bytes: rate(
+            "client_bytes_burst",
+            o.client_bytes_per_sec,
+            o.client_bytes_burst,
+            64 * 1024,
+            twice,
+        )?,
+        max_rate_limited: o.max_rate_limited.unwrap_or(20),
+        rate_limited_window: ms(
+            Some(positive("rate_limited_window_ms", o.rate_limited_window_ms, 10_000)?),
+            0,
+        ),
+        connects: rate("connects_burst", o.connects_per_sec, o.connects_burst, 2_000, same)?,
+        max_handshakes: o.max_handshakes.unwrap_or(1_000),
+        addr_max_conns: o.addr_max_conns.unwrap_or(0),
+        addr_connects: rate(
+            "addr_connects_burst",
+            o.addr_connects_per_sec,
+            o.addr_connects_burst,
+            0,
+            same,
+        )?,
+        trusted_proxy_header: header,
+        max_keys: positive("rate_limit_max_keys", o.rate_limit_max_keys, 100_000)?,
+    })
 }
 
 #[cfg(test)]
@@ -631,6 +839,40 @@ mod tests {
         assert!(err.to_string().starts_with("allowed_origins"), "{err}");
         let err = Config::resolve(parse(&["--log-format", "xml"])).unwrap_err();
         assert!(err.to_string().starts_with("log_format"), "{err}");
+    }
+
+    #[test]
+    fn rate_limits_default_and_room_namespaces_come_from_the_file() {
+        let c = Config::default();
+        assert_eq!(c.limits.publish, Rate::new(5, 10));
+        assert_eq!(c.limits.subscribe_rooms, Rate::new(100, 5_000));
+        assert_eq!(c.limits.connects, Rate::new(2_000, 2_000));
+        assert_eq!(c.limits.addr_max_conns, 0);
+        assert_eq!(c.limits.addr_connects, None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(
+            &path,
+            "room_publish_per_sec = 40\n[room_limits.ann]\npublish_per_sec = 1\n[room_limits.dm]\npublish_burst = 7\n[room_limits.bots]\npublish_per_sec = 0\n",
+        )
+        .unwrap();
+        let opts = parse(&["--config", path.to_str().unwrap(), "--publish-per-sec", "0"]);
+        let c = Config::resolve(opts.with_file().unwrap()).unwrap();
+        assert_eq!(c.limits.publish, None, "0 turns a limit off");
+        let ns = &c.limits.room_namespaces;
+        assert_eq!(ns["ann"], Rate::new(1, 2));
+        assert_eq!(ns["dm"], Rate::new(40, 7), "the rate defaults to room_publish_per_sec");
+        assert_eq!(ns["bots"], None);
+        let err = Config::resolve(Opts {
+            room_limits: Some([("a:b".to_string(), RoomLimitOpts::default())].into()),
+            ..Opts::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().starts_with("room_limits"), "{err}");
+        let err = Config::resolve(parse(&["--trusted-proxy-header", "bad header"])).unwrap_err();
+        assert!(err.to_string().starts_with("trusted_proxy_header"), "{err}");
+        let err = Config::resolve(parse(&["--publish-burst", "0"])).unwrap_err();
+        assert!(err.to_string().starts_with("publish_burst"), "{err}");
     }
 
     #[test]

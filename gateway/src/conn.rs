@@ -32,6 +32,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use crate::auth::{self, Identity};
 use crate::bus::{BusError, Fetched, Outgoing};
 use crate::error::{CloseReason, ErrorCode, ProtoError};
+use crate::limits::{Admit, ConnLimits, RateLimited, Strikes};
 use crate::protocol::{self, Command, SubscribeEntry};
 use crate::rooms::{Catchup, ConnId, ConnOutbox, Frame, HistoryPage, RoomError, RoomId, Transition};
 use crate::server::Node;
@@ -43,8 +44,9 @@ const MAX_KEY_LEN: usize = 256;
 /// Window over which bad frames are counted.
 const BAD_FRAME_WINDOW: Duration = Duration::from_secs(60);
 
-/// Runs one upgraded connection to its end.
-pub async fn run<S>(node: Arc<Node>, ws: S, peer: SocketAddr)
+/// Runs one upgraded connection to its end. `admit` (from admission control)
+/// is held until the connection ends.
+pub async fn run<S>(node: Arc<Node>, ws: S, peer: SocketAddr, admit: Admit)
 where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
@@ -65,7 +67,7 @@ where
         return;
     }
 
-    let mut session = Session::new(node.clone(), id, outbox.clone());
+    let mut session = Session::new(node.clone(), id, outbox.clone(), admit);
     let reason = {
         let reader = session.read_loop(&mut stream);
         let writer = write_loop(&mut sink, &outbox, &mut batch, cfg.ping_interval, cfg.write_timeout);
@@ -194,12 +196,14 @@ struct Session {
     from_json: String,
     rooms: HashMap<RoomId, RoomSub>,
     expires_at: Option<Instant>,
-    bad_frames: u32,
-    bad_window: Instant,
+    bad_frames: Strikes,
+    limits: ConnLimits,
 }
 
 impl Session {
-    fn new(node: Arc<Node>, id: ConnId, outbox: ConnOutbox) -> Self {
+    fn new(node: Arc<Node>, id: ConnId, outbox: ConnOutbox, admit: Admit) -> Self {
+        let bad_frames = Strikes::new(node.cfg.max_bad_frames, BAD_FRAME_WINDOW, Instant::now());
+        let limits = node.limits.conn(admit);
         Self {
             node,
             id,
@@ -208,8 +212,8 @@ impl Session {
             from_json: String::new(),
             rooms: HashMap::new(),
             expires_at: None,
-            bad_frames: 0,
-            bad_window: Instant::now(),
+            bad_frames,
+            limits,
         }
     }
 
@@ -241,14 +245,25 @@ impl Session {
     /// Counts a bad frame; too many within the window is a policy violation.
     fn bad_frame(&mut self, id: Option<u32>, err: &ProtoError) -> Result<(), CloseReason> {
         self.node.metrics.bad_frames_total.increment(1);
-        let now = Instant::now();
-        if now.duration_since(self.bad_window) > BAD_FRAME_WINDOW {
-            self.bad_window = now;
-            self.bad_frames = 0;
-        }
-        self.bad_frames += 1;
+        let too_many = self.bad_frames.hit(Instant::now());
         self.reply_err(id, err)?;
-        if self.bad_frames > self.node.cfg.max_bad_frames {
+        if too_many {
+            return Err(CloseReason::PolicyViolation);
+        }
+        Ok(())
+    }
+
+    /// Answers a command over a limit with `rate_limited`; too many of those
+    /// within the window is a policy violation.
+    fn rate_limited(&mut self, id: Option<u32>, r: RateLimited) -> Result<(), CloseReason> {
+        self.node.limits.record(&r);
+        self.reply_err(id, &ProtoError::rate_limited(r.retry_after_ms()))?;
+        if self.limits.strike() {
+            tracing::debug!(
+                conn = self.id.0,
+                limit = r.limit.label(),
+                "closing for repeated rate-limit violations"
+            );
             return Err(CloseReason::PolicyViolation);
         }
         Ok(())
@@ -261,6 +276,7 @@ impl Session {
         if let Err(reason) = self.authenticate(stream).await {
             return reason;
         }
+        self.limits.handshake_done();
         let idle = self.node.cfg.idle_timeout;
         loop {
             let expiry = self.expires_at;
@@ -277,7 +293,13 @@ impl Session {
                 Ok(Some(Ok(m))) => m,
             };
             let result = match msg {
-                Message::Text(t) => self.handle(Bytes::from(t)).await,
+                Message::Text(t) => {
+                    let frame = Bytes::from(t);
+                    match self.limits.check_bytes(frame.len()) {
+                        Ok(()) => self.handle(frame).await,
+                        Err(r) => self.rate_limited(protocol::parse(&frame).id, r),
+                    }
+                }
                 Message::Binary(_) => self.bad_frame(
                     None,
                     &ProtoError::bad_request("binary frames are not accepted on gw.v1.json"),
@@ -403,6 +425,9 @@ impl Session {
     /// the first join until the reply is queued, so the reply comes first,
     /// then each room's catch-up, then live messages.
     async fn subscribe(&mut self, id: Option<u32>, entries: Vec<SubscribeEntry>) -> Result<(), CloseReason> {
+        if let Err(r) = self.limits.check_subscribe(entries.len()) {
+            return self.rate_limited(id, r);
+        }
         let started = std::time::Instant::now();
         let node = self.node.clone();
         self.outbox.hold();
@@ -587,6 +612,13 @@ impl Session {
         let Some(room) = RoomId::parse(name) else {
             return self.bad_frame(id, &ProtoError::bad_request("invalid room name"));
         };
+        if let Err(r) = self
+            .node
+            .limits
+            .check_publish(&self.limits, &self.identity().sub, &room)
+        {
+            return self.rate_limited(id, r);
+        }
         let allowed =
             self.identity().grants.can_publish(room.as_str()) || self.rooms.get(&room).is_some_and(|s| s.token_pub);
         if !allowed {
@@ -634,6 +666,9 @@ impl Session {
         limit: Option<u32>,
         before: Option<u64>,
     ) -> Result<(), CloseReason> {
+        if let Err(r) = self.limits.check_history() {
+            return self.rate_limited(id, r);
+        }
         let Some(room) = RoomId::parse(name) else {
             return self.bad_frame(id, &ProtoError::bad_request("invalid room name"));
         };

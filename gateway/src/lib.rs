@@ -8,13 +8,15 @@
 //! Modules: [`config`] (flags, env, TOML), [`server`] (listener, router,
 //! shutdown), [`conn`] (connection task), [`rooms`] (room index and log),
 //! [`bus`] (how messages get offsets and reach nodes), [`auth`] (JWT),
-//! [`protocol`] (JSON wire format), [`metrics`], [`error`].
+//! [`protocol`] (JSON wire format), [`limits`] (rate limits and admission
+//! control), [`metrics`], [`error`].
 
 pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod conn;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod protocol;
 pub mod rooms;

@@ -80,3 +80,31 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+// Rate limits and admission control (`limits`). Handles are made once per
+// node and cached there.
+
+/// `rate_limited` replies by limit.
+pub fn rate_limited(limit: &'static str) -> Counter {
+    counter!("gateway_rate_limited_total", "limit" => limit)
+}
+
+/// Upgrades refused before the upgrade, by reason.
+pub fn admission_refused(reason: &'static str) -> Counter {
+    counter!("gateway_admission_refused_total", "reason" => reason)
+}
+
+/// Keyed limiters reset because they held more than `rate_limit_max_keys` keys.
+pub fn rate_limit_resets() -> Counter {
+    counter!("gateway_rate_limit_resets_total")
+}
+
+/// Keys held by the keyed limiters (users, rooms, addresses), as of the last sweep.
+pub fn rate_limit_keys() -> Gauge {
+    gauge!("gateway_rate_limit_keys")
+}
+
+/// Upgrades admitted and not yet through `connect`, as of the last sweep.
+pub fn handshakes_in_progress() -> Gauge {
+    gauge!("gateway_handshakes_in_progress")
+}

@@ -35,6 +35,7 @@ use crate::auth::{Grants, Pattern, Verifier, VerifyOptions};
 use crate::bus::{Bus, ClusterConfig, NatsBus};
 use crate::config::Config;
 use crate::conn;
+use crate::limits::{Limits, Refusal};
 use crate::metrics::{self, Metrics};
 use crate::rooms::{ConnId, LogMode, RoomIndex, RoomLimits};
 
@@ -57,6 +58,7 @@ pub struct Node {
     pub verifier: Verifier,
     pub bus: Bus,
     pub metrics: Metrics,
+    pub limits: Limits,
     conn_seq: AtomicU64,
     conns: Arc<AtomicUsize>,
     shutdown: CancellationToken,
@@ -131,12 +133,14 @@ impl Node {
             };
             Bus::Nats(NatsBus::start(cluster, rooms.clone()).await?)
         };
+        let limits = Limits::new(&cfg.limits, !cfg.no_rate_limits);
         Ok(Arc::new(Self {
             cfg,
             rooms,
             verifier,
             bus,
             metrics: Metrics::new(),
+            limits,
             conn_seq: AtomicU64::new(1),
             conns: Arc::new(AtomicUsize::new(0)),
             shutdown: CancellationToken::new(),
@@ -205,6 +209,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
     tokio::select! {
         () = accept => {}
         () = shutdown => {}
+        () = node.limits.sweep_forever() => {}
     }
     drain(&node).await
 }
@@ -321,6 +326,16 @@ fn refuse(status: StatusCode, why: &'static str) -> Response {
     (status, why).into_response()
 }
 
+/// A refusal before the upgrade: 503 or 429 with `Retry-After`; the
+/// connection is closed so a storm does not hold sockets open.
+fn refuse_admission(refusal: Refusal) -> Response {
+    let mut r = refuse(refusal.status(), refusal.text());
+    let h = r.headers_mut();
+    h.insert(header::RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()));
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
@@ -388,12 +403,16 @@ async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response
     let Ok(protocol) = pick_protocol(headers) else {
         return refuse(StatusCode::BAD_REQUEST, "no supported sub-protocol (gw.v1.json)");
     };
-    let accept = derive_accept_key(key.as_bytes());
     let peer = req
         .extensions()
         .get::<SocketAddr>()
         .copied()
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let admit = match node.limits.admit(headers, peer) {
+        Ok(a) => a,
+        Err(refusal) => return refuse_admission(refusal),
+    };
+    let accept = derive_accept_key(key.as_bytes());
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return refuse(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
@@ -408,7 +427,7 @@ async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
-                conn::run(task_node, ws, peer).await;
+                conn::run(task_node, ws, peer, admit).await;
             }
             Err(e) => tracing::debug!(%peer, error = %e, "upgrade failed"),
         }

@@ -26,6 +26,8 @@ async fn gateway_with(cluster: &Cluster, name: &str, urls: Option<String>, histo
         o.room_linger_ms = Some(300);
         o.nats_partitions = Some(4);
         o.history_size = Some(history);
+        // These tests are about the bus; rate limits have their own tests.
+        o.no_rate_limits = Some(true);
     })
     .await
 }

@@ -112,7 +112,12 @@ async fn reconnect_with_since_gets_exactly_the_missed_messages_then_live_ones() 
 
 #[tokio::test]
 async fn since_older_than_the_log_is_not_recovered() {
-    let node = TestNode::with(|o| o.history_size = Some(5)).await;
+    let node = TestNode::with(|o| {
+        o.history_size = Some(5);
+        // 12 publishes back to back: over the per-connection burst of 10.
+        o.publish_burst = Some(20);
+    })
+    .await;
     let mut writer = node.client("writer").await;
     for i in 0..12 {
         writer.publish("r", json!(i)).await;
@@ -367,6 +372,8 @@ async fn a_member_that_never_reads_is_closed_4009_while_others_get_everything() 
     let node = TestNode::with(|o| {
         o.outbox_max_bytes = Some(CAP);
         o.write_timeout_ms = Some(60_000);
+        // One publisher sends 4,000 messages as fast as it can.
+        o.no_rate_limits = Some(true);
     })
     .await;
     let mut slow = node.client("slow").await;

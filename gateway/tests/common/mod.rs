@@ -263,3 +263,48 @@ pub async fn http_status(url: &str) -> u16 {
     let text = String::from_utf8_lossy(&buf);
     text.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
+
+/// An upgrade refused with an HTTP status (admission control).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub status: u16,
+    /// The `Retry-After` header, in seconds.
+    pub retry_after: Option<u64>,
+}
+
+/// Upgrades `url`, with `x_forwarded_for` as that header when given; an HTTP
+/// refusal comes back as [`Refused`], any other failure panics.
+pub async fn try_open(url: &str, x_forwarded_for: Option<&str>) -> Result<Client, Refused> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    if let Some(xff) = x_forwarded_for {
+        req.headers_mut().insert("x-forwarded-for", xff.parse().unwrap());
+    }
+    match within(tokio_tungstenite::connect_async(req)).await {
+        Ok((ws, _)) => Ok(Client::from_ws(ws)),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(refused(&resp)),
+        Err(e) => panic!("upgrade failed: {e}"),
+    }
+}
+
+/// The status and `Retry-After` of a refused upgrade.
+pub fn refused<B>(resp: &tokio_tungstenite::tungstenite::http::Response<B>) -> Refused {
+    Refused {
+        status: resp.status().as_u16(),
+        retry_after: resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()),
+    }
+}
+
+impl Client {
+    pub fn from_ws(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Self {
+        Self {
+            ws,
+            next_id: 1,
+            pushes: VecDeque::new(),
+        }
+    }
+}
