@@ -71,7 +71,7 @@ pub struct Opts {
     /// PEM public key files (RSA, EC or Ed25519), comma-separated.
     #[arg(long, env = "GATEWAY_JWT_PUBLIC_KEY", global = true, value_delimiter = ',')]
     pub jwt_public_key: Option<Vec<PathBuf>>,
-    /// A JWKS file with verification keys.
+    /// A JWKS file or http(s):// URL with verification keys (e.g. a Keycloak realm's .../protocol/openid-connect/certs).
     #[arg(long, env = "GATEWAY_JWKS", global = true)]
     pub jwks: Option<String>,
     /// Accepted `iss` values, comma-separated [default: any].
@@ -89,6 +89,21 @@ pub struct Opts {
     /// Publish grants for tokens without a `rooms` claim, comma-separated patterns [default: none].
     #[arg(long, env = "GATEWAY_DEFAULT_PUB", global = true, value_delimiter = ',')]
     pub default_pub: Option<Vec<String>>,
+    /// Keys bound to one issuer, comma-separated ISSUER=FILE_OR_URL (JWKS); such keys verify only tokens with that `iss` [default: none].
+    #[arg(long, env = "GATEWAY_JWT_ISSUER_KEYS", global = true, value_delimiter = ',')]
+    pub jwt_issuer_keys: Option<Vec<String>>,
+    /// Dotted path of the claim with room grants, e.g. chat.rooms [default: rooms].
+    #[arg(long, env = "GATEWAY_JWT_ROOMS_CLAIM", global = true)]
+    pub jwt_rooms_claim: Option<String>,
+    /// Interval of routine refetches of JWKS URLs, seconds [default: 300].
+    #[arg(long, env = "GATEWAY_JWKS_REFRESH_SECS", global = true)]
+    pub jwks_refresh_secs: Option<u64>,
+    /// Least time between two JWKS refetches for tokens with an unknown kid, seconds [default: 10].
+    #[arg(long, env = "GATEWAY_JWKS_REFETCH_MIN_SECS", global = true)]
+    pub jwks_refetch_min_secs: Option<u64>,
+    /// Interval at which --tls-cert and --tls-key are checked for a new certificate, ms [default: 10000]. SIGHUP also reloads.
+    #[arg(long, env = "GATEWAY_TLS_RELOAD_MS", global = true)]
+    pub tls_reload_ms: Option<u64>,
 
     /// NATS URLs, comma-separated: cluster mode (JetStream for durable rooms) [default: embedded, no NATS].
     #[arg(long, env = "GATEWAY_NATS", global = true)]
@@ -209,6 +224,11 @@ impl Opts {
             jwt_leeway_secs,
             default_rooms,
             default_pub,
+            jwt_issuer_keys,
+            jwt_rooms_claim,
+            jwks_refresh_secs,
+            jwks_refetch_min_secs,
+            tls_reload_ms,
             nats,
             tls_cert,
             tls_key,
@@ -307,7 +327,7 @@ pub struct Config {
     pub jwt_secret: Option<String>,
     /// PEM public keys. Default none.
     pub jwt_public_keys: Vec<PathBuf>,
-    /// JWKS file. Default none.
+    /// JWKS file or URL. Default none.
     pub jwks: Option<String>,
     pub jwt_issuers: Vec<String>,
     pub jwt_audiences: Vec<String>,
@@ -315,6 +335,16 @@ pub struct Config {
     pub jwt_leeway: Duration,
     pub default_rooms: Vec<String>,
     pub default_pub: Vec<String>,
+    /// ISSUER=FILE_OR_URL entries. Default none.
+    pub jwt_issuer_keys: Vec<String>,
+    /// Dotted path of the rooms claim. Default "rooms".
+    pub jwt_rooms_claim: String,
+    /// Routine JWKS URL refetch interval. Default 300 s.
+    pub jwks_refresh: Duration,
+    /// Least time between unknown-kid JWKS refetches. Default 10 s.
+    pub jwks_refetch_min: Duration,
+    /// Certificate file poll interval. Default 10 s.
+    pub tls_reload: Duration,
     /// NATS URLs; empty = embedded mode.
     pub nats: Vec<String>,
     pub tls_cert: Option<PathBuf>,
@@ -414,11 +444,17 @@ impl Config {
         if o.tls_cert.is_some() != o.tls_key.is_some() {
             return Err(invalid("tls_cert", "--tls-cert and --tls-key go together"));
         }
-        if o.tls_cert.is_some() {
-            return Err(invalid(
-                "tls_cert",
-                "TLS termination is not available in this build yet; terminate TLS in front of the node",
-            ));
+        for entry in o.jwt_issuer_keys.iter().flatten() {
+            if !entry.split_once('=').is_some_and(|(i, k)| !i.is_empty() && !k.is_empty()) {
+                return Err(invalid(
+                    "jwt_issuer_keys",
+                    format!("{entry:?} is not ISSUER=FILE_OR_URL"),
+                ));
+            }
+        }
+        let jwt_rooms_claim = o.jwt_rooms_claim.unwrap_or_else(|| "rooms".to_string());
+        if jwt_rooms_claim.split('.').any(str::is_empty) {
+            return Err(invalid("jwt_rooms_claim", "must be a dotted path like rooms or chat.rooms"));
         }
         if let Some(s) = &o.jwt_secret
             && s.is_empty()
@@ -469,6 +505,11 @@ impl Config {
             jwt_leeway: Duration::from_secs(o.jwt_leeway_secs.unwrap_or(5)),
             default_rooms: o.default_rooms.unwrap_or_default(),
             default_pub: o.default_pub.unwrap_or_default(),
+            jwt_issuer_keys: o.jwt_issuer_keys.unwrap_or_default(),
+            jwt_rooms_claim,
+            jwks_refresh: Duration::from_secs(positive("jwks_refresh_secs", o.jwks_refresh_secs, 300)?),
+            jwks_refetch_min: Duration::from_secs(o.jwks_refetch_min_secs.unwrap_or(10)),
+            tls_reload: ms(Some(positive("tls_reload_ms", o.tls_reload_ms, 10_000)?), 0),
             nats,
             tls_cert: o.tls_cert,
             tls_key: o.tls_key,
