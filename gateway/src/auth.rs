@@ -587,6 +587,12 @@ impl Verifier {
                         ErrorKind::ImmatureSignature => return Lookup::Decoded(Err(AuthError::NotYetValid)),
                         ErrorKind::InvalidIssuer => return Lookup::Decoded(Err(AuthError::Issuer)),
                         ErrorKind::InvalidAudience => return Lookup::Decoded(Err(AuthError::Audience)),
+                        ErrorKind::MissingRequiredClaim(c) if c == "iss" => {
+                            return Lookup::Decoded(Err(AuthError::Issuer));
+                        }
+                        ErrorKind::MissingRequiredClaim(c) if c == "aud" => {
+                            return Lookup::Decoded(Err(AuthError::Audience));
+                        }
                         ErrorKind::InvalidAlgorithm => AuthError::Algorithm,
                         _ => AuthError::Malformed,
                     }
@@ -629,15 +635,21 @@ impl Verifier {
         v.leeway = self.opts.leeway_secs;
         v.validate_nbf = true;
         v.required_spec_claims.clear();
+        // A configured `iss` or `aud` is also required: a token without the
+        // claim would otherwise pass the check.
         match &key.issuer {
             Some(i) => v.set_issuer(&[i.as_ref()]),
             None if self.opts.issuers.is_empty() => v.iss = None,
             None => v.set_issuer(&self.opts.issuers),
         }
+        if v.iss.is_some() {
+            v.required_spec_claims.insert("iss".to_string());
+        }
         if self.opts.audiences.is_empty() {
             v.validate_aud = false;
         } else {
             v.set_audience(&self.opts.audiences);
+            v.required_spec_claims.insert("aud".to_string());
         }
         v
     }

@@ -149,14 +149,7 @@ impl JwksSource {
     /// Fetches now, then every `refresh` (sooner after a failure) until `stop`.
     pub async fn refresh_loop(self: Arc<Self>, stop: CancellationToken) {
         loop {
-            let ok = {
-                let guard = self.fetch_lock.clone().lock_owned().await;
-                let me = self.clone();
-                // In its own task so that `stop` never cuts a fetch in half.
-                tokio::spawn(async move { me.fetch_held(guard, "refresh").await })
-                    .await
-                    .unwrap_or(false)
-            };
+            let ok = self.fetch_now().await;
             let next = if ok {
                 self.opts.refresh
             } else {
@@ -167,6 +160,17 @@ impl JwksSource {
                 () = stop.cancelled() => return,
             }
         }
+    }
+
+    /// Fetches now, after any fetch in flight, regardless of the unknown-kid
+    /// rate limit (start-up, routine refresh, operators). True on success.
+    pub async fn fetch_now(self: &Arc<Self>) -> bool {
+        let guard = self.fetch_lock.clone().lock_owned().await;
+        let me = self.clone();
+        // In its own task so that a cancelled caller never cuts a fetch in half.
+        tokio::spawn(async move { me.fetch_held(guard, "refresh").await })
+            .await
+            .unwrap_or(false)
     }
 
     /// Refetches for a token whose `kid` is not held: joins the fetch in
