@@ -864,6 +864,87 @@ mod tests {
         assert_eq!(v.verify_room(&t, "alice", "team-8").unwrap_err(), AuthError::WrongRoom);
     }
 
+    #[test]
+    fn configured_iss_and_aud_are_required_not_only_checked() {
+        let mut v = Verifier::new(VerifyOptions {
+            issuers: vec!["https://idp".into()],
+            audiences: vec!["chat".into()],
+            ..Default::default()
+        });
+        v.add_secret(b"s3cret").unwrap();
+        let exp = now_secs() + 60;
+        let ok = sign(json!({"sub":"a","exp":exp,"iss":"https://idp","aud":"chat"}), b"s3cret");
+        assert!(v.verify_connect_now(&ok).is_ok());
+        let no_iss = sign(json!({"sub":"a","exp":exp,"aud":"chat"}), b"s3cret");
+        assert_eq!(v.verify_connect_now(&no_iss).unwrap_err(), AuthError::Issuer);
+        let no_aud = sign(json!({"sub":"a","exp":exp,"iss":"https://idp"}), b"s3cret");
+        assert_eq!(v.verify_connect_now(&no_aud).unwrap_err(), AuthError::Audience);
+        let aud_list = sign(
+            json!({"sub":"a","exp":exp,"iss":"https://idp","aud":["account","chat"]}),
+            b"s3cret",
+        );
+        assert!(v.verify_connect_now(&aud_list).is_ok());
+    }
+
+    #[test]
+    fn rooms_claim_path_and_forms() {
+        let mut v = Verifier::new(VerifyOptions {
+            rooms_claim: vec!["realm_access".into(), "chat".into()],
+            default_grants: Grants {
+                subscribe: vec![Pattern::new("lobby")],
+                publish: vec![],
+            },
+            ..Default::default()
+        });
+        v.add_secret(b"s3cret").unwrap();
+        let obj = sign(
+            json!({"sub":"a","realm_access":{"roles":["x"],"chat":{"sub":["t-*"],"pub":["t-1"]}}}),
+            b"s3cret",
+        );
+        let g = v.verify_connect_now(&obj).unwrap().grants;
+        assert!(g.can_subscribe("t-9") && g.can_publish("t-1") && !g.can_publish("t-2"));
+        let list = sign(json!({"sub":"a","realm_access":{"chat":["news"]}}), b"s3cret");
+        let g = v.verify_connect_now(&list).unwrap().grants;
+        assert!(g.can_subscribe("news") && !g.can_publish("news"));
+        let none = sign(json!({"sub":"a","rooms":{"sub":["*"]}}), b"s3cret");
+        let g = v.verify_connect_now(&none).unwrap().grants;
+        assert!(
+            g.can_subscribe("lobby") && !g.can_subscribe("other"),
+            "the top-level rooms claim is not the path"
+        );
+        let bad = sign(json!({"sub":"a","realm_access":{"chat":{"sub":"t-1"}}}), b"s3cret");
+        assert_eq!(v.verify_connect_now(&bad).unwrap_err(), AuthError::BadGrants);
+    }
+
+    #[test]
+    fn issuer_bound_jwks_keys_verify_only_their_issuer() {
+        let dir = tempfile::tempdir().unwrap();
+        // Two issuers publish an HMAC key under the same kid.
+        let set = |k: &[u8]| json!({"keys":[{"kty":"oct","kid":"same","alg":"HS256","k":base64_url(k)}]}).to_string();
+        std::fs::write(dir.path().join("a.json"), set(b"key-of-a")).unwrap();
+        std::fs::write(dir.path().join("b.json"), set(b"key-of-b")).unwrap();
+        let mut v = Verifier::new(VerifyOptions::default());
+        v.add_jwks(dir.path().join("a.json").to_str().unwrap(), Some("https://a"))
+            .unwrap();
+        v.add_jwks(dir.path().join("b.json").to_str().unwrap(), Some("https://b"))
+            .unwrap();
+        let tok = |iss: &str, key: &[u8]| {
+            let mut h = Header::new(Algorithm::HS256);
+            h.kid = Some("same".into());
+            jsonwebtoken::encode(&h, &json!({"sub":"u","iss":iss}), &EncodingKey::from_secret(key)).unwrap()
+        };
+        assert!(v.verify_connect_now(&tok("https://a", b"key-of-a")).is_ok());
+        assert!(v.verify_connect_now(&tok("https://b", b"key-of-b")).is_ok());
+        assert_eq!(
+            v.verify_connect_now(&tok("https://b", b"key-of-a")).unwrap_err(),
+            AuthError::Signature
+        );
+        assert_eq!(
+            v.verify_connect_now(&tok("https://c", b"key-of-a")).unwrap_err(),
+            AuthError::Issuer
+        );
+    }
+
     fn base64_url(b: &[u8]) -> String {
         use base64::Engine;
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)

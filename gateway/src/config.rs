@@ -445,7 +445,10 @@ impl Config {
             return Err(invalid("tls_cert", "--tls-cert and --tls-key go together"));
         }
         for entry in o.jwt_issuer_keys.iter().flatten() {
-            if !entry.split_once('=').is_some_and(|(i, k)| !i.is_empty() && !k.is_empty()) {
+            if !entry
+                .split_once('=')
+                .is_some_and(|(i, k)| !i.is_empty() && !k.is_empty())
+            {
                 return Err(invalid(
                     "jwt_issuer_keys",
                     format!("{entry:?} is not ISSUER=FILE_OR_URL"),
@@ -454,7 +457,10 @@ impl Config {
         }
         let jwt_rooms_claim = o.jwt_rooms_claim.unwrap_or_else(|| "rooms".to_string());
         if jwt_rooms_claim.split('.').any(str::is_empty) {
-            return Err(invalid("jwt_rooms_claim", "must be a dotted path like rooms or chat.rooms"));
+            return Err(invalid(
+                "jwt_rooms_claim",
+                "must be a dotted path like rooms or chat.rooms",
+            ));
         }
         if let Some(s) = &o.jwt_secret
             && s.is_empty()
@@ -597,6 +603,34 @@ mod tests {
         assert!(err.to_string().starts_with("allowed_origins"), "{err}");
         let err = Config::resolve(parse(&["--log-format", "xml"])).unwrap_err();
         assert!(err.to_string().starts_with("log_format"), "{err}");
+    }
+
+    #[test]
+    fn auth_and_tls_options() {
+        let c = Config::resolve(parse(&[
+            "--jwks",
+            "https://kc.example.com/realms/chat/protocol/openid-connect/certs",
+            "--jwt-issuer-keys",
+            "https://kc.example.com/realms/a=/etc/a.json,https://b.example=https://b.example/jwks",
+            "--jwt-rooms-claim",
+            "chat.rooms",
+            "--tls-cert",
+            "/c.pem",
+            "--tls-key",
+            "/k.pem",
+        ]))
+        .unwrap();
+        assert_eq!(c.jwt_issuer_keys.len(), 2);
+        assert_eq!(c.jwt_rooms_claim, "chat.rooms");
+        assert_eq!(c.jwks_refresh, Duration::from_secs(300));
+        assert_eq!(c.jwks_refetch_min, Duration::from_secs(10));
+        assert_eq!(c.tls_reload, Duration::from_secs(10));
+        let err = Config::resolve(parse(&["--jwt-issuer-keys", "no-equals-sign"])).unwrap_err();
+        assert!(err.to_string().starts_with("jwt_issuer_keys"), "{err}");
+        let err = Config::resolve(parse(&["--jwt-rooms-claim", "a..b"])).unwrap_err();
+        assert!(err.to_string().starts_with("jwt_rooms_claim"), "{err}");
+        let err = Config::resolve(parse(&["--tls-cert", "/c.pem"])).unwrap_err();
+        assert!(err.to_string().starts_with("tls_cert"), "{err}");
     }
 
     #[test]

@@ -7,9 +7,10 @@
 //! rotation is then picked up on first use of the new key).
 //!
 //! Invariants: at most one fetch per source is in flight (single-flight); a
-//! fetch for an unknown `kid` starts at most once per `refetch_min`, so a
-//! flood of junk `kid`s costs the identity provider one request, not one per
-//! token; a failed or empty fetch keeps the previous keys.
+//! fetch for an unknown `kid` starts at most once per `refetch_min` (once a
+//! second before the first fetch succeeded), so a flood of junk `kid`s costs
+//! the identity provider one request, not one per token; a failed or empty
+//! fetch keeps the previous keys.
 //!
 //! Concurrency: the key set is an `Arc<Vec<_>>` swapped whole under a lock
 //! held only to clone or replace it. Fetches run in their own task holding the
@@ -90,9 +91,16 @@ pub struct JwksSource {
     fetch_lock: Arc<tokio::sync::Mutex<()>>,
     /// Fetches finished (successful or not).
     attempts: AtomicU64,
-    /// When the last fetch for an unknown `kid` started.
+    /// When the last fetch for an unknown `kid` started, once loaded.
     last_refetch: Mutex<Option<Instant>>,
+    /// The same before the first successful fetch, limited separately so that
+    /// a connect racing the start-up fetch does not use up the budget that
+    /// the first key rotation needs.
+    last_unloaded: Mutex<Option<Instant>>,
 }
+
+/// Least time between unknown-`kid` fetches while no fetch has succeeded yet.
+const UNLOADED_REFETCH_MIN: Duration = Duration::from_secs(1);
 
 impl JwksSource {
     /// A source for `url` (`http://` or `https://`); fetches nothing yet.
@@ -105,7 +113,8 @@ impl JwksSource {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         // Native roots cover an IdP behind a corporate CA installed in the
         // image; Mozilla's roots are the fallback when the system has none.
-        let builder = match hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_native_roots(provider.clone()) {
+        let builder = match hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_native_roots(provider.clone())
+        {
             Ok(b) => b,
             Err(_) => hyper_rustls::HttpsConnectorBuilder::new()
                 .with_provider_and_webpki_roots(provider)
@@ -123,6 +132,7 @@ impl JwksSource {
             fetch_lock: Arc::new(tokio::sync::Mutex::new(())),
             attempts: AtomicU64::new(0),
             last_refetch: Mutex::new(None),
+            last_unloaded: Mutex::new(None),
         })
     }
 
@@ -185,8 +195,13 @@ impl JwksSource {
                 return;
             }
             {
-                let mut last = self.last_refetch.lock();
-                if last.is_some_and(|t| t.elapsed() < self.opts.refetch_min) {
+                let (slot, min) = if self.loaded() {
+                    (&self.last_refetch, self.opts.refetch_min)
+                } else {
+                    (&self.last_unloaded, UNLOADED_REFETCH_MIN.min(self.opts.refetch_min))
+                };
+                let mut last = slot.lock();
+                if last.is_some_and(|t| t.elapsed() < min) {
                     crate::metrics::jwks_refetch_limited();
                     return;
                 }

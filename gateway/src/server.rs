@@ -172,7 +172,11 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
     let router = router(node.clone());
     node.verifier.start(node.shutdown.clone());
     if let Some(tls) = &node.tls {
-        tokio::spawn(crate::tls::watch(tls.clone(), node.cfg.tls_reload, node.shutdown.clone()));
+        tokio::spawn(crate::tls::watch(
+            tls.clone(),
+            node.cfg.tls_reload,
+            node.shutdown.clone(),
+        ));
     }
     let accept = accept_loop(node.clone(), listener, router);
     tokio::select! {
@@ -228,13 +232,11 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, router: Router) {
         node.tracker.spawn(async move {
             match tls {
                 None => serve_http(tcp, peer, router, token).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => serve_http(stream, peer, router, token).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                }
+                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => serve_http(stream, peer, router, token).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
             }
         });
     }

@@ -139,13 +139,18 @@ struct JwksServer {
 impl JwksServer {
     async fn start(body: String) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/realms/chat/protocol/openid-connect/certs", listener.local_addr().unwrap());
+        let url = format!(
+            "http://{}/realms/chat/protocol/openid-connect/certs",
+            listener.local_addr().unwrap()
+        );
         let body = Arc::new(parking_lot::Mutex::new(body));
         let hits = Arc::new(AtomicUsize::new(0));
         let (b, h) = (body.clone(), hits.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut s, _)) = listener.accept().await else { return };
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
                 let (b, h) = (b.clone(), h.clone());
                 tokio::spawn(async move {
                     let mut head = Vec::new();
@@ -201,7 +206,9 @@ async fn assert_strict_serving(node: &TestNode) {
     let mut a = Client::open(&node.url()).await;
     let mut b = Client::open(&node.url()).await;
     for (c, sub) in [(&mut a, "health-a"), (&mut b, "health-b")] {
-        let r = c.connect(&sign_with(Algorithm::RS256, Some("rsa-a"), &key, &claims(sub))).await;
+        let r = c
+            .connect(&sign_with(Algorithm::RS256, Some("rsa-a"), &key, &claims(sub)))
+            .await;
         assert!(r.get("ok").is_some(), "{r}");
     }
     b.subscribe(&[&room]).await;
@@ -251,10 +258,22 @@ async fn every_bad_connect_token_is_unauthorized_4001_and_the_node_serves_on() {
         (good(json!({"sub": null})), "no sub"),
         (good(json!({"sub": ""})), "empty sub"),
         (good(json!({"rooms": "everything"})), "malformed rooms claim"),
-        (sign_with(Algorithm::RS256, Some("unknown"), &key, &claims("mallory")), "unknown kid"),
+        (
+            sign_with(Algorithm::RS256, Some("unknown"), &key, &claims("mallory")),
+            "unknown kid",
+        ),
         (other_key, "signed by another key"),
         (confused, "HS256 signed with the RSA public key (algorithm confusion)"),
-        (sign_with(Algorithm::HS256, None, &EncodingKey::from_secret(SECRET.as_bytes()), &claims("mallory")).replace("eyJ", "eyK"), "tampered"),
+        (
+            sign_with(
+                Algorithm::HS256,
+                None,
+                &EncodingKey::from_secret(SECRET.as_bytes()),
+                &claims("mallory"),
+            )
+            .replace("eyJ", "eyK"),
+            "tampered",
+        ),
         (none, "alg none"),
         ("garbage".to_string(), "garbage"),
         ("a.b.c".to_string(), "three garbage parts"),
@@ -357,9 +376,18 @@ async fn every_algorithm_verifies_with_its_own_key_family_only() {
     // A kid that names a key of another family, or of another pinned
     // algorithm of the same family, never verifies.
     for (what, token) in [
-        ("RS256 naming an EC key", sign_with(Algorithm::RS256, Some("ec256"), &rsa_key, &c)),
-        ("ES384 naming an ES256 key", sign_with(Algorithm::ES384, Some("ec256"), &ec384, &c)),
-        ("ES256 naming the encryption key", sign_with(Algorithm::ES256, Some("enc"), &ec256, &c)),
+        (
+            "RS256 naming an EC key",
+            sign_with(Algorithm::RS256, Some("ec256"), &rsa_key, &c),
+        ),
+        (
+            "ES384 naming an ES256 key",
+            sign_with(Algorithm::ES384, Some("ec256"), &ec384, &c),
+        ),
+        (
+            "ES256 naming the encryption key",
+            sign_with(Algorithm::ES256, Some("enc"), &ec256, &c),
+        ),
     ] {
         assert_refused(&node, &token, what).await;
     }
@@ -394,7 +422,12 @@ async fn keys_are_looked_up_by_issuer_and_kid_together() {
     assert_refused(&node, &tok("https://idp-c.test", &a), "unknown issuer").await;
     let mut no_iss = claims("u");
     no_iss.as_object_mut().unwrap().remove("iss");
-    assert_refused(&node, &sign_with(Algorithm::RS256, Some("shared"), &a, &no_iss), "no iss").await;
+    assert_refused(
+        &node,
+        &sign_with(Algorithm::RS256, Some("shared"), &a, &no_iss),
+        "no iss",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -416,17 +449,32 @@ async fn jwks_url_rotation_is_picked_up_on_first_use_of_the_new_key() {
         jwk(&k1, Algorithm::RS256, "k1", true),
         jwk(&k2, Algorithm::RS256, "k2", true),
     ]));
-    assert_accepted(&node, &sign_with(Algorithm::RS256, Some("k2"), &k2, &claims("b")), "k2 on first use").await;
+    assert_accepted(
+        &node,
+        &sign_with(Algorithm::RS256, Some("k2"), &k2, &claims("b")),
+        "k2 on first use",
+    )
+    .await;
     assert_eq!(server.hits(), before + 1, "one refetch for the new kid");
     // k2 is held now: more tokens cost no fetch.
     for i in 0..5 {
-        assert_accepted(&node, &sign_with(Algorithm::RS256, Some("k2"), &k2, &claims(&format!("c{i}"))), "k2").await;
+        assert_accepted(
+            &node,
+            &sign_with(Algorithm::RS256, Some("k2"), &k2, &claims(&format!("c{i}"))),
+            "k2",
+        )
+        .await;
     }
     assert_eq!(server.hits(), before + 1);
     // A key that the IdP retires is dropped at the next fetch.
     server.set(jwks(&[jwk(&k2, Algorithm::RS256, "k2", true)]));
     node.running.node.verifier.remote_sources()[0].fetch_now().await;
-    assert_refused(&node, &sign_with(Algorithm::RS256, Some("k1"), &k1, &claims("d")), "retired k1").await;
+    assert_refused(
+        &node,
+        &sign_with(Algorithm::RS256, Some("k1"), &k1, &claims("d")),
+        "retired k1",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -466,7 +514,12 @@ async fn a_burst_of_1000_unknown_kids_makes_at_most_a_handful_of_jwks_fetches() 
     assert_eq!(refused.load(Ordering::SeqCst), 1000);
     let fetches = server.hits() - before;
     assert!(fetches <= 3, "{fetches} JWKS fetches for 1000 junk kids");
-    assert_accepted(&node, &sign_with(Algorithm::RS256, Some("k1"), &k1, &claims("b")), "k1 after").await;
+    assert_accepted(
+        &node,
+        &sign_with(Algorithm::RS256, Some("k1"), &k1, &claims("b")),
+        "k1 after",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -512,7 +565,12 @@ async fn room_tokens_for_another_user_or_room_or_expired_are_forbidden() {
     let mut c = Client::open(&node.url()).await;
     let mut conn_claims = claims("alice");
     conn_claims["rooms"] = json!({"sub":["general"],"pub":[]});
-    assert!(c.connect(&sign_with(Algorithm::RS256, Some("rsa-a"), &key, &conn_claims)).await.get("ok").is_some());
+    assert!(
+        c.connect(&sign_with(Algorithm::RS256, Some("rsa-a"), &key, &conn_claims))
+            .await
+            .get("ok")
+            .is_some()
+    );
     let room_token = |sub: &str, room: &str, exp: u64| {
         sign_with(
             Algorithm::RS256,
@@ -710,9 +768,12 @@ async fn wss_open(addr: SocketAddr, root: &rustls::pki_types::CertificateDer<'st
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = within(connector.connect(name, tcp)).await.map_err(|e| e.to_string())?;
-    let (ws, _) = within(tokio_tungstenite::client_async(format!("wss://localhost:{}/ws", addr.port()), tls))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (ws, _) = within(tokio_tungstenite::client_async(
+        format!("wss://localhost:{}/ws", addr.port()),
+        tls,
+    ))
+    .await
+    .map_err(|e| e.to_string())?;
     Ok(ws)
 }
 
@@ -776,10 +837,14 @@ async fn wss_round_trip_and_a_certificate_swap_seen_by_new_connections_only() {
         ws: wss_open(addr, &root_a).await.expect("wss with certificate A"),
         pushes: Default::default(),
     };
-    let r = old.request(json!({"id":1,"op":"connect","token":node.token("old")})).await;
+    let r = old
+        .request(json!({"id":1,"op":"connect","token":node.token("old")}))
+        .await;
     assert!(r.get("ok").is_some(), "{r}");
-    old.request(json!({"id":2,"op":"subscribe","rooms":[{"room":"tls"}]})).await;
-    old.request(json!({"id":3,"op":"publish","room":"tls","data":"round trip"})).await;
+    old.request(json!({"id":2,"op":"subscribe","rooms":[{"room":"tls"}]}))
+        .await;
+    old.request(json!({"id":3,"op":"publish","room":"tls","data":"round trip"}))
+        .await;
     assert_eq!(old.next_push().await["data"], "round trip");
 
     // Renewal: certificate B replaces A on disk (key first, then cert, like a
@@ -800,14 +865,95 @@ async fn wss_round_trip_and_a_certificate_swap_seen_by_new_connections_only() {
         ws: new.expect("new connections see certificate B"),
         pushes: Default::default(),
     };
-    assert!(wss_open(addr, &root_a).await.is_err(), "certificate A is no longer served");
-    let r = new.request(json!({"id":1,"op":"connect","token":node.token("new")})).await;
+    assert!(
+        wss_open(addr, &root_a).await.is_err(),
+        "certificate A is no longer served"
+    );
+    let r = new
+        .request(json!({"id":1,"op":"connect","token":node.token("new")}))
+        .await;
     assert!(r.get("ok").is_some(), "{r}");
-    new.request(json!({"id":2,"op":"publish","room":"tls","data":"after the swap"})).await;
+    new.request(json!({"id":2,"op":"publish","room":"tls","data":"after the swap"}))
+        .await;
     // The connection made under certificate A keeps working.
     assert_eq!(old.next_push().await["data"], "after the swap");
-    old.request(json!({"id":4,"op":"publish","room":"tls","data":"old still talks"})).await;
+    old.request(json!({"id":4,"op":"publish","room":"tls","data":"old still talks"}))
+        .await;
     assert_eq!(old.next_push().await["data"], "old still talks");
     // Plain ws:// on a TLS port does not upgrade.
     assert!(tokio_tungstenite::connect_async(node.url()).await.is_err());
+}
+
+/// Authenticated connects per second on one node: TCP connect, upgrade,
+/// `connect` with a token, reply. The node runs on one worker thread and the
+/// clients on another thread, so each has about one core. A measurement, not
+/// a check:
+/// `cargo test --release -p gateway --test auth -- --ignored --nocapture authenticated_connects_per_second`
+#[test]
+#[ignore = "measurement; run with --release -- --ignored --nocapture"]
+fn authenticated_connects_per_second() {
+    const TOTAL: usize = 4000;
+    const CONCURRENCY: usize = 32;
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rsa_key = rsa("rsa_a");
+    let ec_key = ec(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let path = write_tmp(
+        &dir,
+        "jwks.json",
+        &jwks(&[
+            jwk(&rsa_key, Algorithm::RS256, "rsa", true),
+            jwk(&ec_key, Algorithm::ES256, "ec", true),
+        ]),
+    );
+    let c = claims("bench");
+    let cases = [
+        (
+            "HS256",
+            sign_with(Algorithm::HS256, None, &EncodingKey::from_secret(SECRET.as_bytes()), &c),
+        ),
+        ("RS256", sign_with(Algorithm::RS256, Some("rsa"), &rsa_key, &c)),
+        ("ES256", sign_with(Algorithm::ES256, Some("ec"), &ec_key, &c)),
+    ];
+    for (name, token) in cases {
+        let mut opts = common::test_opts();
+        opts.jwks = Some(path.clone());
+        opts.max_connections = Some(100_000);
+        let cfg = gateway::Config::resolve(opts).unwrap();
+        let running = server_rt.block_on(gateway::Running::bind_local(cfg)).unwrap();
+        let url = format!("ws://{}/ws", running.addr);
+        let rate = client_rt.block_on(async {
+            let next = Arc::new(AtomicUsize::new(0));
+            let started = std::time::Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..CONCURRENCY {
+                let (next, url, token) = (next.clone(), url.clone(), token.clone());
+                tasks.spawn(async move {
+                    while next.fetch_add(1, Ordering::Relaxed) < TOTAL {
+                        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+                        let frame = json!({"id":1,"op":"connect","token":token}).to_string();
+                        ws.send(Message::text(frame)).await.unwrap();
+                        match ws.next().await {
+                            Some(Ok(Message::Text(t))) => assert!(t.contains("\"ok\""), "{t}"),
+                            other => panic!("{other:?}"),
+                        }
+                    }
+                });
+            }
+            while let Some(r) = tasks.join_next().await {
+                r.unwrap();
+            }
+            TOTAL as f64 / started.elapsed().as_secs_f64()
+        });
+        println!("authenticated connects/s, {name}: {rate:.0} ({TOTAL} connects, {CONCURRENCY} at a time)");
+        server_rt.block_on(running.shutdown());
+    }
 }

@@ -143,9 +143,7 @@ impl Client {
     /// Opens with a custom upgrade request (extra headers such as Origin or
     /// Authorization); a refused upgrade gives its HTTP status (0 when the
     /// server answered none).
-    pub async fn try_open(
-        req: tokio_tungstenite::tungstenite::handshake::client::Request,
-    ) -> Result<Self, u16> {
+    pub async fn try_open(req: tokio_tungstenite::tungstenite::handshake::client::Request) -> Result<Self, u16> {
         match within(tokio_tungstenite::connect_async(req)).await {
             Ok((ws, _)) => Ok(Self {
                 ws,
