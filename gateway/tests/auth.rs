@@ -513,6 +513,7 @@ async fn a_burst_of_1000_unknown_kids_makes_at_most_a_handful_of_jwks_fetches() 
     .await;
     assert_eq!(refused.load(Ordering::SeqCst), 1000);
     let fetches = server.hits() - before;
+    eprintln!("JWKS fetches for 1000 junk kids: {fetches}");
     assert!(fetches <= 3, "{fetches} JWKS fetches for 1000 junk kids");
     assert_accepted(
         &node,
@@ -718,6 +719,7 @@ async fn authorization_bearer_on_the_upgrade_is_equivalent_to_connect() {
     let status = Client::try_open(upgrade_request(&node.url(), &[("authorization", &huge)]))
         .await
         .err();
+    eprintln!("1 MiB Authorization header: HTTP {status:?}");
     assert!(matches!(status, Some(431 | 0)), "{status:?}");
     node.assert_serving().await;
 }
@@ -956,4 +958,91 @@ fn authenticated_connects_per_second() {
         println!("authenticated connects/s, {name}: {rate:.0} ({TOTAL} connects, {CONCURRENCY} at a time)");
         server_rt.block_on(running.shutdown());
     }
+}
+
+/// The binary as an operator runs it: `--tls-cert/--tls-key` serve `wss://`,
+/// and SIGHUP reloads a renewed certificate (polling is set to an hour here,
+/// so only the signal can explain the swap).
+#[tokio::test]
+async fn the_binary_serves_wss_and_reloads_the_certificate_on_sighup() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_a, key_a, root_a) = self_signed();
+    let cert_path = write_tmp(&dir, "tls.crt", &cert_a);
+    let key_path = write_tmp(&dir, "tls.key", &key_a);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--jwt-secret",
+            SECRET,
+        ])
+        .args([
+            "--tls-cert",
+            &cert_path,
+            "--tls-key",
+            &key_path,
+            "--tls-reload-ms",
+            "3600000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("gateway binary starts");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let child = Kill(child);
+    let mut line = String::new();
+    let addr: SocketAddr = loop {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "gateway exited before listening"
+        );
+        if let Ok(v) = serde_json::from_str::<Value>(&line)
+            && let Some(addr) = v["fields"]["addr"].as_str()
+        {
+            assert!(line.contains("wss://"), "{line}");
+            break addr.parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || reader.lines().map_while(Result::ok).for_each(drop));
+    let mut c = WssClient {
+        ws: wss_open(addr, &root_a).await.expect("wss with certificate A"),
+        pushes: Default::default(),
+    };
+    let r = c
+        .request(json!({"id":1,"op":"connect","token":common::token("ops", &["*"], &["*"])}))
+        .await;
+    assert!(r.get("ok").is_some(), "{r}");
+
+    let (cert_b, key_b, root_b) = self_signed();
+    std::fs::write(&key_path, key_b).unwrap();
+    std::fs::write(&cert_path, cert_b).unwrap();
+    assert!(wss_open(addr, &root_b).await.is_err(), "no reload before the signal");
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let mut swapped = false;
+    for _ in 0..50 {
+        if wss_open(addr, &root_b).await.is_ok() {
+            swapped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(swapped, "SIGHUP reloads the certificate");
+    let r = c.request(json!({"id":2,"op":"ping"})).await;
+    assert!(
+        r.get("ok").is_some(),
+        "the connection made before the reload goes on: {r}"
+    );
 }
