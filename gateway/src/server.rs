@@ -1,7 +1,9 @@
 //! The node and its HTTP/WebSocket server: router, listener, shutdown.
 //!
-//! Owns the accept loop, the upgrade to WebSocket, health and metrics
-//! endpoints, and the ordered shutdown. Does not own what a connection does
+//! Owns the accept loop (plain TCP or TLS, see `tls`), the upgrade to
+//! WebSocket with its checks (Origin allowlist; an optional
+//! `Authorization: Bearer` token verified before the upgrade), health and
+//! metrics endpoints, and the ordered shutdown. Does not own what a connection does
 //! (`conn`).
 //!
 //! Shutdown, in order: readiness goes 503; the accept loop stops; the node
@@ -226,8 +228,9 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, router: Router) {
         let _ = tcp.set_nodelay(true);
         let router = router.clone();
         let token = node.shutdown.clone();
-        // The acceptor is cloned per connection: a reloaded certificate is
-        // used by the next handshake, established sessions keep theirs.
+        // One shared config whose resolver hands out the current certificate
+        // per handshake: a reload reaches the next handshake, established
+        // sessions keep theirs.
         let tls = node.tls.as_ref().map(|t| t.acceptor().clone());
         node.tracker.spawn(async move {
             match tls {
@@ -366,23 +369,21 @@ async fn authorize_upgrade(node: &Node, headers: &HeaderMap) -> Result<Option<Id
         Some(Ok(t)) => t,
         Some(Err(())) => {
             node.metrics.auth_failed("malformed");
-            return Err(unauthorized("Authorization must be Bearer <JWT>"));
+            return Err(unauthorized("Authorization must be Bearer <JWT>".to_string()));
         }
     };
     match node.verifier.verify_connect(&token).await {
         Ok(identity) => Ok(Some(identity)),
         Err(e) => {
             node.metrics.auth_failed(e.label());
-            Err(unauthorized(match e {
-                crate::auth::AuthError::Expired => "token has expired",
-                _ => "token refused",
-            }))
+            Err(unauthorized(e.to_string()))
         }
     }
 }
 
-fn unauthorized(why: &'static str) -> Response {
-    let mut r = refuse(StatusCode::UNAUTHORIZED, why);
+/// HTTP 401 with a fixed message (an [`crate::auth::AuthError`] text, never the token).
+fn unauthorized(why: String) -> Response {
+    let mut r = (StatusCode::UNAUTHORIZED, why).into_response();
     r.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Bearer error=\"invalid_token\""),
