@@ -2,19 +2,38 @@
 //!
 //! Owns the verification keys and the rules of `docs/protocol.md#tokens`. Every
 //! node verifies with keys it already holds: no call-out per connect, so a
-//! reconnect storm costs CPU on the gateways and nothing elsewhere.
+//! reconnect storm costs CPU on the gateways and nothing elsewhere. Keys come
+//! from HS secrets, PEM public keys, JWKS files and JWKS URLs ([`crate::jwks`]
+//! fetches those; this module only reads the key sets it publishes).
 //!
-//! Invariants: a token's `alg` must belong to the family of the key that
-//! verifies it (an HS token is never checked against a public key's bytes);
-//! `none` and unknown algorithms never verify; token text is never logged or
-//! echoed.
+//! Invariants:
+//! - a token's `alg` must belong to the family of the key that verifies it (an
+//!   HS token is never checked against a public key's bytes), and to the exact
+//!   algorithm when a JWK names one; `none` and unknown algorithms never verify;
+//! - a key bound to an issuer verifies only tokens whose `iss` is that issuer:
+//!   keys are looked up by issuer and `kid` together, never by `kid` alone, so
+//!   one issuer's `kid` cannot vouch for another issuer's tokens;
+//! - token text is never logged or echoed; every refusal is an [`AuthError`]
+//!   with a fixed message and a metrics label.
+//!
+//! Concurrency: [`Verifier`] is shared by every connection. Static keys are
+//! immutable; remote key sets are swapped whole behind a lock held only to
+//! clone an `Arc`. Only [`Verifier::prepare`] (and so `verify_connect`) may
+//! wait, and only for the single in-flight fetch of a JWKS URL.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
-use jsonwebtoken::{AlgorithmFamily, jwk::JwkSet};
+use base64::Engine as _;
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::jwks::{JwksSource, SourceOptions};
 
 /// Longest token accepted, in bytes; anything longer is refused before parsing.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -46,6 +65,8 @@ pub enum AuthError {
     WrongSub,
     #[error("room token is for another room")]
     WrongRoom,
+    #[error("token room grants are malformed")]
+    BadGrants,
     #[error("no verification key is configured")]
     NoKeys,
 }
@@ -65,6 +86,7 @@ impl AuthError {
             Self::MissingSub => "missing_sub",
             Self::WrongSub => "wrong_sub",
             Self::WrongRoom => "wrong_room",
+            Self::BadGrants => "bad_grants",
             Self::NoKeys => "no_keys",
         }
     }
@@ -87,13 +109,14 @@ pub enum KeyError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("JWKS key {kid:?} in {path} cannot be used")]
-    Jwk {
-        path: String,
-        kid: Option<String>,
-        #[source]
-        source: jsonwebtoken::errors::Error,
-    },
+    #[error("{path} holds no usable signing key")]
+    NoUsableKey { path: String },
+    #[error("{url} is not an http:// or https:// URL")]
+    Url { url: String },
+    #[error("cannot build the HTTPS client for JWKS URLs")]
+    HttpClient(#[source] std::io::Error),
+    #[error("{entry:?} is not ISSUER=FILE_OR_URL")]
+    IssuerKeys { entry: String },
     #[error("the JWT secret is empty")]
     EmptySecret,
 }
@@ -167,14 +190,6 @@ pub struct RoomGrant {
     pub exp: Option<u64>,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct RoomsClaim {
-    #[serde(default)]
-    sub: Vec<String>,
-    #[serde(default, rename = "pub")]
-    publish: Vec<String>,
-}
-
 #[derive(Debug, Deserialize)]
 struct Claims {
     #[serde(default)]
@@ -182,43 +197,241 @@ struct Claims {
     #[serde(default)]
     exp: Option<u64>,
     #[serde(default)]
-    rooms: Option<RoomsClaim>,
-    #[serde(default)]
     room: Option<String>,
     #[serde(default, rename = "pub")]
     publish: Option<bool>,
+    /// Everything else, where the rooms claim is looked up by path.
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
 }
 
-struct VerifyKey {
-    kid: Option<String>,
-    family: AlgorithmFamily,
-    key: DecodingKey,
+/// One verification key, pinned to an algorithm family (and to one algorithm
+/// when its JWK says so), optionally bound to an issuer.
+pub struct VerifyKey {
+    pub(crate) issuer: Option<Arc<str>>,
+    pub(crate) kid: Option<String>,
+    pub(crate) family: AlgorithmFamily,
+    pub(crate) alg: Option<Algorithm>,
+    pub(crate) key: DecodingKey,
+}
+
+impl VerifyKey {
+    fn accepts(&self, alg: Algorithm, iss: Option<&str>) -> bool {
+        self.family == alg.family()
+            && self.alg.is_none_or(|a| a == alg)
+            && self.issuer.as_deref().is_none_or(|i| Some(i) == iss)
+    }
+}
+
+/// Reads a JWKS document. Keys meant for encryption (`use: enc`, as Keycloak
+/// publishes next to its signing keys) and keys of algorithms this node does
+/// not verify are skipped, not errors.
+pub(crate) fn parse_jwks(bytes: &[u8], issuer: Option<&Arc<str>>) -> Result<Vec<VerifyKey>, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Set {
+        keys: Vec<Value>,
+    }
+    let set: Set = serde_json::from_slice(bytes)?;
+    let mut keys = Vec::with_capacity(set.keys.len());
+    for raw in set.keys {
+        if raw.get("use").and_then(Value::as_str).is_some_and(|u| u != "sig") {
+            continue;
+        }
+        let Ok(jwk) = serde_json::from_value::<Jwk>(raw) else {
+            continue;
+        };
+        let alg = match jwk.common.key_algorithm {
+            None => None,
+            Some(a) => match Algorithm::try_from(a) {
+                Ok(a) => Some(a),
+                Err(_) => continue,
+            },
+        };
+        let Ok(key) = DecodingKey::from_jwk(&jwk) else {
+            continue;
+        };
+        let family = key.family();
+        if alg.is_some_and(|a| a.family() != family) {
+            continue;
+        }
+        keys.push(VerifyKey {
+            issuer: issuer.cloned(),
+            kid: jwk.common.key_id.clone(),
+            family,
+            alg,
+            key,
+        });
+    }
+    Ok(keys)
 }
 
 /// Verification settings beyond the keys.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct VerifyOptions {
     pub leeway_secs: u64,
+    /// Accepted `iss` for keys not bound to an issuer; empty = any.
     pub issuers: Vec<String>,
     pub audiences: Vec<String>,
-    /// Grants of a connection token without a `rooms` claim.
+    /// Grants of a connection token without a rooms claim.
     pub default_grants: Grants,
+    /// Path of the rooms claim, one segment per nesting level.
+    pub rooms_claim: Vec<String>,
+    /// How JWKS URLs are fetched.
+    pub jwks: SourceOptions,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        Self {
+            leeway_secs: 5,
+            issuers: Vec::new(),
+            audiences: Vec::new(),
+            default_grants: Grants::default(),
+            rooms_claim: vec!["rooms".to_string()],
+            jwks: SourceOptions::default(),
+        }
+    }
+}
+
+/// What the token says about itself before any signature is checked; used
+/// only to pick keys.
+struct Unverified<'a> {
+    alg: Algorithm,
+    kid: Option<String>,
+    iss: Option<String>,
+    token: &'a str,
+}
+
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawIss {
+    #[serde(default)]
+    iss: Option<Value>,
+}
+
+fn b64(part: &str) -> Result<Vec<u8>, AuthError> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part.trim_end_matches('='))
+        .map_err(|_| AuthError::Malformed)
+}
+
+impl<'a> Unverified<'a> {
+    fn read(token: &'a str, want_iss: bool) -> Result<Self, AuthError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::TooLarge);
+        }
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err(AuthError::Malformed);
+        };
+        let header: RawHeader = serde_json::from_slice(&b64(h)?).map_err(|_| AuthError::Malformed)?;
+        // `none` and anything unknown end here, before any key is looked at.
+        let alg = Algorithm::from_str(&header.alg).map_err(|_| AuthError::Algorithm)?;
+        let iss = if want_iss {
+            let raw: RawIss = serde_json::from_slice(&b64(p)?).map_err(|_| AuthError::Malformed)?;
+            match raw.iss {
+                None => None,
+                Some(Value::String(s)) => Some(s),
+                Some(_) => return Err(AuthError::Issuer),
+            }
+        } else {
+            None
+        };
+        Ok(Self {
+            alg,
+            kid: header.kid,
+            iss,
+            token,
+        })
+    }
 }
 
 /// The node's verification keys and rules.
 pub struct Verifier {
     keys: Vec<VerifyKey>,
+    remote: Vec<Arc<JwksSource>>,
+    /// Whether any key is bound to an issuer (then `iss` is read before lookup).
+    bound: bool,
     opts: VerifyOptions,
+}
+
+/// Outcome of looking a token's key up in the keys held now.
+enum Lookup {
+    Decoded(Result<Claims, AuthError>),
+    /// The token names a `kid` that a JWKS URL might have by now.
+    Refetch,
 }
 
 impl Verifier {
     pub fn new(opts: VerifyOptions) -> Self {
-        Self { keys: Vec::new(), opts }
+        Self {
+            keys: Vec::new(),
+            remote: Vec::new(),
+            bound: false,
+            opts,
+        }
+    }
+
+    /// The verifier described by the configuration: options, secret, PEM
+    /// keys, `--jwks` and `--jwt-issuer-keys`. Reads files now; JWKS URLs are
+    /// fetched once [`Verifier::start`] runs (or on first use).
+    pub fn from_config(cfg: &Config) -> Result<Self, KeyError> {
+        let mut v = Verifier::new(VerifyOptions {
+            leeway_secs: cfg.jwt_leeway.as_secs(),
+            issuers: cfg.jwt_issuers.clone(),
+            audiences: cfg.jwt_audiences.clone(),
+            default_grants: Grants {
+                subscribe: cfg.default_rooms.iter().map(|p| Pattern::new(p)).collect(),
+                publish: cfg.default_pub.iter().map(|p| Pattern::new(p)).collect(),
+            },
+            rooms_claim: cfg.jwt_rooms_claim.split('.').map(String::from).collect(),
+            jwks: SourceOptions {
+                refresh: cfg.jwks_refresh,
+                refetch_min: cfg.jwks_refetch_min,
+                ..SourceOptions::default()
+            },
+        });
+        if let Some(secret) = &cfg.jwt_secret {
+            v.add_secret(secret.as_bytes())?;
+        }
+        for path in &cfg.jwt_public_keys {
+            v.add_public_key_file(path)?;
+        }
+        if let Some(jwks) = &cfg.jwks {
+            v.add_jwks(jwks, None)?;
+        }
+        for entry in &cfg.jwt_issuer_keys {
+            let (issuer, source) = entry
+                .split_once('=')
+                .filter(|(i, s)| !i.is_empty() && !s.is_empty())
+                .ok_or_else(|| KeyError::IssuerKeys { entry: entry.clone() })?;
+            v.add_jwks(source, Some(issuer))?;
+        }
+        Ok(v)
     }
 
     /// Whether any key is configured.
     pub fn has_keys(&self) -> bool {
-        !self.keys.is_empty()
+        !self.keys.is_empty() || !self.remote.is_empty()
+    }
+
+    /// The JWKS URL sources (for the refresh task and tests).
+    pub fn remote_sources(&self) -> &[Arc<JwksSource>] {
+        &self.remote
+    }
+
+    /// Fetches every JWKS URL now and then on its refresh interval, until
+    /// `stop` is cancelled. Call once per node, inside the runtime.
+    pub fn start(&self, stop: tokio_util::sync::CancellationToken) {
+        for source in &self.remote {
+            tokio::spawn(source.clone().refresh_loop(stop.clone()));
+        }
     }
 
     /// Adds an HMAC secret (HS256/384/512).
@@ -227,8 +440,10 @@ impl Verifier {
             return Err(KeyError::EmptySecret);
         }
         self.keys.push(VerifyKey {
+            issuer: None,
             kid: None,
             family: AlgorithmFamily::Hmac,
+            alg: None,
             key: DecodingKey::from_secret(secret),
         });
         Ok(())
@@ -251,108 +466,208 @@ impl Verifier {
                 path: path.display().to_string(),
             });
         };
-        self.keys.push(VerifyKey { kid: None, family, key });
+        self.keys.push(VerifyKey {
+            issuer: None,
+            kid: None,
+            family,
+            alg: None,
+            key,
+        });
         Ok(())
     }
 
-    /// Adds every key of a JWKS document read from a file.
-    pub fn add_jwks_file(&mut self, path: &Path) -> Result<usize, KeyError> {
+    /// Adds a JWKS file or URL (`http://` or `https://`), optionally bound to
+    /// an issuer. Returns how many keys a file held (0 for a URL).
+    pub fn add_jwks(&mut self, file_or_url: &str, issuer: Option<&str>) -> Result<usize, KeyError> {
+        let issuer: Option<Arc<str>> = issuer.map(Arc::from);
+        self.bound |= issuer.is_some();
+        if file_or_url.starts_with("http://") || file_or_url.starts_with("https://") {
+            let source = JwksSource::new(file_or_url, issuer, self.opts.jwks.clone())?;
+            self.remote.push(Arc::new(source));
+            return Ok(0);
+        }
+        self.add_jwks_file(Path::new(file_or_url), issuer)
+    }
+
+    /// Adds every signing key of a JWKS document read from a file.
+    pub fn add_jwks_file(&mut self, path: &Path, issuer: Option<Arc<str>>) -> Result<usize, KeyError> {
         let text = std::fs::read(path).map_err(|source| KeyError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        let set: JwkSet = serde_json::from_slice(&text).map_err(|source| KeyError::Jwks {
+        let keys = parse_jwks(&text, issuer.as_ref()).map_err(|source| KeyError::Jwks {
             path: path.display().to_string(),
             source,
         })?;
-        for jwk in &set.keys {
-            let kid = jwk.common.key_id.clone();
-            let key = DecodingKey::from_jwk(jwk).map_err(|source| KeyError::Jwk {
+        if keys.is_empty() {
+            return Err(KeyError::NoUsableKey {
                 path: path.display().to_string(),
-                kid: kid.clone(),
-                source,
-            })?;
-            self.keys.push(VerifyKey {
-                kid,
-                family: key.family(),
-                key,
             });
         }
-        Ok(set.keys.len())
+        self.bound |= issuer.is_some();
+        let n = keys.len();
+        self.keys.extend(keys);
+        Ok(n)
+    }
+
+    /// Makes sure the keys that could verify `token` are loaded: when the
+    /// token names a `kid` no held key has, asks the JWKS URLs that may hold it
+    /// to refetch. Refetches are single-flight and rate-limited per URL, so
+    /// this waits at most for one bounded fetch and junk `kid`s cost nothing
+    /// after the first. Never fails: verification reports the outcome.
+    pub async fn prepare(&self, token: &str) {
+        if self.remote.is_empty() {
+            return;
+        }
+        let Ok(t) = Unverified::read(token, self.bound) else {
+            return;
+        };
+        if !matches!(self.lookup(&t, false), Lookup::Refetch) {
+            return;
+        }
+        for source in &self.remote {
+            if source.issuer().is_none_or(|i| Some(i) == t.iss.as_deref()) {
+                source.refetch().await;
+            }
+        }
     }
 
     fn decode(&self, token: &str) -> Result<Claims, AuthError> {
-        if token.len() > MAX_TOKEN_BYTES {
-            return Err(AuthError::TooLarge);
-        }
-        if self.keys.is_empty() {
+        if !self.has_keys() {
             return Err(AuthError::NoKeys);
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
-            ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => AuthError::Algorithm,
-            _ => AuthError::Malformed,
-        })?;
-        let family = header.alg.family();
-        let mut candidates = self
-            .keys
+        let t = Unverified::read(token, self.bound)?;
+        match self.lookup(&t, true) {
+            Lookup::Decoded(r) => r,
+            Lookup::Refetch => Err(AuthError::UnknownKey),
+        }
+    }
+
+    /// Finds the keys that may verify `t` and tries them. With `last` false,
+    /// a `kid` only a JWKS URL could know answers [`Lookup::Refetch`].
+    fn lookup(&self, t: &Unverified<'_>, last: bool) -> Lookup {
+        let iss = t.iss.as_deref();
+        let snapshots: Vec<_> = self
+            .remote
             .iter()
-            .filter(|k| k.family == family)
-            .filter(|k| match (&header.kid, &k.kid) {
-                (Some(want), Some(have)) => want == have,
-                _ => true,
-            })
-            .peekable();
-        if candidates.peek().is_none() {
-            return Err(if self.keys.iter().any(|k| k.family == family) {
-                AuthError::UnknownKey
-            } else {
-                AuthError::Algorithm
-            });
-        }
-        let mut validation = Validation::new(header.alg);
-        validation.leeway = self.opts.leeway_secs;
-        validation.validate_nbf = true;
-        validation.required_spec_claims.clear();
-        if self.opts.issuers.is_empty() {
-            validation.iss = None;
+            .filter(|s| s.issuer().is_none_or(|i| Some(i) == iss))
+            .map(|s| s.keys())
+            .collect();
+        let held = || self.keys.iter().chain(snapshots.iter().flat_map(|s| s.iter()));
+        let usable = || held().filter(|k| k.accepts(t.alg, iss));
+        let by_kid: Vec<&VerifyKey> = match &t.kid {
+            Some(kid) => usable().filter(|k| k.kid.as_deref() == Some(kid.as_str())).collect(),
+            None => usable().collect(),
+        };
+        let candidates = if !by_kid.is_empty() {
+            by_kid
         } else {
-            validation.set_issuer(&self.opts.issuers);
-        }
-        if self.opts.audiences.is_empty() {
-            validation.validate_aud = false;
-        } else {
-            validation.set_audience(&self.opts.audiences);
-        }
-        let mut last = AuthError::Signature;
+            let unloaded = self
+                .remote
+                .iter()
+                .any(|s| s.issuer().is_none_or(|i| Some(i) == iss) && (t.kid.is_some() || !s.loaded()));
+            if !last && unloaded {
+                return Lookup::Refetch;
+            }
+            // Keys without a `kid` (secrets, PEM keys) verify tokens that name one.
+            let kidless: Vec<&VerifyKey> = usable().filter(|k| k.kid.is_none()).collect();
+            if kidless.is_empty() {
+                return Lookup::Decoded(Err(self.why_no_key(t)));
+            }
+            kidless
+        };
+        let mut last_err = AuthError::Signature;
         for key in candidates {
-            match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
-                Ok(data) => return Ok(data.claims),
+            match jsonwebtoken::decode::<Claims>(t.token, &key.key, &self.validation(t.alg, key)) {
+                Ok(data) => return Lookup::Decoded(Ok(data.claims)),
                 Err(e) => {
-                    last = match e.kind() {
+                    last_err = match e.kind() {
                         ErrorKind::InvalidSignature => AuthError::Signature,
-                        ErrorKind::ExpiredSignature => return Err(AuthError::Expired),
-                        ErrorKind::ImmatureSignature => return Err(AuthError::NotYetValid),
-                        ErrorKind::InvalidIssuer => return Err(AuthError::Issuer),
-                        ErrorKind::InvalidAudience => return Err(AuthError::Audience),
+                        ErrorKind::ExpiredSignature => return Lookup::Decoded(Err(AuthError::Expired)),
+                        ErrorKind::ImmatureSignature => return Lookup::Decoded(Err(AuthError::NotYetValid)),
+                        ErrorKind::InvalidIssuer => return Lookup::Decoded(Err(AuthError::Issuer)),
+                        ErrorKind::InvalidAudience => return Lookup::Decoded(Err(AuthError::Audience)),
+                        ErrorKind::MissingRequiredClaim(c) if c == "iss" => {
+                            return Lookup::Decoded(Err(AuthError::Issuer));
+                        }
+                        ErrorKind::MissingRequiredClaim(c) if c == "aud" => {
+                            return Lookup::Decoded(Err(AuthError::Audience));
+                        }
                         ErrorKind::InvalidAlgorithm => AuthError::Algorithm,
                         _ => AuthError::Malformed,
                     }
                 }
             }
         }
-        Err(last)
+        Lookup::Decoded(Err(last_err))
     }
 
-    /// Verifies a connection token.
-    pub fn verify_connect(&self, token: &str) -> Result<Identity, AuthError> {
+    /// The most precise reason no held key fits `t`: `Algorithm` when no key
+    /// of its family exists at all, `Issuer` when only other issuers' keys
+    /// would fit, else `UnknownKey`.
+    fn why_no_key(&self, t: &Unverified<'_>) -> AuthError {
+        let family = t.alg.family();
+        let iss = t.iss.as_deref();
+        let mut family_known = false;
+        let mut issuer_fits = false;
+        let mut check = |k: &VerifyKey| {
+            if k.family == family {
+                family_known = true;
+                issuer_fits |= k.issuer.as_deref().is_none_or(|i| Some(i) == iss);
+            }
+        };
+        self.keys.iter().for_each(&mut check);
+        for s in &self.remote {
+            s.keys().iter().for_each(&mut check);
+        }
+        let remote_fits = self.remote.iter().any(|s| s.issuer().is_none_or(|i| Some(i) == iss));
+        if !family_known && self.remote.is_empty() {
+            AuthError::Algorithm
+        } else if family_known && !issuer_fits && !remote_fits {
+            AuthError::Issuer
+        } else {
+            AuthError::UnknownKey
+        }
+    }
+
+    fn validation(&self, alg: Algorithm, key: &VerifyKey) -> Validation {
+        let mut v = Validation::new(alg);
+        v.leeway = self.opts.leeway_secs;
+        v.validate_nbf = true;
+        v.required_spec_claims.clear();
+        // A configured `iss` or `aud` is also required: a token without the
+        // claim would otherwise pass the check.
+        match &key.issuer {
+            Some(i) => v.set_issuer(&[i.as_ref()]),
+            None if self.opts.issuers.is_empty() => v.iss = None,
+            None => v.set_issuer(&self.opts.issuers),
+        }
+        if v.iss.is_some() {
+            v.required_spec_claims.insert("iss".to_string());
+        }
+        if self.opts.audiences.is_empty() {
+            v.validate_aud = false;
+        } else {
+            v.set_audience(&self.opts.audiences);
+            v.required_spec_claims.insert("aud".to_string());
+        }
+        v
+    }
+
+    /// Verifies a connection token, refetching a JWKS URL first when the
+    /// token names a `kid` not held yet (see [`Verifier::prepare`]).
+    pub async fn verify_connect(&self, token: &str) -> Result<Identity, AuthError> {
+        self.prepare(token).await;
+        self.verify_connect_now(token)
+    }
+
+    /// Verifies a connection token with the keys held now; never waits.
+    pub fn verify_connect_now(&self, token: &str) -> Result<Identity, AuthError> {
         let claims = self.decode(token)?;
         let sub = claims.sub.filter(|s| !s.is_empty()).ok_or(AuthError::MissingSub)?;
-        let grants = match claims.rooms {
-            Some(r) => Grants {
-                subscribe: r.sub.iter().map(|p| Pattern::new(p)).collect(),
-                publish: r.publish.iter().map(|p| Pattern::new(p)).collect(),
-            },
-            None => self.opts.default_grants.clone(),
+        let grants = match claim_at(&claims.rest, &self.opts.rooms_claim) {
+            None | Some(Value::Null) => self.opts.default_grants.clone(),
+            Some(v) => grants_from(v)?,
         };
         Ok(Identity {
             sub,
@@ -361,7 +676,9 @@ impl Verifier {
         })
     }
 
-    /// Verifies a room token presented by the connection of `sub` for `room`.
+    /// Verifies a room token presented by the connection of `sub` for `room`,
+    /// with the keys held now (call [`Verifier::prepare`] first to pick up a
+    /// rotated key).
     pub fn verify_room(&self, token: &str, sub: &str, room: &str) -> Result<RoomGrant, AuthError> {
         let claims = self.decode(token)?;
         match claims.sub.as_deref() {
@@ -377,6 +694,49 @@ impl Verifier {
             exp: claims.exp,
         })
     }
+}
+
+/// The value at a dotted claim path (`realm_access.chat_rooms`).
+fn claim_at<'a>(claims: &'a serde_json::Map<String, Value>, path: &[String]) -> Option<&'a Value> {
+    let (first, rest) = path.split_first()?;
+    let mut v = claims.get(first)?;
+    for seg in rest {
+        v = v.get(seg)?;
+    }
+    Some(v)
+}
+
+/// Grants from a rooms claim: `{"sub":[...],"pub":[...]}`, or a plain list of
+/// patterns, which grants subscribing only.
+fn grants_from(v: &Value) -> Result<Grants, AuthError> {
+    fn patterns(v: Option<&Value>) -> Result<Vec<Pattern>, AuthError> {
+        match v {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|p| p.as_str().map(Pattern::new).ok_or(AuthError::BadGrants))
+                .collect(),
+            Some(_) => Err(AuthError::BadGrants),
+        }
+    }
+    match v {
+        Value::Object(o) => Ok(Grants {
+            subscribe: patterns(o.get("sub"))?,
+            publish: patterns(o.get("pub"))?,
+        }),
+        Value::Array(_) => Ok(Grants {
+            subscribe: patterns(Some(v))?,
+            publish: Vec::new(),
+        }),
+        _ => Err(AuthError::BadGrants),
+    }
+}
+
+/// Time left until `exp` (seconds since the epoch); zero when past.
+pub fn until(exp: u64) -> Duration {
+    (UNIX_EPOCH + Duration::from_secs(exp))
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
 }
 
 /// Seconds since the Unix epoch.
@@ -462,7 +822,7 @@ mod tests {
             json!({"sub":"alice","exp":now_secs()+60,"rooms":{"sub":["general","team-*"],"pub":["general"]}}),
             b"s3cret",
         );
-        let id = verifier().verify_connect(&t).unwrap();
+        let id = verifier().verify_connect_now(&t).unwrap();
         assert_eq!(id.sub, "alice");
         assert!(id.grants.can_subscribe("team-1") && !id.grants.can_publish("team-1"));
         assert!(id.grants.can_publish("general"));
@@ -481,7 +841,7 @@ mod tests {
             ("x".repeat(MAX_TOKEN_BYTES + 1), AuthError::TooLarge),
         ];
         for (token, want) in cases {
-            assert_eq!(v.verify_connect(&token).unwrap_err(), want);
+            assert_eq!(v.verify_connect_now(&token).unwrap_err(), want);
         }
         // alg none never verifies.
         let none = format!(
@@ -489,7 +849,7 @@ mod tests {
             base64_url(br#"{"alg":"none","typ":"JWT"}"#),
             base64_url(br#"{"sub":"a"}"#)
         );
-        assert!(v.verify_connect(&none).is_err());
+        assert_eq!(v.verify_connect_now(&none).unwrap_err(), AuthError::Algorithm);
     }
 
     #[test]
@@ -502,6 +862,87 @@ mod tests {
         assert!(v.verify_room(&t, "alice", "team-7").unwrap().publish);
         assert_eq!(v.verify_room(&t, "bob", "team-7").unwrap_err(), AuthError::WrongSub);
         assert_eq!(v.verify_room(&t, "alice", "team-8").unwrap_err(), AuthError::WrongRoom);
+    }
+
+    #[test]
+    fn configured_iss_and_aud_are_required_not_only_checked() {
+        let mut v = Verifier::new(VerifyOptions {
+            issuers: vec!["https://idp".into()],
+            audiences: vec!["chat".into()],
+            ..Default::default()
+        });
+        v.add_secret(b"s3cret").unwrap();
+        let exp = now_secs() + 60;
+        let ok = sign(json!({"sub":"a","exp":exp,"iss":"https://idp","aud":"chat"}), b"s3cret");
+        assert!(v.verify_connect_now(&ok).is_ok());
+        let no_iss = sign(json!({"sub":"a","exp":exp,"aud":"chat"}), b"s3cret");
+        assert_eq!(v.verify_connect_now(&no_iss).unwrap_err(), AuthError::Issuer);
+        let no_aud = sign(json!({"sub":"a","exp":exp,"iss":"https://idp"}), b"s3cret");
+        assert_eq!(v.verify_connect_now(&no_aud).unwrap_err(), AuthError::Audience);
+        let aud_list = sign(
+            json!({"sub":"a","exp":exp,"iss":"https://idp","aud":["account","chat"]}),
+            b"s3cret",
+        );
+        assert!(v.verify_connect_now(&aud_list).is_ok());
+    }
+
+    #[test]
+    fn rooms_claim_path_and_forms() {
+        let mut v = Verifier::new(VerifyOptions {
+            rooms_claim: vec!["realm_access".into(), "chat".into()],
+            default_grants: Grants {
+                subscribe: vec![Pattern::new("lobby")],
+                publish: vec![],
+            },
+            ..Default::default()
+        });
+        v.add_secret(b"s3cret").unwrap();
+        let obj = sign(
+            json!({"sub":"a","realm_access":{"roles":["x"],"chat":{"sub":["t-*"],"pub":["t-1"]}}}),
+            b"s3cret",
+        );
+        let g = v.verify_connect_now(&obj).unwrap().grants;
+        assert!(g.can_subscribe("t-9") && g.can_publish("t-1") && !g.can_publish("t-2"));
+        let list = sign(json!({"sub":"a","realm_access":{"chat":["news"]}}), b"s3cret");
+        let g = v.verify_connect_now(&list).unwrap().grants;
+        assert!(g.can_subscribe("news") && !g.can_publish("news"));
+        let none = sign(json!({"sub":"a","rooms":{"sub":["*"]}}), b"s3cret");
+        let g = v.verify_connect_now(&none).unwrap().grants;
+        assert!(
+            g.can_subscribe("lobby") && !g.can_subscribe("other"),
+            "the top-level rooms claim is not the path"
+        );
+        let bad = sign(json!({"sub":"a","realm_access":{"chat":{"sub":"t-1"}}}), b"s3cret");
+        assert_eq!(v.verify_connect_now(&bad).unwrap_err(), AuthError::BadGrants);
+    }
+
+    #[test]
+    fn issuer_bound_jwks_keys_verify_only_their_issuer() {
+        let dir = tempfile::tempdir().unwrap();
+        // Two issuers publish an HMAC key under the same kid.
+        let set = |k: &[u8]| json!({"keys":[{"kty":"oct","kid":"same","alg":"HS256","k":base64_url(k)}]}).to_string();
+        std::fs::write(dir.path().join("a.json"), set(b"key-of-a")).unwrap();
+        std::fs::write(dir.path().join("b.json"), set(b"key-of-b")).unwrap();
+        let mut v = Verifier::new(VerifyOptions::default());
+        v.add_jwks(dir.path().join("a.json").to_str().unwrap(), Some("https://a"))
+            .unwrap();
+        v.add_jwks(dir.path().join("b.json").to_str().unwrap(), Some("https://b"))
+            .unwrap();
+        let tok = |iss: &str, key: &[u8]| {
+            let mut h = Header::new(Algorithm::HS256);
+            h.kid = Some("same".into());
+            jsonwebtoken::encode(&h, &json!({"sub":"u","iss":iss}), &EncodingKey::from_secret(key)).unwrap()
+        };
+        assert!(v.verify_connect_now(&tok("https://a", b"key-of-a")).is_ok());
+        assert!(v.verify_connect_now(&tok("https://b", b"key-of-b")).is_ok());
+        assert_eq!(
+            v.verify_connect_now(&tok("https://b", b"key-of-a")).unwrap_err(),
+            AuthError::Signature
+        );
+        assert_eq!(
+            v.verify_connect_now(&tok("https://c", b"key-of-a")).unwrap_err(),
+            AuthError::Issuer
+        );
     }
 
     fn base64_url(b: &[u8]) -> String {

@@ -76,7 +76,7 @@ pub struct Opts {
     /// PEM public key files (RSA, EC or Ed25519), comma-separated.
     #[arg(long, env = "GATEWAY_JWT_PUBLIC_KEY", global = true, value_delimiter = ',')]
     pub jwt_public_key: Option<Vec<PathBuf>>,
-    /// A JWKS file with verification keys.
+    /// A JWKS file or http(s):// URL with verification keys (e.g. a Keycloak realm's .../protocol/openid-connect/certs).
     #[arg(long, env = "GATEWAY_JWKS", global = true)]
     pub jwks: Option<String>,
     /// Accepted `iss` values, comma-separated [default: any].
@@ -94,6 +94,21 @@ pub struct Opts {
     /// Publish grants for tokens without a `rooms` claim, comma-separated patterns [default: none].
     #[arg(long, env = "GATEWAY_DEFAULT_PUB", global = true, value_delimiter = ',')]
     pub default_pub: Option<Vec<String>>,
+    /// Keys bound to one issuer, comma-separated ISSUER=FILE_OR_URL (JWKS); such keys verify only tokens with that `iss` [default: none].
+    #[arg(long, env = "GATEWAY_JWT_ISSUER_KEYS", global = true, value_delimiter = ',')]
+    pub jwt_issuer_keys: Option<Vec<String>>,
+    /// Dotted path of the claim with room grants, e.g. chat.rooms [default: rooms].
+    #[arg(long, env = "GATEWAY_JWT_ROOMS_CLAIM", global = true)]
+    pub jwt_rooms_claim: Option<String>,
+    /// Interval of routine refetches of JWKS URLs, seconds [default: 300].
+    #[arg(long, env = "GATEWAY_JWKS_REFRESH_SECS", global = true)]
+    pub jwks_refresh_secs: Option<u64>,
+    /// Least time between two JWKS refetches for tokens with an unknown kid, seconds [default: 10].
+    #[arg(long, env = "GATEWAY_JWKS_REFETCH_MIN_SECS", global = true)]
+    pub jwks_refetch_min_secs: Option<u64>,
+    /// Interval at which --tls-cert and --tls-key are checked for a new certificate, ms [default: 10000]. SIGHUP also reloads.
+    #[arg(long, env = "GATEWAY_TLS_RELOAD_MS", global = true)]
+    pub tls_reload_ms: Option<u64>,
 
     /// NATS URLs, comma-separated: cluster mode (JetStream for durable rooms) [default: embedded, no NATS].
     #[arg(long, env = "GATEWAY_NATS", global = true)]
@@ -308,6 +323,11 @@ impl Opts {
             jwt_leeway_secs,
             default_rooms,
             default_pub,
+            jwt_issuer_keys,
+            jwt_rooms_claim,
+            jwks_refresh_secs,
+            jwks_refetch_min_secs,
+            tls_reload_ms,
             nats,
             nats_prefix,
             nats_partitions,
@@ -437,7 +457,7 @@ pub struct Config {
     pub jwt_secret: Option<String>,
     /// PEM public keys. Default none.
     pub jwt_public_keys: Vec<PathBuf>,
-    /// JWKS file. Default none.
+    /// JWKS file or URL. Default none.
     pub jwks: Option<String>,
     pub jwt_issuers: Vec<String>,
     pub jwt_audiences: Vec<String>,
@@ -445,6 +465,16 @@ pub struct Config {
     pub jwt_leeway: Duration,
     pub default_rooms: Vec<String>,
     pub default_pub: Vec<String>,
+    /// ISSUER=FILE_OR_URL entries. Default none.
+    pub jwt_issuer_keys: Vec<String>,
+    /// Dotted path of the rooms claim. Default "rooms".
+    pub jwt_rooms_claim: String,
+    /// Routine JWKS URL refetch interval. Default 300 s.
+    pub jwks_refresh: Duration,
+    /// Least time between unknown-kid JWKS refetches. Default 10 s.
+    pub jwks_refetch_min: Duration,
+    /// Certificate file poll interval. Default 10 s.
+    pub tls_reload: Duration,
     /// NATS URLs; empty = embedded mode.
     pub nats: Vec<String>,
     /// Default "gw".
@@ -580,10 +610,22 @@ impl Config {
         if o.tls_cert.is_some() != o.tls_key.is_some() {
             return Err(invalid("tls_cert", "--tls-cert and --tls-key go together"));
         }
-        if o.tls_cert.is_some() {
+        for entry in o.jwt_issuer_keys.iter().flatten() {
+            if !entry
+                .split_once('=')
+                .is_some_and(|(i, k)| !i.is_empty() && !k.is_empty())
+            {
+                return Err(invalid(
+                    "jwt_issuer_keys",
+                    format!("{entry:?} is not ISSUER=FILE_OR_URL"),
+                ));
+            }
+        }
+        let jwt_rooms_claim = o.jwt_rooms_claim.unwrap_or_else(|| "rooms".to_string());
+        if jwt_rooms_claim.split('.').any(str::is_empty) {
             return Err(invalid(
-                "tls_cert",
-                "TLS termination is not available in this build yet; terminate TLS in front of the node",
+                "jwt_rooms_claim",
+                "must be a dotted path like rooms or chat.rooms",
             ));
         }
         if let Some(s) = &o.jwt_secret
@@ -635,6 +677,11 @@ impl Config {
             jwt_leeway: Duration::from_secs(o.jwt_leeway_secs.unwrap_or(5)),
             default_rooms: o.default_rooms.unwrap_or_default(),
             default_pub: o.default_pub.unwrap_or_default(),
+            jwt_issuer_keys: o.jwt_issuer_keys.unwrap_or_default(),
+            jwt_rooms_claim,
+            jwks_refresh: Duration::from_secs(positive("jwks_refresh_secs", o.jwks_refresh_secs, 300)?),
+            jwks_refetch_min: Duration::from_secs(o.jwks_refetch_min_secs.unwrap_or(10)),
+            tls_reload: ms(Some(positive("tls_reload_ms", o.tls_reload_ms, 10_000)?), 0),
             nats,
             nats_prefix,
             nats_partitions,
@@ -873,6 +920,34 @@ mod tests {
         assert!(err.to_string().starts_with("trusted_proxy_header"), "{err}");
         let err = Config::resolve(parse(&["--publish-burst", "0"])).unwrap_err();
         assert!(err.to_string().starts_with("publish_burst"), "{err}");
+    }
+
+    #[test]
+    fn auth_and_tls_options() {
+        let c = Config::resolve(parse(&[
+            "--jwks",
+            "https://kc.example.com/realms/chat/protocol/openid-connect/certs",
+            "--jwt-issuer-keys",
+            "https://kc.example.com/realms/a=/etc/a.json,https://b.example=https://b.example/jwks",
+            "--jwt-rooms-claim",
+            "chat.rooms",
+            "--tls-cert",
+            "/c.pem",
+            "--tls-key",
+            "/k.pem",
+        ]))
+        .unwrap();
+        assert_eq!(c.jwt_issuer_keys.len(), 2);
+        assert_eq!(c.jwt_rooms_claim, "chat.rooms");
+        assert_eq!(c.jwks_refresh, Duration::from_secs(300));
+        assert_eq!(c.jwks_refetch_min, Duration::from_secs(10));
+        assert_eq!(c.tls_reload, Duration::from_secs(10));
+        let err = Config::resolve(parse(&["--jwt-issuer-keys", "no-equals-sign"])).unwrap_err();
+        assert!(err.to_string().starts_with("jwt_issuer_keys"), "{err}");
+        let err = Config::resolve(parse(&["--jwt-rooms-claim", "a..b"])).unwrap_err();
+        assert!(err.to_string().starts_with("jwt_rooms_claim"), "{err}");
+        let err = Config::resolve(parse(&["--tls-cert", "/c.pem"])).unwrap_err();
+        assert!(err.to_string().starts_with("tls_cert"), "{err}");
     }
 
     #[test]

@@ -45,8 +45,10 @@ const MAX_KEY_LEN: usize = 256;
 const BAD_FRAME_WINDOW: Duration = Duration::from_secs(60);
 
 /// Runs one upgraded connection to its end. `admit` (from admission control)
-/// is held until the connection ends.
-pub async fn run<S>(node: Arc<Node>, ws: S, peer: SocketAddr, admit: Admit)
+/// is held until the connection ends. `identity` is set when the upgrade
+/// request carried a verified `Authorization: Bearer` token: then no
+/// `connect` frame is needed.
+pub async fn run<S>(node: Arc<Node>, ws: S, peer: SocketAddr, admit: Admit, identity: Option<Identity>)
 where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
@@ -68,6 +70,7 @@ where
     }
 
     let mut session = Session::new(node.clone(), id, outbox.clone(), admit);
+    session.preauth = identity;
     let reason = {
         let reader = session.read_loop(&mut stream);
         let writer = write_loop(&mut sink, &outbox, &mut batch, cfg.ping_interval, cfg.write_timeout);
@@ -192,6 +195,10 @@ struct Session {
     id: ConnId,
     outbox: ConnOutbox,
     identity: Option<Identity>,
+    /// Identity from the upgrade's `Authorization` header, until used.
+    preauth: Option<Identity>,
+    /// A pre-authenticated connection may still send `connect` first.
+    connect_allowed: bool,
     /// `sub` as a JSON string literal, encoded once for every message push.
     from_json: String,
     rooms: HashMap<RoomId, RoomSub>,
@@ -209,6 +216,8 @@ impl Session {
             id,
             outbox,
             identity: None,
+            preauth: None,
+            connect_allowed: false,
             from_json: String::new(),
             rooms: HashMap::new(),
             expires_at: None,
@@ -317,6 +326,11 @@ impl Session {
     where
         St: Stream<Item = Result<Message, WsError>> + Unpin,
     {
+        if let Some(identity) = self.preauth.take() {
+            self.accept(identity, None)?;
+            self.connect_allowed = true;
+            return Ok(());
+        }
         let deadline = Instant::now() + self.node.cfg.auth_timeout;
         let unauthorized = |msg: &'static str| ProtoError::new(ErrorCode::Unauthorized, msg);
         loop {
@@ -348,17 +362,19 @@ impl Session {
                     return Err(CloseReason::Unauthorized);
                 }
             };
-            return match self.node.verifier.verify_connect(&token) {
-                Ok(identity) => {
-                    self.accept(identity, parsed.id)?;
-                    Ok(())
-                }
-                Err(e) => {
-                    self.node.metrics.auth_failed(e.label());
-                    self.reply_err(parsed.id, &ProtoError::new(ErrorCode::Unauthorized, e.to_string()))?;
-                    Err(CloseReason::Unauthorized)
-                }
-            };
+            return self.connect(parsed.id, &token).await;
+        }
+    }
+
+    /// Verifies a `connect` token: accepted, or error `unauthorized` and 4001.
+    async fn connect(&mut self, id: Option<u32>, token: &str) -> Result<(), CloseReason> {
+        match self.node.verifier.verify_connect(token).await {
+            Ok(identity) => self.accept(identity, id),
+            Err(e) => {
+                self.node.metrics.auth_failed(e.label());
+                self.reply_err(id, &ProtoError::new(ErrorCode::Unauthorized, e.to_string()))?;
+                Err(CloseReason::Unauthorized)
+            }
         }
     }
 
@@ -379,12 +395,16 @@ impl Session {
         format!("{}-{:x}", self.node.cfg.node_id, self.id.0)
     }
 
-    /// Sets the expiry timer; returns seconds left (None without `exp`).
+    /// Sets the expiry timer (one per connection, reset by `refresh`);
+    /// returns whole seconds left (None without `exp`).
     fn set_expiry(&mut self, exp: Option<u64>) -> Option<u64> {
-        let exp = exp?;
-        let left = exp.saturating_sub(auth::now_secs());
-        self.expires_at = Some(Instant::now() + Duration::from_secs(left));
-        Some(left)
+        let Some(exp) = exp else {
+            self.expires_at = None;
+            return None;
+        };
+        let left = auth::until(exp);
+        self.expires_at = Some(Instant::now() + left);
+        Some(left.as_secs())
     }
 
     async fn handle(&mut self, frame: Bytes) -> Result<(), CloseReason> {
@@ -394,9 +414,17 @@ impl Session {
             Ok(c) => c,
             Err(e) => return self.bad_frame(id, &e),
         };
+        let first = std::mem::take(&mut self.connect_allowed);
         match command {
+            Command::Connect { token } if first => self.connect(id, &token).await,
             Command::Connect { .. } => self.bad_frame(id, &ProtoError::bad_request("already connected")),
-            Command::Subscribe { rooms } => self.subscribe(id, rooms).await,
+            Command::Subscribe { rooms } => {
+                // Fetch rotated keys for room tokens before the outbox is held.
+                for token in rooms.iter().filter_map(|e| e.token.as_deref()) {
+                    self.node.verifier.prepare(token).await;
+                }
+                self.subscribe(id, rooms).await
+            }
             Command::Unsubscribe { rooms } => {
                 for name in rooms {
                     if let Some(room) = RoomId::parse(&name)
@@ -409,7 +437,7 @@ impl Session {
             }
             Command::Publish { room, data, key } => self.publish(id, &room, &data, key.as_deref()).await,
             Command::History { room, limit, before } => self.history(id, &room, limit, before).await,
-            Command::Refresh { token } => self.refresh(id, &token),
+            Command::Refresh { token } => self.refresh(id, &token).await,
             Command::Ping => {
                 self.send(protocol::PONG.to_string())?;
                 self.reply_ok(id, "{}")
@@ -704,8 +732,8 @@ impl Session {
             .map_err(|_| CloseReason::SlowConsumer)
     }
 
-    fn refresh(&mut self, id: Option<u32>, token: &str) -> Result<(), CloseReason> {
-        let identity = match self.node.verifier.verify_connect(token) {
+    async fn refresh(&mut self, id: Option<u32>, token: &str) -> Result<(), CloseReason> {
+        let identity = match self.node.verifier.verify_connect(token).await {
             Ok(i) => i,
             Err(e) => {
                 self.node.metrics.auth_failed(e.label());

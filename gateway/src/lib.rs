@@ -8,19 +8,22 @@
 //! Modules: [`config`] (flags, env, TOML), [`server`] (listener, router,
 //! shutdown), [`conn`] (connection task), [`rooms`] (room index and log),
 //! [`bus`] (how messages get offsets and reach nodes), [`auth`] (JWT),
-//! [`protocol`] (JSON wire format), [`limits`] (rate limits and admission
-//! control), [`metrics`], [`error`].
+//! [`jwks`] (key sets fetched from URLs), [`tls`] (wss:// with certificate
+//! reload), [`protocol`] (JSON wire format), [`limits`] (rate limits and
+//! admission control), [`metrics`], [`error`].
 
 pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod conn;
 pub mod error;
+pub mod jwks;
 pub mod limits;
 pub mod metrics;
 pub mod protocol;
 pub mod rooms;
 pub mod server;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

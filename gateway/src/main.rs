@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    gateway::tls::install_default_provider();
     let cli = Cli::parse();
     let config = cli
         .opts
@@ -81,7 +82,10 @@ fn init_logs(config: &Config) {
 }
 
 async fn run(mut config: Config) -> anyhow::Result<()> {
-    let dev_mode = config.jwt_secret.is_none() && config.jwt_public_keys.is_empty() && config.jwks.is_none();
+    let dev_mode = config.jwt_secret.is_none()
+        && config.jwt_public_keys.is_empty()
+        && config.jwks.is_none()
+        && config.jwt_issuer_keys.is_empty();
     if dev_mode {
         let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
         config.jwt_secret = Some(secret);
@@ -99,7 +103,12 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let addr = listener.local_addr()?;
-    tracing::info!(node = %config.node_id, %addr, bus = node.bus.kind(), "gateway listening on ws://{addr}/ws");
+    let scheme = if node.is_tls() { "wss" } else { "ws" };
+    tracing::info!(node = %config.node_id, %addr, bus = node.bus.kind(), "gateway listening on {scheme}://{addr}/ws");
+    #[cfg(unix)]
+    if node.is_tls() {
+        tokio::spawn(reload_tls_on_sighup(node.clone()));
+    }
     if dev_mode {
         announce_dev_mode(&config, addr);
     }
@@ -131,6 +140,19 @@ fn announce_dev_mode(config: &Config, addr: std::net::SocketAddr) {
          Connect:      ws://{addr}/ws  then send {{\"id\":1,\"op\":\"connect\",\"token\":\"<token>\"}}\n  \
          Production:   set --jwt-secret / --jwt-public-key / --jwks.\n"
     );
+}
+
+/// Reloads the TLS certificate on each SIGHUP.
+#[cfg(unix)]
+async fn reload_tls_on_sighup(node: std::sync::Arc<Node>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reloading the TLS certificate");
+        node.reload_tls();
+    }
 }
 
 async fn shutdown_signal() {

@@ -108,3 +108,18 @@ pub fn rate_limit_keys() -> Gauge {
 pub fn handshakes_in_progress() -> Gauge {
     gauge!("gateway_handshakes_in_progress")
 }
+
+/// Counts a JWKS fetch by what started it (`refresh`, `unknown_kid`) and how it ended.
+pub fn jwks_fetched(trigger: &'static str, result: &'static str) {
+    counter!("gateway_jwks_fetches_total", "trigger" => trigger, "result" => result).increment(1);
+}
+
+/// Counts an unknown-`kid` refetch skipped by the rate limit.
+pub fn jwks_refetch_limited() {
+    counter!("gateway_jwks_refetches_limited_total").increment(1);
+}
+
+/// Counts a TLS certificate reload by result.
+pub fn tls_reloaded(result: &'static str) {
+    counter!("gateway_tls_reloads_total", "result" => result).increment(1);
+}

@@ -1,7 +1,9 @@
 //! The node and its HTTP/WebSocket server: router, listener, shutdown.
 //!
-//! Owns the accept loop, the upgrade to WebSocket, health and metrics
-//! endpoints, and the ordered shutdown. Does not own what a connection does
+//! Owns the accept loop (plain TCP or TLS, see `tls`), the upgrade to
+//! WebSocket with its checks (Origin allowlist; an optional
+//! `Authorization: Bearer` token verified before the upgrade), health and
+//! metrics endpoints, and the ordered shutdown. Does not own what a connection does
 //! (`conn`).
 //!
 //! Shutdown, in order: readiness goes 503; the accept loop stops; the node
@@ -31,13 +33,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
-use crate::auth::{Grants, Pattern, Verifier, VerifyOptions};
+use crate::auth::{Identity, Verifier};
 use crate::bus::{Bus, ClusterConfig, NatsBus};
 use crate::config::Config;
 use crate::conn;
 use crate::limits::{Limits, Refusal};
 use crate::metrics::{self, Metrics};
 use crate::rooms::{ConnId, LogMode, RoomIndex, RoomLimits};
+use crate::tls::Tls;
 
 /// The JSON sub-protocol (the default).
 pub const PROTOCOL_JSON: &str = "gw.v1.json";
@@ -49,6 +52,8 @@ pub enum StartError {
     Keys(#[from] crate::auth::KeyError),
     #[error("cluster mode could not start")]
     Cluster(#[from] crate::bus::nats::ClusterError),
+    #[error("loading the TLS certificate failed")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Shared state of one gateway node.
@@ -59,6 +64,8 @@ pub struct Node {
     pub bus: Bus,
     pub metrics: Metrics,
     pub limits: Limits,
+    /// Present when serving `wss://`.
+    tls: Option<Arc<Tls>>,
     conn_seq: AtomicU64,
     conns: Arc<AtomicUsize>,
     shutdown: CancellationToken,
@@ -77,27 +84,15 @@ impl Drop for ConnCount {
 }
 
 impl Node {
-    /// Builds a node: loads keys, sizes the room index and, in cluster mode,
-    /// connects to NATS and checks the streams. Binds nothing.
+    /// Builds a node: loads keys and the TLS certificate, sizes the room
+    /// index and, in cluster mode, connects to NATS and checks the streams.
+    /// Binds nothing.
     pub async fn new(cfg: Config) -> Result<Arc<Self>, StartError> {
-        let mut verifier = Verifier::new(VerifyOptions {
-            leeway_secs: cfg.jwt_leeway.as_secs(),
-            issuers: cfg.jwt_issuers.clone(),
-            audiences: cfg.jwt_audiences.clone(),
-            default_grants: Grants {
-                subscribe: cfg.default_rooms.iter().map(|p| Pattern::new(p)).collect(),
-                publish: cfg.default_pub.iter().map(|p| Pattern::new(p)).collect(),
-            },
-        });
-        if let Some(secret) = &cfg.jwt_secret {
-            verifier.add_secret(secret.as_bytes())?;
-        }
-        for path in &cfg.jwt_public_keys {
-            verifier.add_public_key_file(path)?;
-        }
-        if let Some(jwks) = &cfg.jwks {
-            verifier.add_jwks_file(std::path::Path::new(jwks))?;
-        }
+        let verifier = Verifier::from_config(&cfg)?;
+        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(Tls::load(cert, key)?)),
+            _ => None,
+        };
         let mode = if cfg.nats.is_empty() {
             LogMode::Authoritative
         } else {
@@ -141,6 +136,7 @@ impl Node {
             bus,
             metrics: Metrics::new(),
             limits,
+            tls,
             conn_seq: AtomicU64::new(1),
             conns: Arc::new(AtomicUsize::new(0)),
             shutdown: CancellationToken::new(),
@@ -186,6 +182,18 @@ impl Node {
         self.peak_outbox_bytes.fetch_max(bytes, Ordering::Relaxed);
     }
 
+    /// Whether the node serves `wss://`.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Reloads the TLS certificate now if its files changed (e.g. on SIGHUP).
+    pub fn reload_tls(&self) {
+        if let Some(tls) = &self.tls {
+            crate::tls::reload_logged(tls);
+        }
+    }
+
     /// Highest number of bytes queued for any one closed connection.
     pub fn peak_outbox_bytes(&self) -> usize {
         self.peak_outbox_bytes.load(Ordering::Relaxed)
@@ -205,6 +213,14 @@ pub struct DrainReport {
 /// Serves the node on `listener` until `shutdown` resolves, then drains.
 pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> DrainReport {
     let router = router(node.clone());
+    node.verifier.start(node.shutdown.clone());
+    if let Some(tls) = &node.tls {
+        tokio::spawn(crate::tls::watch(
+            tls.clone(),
+            node.cfg.tls_reload,
+            node.shutdown.clone(),
+        ));
+    }
     let accept = accept_loop(node.clone(), listener, router);
     tokio::select! {
         () = accept => {}
@@ -254,30 +270,56 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, router: Router) {
         let _ = tcp.set_nodelay(true);
         let router = router.clone();
         let token = node.shutdown.clone();
+        // One shared config whose resolver hands out the current certificate
+        // per handshake: a reload reaches the next handshake, established
+        // sessions keep theirs.
+        let tls = node.tls.as_ref().map(|t| t.acceptor().clone());
         node.tracker.spawn(async move {
-            let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(peer);
-                let mut router = router.clone();
-                async move { router.call(req.map(Body::new)).await }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "http connection ended");
-                    }
-                }
-                () = token.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
-                }
+            match tls {
+                None => serve_http(tcp, peer, router, token).await,
+                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => serve_http(stream, peer, router, token).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
             }
         });
+    }
+}
+
+/// Longest a TLS handshake may take before the socket is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head (request line and headers): a 1 MiB `Authorization`
+/// header is refused by the HTTP layer (431) before anything parses it.
+const MAX_REQUEST_HEAD_BYTES: usize = 64 * 1024;
+
+/// Serves HTTP/1.1 (and upgrades) on one accepted connection, plain or TLS.
+async fn serve_http<I>(io: I, peer: SocketAddr, router: Router, token: CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(peer);
+        let mut router = router.clone();
+        async move { router.call(req.map(Body::new)).await }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(MAX_REQUEST_HEAD_BYTES)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "http connection ended");
+            }
+        }
+        () = token.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+        }
     }
 }
 
@@ -355,6 +397,52 @@ fn origin_allowed(cfg: &Config, headers: &HeaderMap) -> bool {
     }
 }
 
+/// The token of an `Authorization: Bearer` header: `None` without the
+/// header, `Err` when the header is not a bearer token.
+fn bearer(headers: &HeaderMap) -> Option<Result<String, ()>> {
+    let value = headers.get(header::AUTHORIZATION)?;
+    let text = value.to_str().map_err(|_| ());
+    Some(text.and_then(|t| {
+        let (scheme, token) = t.trim().split_once(' ').ok_or(())?;
+        let token = token.trim();
+        if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() {
+            Ok(token.to_string())
+        } else {
+            Err(())
+        }
+    }))
+}
+
+/// Verifies an `Authorization: Bearer` token before the upgrade; a refusal
+/// is HTTP 401 (counted by reason, the token never echoed).
+async fn authorize_upgrade(node: &Node, headers: &HeaderMap) -> Result<Option<Identity>, Response> {
+    let token = match bearer(headers) {
+        None => return Ok(None),
+        Some(Ok(t)) => t,
+        Some(Err(())) => {
+            node.metrics.auth_failed("malformed");
+            return Err(unauthorized("Authorization must be Bearer <JWT>".to_string()));
+        }
+    };
+    match node.verifier.verify_connect(&token).await {
+        Ok(identity) => Ok(Some(identity)),
+        Err(e) => {
+            node.metrics.auth_failed(e.label());
+            Err(unauthorized(e.to_string()))
+        }
+    }
+}
+
+/// HTTP 401 with a fixed message (an [`crate::auth::AuthError`] text, never the token).
+fn unauthorized(why: String) -> Response {
+    let mut r = (StatusCode::UNAUTHORIZED, why).into_response();
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer error=\"invalid_token\""),
+    );
+    r
+}
+
 /// Picks the sub-protocol: `Ok(None)` when the client offered none (JSON is
 /// the default), `Err` when it offered only ones this node does not speak.
 fn pick_protocol(headers: &HeaderMap) -> Result<Option<&'static str>, ()> {
@@ -412,6 +500,12 @@ async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response
         Ok(a) => a,
         Err(refusal) => return refuse_admission(refusal),
     };
+    // After admission: verifying a bearer token costs CPU a storm must not get.
+    let key = key.clone();
+    let identity = match authorize_upgrade(&node, req.headers()).await {
+        Ok(i) => i,
+        Err(refused) => return refused,
+    };
     let accept = derive_accept_key(key.as_bytes());
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return refuse(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
@@ -427,7 +521,7 @@ async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
-                conn::run(task_node, ws, peer, admit).await;
+                conn::run(task_node, ws, peer, admit, identity).await;
             }
             Err(e) => tracing::debug!(%peer, error = %e, "upgrade failed"),
         }

@@ -149,7 +149,7 @@ fn token_subcommand_mints_a_verifiable_token() {
     let token = String::from_utf8(out.stdout).unwrap();
     let mut v = gateway::auth::Verifier::new(Default::default());
     v.add_secret(b"s3").unwrap();
-    let id = v.verify_connect(token.trim()).unwrap();
+    let id = v.verify_connect_now(token.trim()).unwrap();
     assert_eq!(id.sub, "alice");
     assert!(id.grants.can_subscribe("team-9") && id.grants.can_publish("general"));
     assert!(!id.grants.can_subscribe("random"));

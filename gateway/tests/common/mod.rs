@@ -156,6 +156,21 @@ impl Client {
         }
     }
 
+    /// Opens with a custom upgrade request (extra headers such as Origin or
+    /// Authorization); a refused upgrade gives its HTTP status (0 when the
+    /// server answered none).
+    pub async fn try_open(req: tokio_tungstenite::tungstenite::handshake::client::Request) -> Result<Self, u16> {
+        match within(tokio_tungstenite::connect_async(req)).await {
+            Ok((ws, _)) => Ok(Self {
+                ws,
+                next_id: 1,
+                pushes: VecDeque::new(),
+            }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+            Err(_) => Err(0),
+        }
+    }
+
     pub async fn send_text(&mut self, s: impl Into<String>) {
         self.ws.send(Message::text(s.into())).await.expect("send");
     }
