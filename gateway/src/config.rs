@@ -134,6 +134,9 @@ pub struct Opts {
     /// How long a durable publish waits for the stream's acknowledgement, ms [default: 5000].
     #[arg(long, env = "GATEWAY_PUBLISH_TIMEOUT_MS", global = true)]
     pub publish_timeout_ms: Option<u64>,
+    /// Connect only to the --nats URLs, never to servers the cluster announces (NATS behind a load balancer or NAT) [default: false].
+    #[arg(long, env = "GATEWAY_NATS_IGNORE_DISCOVERED", global = true, num_args = 0..=1, default_missing_value = "true")]
+    pub nats_ignore_discovered: Option<bool>,
     /// How long the node waits for NATS at start, ms [default: 10000].
     #[arg(long, env = "GATEWAY_NATS_CONNECT_TIMEOUT_MS", global = true)]
     pub nats_connect_timeout_ms: Option<u64>,
@@ -337,6 +340,7 @@ impl Opts {
             room_linger_ms,
             publish_timeout_ms,
             nats_connect_timeout_ms,
+            nats_ignore_discovered,
             tls_cert,
             tls_key,
             allowed_origins,
@@ -493,6 +497,8 @@ pub struct Config {
     pub publish_timeout: Duration,
     /// Default 10 s.
     pub nats_connect_timeout: Duration,
+    /// Default false.
+    pub nats_ignore_discovered: bool,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// Allowed origins; empty = any.
@@ -690,6 +696,7 @@ impl Config {
             ephemeral_prefixes,
             room_linger: ms(o.room_linger_ms, 5_000),
             publish_timeout: ms(Some(positive("publish_timeout_ms", o.publish_timeout_ms, 5_000)?), 0),
+            nats_ignore_discovered: o.nats_ignore_discovered.unwrap_or(false),
             nats_connect_timeout: ms(
                 Some(positive("nats_connect_timeout_ms", o.nats_connect_timeout_ms, 10_000)?),
                 0,

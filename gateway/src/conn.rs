@@ -660,15 +660,15 @@ impl Session {
         }
         let started = std::time::Instant::now();
         let node = self.node.clone();
-        let sub = self.identity().sub.clone();
         let out = Outgoing {
             room: &room,
-            from: &sub,
+            from: &self.identity().sub,
             from_json: &self.from_json,
             data,
             key,
         };
-        match node.bus.publish(&node.rooms, out).await {
+        let result = node.bus.publish(&node.rooms, out).await;
+        match result {
             Ok(p) => {
                 let m = &node.metrics;
                 if p.fresh {

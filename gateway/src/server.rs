@@ -125,6 +125,7 @@ impl Node {
                 linger: cfg.room_linger,
                 publish_timeout: cfg.publish_timeout,
                 connect_timeout: cfg.nats_connect_timeout,
+                ignore_discovered: cfg.nats_ignore_discovered,
             };
             Bus::Nats(NatsBus::start(cluster, rooms.clone()).await?)
         };

@@ -28,6 +28,7 @@ async fn gateway_with(cluster: &Cluster, name: &str, urls: Option<String>, histo
         o.history_size = Some(history);
         // These tests are about the bus; rate limits have their own tests.
         o.no_rate_limits = Some(true);
+        o.ephemeral_prefixes = Some(vec!["typing:".into()]);
     })
     .await
 }
@@ -289,8 +290,18 @@ async fn clients_of_a_stopped_gateway_resume_on_another_with_since() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn while_nats_is_down_publishes_are_refused_and_missed_messages_arrive_after() {
     let mut cluster = Cluster::start(3).await;
-    // Gateway A knows only server 1; B knows the others.
-    let a = gateway(&cluster, "gw-d1", Some(cluster.servers[0].url())).await;
+    // Gateway A knows only server 1 (and ignores the servers the cluster
+    // announces); B knows the others.
+    let a_url = cluster.servers[0].url();
+    let a = TestNode::with(move |o| {
+        o.nats = Some(a_url);
+        o.nats_replicas = Some(3);
+        o.node_id = Some("gw-d1".into());
+        o.nats_partitions = Some(4);
+        o.no_rate_limits = Some(true);
+        o.nats_ignore_discovered = Some(true);
+    })
+    .await;
     let b_urls = format!("{},{}", cluster.servers[1].url(), cluster.servers[2].url());
     let b = gateway(&cluster, "gw-d2", Some(b_urls)).await;
     let mut on_a = a.client("on-a").await;
@@ -367,4 +378,82 @@ async fn a_stream_with_limits_that_drop_messages_is_refused_at_start() {
     let text = format!("{:#}", anyhow::Error::from(err));
     assert!(text.contains("max_msgs"), "{text}");
     assert!(text.contains("GW_ROOMS_0"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ephemeral_rooms_fan_out_across_gateways_without_storage() {
+    let cluster = Cluster::start(3).await;
+    let a = gateway(&cluster, "gw-e1", None).await;
+    let b = gateway(&cluster, "gw-e2", None).await;
+    let mut on_a = a.client("ea").await;
+    let mut on_b = b.client("eb").await;
+    on_a.subscribe(&["typing:general"]).await;
+    on_b.subscribe(&["typing:general"]).await;
+    let r = on_a.publish("typing:general", json!({"typing":true})).await;
+    assert_eq!(r["ok"]["offset"], 0, "not stored: {r}");
+    for c in [&mut on_a, &mut on_b] {
+        let m = c.next_push().await;
+        assert_eq!(
+            (m["room"].as_str(), m["offset"].as_u64()),
+            (Some("typing:general"), Some(0))
+        );
+        assert_eq!(m["data"]["typing"], true);
+    }
+    let h = on_b.request(json!({"op":"history","room":"typing:general"})).await;
+    assert_eq!(h["ok"]["messages"], json!([]));
+    let r = on_b
+        .request(json!({"op":"subscribe","rooms":[{"room":"typing:general","since":5}]}))
+        .await;
+    assert_eq!(r["ok"]["rooms"][0]["recovered"], false);
+    // Nothing reached JetStream.
+    let client = async_nats::connect(cluster.servers[0].url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut total = 0;
+    for p in 0..4 {
+        if let Ok(mut s) = js.get_stream(format!("GW_ROOMS_{p}")).await {
+            total += s.info().await.unwrap().state.messages;
+        }
+    }
+    assert_eq!(total, 0);
+}
+
+/// Figures for docs/cluster.md (not a test of timing: run it by hand).
+/// `cargo test --release -p gateway --test cluster -- --ignored --nocapture publish_throughput`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run by hand"]
+async fn publish_throughput_durable_vs_ephemeral() {
+    const PUBLISHERS: usize = 50;
+    const EACH: usize = 200;
+    for sync_always in [true, false] {
+        let cluster = Cluster::start_with(3, sync_always).await;
+        let node = gateway(&cluster, &format!("gw-tp-{sync_always}"), None).await;
+        for room in ["durable-room", "typing:room"] {
+            let mut clients = Vec::new();
+            for i in 0..PUBLISHERS {
+                clients.push(node.client(&format!("p{i}")).await);
+            }
+            let started = std::time::Instant::now();
+            let tasks: Vec<_> = clients
+                .into_iter()
+                .map(|mut c| {
+                    tokio::spawn(async move {
+                        for i in 0..EACH {
+                            let r = c.publish(room, json!(i)).await;
+                            assert!(r["ok"]["offset"].is_u64(), "{r}");
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "sync_interval={} room={room}: {:.0} acknowledged publishes/s ({} publishers)",
+                if sync_always { "always" } else { "default" },
+                (PUBLISHERS * EACH) as f64 / secs,
+                PUBLISHERS
+            );
+        }
+    }
 }

@@ -67,6 +67,8 @@ pub struct ClusterConfig {
     pub publish_timeout: Duration,
     /// How long to wait for NATS at start.
     pub connect_timeout: Duration,
+    /// Connect only to `urls`, never to servers the cluster announces.
+    pub ignore_discovered: bool,
 }
 
 /// Why cluster mode could not start.
@@ -159,7 +161,11 @@ impl NatsBus {
     /// reconnect watcher and the delivery sweeper.
     pub async fn start(cfg: ClusterConfig, rooms: Arc<RoomIndex>) -> Result<Arc<Self>, ClusterError> {
         let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-        let opts = async_nats::ConnectOptions::new()
+        let mut opts = async_nats::ConnectOptions::new();
+        if cfg.ignore_discovered {
+            opts = opts.ignore_discovered_servers();
+        }
+        let opts = opts
             .name(&cfg.name)
             .connection_timeout(cfg.connect_timeout)
             .request_timeout(Some(Duration::from_secs(5)))
@@ -333,7 +339,7 @@ impl NatsBus {
                 let last = if self.is_ephemeral(room) {
                     0
                 } else {
-                    self.last_seq(room).await?
+                    self.last_seq_retrying(room).await?
                 };
                 let bus = Arc::downgrade(self);
                 let task_room = room.clone();
@@ -358,6 +364,22 @@ impl NatsBus {
         match self.stream_of(room).direct_get(offset).await {
             Ok(m) => m.subject.as_str() == self.store_subject(room),
             Err(_) => false,
+        }
+    }
+
+    /// [`Self::last_seq`], retried briefly: right after a leader change the
+    /// first request may fail.
+    async fn last_seq_retrying(&self, room: &RoomId) -> Result<u64, BusError> {
+        let mut attempt = 0;
+        loop {
+            match self.last_seq(room).await {
+                Ok(seq) => return Ok(seq),
+                Err(e) if attempt >= 3 || !self.is_connected() => return Err(e),
+                Err(_) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+            }
         }
     }
 
@@ -645,7 +667,16 @@ impl NatsBus {
     /// A client saw `offset` elsewhere; make sure this node has applied it
     /// before the client joins, so it gets no message twice.
     pub async fn sync_to(self: &Arc<Self>, room: &RoomId, offset: u64) {
-        if !self.rooms.is_live(room) || offset <= self.rooms.last_offset(room) {
+        if self.is_ephemeral(room) || !self.rooms.is_live(room) || offset <= self.rooms.last_offset(room) {
+            return;
+        }
+        // Trust the stream, not the client: an offset beyond the room's tail
+        // is bogus (answered recovered:false) and must not start a repair.
+        let Ok(tail) = self.last_seq(room).await else {
+            return;
+        };
+        let offset = offset.min(tail);
+        if offset <= self.rooms.last_offset(room) {
             return;
         }
         self.clone().repair_to(room.clone(), offset).await;
@@ -780,21 +811,37 @@ async fn ensure_stream(js: &jetstream::Context, cfg: &ClusterConfig, p: u32) -> 
         stream: name.clone(),
         source: e,
     };
-    match js.get_stream(&name).await {
+    let mut stream = match js.get_stream(&name).await {
         Ok(mut s) => {
             let info = s.info().await.map_err(|e| wrap(Box::new(e)))?;
             check_stream(&name, &info.config, cfg)?;
-            Ok(s)
+            s
         }
         Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
         {
             tracing::info!(stream = %name, replicas = cfg.replicas, "creating room stream");
             js.create_stream(stream_config(cfg, p))
                 .await
-                .map_err(|e| wrap(Box::new(e)))
+                .map_err(|e| wrap(Box::new(e)))?
         }
-        Err(e) => Err(wrap(Box::new(e))),
+        Err(e) => return Err(wrap(Box::new(e))),
+    };
+    // A replicated stream takes a moment to elect its leader; the node is not
+    // ready before its streams can take writes.
+    let deadline = Instant::now() + cfg.connect_timeout;
+    loop {
+        let info = stream.get_info().await.map_err(|e| wrap(Box::new(e)))?;
+        let has_leader = info
+            .cluster
+            .as_ref()
+            .is_none_or(|c| c.leader.is_some() || c.name.is_none());
+        if has_leader || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let _ = stream.info().await;
+    Ok(stream)
 }
 
 /// Refuses a stream whose limits would drop messages the gateway promises
@@ -895,6 +942,7 @@ mod tests {
             linger: Duration::from_secs(5),
             publish_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            ignore_discovered: false,
         }
     }
 

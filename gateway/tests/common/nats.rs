@@ -92,6 +92,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(n: usize) -> Self {
+        Self::start_with(n, true).await
+    }
+
+    /// `sync_always`: fsync every write (`sync_interval: always`) or the
+    /// server's default interval.
+    pub async fn start_with(n: usize, sync_always: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(3 * n);
         let mut servers: Vec<Server> = (0..n)
@@ -122,12 +128,13 @@ impl Cluster {
             let conf = format!(
                 "server_name: {}\nlisten: \"127.0.0.1:{}\"\nhttp: \"127.0.0.1:{}\"\n\
                  log_file: \"{}\"\n\
-                 jetstream {{ store_dir: \"{}\", sync_interval: always }}\n{}\n",
+                 jetstream {{ store_dir: \"{}\"{} }}\n{}\n",
                 s.name,
                 s.port,
                 s.monitor,
                 s.log().display(),
                 store.display(),
+                if sync_always { ", sync_interval: always" } else { "" },
                 cluster
             );
             std::fs::write(&s.config, conf).unwrap();
