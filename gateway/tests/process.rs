@@ -200,3 +200,26 @@ fn help_lists_the_operator_contract() {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
 }
+
+#[test]
+fn configuration_doc_lists_every_option() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md")).unwrap();
+    for word in help.split_whitespace() {
+        if let Some(flag) = word.strip_prefix("--") {
+            let flag = flag.trim_end_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-');
+            if flag.is_empty()
+                || flag == "help"
+                || flag == "version"
+                || !flag.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+            {
+                continue;
+            }
+            assert!(
+                doc.contains(&format!("`--{flag}`")),
+                "docs/configuration.md lacks --{flag}: regenerate it with scripts/config-doc.py"
+            );
+        }
+    }
+}
