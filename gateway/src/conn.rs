@@ -282,7 +282,7 @@ impl Session {
     where
         St: Stream<Item = Result<Message, WsError>> + Unpin,
     {
-        if let Err(reason) = self.authenticate(stream).await {
+        if let Err(reason) = Box::pin(self.authenticate(stream)).await {
             return reason;
         }
         self.limits.handshake_done();
@@ -305,7 +305,9 @@ impl Session {
                 Message::Text(t) => {
                     let frame = Bytes::from(t);
                     match self.limits.check_bytes(frame.len()) {
-                        Ok(()) => self.handle(frame).await,
+                        // Boxed: a command's state lives on the heap only
+                        // while it runs, so an idle connection stays small.
+                        Ok(()) => Box::pin(self.handle(frame)).await,
                         Err(r) => self.rate_limited(protocol::parse(&frame).id, r),
                     }
                 }
@@ -423,7 +425,7 @@ impl Session {
                 for token in rooms.iter().filter_map(|e| e.token.as_deref()) {
                     self.node.verifier.prepare(token).await;
                 }
-                self.subscribe(id, rooms).await
+                Box::pin(self.subscribe(id, rooms)).await
             }
             Command::Unsubscribe { rooms } => {
                 for name in rooms {
@@ -435,9 +437,9 @@ impl Session {
                 }
                 self.reply_ok(id, "{}")
             }
-            Command::Publish { room, data, key } => self.publish(id, &room, &data, key.as_deref()).await,
-            Command::History { room, limit, before } => self.history(id, &room, limit, before).await,
-            Command::Refresh { token } => self.refresh(id, &token).await,
+            Command::Publish { room, data, key } => Box::pin(self.publish(id, &room, &data, key.as_deref())).await,
+            Command::History { room, limit, before } => Box::pin(self.history(id, &room, limit, before)).await,
+            Command::Refresh { token } => Box::pin(self.refresh(id, &token)).await,
             Command::Ping => {
                 self.send(protocol::PONG.to_string())?;
                 self.reply_ok(id, "{}")
@@ -836,5 +838,42 @@ fn ws_error_reason(e: &WsError) -> CloseReason {
         WsError::Protocol(WsProtocolError::ResetWithoutClosingHandshake) => CloseReason::ClientGone,
         WsError::Protocol(_) => CloseReason::ProtocolError,
         _ => CloseReason::ClientGone,
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    type Ws = tokio_tungstenite::WebSocketStream<tokio::io::DuplexStream>;
+
+    /// Every idle connection holds one `run` future: its size is part of the
+    /// per-connection memory budget (issue 3: at most 4 KiB of RSS per idle
+    /// connection). Command handlers are boxed so their state is only on the
+    /// heap while they run; this keeps that from regressing.
+    #[tokio::test]
+    async fn an_idle_connection_task_stays_small() {
+        let node = crate::Node::new(crate::Config::default()).await.unwrap();
+        let (a, _b) = tokio::io::duplex(64);
+        let ws: Ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            a,
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        let fut = run(
+            node,
+            ws,
+            "127.0.0.1:1".parse().unwrap(),
+            crate::limits::Admit::none(),
+            None,
+        );
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 2560, "conn::run future is {size} bytes");
+        assert!(
+            std::mem::size_of::<Session>() <= 640,
+            "{}",
+            std::mem::size_of::<Session>()
+        );
     }
 }
