@@ -73,6 +73,11 @@ impl Server {
         }
     }
 
+    /// Whether the process is still up (it exits at once if a port is taken).
+    fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
@@ -98,6 +103,22 @@ impl Cluster {
     /// `sync_always`: fsync every write (`sync_interval: always`) or the
     /// server's default interval.
     pub async fn start_with(n: usize, sync_always: bool) -> Self {
+        // A free port can be taken by another process's outgoing connection
+        // before nats-server binds it; then that server exits. Start again on
+        // new ports (bounded).
+        for attempt in 1..=4 {
+            let mut c = Self::spawn_all(n, sync_always);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if c.servers.iter_mut().all(Server::alive) {
+                c.wait_ready().await;
+                return c;
+            }
+            eprintln!("nats-server failed to start (attempt {attempt}); retrying on other ports");
+        }
+        panic!("nats-server cluster did not start in 4 attempts");
+    }
+
+    fn spawn_all(n: usize, sync_always: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(3 * n);
         let mut servers: Vec<Server> = (0..n)
@@ -142,9 +163,7 @@ impl Cluster {
         for s in &mut servers {
             s.spawn();
         }
-        let c = Self { servers, _dir: dir };
-        c.wait_ready().await;
-        c
+        Self { servers, _dir: dir }
     }
 
     /// Waits until every running server reports healthy JetStream.
