@@ -277,6 +277,9 @@ pub struct Opts {
     #[arg(long, env = "GATEWAY_CATCHUP_MAX_BYTES", global = true)]
     pub catchup_max_bytes: Option<usize>,
 
+    /// Coalescing interval of `activity` pushes for notify-mode rooms, ms [default: 1000].
+    #[arg(long, env = "GATEWAY_ACTIVITY_INTERVAL_MS", global = true)]
+    pub activity_interval_ms: Option<u64>,
     /// Interval of WebSocket pings from the server, ms [default: 25000].
     #[arg(long, env = "GATEWAY_PING_INTERVAL_MS", global = true)]
     pub ping_interval_ms: Option<u64>,
@@ -385,6 +388,7 @@ impl Opts {
             dedup_max_keys,
             max_rooms,
             catchup_max_bytes,
+            activity_interval_ms,
             ping_interval_ms,
             idle_timeout_ms,
             max_bad_frames,
@@ -542,6 +546,8 @@ pub struct Config {
     pub max_rooms: usize,
     /// Default 16 MiB.
     pub catchup_max_bytes: usize,
+    /// Default 1 s.
+    pub activity_interval: Duration,
     /// Default 25 s.
     pub ping_interval: Duration,
     /// Default 70 s.
@@ -723,6 +729,10 @@ impl Config {
             dedup_max_keys: positive("dedup_max_keys", o.dedup_max_keys, 10_000)?,
             max_rooms: positive("max_rooms", o.max_rooms, 1_000_000)?,
             catchup_max_bytes: o.catchup_max_bytes.unwrap_or(16 << 20),
+            activity_interval: ms(
+                Some(positive("activity_interval_ms", o.activity_interval_ms, 1_000)?),
+                0,
+            ),
             ping_interval: ms(Some(positive("ping_interval_ms", o.ping_interval_ms, 25_000)?), 0),
             idle_timeout: ms(Some(positive("idle_timeout_ms", o.idle_timeout_ms, 70_000)?), 0),
             max_bad_frames: o.max_bad_frames.unwrap_or(20),

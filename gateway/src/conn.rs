@@ -34,7 +34,7 @@ use crate::bus::{BusError, Fetched, Outgoing};
 use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::limits::{Admit, ConnLimits, RateLimited, Strikes};
 use crate::protocol::{self, Command, SubscribeEntry};
-use crate::rooms::{Catchup, ConnId, ConnOutbox, Frame, HistoryPage, RoomError, RoomId, Transition};
+use crate::rooms::{Activity, Catchup, ConnId, ConnOutbox, Frame, HistoryPage, Member, RoomError, RoomId, Transition};
 use crate::server::Node;
 
 /// How long the final close frame may take to go out.
@@ -69,11 +69,17 @@ where
         return;
     }
 
-    let mut session = Session::new(node.clone(), id, outbox.clone(), admit);
+    let activity = Arc::new(Activity::default());
+    let mut session = Session::new(node.clone(), id, outbox.clone(), activity.clone(), admit);
     session.preauth = identity;
     let reason = {
         let reader = session.read_loop(&mut stream);
-        let writer = write_loop(&mut sink, &outbox, &mut batch, cfg.ping_interval, cfg.write_timeout);
+        let times = WriterTimes {
+            ping_interval: cfg.ping_interval,
+            write_timeout: cfg.write_timeout,
+            activity_interval: cfg.activity_interval,
+        };
+        let writer = write_loop(&mut sink, &outbox, &activity, &mut batch, times);
         let drain = async {
             node.draining().await;
             // Spread the 1012s so clients do not all reconnect at once.
@@ -138,24 +144,51 @@ where
     sink.flush().await
 }
 
+/// Timing of the writer.
+#[derive(Debug, Clone, Copy)]
+struct WriterTimes {
+    ping_interval: Duration,
+    write_timeout: Duration,
+    /// At most one `activity` push per room per this interval.
+    activity_interval: Duration,
+}
+
 async fn write_loop<Si>(
     sink: &mut Si,
     outbox: &ConnOutbox,
+    activity: &Activity,
     batch: &mut VecDeque<Frame>,
-    ping_interval: Duration,
-    write_timeout: Duration,
+    times: WriterTimes,
 ) -> CloseReason
 where
     Si: Sink<Message, Error = WsError> + Unpin,
 {
+    let WriterTimes {
+        ping_interval,
+        write_timeout,
+        activity_interval,
+    } = times;
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Notify-mode counts are flushed one interval after the first message of
+    // a burst (trailing edge: a burst becomes one push per room); an idle
+    // connection arms no timer at all.
     loop {
         tokio::select! {
             d = outbox.drain(batch) => match d {
                 Drained::Frames => {}
                 Drained::Overflowed => return CloseReason::SlowConsumer,
                 Drained::Closed => return CloseReason::ClientGone,
+            },
+            () = async {
+                // The deadline is kept by `activity`, so a restart of this
+                // branch (other frames won the select) does not postpone it.
+                let first = activity.pending().await;
+                sleep_until(first + activity_interval).await;
+            } => {
+                for (room, offset, count) in activity.take() {
+                    batch.push_back(Frame::text(protocol::activity_push(&room, offset, count)));
+                }
             },
             _ = ping.tick() => {
                 if sink.send(Message::Ping(Bytes::new())).await.is_err() {
@@ -194,6 +227,8 @@ struct Session {
     node: Arc<Node>,
     id: ConnId,
     outbox: ConnOutbox,
+    /// Pending `activity` counts of this connection's notify-mode rooms.
+    activity: Arc<Activity>,
     identity: Option<Identity>,
     /// Identity from the upgrade's `Authorization` header, until used.
     preauth: Option<Identity>,
@@ -208,13 +243,14 @@ struct Session {
 }
 
 impl Session {
-    fn new(node: Arc<Node>, id: ConnId, outbox: ConnOutbox, admit: Admit) -> Self {
+    fn new(node: Arc<Node>, id: ConnId, outbox: ConnOutbox, activity: Arc<Activity>, admit: Admit) -> Self {
         let bad_frames = Strikes::new(node.cfg.max_bad_frames, BAD_FRAME_WINDOW, Instant::now());
         let limits = node.limits.conn(admit);
         Self {
             node,
             id,
             outbox,
+            activity,
             identity: None,
             preauth: None,
             connect_allowed: false,
@@ -433,6 +469,7 @@ impl Session {
                         && self.rooms.remove(&room).is_some()
                     {
                         leave(&self.node, &room, self.id);
+                        self.activity.forget(&room);
                     }
                 }
                 self.reply_ok(id, "{}")
@@ -583,13 +620,11 @@ impl Session {
     async fn join_one(&mut self, entry: &SubscribeEntry) -> Result<Slot, ProtoError> {
         let name = entry.room.as_deref().unwrap_or("");
         let room = RoomId::parse(name).ok_or_else(|| ProtoError::bad_request("invalid room name"))?;
-        match entry.mode.as_deref() {
-            None | Some("full") => {}
-            Some("notify") => {
-                return Err(ProtoError::bad_request("mode notify is not supported by this node yet"));
-            }
+        let notify = match entry.mode.as_deref() {
+            None | Some("full") => false,
+            Some("notify") => true,
             Some(_) => return Err(ProtoError::bad_request("mode must be full or notify")),
-        }
+        };
         let mut sub = RoomSub {
             token_pub: false,
             by_token: false,
@@ -615,19 +650,27 @@ impl Session {
                 format!("at most {} rooms per connection", self.node.cfg.max_rooms_per_conn),
             ));
         }
-        if let Some(since) = entry.since {
+        // Notify mode pushes no messages: `since` has nothing to replay.
+        let since = if notify { None } else { entry.since };
+        if let Some(since) = since {
             // The client may have seen newer messages on another node.
             self.node.bus.sync_to(&room, since).await;
         }
+        let member = if notify {
+            Member::Notify(&self.activity)
+        } else {
+            self.activity.forget(&room);
+            Member::Full(&self.outbox)
+        };
         let joined = self
             .node
             .rooms
-            .join(&room, self.id, &self.outbox, entry.since)
+            .join(&room, self.id, member, since)
             .map_err(room_error)?;
         self.rooms.insert(room.clone(), sub);
         Ok(Slot {
             room,
-            since: entry.since,
+            since,
             at: joined.at,
         })
     }
@@ -759,6 +802,7 @@ impl Session {
         for room in revoked {
             self.rooms.remove(&room);
             leave(&self.node, &room, self.id);
+            self.activity.forget(&room);
             self.send(format!(
                 "{{\"op\":\"unsubscribed\",\"room\":\"{room}\",\"error\":{{\"code\":\"forbidden\",\"message\":\"the refreshed token does not grant this room\"}}}}"
             ))?;

@@ -225,6 +225,15 @@ pub fn message_push(room: &RoomId, offset: u64, ts_ms: u64, from_json: &str, dat
     out
 }
 
+/// The `activity` push of a notify-mode room: `count` messages since the
+/// previous one, the latest at `offset`.
+pub fn activity_push(room: &RoomId, offset: u64, count: u64) -> String {
+    format!(
+        "{{\"op\":\"activity\",\"room\":\"{}\",\"offset\":{offset},\"count\":{count}}}",
+        room.as_str()
+    )
+}
+
 /// The `pong` push.
 pub const PONG: &str = "{\"op\":\"pong\"}";
 

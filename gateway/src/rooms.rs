@@ -113,6 +113,84 @@ impl Weighted for Frame {
 /// A connection's outbox.
 pub type ConnOutbox = Arc<Outbox<Frame>>;
 
+/// How a connection follows a room.
+#[derive(Clone, Copy)]
+pub enum Member<'a> {
+    /// Every message is pushed (`mode: full`).
+    Full(&'a ConnOutbox),
+    /// Only coalesced `activity` pushes (`mode: notify`, background rooms).
+    Notify(&'a Arc<Activity>),
+}
+
+/// Room -> (latest offset, messages counted).
+type PendingCounts = HashMap<RoomId, (u64, u64)>;
+
+/// A connection's pending `activity` counts for its notify-mode rooms. A
+/// message costs a notify member one map update; the connection's writer
+/// turns the counts into at most one `activity` push per room per interval.
+#[derive(Default)]
+pub struct Activity {
+    /// Room -> (latest offset, count), and when the first count arrived.
+    pending: Mutex<(PendingCounts, Option<tokio::time::Instant>)>,
+    ready: tokio::sync::Notify,
+}
+
+impl Activity {
+    /// Counts one message of `room` at `offset`.
+    pub fn bump(&self, room: &RoomId, offset: u64) {
+        let mut guard = self.pending.lock();
+        let (p, first_at) = &mut *guard;
+        let was_empty = p.is_empty();
+        if was_empty {
+            *first_at = Some(tokio::time::Instant::now());
+        }
+        match p.get_mut(room) {
+            Some(e) => {
+                e.0 = offset.max(e.0);
+                e.1 += 1;
+            }
+            None => {
+                p.insert(room.clone(), (offset, 1));
+            }
+        }
+        drop(guard);
+        if was_empty {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Waits until some count is pending; returns when the first one arrived.
+    pub async fn pending(&self) -> tokio::time::Instant {
+        loop {
+            if let Some(at) = self.pending.lock().1 {
+                return at;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Takes every pending count: (room, latest offset, messages since the last take).
+    pub fn take(&self) -> Vec<(RoomId, u64, u64)> {
+        let mut guard = self.pending.lock();
+        let (p, first_at) = &mut *guard;
+        *first_at = None;
+        let out = p.drain().map(|(room, (offset, count))| (room, offset, count)).collect();
+        if p.capacity() > 64 {
+            *p = HashMap::new();
+        }
+        out
+    }
+
+    /// Forgets the pending count of `room` (the connection left it).
+    pub fn forget(&self, room: &RoomId) {
+        let mut guard = self.pending.lock();
+        guard.0.remove(room);
+        if guard.0.is_empty() {
+            guard.1 = None;
+        }
+    }
+}
+
 /// The first/last local member transitions of a room; they drive the room's
 /// bus subscription.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,6 +276,8 @@ struct Entry {
 
 struct RoomState {
     members: MemberSet<ConnId, Frame>,
+    /// Members in notify mode.
+    watchers: HashMap<ConnId, Arc<Activity>>,
     log: VecDeque<Entry>,
     log_bytes: usize,
     last_offset: u64,
@@ -223,10 +303,15 @@ struct RoomState {
 }
 
 impl RoomState {
+    fn has_members(&self) -> bool {
+        !self.members.is_empty() || !self.watchers.is_empty()
+    }
+
     fn new(mode: LogMode) -> Self {
         let authoritative = mode == LogMode::Authoritative;
         Self {
             members: MemberSet::default(),
+            watchers: HashMap::new(),
             log: VecDeque::new(),
             log_bytes: 0,
             last_offset: 0,
@@ -333,9 +418,12 @@ impl RoomIndex {
         self.len() == 0
     }
 
-    /// Local members of `room`.
+    /// Local members of `room` (both modes).
     pub fn members(&self, room: &RoomId) -> usize {
-        self.get(room).map_or(0, |r| r.state.lock().members.len())
+        self.get(room).map_or(0, |r| {
+            let st = r.state.lock();
+            st.members.len() + st.watchers.len()
+        })
     }
 
     fn get(&self, room: &RoomId) -> Option<Arc<Room>> {
@@ -394,12 +482,25 @@ impl RoomIndex {
         &self,
         room: &RoomId,
         conn: ConnId,
-        outbox: &ConnOutbox,
+        member: Member<'_>,
         since: Option<u64>,
     ) -> Result<Joined, RoomError> {
         self.with_room(room, |st| {
-            let first = st.members.is_empty();
-            st.members.insert(conn, outbox.clone());
+            let first = !st.has_members();
+            // One membership per connection: joining again may switch modes.
+            let since = match member {
+                Member::Full(outbox) => {
+                    st.watchers.remove(&conn);
+                    st.members.insert(conn, outbox.clone());
+                    since
+                }
+                Member::Notify(activity) => {
+                    st.members.remove(conn);
+                    st.watchers.insert(conn, activity.clone());
+                    // Notify mode pushes no messages, so there is no catch-up.
+                    None
+                }
+            };
             let at = st
                 .live
                 .then(|| (st.last_offset, since.map(|s| st.catchup(s, st.last_offset))));
@@ -438,10 +539,12 @@ impl RoomIndex {
             return Transition::Unchanged;
         };
         let mut st = r.state.lock();
-        if st.dead || !st.members.remove(conn) {
+        let was_member = st.members.remove(conn);
+        let was_watcher = st.watchers.remove(&conn).is_some();
+        if st.dead || !(was_member || was_watcher) {
             return Transition::Unchanged;
         }
-        if !st.members.is_empty() {
+        if st.has_members() {
             return Transition::Unchanged;
         }
         if self.mode == LogMode::Authoritative && st.log.is_empty() && st.dedup.is_empty() {
@@ -457,7 +560,7 @@ impl RoomIndex {
             return false;
         };
         let mut st = r.state.lock();
-        if st.dead || !st.members.is_empty() {
+        if st.dead || st.has_members() {
             return false;
         }
         self.remove_locked(room, &mut st);
@@ -515,7 +618,7 @@ impl RoomIndex {
                     st.dedup.remove(&old);
                 }
             }
-            let (delivered, slow) = self.append_and_broadcast(st, offset, frame);
+            let (delivered, slow) = self.append_and_broadcast(room, st, offset, frame);
             Published {
                 offset,
                 fresh: true,
@@ -536,7 +639,7 @@ impl RoomIndex {
         }
     }
 
-    fn append_and_broadcast(&self, st: &mut RoomState, offset: u64, frame: Frame) -> (usize, usize) {
+    fn append_and_broadcast(&self, room: &RoomId, st: &mut RoomState, offset: u64, frame: Frame) -> (usize, usize) {
         st.last_offset = offset;
         st.log_bytes += frame.weight();
         st.log.push_back(Entry {
@@ -546,7 +649,10 @@ impl RoomIndex {
         self.trim(st);
         let mut slow = Vec::new();
         let delivered = st.members.broadcast(&frame, &mut slow);
-        (delivered, slow.len())
+        for w in st.watchers.values() {
+            w.bump(room, offset);
+        }
+        (delivered + st.watchers.len(), slow.len())
     }
 
     fn trim(&self, st: &mut RoomState) {
@@ -568,7 +674,10 @@ impl RoomIndex {
     pub fn broadcast_unstored(&self, room: &RoomId, frame: &Frame) -> usize {
         self.with_existing(room, |st| {
             let mut slow = Vec::new();
-            st.members.broadcast(frame, &mut slow)
+            for w in st.watchers.values() {
+                w.bump(room, 0);
+            }
+            st.members.broadcast(frame, &mut slow) + st.watchers.len()
         })
         .unwrap_or(0)
     }
@@ -599,7 +708,7 @@ impl RoomIndex {
                 st.repairing = true;
                 return Delivered::Gap(gap);
             }
-            let (members, _) = self.append_and_broadcast(st, seq, frame);
+            let (members, _) = self.append_and_broadcast(room, st, seq, frame);
             Delivered::Applied { members }
         })
         .unwrap_or(Delivered::NoRoom)
@@ -617,7 +726,7 @@ impl RoomIndex {
     /// Applies buffered messages that now follow on; returns the next gap:
     /// up to the previous offset of the first message still waiting, or, with
     /// nothing waiting, up to a tail learnt from the stream or a publish ack.
-    fn drain_pending(&self, st: &mut RoomState) -> Option<Gap> {
+    fn drain_pending(&self, room: &RoomId, st: &mut RoomState) -> Option<Gap> {
         while let Some(entry) = st.pending.first_entry() {
             let seq = *entry.key();
             let prev = entry.get().0;
@@ -634,7 +743,7 @@ impl RoomIndex {
                 });
             }
             let (_, frame) = entry.remove();
-            self.append_and_broadcast(st, seq, frame);
+            self.append_and_broadcast(room, st, seq, frame);
         }
         if st.pending_dropped > st.last_offset {
             st.repairing = true;
@@ -667,7 +776,7 @@ impl RoomIndex {
             st.live_from = last;
             st.last_offset = last;
             st.evicted_upto = last;
-            self.drain_pending(st)
+            self.drain_pending(room, st)
         })
         .flatten()
     }
@@ -678,14 +787,14 @@ impl RoomIndex {
         self.with_existing(room, |st| {
             for (seq, frame) in fetched {
                 if seq > st.last_offset {
-                    self.append_and_broadcast(st, seq, frame);
+                    self.append_and_broadcast(room, st, seq, frame);
                 }
             }
             // Whatever the gap held that the stream no longer has is skipped.
             if upto > st.last_offset {
                 st.last_offset = upto;
             }
-            self.drain_pending(st)
+            self.drain_pending(room, st)
         })
         .flatten()
     }
@@ -874,11 +983,11 @@ mod tests {
         let r = room("r");
         let (a, b) = (outbox(), outbox());
         assert_eq!(
-            idx.join(&r, ConnId(1), &a, None).unwrap().transition,
+            idx.join(&r, ConnId(1), Member::Full(&a), None).unwrap().transition,
             Transition::FirstLocal
         );
         assert_eq!(
-            idx.join(&r, ConnId(2), &b, None).unwrap().transition,
+            idx.join(&r, ConnId(2), Member::Full(&b), None).unwrap().transition,
             Transition::Unchanged
         );
         assert_eq!(idx.leave(&r, ConnId(1)), Transition::Unchanged);
@@ -896,17 +1005,17 @@ mod tests {
             idx.publish(&r, "\"a\"", b"1", None, 0, now).unwrap();
         }
         let ob = outbox();
-        let j = idx.join(&r, ConnId(1), &ob, Some(5)).unwrap();
+        let j = idx.join(&r, ConnId(1), Member::Full(&ob), Some(5)).unwrap();
         assert_eq!(j.at.as_ref().unwrap().0, 8);
         assert_eq!(catchup(&j), (vec![6, 7, 8], true));
         // Offsets 1..=3 were evicted: since 2 cannot be served.
-        let j = idx.join(&r, ConnId(2), &ob, Some(2)).unwrap();
+        let j = idx.join(&r, ConnId(2), Member::Full(&ob), Some(2)).unwrap();
         assert_eq!(catchup(&j), (vec![], false));
         // since 3: 4..=8 are all there.
-        let j = idx.join(&r, ConnId(3), &ob, Some(3)).unwrap();
+        let j = idx.join(&r, ConnId(3), Member::Full(&ob), Some(3)).unwrap();
         assert_eq!(catchup(&j), (vec![4, 5, 6, 7, 8], true));
         // A since from the future (the log was reset) is not recovered.
-        let j = idx.join(&r, ConnId(4), &ob, Some(99)).unwrap();
+        let j = idx.join(&r, ConnId(4), Member::Full(&ob), Some(99)).unwrap();
         assert_eq!(catchup(&j), (vec![], false));
         idx.publish(&r, "\"a\"", b"2", None, 0, now).unwrap();
         assert_eq!(
@@ -969,7 +1078,7 @@ mod tests {
         let idx = cache(100);
         let r = room("r");
         let ob = outbox();
-        let j = idx.join(&r, ConnId(1), &ob, Some(3)).unwrap();
+        let j = idx.join(&r, ConnId(1), Member::Full(&ob), Some(3)).unwrap();
         assert!(j.at.is_none(), "not live yet");
         assert_eq!(idx.deliver(&r, 12, 10, frame(12)), Delivered::Buffered);
         assert_eq!(idx.deliver(&r, 9, 5, frame(9)), Delivered::Buffered);
@@ -988,7 +1097,7 @@ mod tests {
         let idx = cache(100);
         let r = room("r");
         let ob = outbox();
-        idx.join(&r, ConnId(1), &ob, None).unwrap();
+        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
         idx.go_live(&r, 10);
         assert_eq!(
             idx.deliver(&r, 20, 15, frame(20)),
@@ -1006,7 +1115,7 @@ mod tests {
         let idx = cache(100);
         let r = room("r");
         let ob = outbox();
-        idx.join(&r, ConnId(1), &ob, None).unwrap();
+        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
         idx.go_live(&r, 1);
         assert!(matches!(idx.deliver(&r, 3, 2, frame(3)), Delivered::Gap(_)));
         for seq in 4..12 {
@@ -1025,7 +1134,7 @@ mod tests {
         let idx = cache(100);
         let r = room("r");
         let ob = outbox();
-        idx.join(&r, ConnId(1), &ob, None).unwrap();
+        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
         idx.go_live(&r, 10);
         idx.deliver(&r, 11, 10, frame(11));
         assert!(matches!(idx.history(&r, None, 5), HistoryPage::NeedsBackend));

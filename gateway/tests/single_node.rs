@@ -531,3 +531,51 @@ async fn shutdown_sends_1012_to_every_client() {
     assert!(report.clean);
     assert_eq!(report.conns_at_start, 20);
 }
+
+#[tokio::test]
+async fn notify_mode_pushes_coalesced_activity_instead_of_messages() {
+    let node = TestNode::with(|o| o.activity_interval_ms = Some(300)).await;
+    let mut bg = node.client("background").await;
+    let r = bg
+        .request(json!({"op":"subscribe","rooms":[{"room":"quiet","mode":"notify"},{"room":"loud"}]}))
+        .await;
+    assert!(r["ok"]["rooms"][0].get("error").is_none(), "{r}");
+    assert_eq!(r["ok"]["rooms"][0]["offset"], 0);
+    let mut p = node.client("poster").await;
+    let mut last = 0;
+    for i in 0..5 {
+        last = p.publish("quiet", json!(i)).await["ok"]["offset"].as_u64().unwrap();
+    }
+    let a = bg.next_push().await;
+    assert_eq!(
+        a,
+        json!({"op":"activity","room":"quiet","offset":last,"count":5}),
+        "one coalesced push"
+    );
+    // Full-mode rooms still get messages; a quiet room sends nothing more.
+    p.publish("loud", json!("full")).await;
+    assert_eq!(bg.next_push().await["data"], "full");
+    for i in 0..2 {
+        last = p.publish("quiet", json!(i)).await["ok"]["offset"].as_u64().unwrap();
+    }
+    let a = bg.next_push().await;
+    assert_eq!(
+        (a["op"].as_str(), a["count"].as_u64(), a["offset"].as_u64()),
+        (Some("activity"), Some(2), Some(last))
+    );
+    // Switching the room to full mode: messages, no more activity.
+    bg.request(json!({"op":"subscribe","rooms":[{"room":"quiet"}]})).await;
+    p.publish("quiet", json!("now full")).await;
+    let m = bg.next_push().await;
+    assert_eq!(
+        (m["op"].as_str(), m["data"].as_str()),
+        (Some("message"), Some("now full"))
+    );
+    assert!(bg.push_within(Duration::from_millis(500)).await.is_none());
+    // Unsubscribing stops everything.
+    bg.request(json!({"op":"subscribe","rooms":[{"room":"quiet","mode":"notify"}]}))
+        .await;
+    p.publish("quiet", json!("x")).await;
+    bg.request(json!({"op":"unsubscribe","rooms":["quiet"]})).await;
+    assert!(bg.push_within(Duration::from_millis(600)).await.is_none());
+}
