@@ -63,6 +63,34 @@ impl Stamp {
     }
 }
 
+/// A publisher's send schedule for one phase: message `i` is due at
+/// `start + i / rate`, and that due time is its stamp.
+#[derive(Clone, Copy, Debug)]
+pub struct Schedule {
+    start_ns: u64,
+    /// Messages per second.
+    rate: f64,
+}
+
+impl Schedule {
+    pub fn new(start_ns: u64, rate: f64) -> Self {
+        Self {
+            start_ns,
+            rate: rate.max(1e-9),
+        }
+    }
+
+    /// How many messages are due `elapsed_s` seconds after the start.
+    pub fn due_by(&self, elapsed_s: f64) -> u64 {
+        (elapsed_s.max(0.0) * self.rate) as u64 + 1
+    }
+
+    /// The stamp of message `i`.
+    pub fn stamp_ns(&self, i: u64) -> u64 {
+        self.start_ns + (i as f64 * 1e9 / self.rate) as u64
+    }
+}
+
 /// A reusable payload buffer: the layout is written once, each message only
 /// overwrites the digits.
 #[derive(Clone, Debug)]
@@ -85,7 +113,10 @@ impl PayloadTemplate {
     pub fn stamp(&mut self, stamp: &Stamp) -> &[u8] {
         write_digits(&mut self.buf[T_AT..T_AT + 19], stamp.sent_ns);
         write_digits(&mut self.buf[S_AT..S_AT + 12], stamp.seq.min(Stamp::MAX_SEQ));
-        write_digits(&mut self.buf[K_AT..K_AT + 4], u64::from(stamp.phase.min(Stamp::MAX_PHASE)));
+        write_digits(
+            &mut self.buf[K_AT..K_AT + 4],
+            u64::from(stamp.phase.min(Stamp::MAX_PHASE)),
+        );
         write_digits(
             &mut self.buf[P_AT..P_AT + 3],
             u64::from(stamp.publisher.min(Stamp::MAX_PUBLISHER)),
@@ -93,12 +124,9 @@ impl PayloadTemplate {
         &self.buf
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.buf.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
     }
 }
 
@@ -108,9 +136,17 @@ pub struct StampFinder {
     finder: memmem::Finder<'static>,
 }
 
+impl std::fmt::Debug for StampFinder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StampFinder")
+    }
+}
+
 impl Default for StampFinder {
     fn default() -> Self {
-        Self { finder: memmem::Finder::new(MARKER) }
+        Self {
+            finder: memmem::Finder::new(MARKER),
+        }
     }
 }
 
@@ -159,7 +195,12 @@ mod tests {
     use super::*;
 
     fn stamp(sent_ns: u64, seq: u64) -> Stamp {
-        Stamp { sent_ns, seq, phase: 7, publisher: 3 }
+        Stamp {
+            sent_ns,
+            seq,
+            phase: 7,
+            publisher: 3,
+        }
     }
 
     #[test]
@@ -169,7 +210,12 @@ mod tests {
         for s in [
             stamp(0, 0),
             stamp(1_764_201_234_567_890_123, 42),
-            Stamp { sent_ns: u64::MAX / 2, seq: Stamp::MAX_SEQ, phase: 9_999, publisher: 999 },
+            Stamp {
+                sent_ns: u64::MAX / 2,
+                seq: Stamp::MAX_SEQ,
+                phase: 9_999,
+                publisher: 999,
+            },
         ] {
             let bytes = t.stamp(&s).to_vec();
             assert_eq!(bytes.len(), 200);
@@ -182,9 +228,8 @@ mod tests {
         let mut t = PayloadTemplate::new(80);
         let s = stamp(1_700_000_000_000_000_000, 9);
         let payload = String::from_utf8(t.stamp(&s).to_vec()).unwrap();
-        let frame = format!(
-            r#"{{"op":"message","room":"bench","offset":12,"ts":1,"from":"pub-0","data":"{payload}"}}"#
-        );
+        let frame =
+            format!(r#"{{"op":"message","room":"bench","offset":12,"ts":1,"from":"pub-0","data":"{payload}"}}"#);
         assert_eq!(StampFinder::default().find(frame.as_bytes()), Some(s));
     }
 
@@ -215,6 +260,25 @@ mod tests {
         assert_eq!(s.latency_us(1_002_500_999), Some(2_500));
         // A stamp from the future (clock stepped back) is reported, not clamped.
         assert_eq!(s.latency_us(999_999_999), None);
+    }
+
+    #[test]
+    fn first_message_is_due_at_once_not_one_interval_late() {
+        // Regression: counting due messages as floor(elapsed * rate) sent
+        // message i at (i + 1) / rate stamped i / rate, adding one whole
+        // interval of false latency (100 ms at 10 messages/s).
+        let s = Schedule::new(5_000_000_000, 10.0);
+        assert_eq!(s.due_by(0.0), 1);
+        assert_eq!(s.due_by(0.099), 1);
+        assert_eq!(s.due_by(0.1), 2);
+        assert_eq!(s.due_by(1.0), 11);
+        assert_eq!(s.stamp_ns(0), 5_000_000_000);
+        assert_eq!(s.stamp_ns(10), 6_000_000_000);
+        // Every message is stamped no later than the moment it becomes due.
+        for i in 0..100u64 {
+            let due_at = (s.stamp_ns(i) - 5_000_000_000) as f64 / 1e9;
+            assert!(s.due_by(due_at + 1e-9) > i, "message {i} not due at its stamp");
+        }
     }
 
     #[test]

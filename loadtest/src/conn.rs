@@ -14,9 +14,8 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::time::timeout;
 
 use crate::nats::{self, NatsParser};
 use crate::ws::{self, FrameReader, MaskKeys};
@@ -56,7 +55,9 @@ impl Endpoint {
     /// Parses `ws://HOST:PORT[/PATH]`. Only loopback addresses are accepted:
     /// the load generator never sends load off the machine.
     pub fn parse(target: Target, url: &str) -> Result<Self> {
-        let rest = url.strip_prefix("ws://").with_context(|| format!("{url}: only ws:// URLs"))?;
+        let rest = url
+            .strip_prefix("ws://")
+            .with_context(|| format!("{url}: only ws:// URLs"))?;
         let (host, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -69,7 +70,12 @@ impl Endpoint {
         if !addr.ip().is_loopback() {
             bail!("{url}: the load generator only targets 127.0.0.0/8");
         }
-        Ok(Self { target, addr, host: host.to_string(), path: path.to_string() })
+        Ok(Self {
+            target,
+            addr,
+            host: host.to_string(),
+            path: path.to_string(),
+        })
     }
 }
 
@@ -182,10 +188,6 @@ impl Conn {
         Ok(conn)
     }
 
-    pub fn target(&self) -> Target {
-        self.target
-    }
-
     async fn authenticate(&mut self, token: Option<&str>) -> Result<(), ConnError> {
         match self.target {
             Target::GwJson => {
@@ -282,7 +284,18 @@ impl Conn {
 
     /// Parses every buffered frame; `on` gets each application message.
     pub fn drain(&mut self, on: &mut impl FnMut(Incoming<'_>)) -> Result<(), ConnError> {
-        let Conn { reader, target, nats, frag, in_frag, out, nats_cmds, keys, closed, .. } = self;
+        let Conn {
+            reader,
+            target,
+            nats,
+            frag,
+            in_frag,
+            out,
+            nats_cmds,
+            keys,
+            closed,
+            ..
+        } = self;
         let res = reader.frames(|f| {
             match f.opcode {
                 ws::OP_PING => ws::encode_frame(out, ws::OP_PONG, f.payload, keys),
@@ -369,26 +382,35 @@ impl Conn {
         Ok(true)
     }
 
-    /// Waits until the socket can take more bytes.
-    pub async fn writable(&self) -> Result<(), ConnError> {
-        self.stream.writable().await?;
+    /// Waits until the socket is readable, or writable while bytes are
+    /// queued; then reads what is there and writes what fits. Cancel-safe.
+    /// For connections that write a lot (publishers): a write never blocks
+    /// reading, so a server that stops reading cannot deadlock us.
+    pub async fn pump(&mut self) -> Result<(), ConnError> {
+        if !self.wants_flush() {
+            return self.fill().await;
+        }
+        if let Some(code) = self.closed {
+            return Err(ConnError::Closed(code));
+        }
+        let ready = self.stream.ready(Interest::READABLE | Interest::WRITABLE).await?;
+        if ready.is_writable() {
+            self.try_flush()?;
+        }
+        if ready.is_readable() {
+            match self.stream.try_read(self.reader.spare()) {
+                Ok(0) => return Err(ConnError::Eof),
+                Ok(n) => self.reader.filled(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 
     /// Bytes queued but not yet written.
     pub fn queued(&self) -> usize {
         self.out.len() + self.nats_cmds.len()
-    }
-
-    /// Sends a close frame and shuts the write side, bounded by `within`.
-    pub async fn close(mut self, within: Duration) {
-        ws::encode_frame(&mut self.out, ws::OP_CLOSE, &1000u16.to_be_bytes(), &mut self.keys);
-        let _ = timeout(within, async {
-            self.flush().await?;
-            self.stream.shutdown().await?;
-            Ok::<_, ConnError>(())
-        })
-        .await;
     }
 
     fn take_id(&mut self) -> u32 {
@@ -400,60 +422,68 @@ impl Conn {
         ws::encode_frame(&mut self.out, ws::OP_TEXT, text.as_bytes(), &mut self.keys);
     }
 
-    /// Reads until the reply with `id`; returns its `ok` value or the error.
+    /// Reads until the reply with `id` (bytes already buffered first); returns its `ok` value or the error.
     /// Setup path only: replies are parsed as JSON here, never in the hot path.
     async fn wait_reply(&mut self, id: u32) -> Result<serde_json::Value, ConnError> {
         loop {
-            self.fill().await?;
             let mut found: Option<Result<serde_json::Value, ConnError>> = None;
-            self.drain(&mut |inc| {
+            let drained = self.drain(&mut |inc| {
                 let Incoming::Data(bytes) = inc else { return };
                 if found.is_some() || !bytes.starts_with(b"{") {
                     return;
                 }
-                let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else { return };
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+                    return;
+                };
                 if v.get("id").and_then(|x| x.as_u64()) != Some(u64::from(id)) {
                     return;
                 }
                 found = Some(match (v.get("ok"), v.get("error")) {
                     (Some(ok), _) => Ok(ok.clone()),
                     (None, Some(err)) => Err(ConnError::Refused(
-                        err.get("code").and_then(|c| c.as_str()).unwrap_or("unknown").to_string(),
+                        err.get("code")
+                            .and_then(|c| c.as_str())
+                            .unwrap_or("unknown")
+                            .to_string(),
                     )),
                     _ => Err(ConnError::Refused("malformed_reply".into())),
                 });
-            })?;
-            if self.wants_flush() {
-                self.flush().await?;
-            }
+            });
+            // A refusal usually arrives with the close frame: report the refusal.
             if let Some(r) = found {
                 return r;
             }
+            drained?;
+            if self.wants_flush() {
+                self.flush().await?;
+            }
+            self.fill().await?;
         }
     }
 
     /// Reads until `want` matches a NATS event; `-ERR` fails.
     async fn wait_nats(&mut self, want: impl Fn(&Incoming<'_>) -> bool) -> Result<(), ConnError> {
         loop {
-            self.fill().await?;
             let mut done = false;
             let mut err = None;
-            self.drain(&mut |inc| {
+            let drained = self.drain(&mut |inc| {
                 if let Incoming::Error(text) = inc {
                     err.get_or_insert_with(|| String::from_utf8_lossy(text).trim_matches('\'').to_string());
                 } else if want(&inc) {
                     done = true;
                 }
-            })?;
-            if self.wants_flush() {
-                self.flush().await?;
-            }
+            });
             if let Some(e) = err {
                 return Err(ConnError::Refused(e));
+            }
+            drained?;
+            if self.wants_flush() {
+                self.flush().await?;
             }
             if done {
                 return Ok(());
             }
+            self.fill().await?;
         }
     }
 }
@@ -463,7 +493,9 @@ async fn upgrade(mut stream: TcpStream, ep: &Endpoint, read_buf: usize, seed: u1
         Target::GwJson => Some("gw.v1.json"),
         Target::NatsWs => None,
     };
-    stream.write_all(&ws::handshake_request(&ep.host, &ep.path, protocol, seed)).await?;
+    stream
+        .write_all(&ws::handshake_request(&ep.host, &ep.path, protocol, seed))
+        .await?;
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     let parsed = loop {

@@ -14,7 +14,11 @@ use memchr::memchr;
 /// One server-to-client protocol event, borrowing from the input.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
-    Msg { subject: &'a [u8], sid: u64, payload: &'a [u8] },
+    Msg {
+        subject: &'a [u8],
+        sid: u64,
+        payload: &'a [u8],
+    },
     Info(&'a [u8]),
     Ping,
     Pong,
@@ -48,6 +52,7 @@ impl NatsParser {
     }
 
     /// Bytes held back waiting for the rest of a message.
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.pending.len()
     }
@@ -79,7 +84,11 @@ fn parse(buf: &[u8], on: &mut impl FnMut(Event<'_>)) -> Result<usize> {
                 if &buf[end - 2..end] != b"\r\n" {
                     bail!("NATS MSG payload not followed by CRLF");
                 }
-                on(Event::Msg { subject, sid, payload: &buf[line_end..end - 2] });
+                on(Event::Msg {
+                    subject,
+                    sid,
+                    payload: &buf[line_end..end - 2],
+                });
                 pos = end;
                 continue;
             }
@@ -197,9 +206,7 @@ mod tests {
         for c in chunks {
             parser.feed(c, &mut |e| {
                 out.push(match e {
-                    Event::Msg { subject, sid, payload } => {
-                        Owned::Msg(subject.to_vec(), sid, payload.to_vec())
-                    }
+                    Event::Msg { subject, sid, payload } => Owned::Msg(subject.to_vec(), sid, payload.to_vec()),
                     Event::Info(i) => Owned::Info(i.to_vec()),
                     Event::Ping => Owned::Ping,
                     Event::Pong => Owned::Pong,
@@ -217,7 +224,7 @@ mod tests {
         s.extend_from_slice(b"MSG bench 1 5\r\nhello\r\n");
         s.extend_from_slice(b"PING\r\n");
         // A payload containing CRLF and protocol words must not confuse the parser.
-        s.extend_from_slice(b"MSG room.a 22 inbox.1 12\r\nPING\r\nMSG x\r\n\r\n");
+        s.extend_from_slice(b"MSG room.a 22 inbox.1 13\r\nPING\r\nMSG x\r\n\r\n");
         s.extend_from_slice(b"MSG empty 3 0\r\n\r\n");
         s.extend_from_slice(b"+OK\r\nPONG\r\n-ERR 'Slow Consumer'\r\n");
         let want = vec![
@@ -296,6 +303,9 @@ mod tests {
         // A server echoing the PUB as a MSG yields the same payload.
         let msg = b"MSG bench 1 22\r\nLT1;payload\r\nwith crlf\r\n";
         let got = collect(&mut NatsParser::default(), &[msg]).unwrap();
-        assert_eq!(got, vec![Owned::Msg(b"bench".to_vec(), 1, b"LT1;payload\r\nwith crlf".to_vec())]);
+        assert_eq!(
+            got,
+            vec![Owned::Msg(b"bench".to_vec(), 1, b"LT1;payload\r\nwith crlf".to_vec())]
+        );
     }
 }

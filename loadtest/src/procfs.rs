@@ -26,7 +26,11 @@ pub struct ProcSample {
 pub fn sample(pid: &str) -> Result<ProcSample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("/proc/{pid}/stat"))?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    Ok(ProcSample { cpu_s: cpu_ticks(&stat)? as f64 / TICKS_PER_SEC, rss_bytes: status_kb(&status, "VmRSS:") * 1024, hwm_bytes: status_kb(&status, "VmHWM:") * 1024 })
+    Ok(ProcSample {
+        cpu_s: cpu_ticks(&stat)? as f64 / TICKS_PER_SEC,
+        rss_bytes: status_kb(&status, "VmRSS:") * 1024,
+        hwm_bytes: status_kb(&status, "VmHWM:") * 1024,
+    })
 }
 
 /// utime + stime from a stat line; fields after the `(comm)` which may hold spaces.
@@ -58,7 +62,11 @@ pub struct CpuMeter {
 
 impl CpuMeter {
     pub fn start(pid: &str) -> Result<Self> {
-        Ok(Self { pid: pid.to_string(), start: sample(pid)?, at: Instant::now() })
+        Ok(Self {
+            pid: pid.to_string(),
+            start: sample(pid)?,
+            at: Instant::now(),
+        })
     }
 
     /// (cores used since start, latest sample)
@@ -82,12 +90,50 @@ pub fn sockstat() -> Result<SockStat> {
 }
 
 fn parse_sockstat(text: &str) -> Result<SockStat> {
-    let line = text.lines().find(|l| l.starts_with("TCP:")).context("no TCP line in sockstat")?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .context("no TCP line in sockstat")?;
     let f: Vec<&str> = line.split_whitespace().collect();
     let field = |name: &str| -> u64 {
-        f.iter().position(|x| *x == name).and_then(|i| f.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+        f.iter()
+            .position(|x| *x == name)
+            .and_then(|i| f.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     };
-    Ok(SockStat { tcp_inuse: field("inuse"), tcp_mem_bytes: field("mem") * 4096 })
+    Ok(SockStat {
+        tcp_inuse: field("inuse"),
+        tcp_mem_bytes: field("mem") * 4096,
+    })
+}
+
+/// Kernel-wide count of connections dropped because a listen backlog was
+/// full (TcpExt ListenOverflows in /proc/net/netstat): a storm that hits it
+/// waits for SYN retransmits (1 s, 3 s, ...), which is the server's backlog
+/// setting, not its handshake speed.
+pub fn listen_overflows() -> Result<u64> {
+    parse_netstat(
+        &std::fs::read_to_string("/proc/net/netstat")?,
+        "TcpExt:",
+        "ListenOverflows",
+    )
+}
+
+fn parse_netstat(text: &str, prefix: &str, field: &str) -> Result<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        anyhow::bail!("no {prefix} lines in netstat");
+    };
+    let i = names
+        .split_whitespace()
+        .position(|n| n == field)
+        .with_context(|| format!("no {field}"))?;
+    Ok(values
+        .split_whitespace()
+        .nth(i)
+        .context("short netstat line")?
+        .parse()?)
 }
 
 #[cfg(test)]
@@ -105,6 +151,13 @@ mod tests {
         let s = "sockets: used 120\nTCP: inuse 40 orphan 0 tw 3 alloc 45 mem 12\nUDP: inuse 1 mem 0\n";
         let got = parse_sockstat(s).unwrap();
         assert_eq!((got.tcp_inuse, got.tcp_mem_bytes), (40, 12 * 4096));
+    }
+
+    #[test]
+    fn netstat_field_is_found_by_name() {
+        let t = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 5 170884 170900\nIpExt: A\nIpExt: 1\n";
+        assert_eq!(parse_netstat(t, "TcpExt:", "ListenOverflows").unwrap(), 170_884);
+        assert!(parse_netstat(t, "TcpExt:", "Nope").is_err());
     }
 
     #[test]

@@ -15,7 +15,12 @@ pub struct Progress {
 impl Progress {
     pub fn new(label: impl Into<String>, total: u64) -> Self {
         let shown = std::io::stderr().is_terminal() && std::env::var_os("LOADTEST_NO_PROGRESS").is_none();
-        Self { label: label.into(), total, shown, last: Instant::now() - Duration::from_secs(1) }
+        Self {
+            label: label.into(),
+            total,
+            shown,
+            last: Instant::now() - Duration::from_secs(1),
+        }
     }
 
     /// Redraws at most 5 times a second.
@@ -27,7 +32,12 @@ impl Progress {
         let width = 30u64;
         let filled = (done.min(self.total) * width).checked_div(self.total).unwrap_or(0) as usize;
         let bar: String = "#".repeat(filled) + &"-".repeat(width as usize - filled);
-        let _ = write!(std::io::stderr(), "\r{} [{bar}] {done}/{} {note}\x1b[K", self.label, self.total);
+        let _ = write!(
+            std::io::stderr(),
+            "\r{} [{bar}] {done}/{} {note}\x1b[K",
+            self.label,
+            self.total
+        );
     }
 
     pub fn finish(&mut self) {

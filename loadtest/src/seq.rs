@@ -59,15 +59,18 @@ impl SeqTracker {
         Seen::New
     }
 
+    #[cfg(test)]
     pub fn unique(&self) -> u64 {
         self.unique
     }
 
+    #[cfg(test)]
     pub fn duplicates(&self) -> u64 {
         self.duplicates
     }
 
     /// Sequence numbers below `end` that were never received.
+    #[cfg(test)]
     pub fn missing_below(&self, end: u64) -> u64 {
         if end <= self.base {
             return 0;

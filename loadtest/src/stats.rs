@@ -29,10 +29,7 @@ impl Hist {
         self.0.saturating_record(us.max(1));
     }
 
-    pub fn add(&mut self, other: &Hist) {
-        let _ = self.0.add(&other.0);
-    }
-
+    #[cfg(test)]
     pub fn count(&self) -> u64 {
         self.0.len()
     }
@@ -149,13 +146,34 @@ mod tests {
         let now = 10_000_000_000;
         for seq in 0..10 {
             let phase = if seq < 6 { 1 } else { 2 };
-            let p = t.stamp(&Stamp { sent_ns: now - 5_000_000, seq, phase, publisher: 0 }).to_vec();
+            let p = t
+                .stamp(&Stamp {
+                    sent_ns: now - 5_000_000,
+                    seq,
+                    phase,
+                    publisher: 0,
+                })
+                .to_vec();
             book.on_payload(&mut rec, &p, now);
         }
         // A duplicate of phase 1 and a second publisher's seq 0 (not a duplicate).
-        let dup = t.stamp(&Stamp { sent_ns: now, seq: 3, phase: 1, publisher: 0 }).to_vec();
+        let dup = t
+            .stamp(&Stamp {
+                sent_ns: now,
+                seq: 3,
+                phase: 1,
+                publisher: 0,
+            })
+            .to_vec();
         book.on_payload(&mut rec, &dup, now);
-        let other = t.stamp(&Stamp { sent_ns: now, seq: 3, phase: 2, publisher: 1 }).to_vec();
+        let other = t
+            .stamp(&Stamp {
+                sent_ns: now,
+                seq: 3,
+                phase: 2,
+                publisher: 1,
+            })
+            .to_vec();
         book.on_payload(&mut rec, &other, now);
         book.on_payload(&mut rec, br#"{"id":4,"ok":{}}"#, now);
         assert_eq!((rec.unique(1), rec.phase(1).duplicates), (6, 1));
@@ -170,9 +188,17 @@ mod tests {
     fn future_stamps_are_counted_not_recorded() {
         let mut rec = Recorder::default();
         let mut book = SubscriberBook::default();
-        let s = Stamp { sent_ns: 2_000, seq: 0, phase: 0, publisher: 0 };
+        let s = Stamp {
+            sent_ns: 2_000,
+            seq: 0,
+            phase: 0,
+            publisher: 0,
+        };
         book.account(&mut rec, &s, 1_000);
-        assert_eq!((rec.unique(0), rec.phase(0).future_stamps, rec.phase(0).latency.count()), (1, 1, 0));
+        assert_eq!(
+            (rec.unique(0), rec.phase(0).future_stamps, rec.phase(0).latency.count()),
+            (1, 1, 0)
+        );
     }
 
     #[test]
@@ -182,7 +208,10 @@ mod tests {
             h.record_us(us * 1000);
         }
         let s = h.summary();
-        assert!((s.p50_ms - 500.0).abs() < 1.0 && (s.p99_ms - 990.0).abs() < 1.0, "{s:?}");
+        assert!(
+            (s.p50_ms - 500.0).abs() < 1.0 && (s.p99_ms - 990.0).abs() < 1.0,
+            "{s:?}"
+        );
         assert!((s.max_ms - 1000.0).abs() < 1.0);
     }
 }

@@ -42,7 +42,11 @@ pub struct Signer {
 
 impl Signer {
     pub fn hs256(secret: &str) -> Self {
-        Self { header: Header::new(Algorithm::HS256), key: EncodingKey::from_secret(secret.as_bytes()), ttl_secs: 3600 }
+        Self {
+            header: Header::new(Algorithm::HS256),
+            key: EncodingKey::from_secret(secret.as_bytes()),
+            ttl_secs: 3600,
+        }
     }
 
     /// RS256 or ES256 from a PKCS#8 private key in PEM.
@@ -53,12 +57,24 @@ impl Signer {
             Alg::Es256 => (Algorithm::ES256, EncodingKey::from_ec_pem(&pem)?),
             Alg::Hs256 => bail!("HS256 uses --jwt-secret, not a key file"),
         };
-        Ok(Self { header: Header::new(algorithm), key, ttl_secs: 3600 })
+        Ok(Self {
+            header: Header::new(algorithm),
+            key,
+            ttl_secs: 3600,
+        })
     }
 
     pub fn sign(&self, user: &str) -> Result<String> {
         let now = crate::clock::now_ns() / 1_000_000_000;
-        let claims = Claims { sub: user, exp: now + self.ttl_secs, iat: now, rooms: Rooms { sub: ["*"], publish: ["*"] } };
+        let claims = Claims {
+            sub: user,
+            exp: now + self.ttl_secs,
+            iat: now,
+            rooms: Rooms {
+                sub: ["*"],
+                publish: ["*"],
+            },
+        };
         Ok(jsonwebtoken::encode(&self.header, &claims, &self.key)?)
     }
 }
@@ -77,12 +93,20 @@ pub fn keygen(dir: &Path, alg: Alg) -> Result<(PathBuf, PathBuf)> {
     if !key.exists() {
         run(Command::new("openssl").arg("genpkey").args(args).arg("-out").arg(&key))?;
     }
-    run(Command::new("openssl").arg("pkey").arg("-in").arg(&key).arg("-pubout").arg("-out").arg(&public))?;
+    run(Command::new("openssl")
+        .arg("pkey")
+        .arg("-in")
+        .arg(&key)
+        .arg("-pubout")
+        .arg("-out")
+        .arg(&public))?;
     Ok((key, public))
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?} (is openssl installed?)"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {cmd:?} (is openssl installed?)"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -99,7 +123,9 @@ mod tests {
         let t = Signer::hs256("s3cret").sign("user-7").unwrap();
         let parts: Vec<&str> = t.split('.').collect();
         assert_eq!(parts.len(), 3);
-        let body = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(parts[1]).unwrap();
+        let body = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts[1])
+            .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["sub"], "user-7");
         assert_eq!(v["rooms"]["sub"][0], "*");

@@ -40,7 +40,12 @@ pub struct FrameReader {
 
 impl FrameReader {
     pub fn new(capacity: usize) -> Self {
-        Self { buf: vec![0; capacity.max(64)], start: 0, end: 0, need: 0 }
+        Self {
+            buf: vec![0; capacity.max(64)],
+            start: 0,
+            end: 0,
+            need: 0,
+        }
     }
 
     /// Starts with bytes already read past the end of the HTTP handshake.
@@ -75,12 +80,9 @@ impl FrameReader {
         self.end += n;
     }
 
+    #[cfg(test)]
     pub fn buffered(&self) -> usize {
         self.end - self.start
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.buf.len()
     }
 
     /// Calls `on` for every complete frame buffered, in order.
@@ -97,7 +99,11 @@ impl FrameReader {
             }
             self.need = 0;
             let b0 = avail[0];
-            let frame = Frame { fin: b0 & 0x80 != 0, opcode: b0 & 0x0f, payload: &avail[hdr..hdr + len] };
+            let frame = Frame {
+                fin: b0 & 0x80 != 0,
+                opcode: b0 & 0x0f,
+                payload: &avail[hdr..hdr + len],
+            };
             self.start += hdr + len;
             on(frame)?;
         }
@@ -223,7 +229,10 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>> {
     if !version.starts_with("HTTP/1.") {
         bail!("bad HTTP status line {line:?}");
     }
-    Ok(Some(ResponseHead { status: code.parse()?, len: end + 4 }))
+    Ok(Some(ResponseHead {
+        status: code.parse()?,
+        len: end + 4,
+    }))
 }
 
 #[cfg(test)]
@@ -310,8 +319,7 @@ mod tests {
             };
             assert_eq!(plen, len);
             let key: [u8; 4] = out[hdr..hdr + 4].try_into().unwrap();
-            let unmasked: Vec<u8> =
-                out[hdr + 4..].iter().enumerate().map(|(i, b)| b ^ key[i % 4]).collect();
+            let unmasked: Vec<u8> = out[hdr + 4..].iter().enumerate().map(|(i, b)| b ^ key[i % 4]).collect();
             assert_eq!(unmasked, payload);
         }
     }
@@ -320,9 +328,17 @@ mod tests {
     fn response_head_is_parsed_with_its_length() {
         let head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x02hi";
         let h = parse_response_head(head).unwrap().unwrap();
-        assert_eq!(h, ResponseHead { status: 101, len: head.len() - 4 });
+        assert_eq!(
+            h,
+            ResponseHead {
+                status: 101,
+                len: head.len() - 4
+            }
+        );
         assert_eq!(parse_response_head(b"HTTP/1.1 101 Swi").unwrap(), None);
-        let h = parse_response_head(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").unwrap().unwrap();
+        let h = parse_response_head(b"HTTP/1.1 503 Service Unavailable\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(h.status, 503);
         assert!(parse_response_head(b"SSH-2.0\r\n\r\n").is_err());
     }

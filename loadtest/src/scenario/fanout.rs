@@ -88,6 +88,8 @@ pub struct FanoutReport {
     /// Highest load-generator CPU of any step, cores.
     pub loadgen_cpu_max: f64,
     pub client_saturated: bool,
+    /// Publish commands the server refused, by error code.
+    pub publish_errors: std::collections::BTreeMap<String, u64>,
     pub notes: Vec<String>,
 }
 
@@ -110,7 +112,12 @@ pub async fn run(args: &FanoutArgs) -> Result<FanoutReport> {
             reconnect: true,
             read_buf: args.read_buf,
         };
-        tasks.push(tokio::task::spawn_local(super::subscriber(env.clone(), fleet.clone(), rec.clone(), plan)));
+        tasks.push(tokio::task::spawn_local(super::subscriber(
+            env.clone(),
+            fleet.clone(),
+            rec.clone(),
+            plan,
+        )));
     }
     let result = sweep(args, &env, &fleet, &rec, &pub_ep, t0).await;
     for t in &tasks {
@@ -128,7 +135,13 @@ async fn sweep(
     t0: Instant,
 ) -> Result<FanoutReport> {
     let limit = Duration::from_secs(60 + args.subs as u64 / 100);
-    super::wait_live(fleet, args.subs, &format!("connecting {} subscribers", args.subs), limit).await?;
+    super::wait_live(
+        fleet,
+        args.subs,
+        &format!("connecting {} subscribers", args.subs),
+        limit,
+    )
+    .await?;
     let connect_secs = t0.elapsed().as_secs_f64();
     eprintln!("{} subscribers live in {connect_secs:.1} s", args.subs);
     let ctl = PubControl::new(vec![args.room.clone()], vec![args.subs as u64], args.size);
@@ -157,27 +170,42 @@ async fn sweep(
     }
     let mut steps: Vec<StepResult> = Vec::new();
     let mut phase = 1u32;
-    let mut step = async |rate: f64, steps: &mut Vec<StepResult>, phase: &mut u32, notes: &mut Vec<String>| -> Result<bool> {
-        if let Some(prev) = steps.last()
-            && !prev.keepup_ok
-        {
-            super::quiesce(rec, prev.phase, Duration::from_secs(10)).await;
-        }
-        if let Err(e) = super::wait_live(fleet, args.subs, "reconnecting subscribers", Duration::from_secs(30)).await {
-            notes.push(format!("stopped: {e}"));
-            return Ok(false);
-        }
-        let s = super::run_step(env, &ctl, fleet, rec, *phase, rate, args.step_secs, drain, &bounds, args.publishers)
+    let step =
+        async |rate: f64, steps: &mut Vec<StepResult>, phase: &mut u32, notes: &mut Vec<String>| -> Result<bool> {
+            if let Some(prev) = steps.last()
+                && !prev.keepup_ok
+            {
+                super::quiesce(rec, prev.phase, Duration::from_secs(10)).await;
+            }
+            if let Err(e) =
+                super::wait_live(fleet, args.subs, "reconnecting subscribers", Duration::from_secs(30)).await
+            {
+                notes.push(format!("stopped: {e}"));
+                return Ok(false);
+            }
+            let s = super::run_step(
+                env,
+                &ctl,
+                fleet,
+                rec,
+                *phase,
+                rate,
+                args.step_secs,
+                drain,
+                &bounds,
+                args.publishers,
+            )
             .await?;
-        eprintln!("{}", step_line(&s));
-        *phase += 1;
-        let ok = s.keepup_ok;
-        steps.push(s);
-        Ok(ok)
-    };
+            eprintln!("{}", step_line(&s));
+            *phase += 1;
+            let ok = s.keepup_ok;
+            steps.push(s);
+            Ok(ok)
+        };
     for &rate in &rates {
         let ok = step(rate, &mut steps, &mut phase, &mut notes).await?;
-        if !ok && !(explicit && args.no_stop) {
+        let keep_going = ok || (explicit && args.no_stop);
+        if !keep_going {
             break;
         }
     }
@@ -185,9 +213,17 @@ async fn sweep(
         for _ in 0..args.refine {
             for strict in [true, false] {
                 let pass = |s: &StepResult| if strict { s.strict_ok } else { s.keepup_ok };
-                let best = steps.iter().filter(|s| pass(s)).map(|s| s.target_dps).fold(None, max_opt);
+                let best = steps
+                    .iter()
+                    .filter(|s| pass(s))
+                    .map(|s| s.target_dps)
+                    .fold(None, max_opt);
                 let Some(best) = best else { continue };
-                let fail = steps.iter().filter(|s| !pass(s) && s.target_dps > best).map(|s| s.target_dps).fold(None, min_opt);
+                let fail = steps
+                    .iter()
+                    .filter(|s| !pass(s) && s.target_dps > best)
+                    .map(|s| s.target_dps)
+                    .fold(None, min_opt);
                 let Some(fail) = fail else { continue };
                 let mid = (best * fail).sqrt();
                 if fail / best > 1.1 && !steps.iter().any(|s| (s.target_dps / mid - 1.0).abs() < 0.02) {
@@ -222,6 +258,7 @@ async fn sweep(
         keepup_ceiling_p99_ms: keepup.map(|s| s.latency.p99_ms),
         loadgen_cpu_max,
         client_saturated,
+        publish_errors: ctl.nacks.borrow().clone(),
         steps,
         notes,
     })
@@ -248,7 +285,13 @@ pub fn step_line(s: &StepResult) -> String {
         s.duplicates,
         s.loadgen_cpu,
         s.server_cpu.map_or("-".into(), |c| format!("{c:.2}")),
-        if s.strict_ok { "strict ok" } else if s.keepup_ok { "keep-up ok" } else { "FAIL" },
+        if s.strict_ok {
+            "strict ok"
+        } else if s.keepup_ok {
+            "keep-up ok"
+        } else {
+            "FAIL"
+        },
         if s.note.is_empty() { "" } else { ": " },
         s.note
     )
