@@ -314,13 +314,17 @@ pub struct ClusterArgs {
     pub secs: f64,
     #[arg(long, default_value_t = 200)]
     pub size: usize,
+    /// Publishing connections (a gateway answers one connection's durable
+    /// publishes one after another, each after its stream acknowledgement).
+    #[arg(long, default_value_t = 1)]
+    pub publishers: u16,
 }
 
 pub async fn run_cluster(args: &ClusterArgs) -> Result<FanoutReport> {
     let f = FanoutArgs {
         target: args.target.clone(),
         subs: args.subs,
-        publishers: 1,
+        publishers: args.publishers,
         size: args.size,
         room: "cluster-bench".into(),
         rates: vec![args.rate],
