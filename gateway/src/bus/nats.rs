@@ -811,20 +811,35 @@ async fn ensure_stream(js: &jetstream::Context, cfg: &ClusterConfig, p: u32) -> 
         stream: name.clone(),
         source: e,
     };
-    let mut stream = match js.get_stream(&name).await {
-        Ok(mut s) => {
-            let info = s.info().await.map_err(|e| wrap(Box::new(e)))?;
-            check_stream(&name, &info.config, cfg)?;
-            s
+    // Several nodes may start at once: a create that loses the race (or times
+    // out while the meta leader is busy) is retried as a lookup.
+    let mut attempt = 0;
+    let mut stream = loop {
+        attempt += 1;
+        match js.get_stream(&name).await {
+            Ok(mut s) => {
+                let info = s.info().await.map_err(|e| wrap(Box::new(e)))?;
+                check_stream(&name, &info.config, cfg)?;
+                break s;
+            }
+            Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                tracing::info!(stream = %name, replicas = cfg.replicas, "creating room stream");
+                match js.create_stream(stream_config(cfg, p)).await {
+                    Ok(s) => break s,
+                    Err(e) if attempt < 5 => {
+                        tracing::debug!(stream = %name, error = %e, "stream create failed; looking it up again");
+                        tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                    }
+                    Err(e) => return Err(wrap(Box::new(e))),
+                }
+            }
+            Err(e) if attempt < 5 => {
+                tracing::debug!(stream = %name, error = %e, "stream lookup failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            }
+            Err(e) => return Err(wrap(Box::new(e))),
         }
-        Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-        {
-            tracing::info!(stream = %name, replicas = cfg.replicas, "creating room stream");
-            js.create_stream(stream_config(cfg, p))
-                .await
-                .map_err(|e| wrap(Box::new(e)))?
-        }
-        Err(e) => return Err(wrap(Box::new(e))),
     };
     // A replicated stream takes a moment to elect its leader; the node is not
     // ready before its streams can take writes.
