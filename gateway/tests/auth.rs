@@ -110,19 +110,6 @@ async fn assert_accepted(node: &TestNode, token: &str, what: &str) {
     assert!(r.get("ok").is_some(), "{what}: {r}");
 }
 
-/// Body of a plain HTTP GET on loopback.
-async fn http_body(url: &str) -> String {
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = TcpStream::connect(host).await.unwrap();
-    s.write_all(format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    within(s.read_to_end(&mut buf)).await.unwrap();
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
 fn write_tmp(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
     let p = dir.path().join(name);
     std::fs::write(&p, text).unwrap();
@@ -291,7 +278,7 @@ async fn every_bad_connect_token_is_unauthorized_4001_and_the_node_serves_on() {
     assert_eq!(c.closed().await, Ended::Close(1009));
 
     // Refusals are counted by reason.
-    let metrics = http_body(&node.http("/metrics")).await;
+    let metrics = common::http_get(&node.http("/metrics")).await.1;
     for reason in [
         "expired",
         "not_yet_valid",

@@ -216,7 +216,7 @@ async fn stream_to(
                     m.extend_from_slice(br#","ts":1764201234567,"from":"pub-0","data":""#);
                     m.extend_from_slice(p);
                     m.extend_from_slice(br#""}"#);
-                    server_frame(&mut out, ws::OP_TEXT, &m);
+                    ws::server_frame_into(&mut out, ws::OP_TEXT, true, &m);
                 }
                 Target::NatsWs => {
                     stream.extend_from_slice(b"MSG bench 1 ");
@@ -231,26 +231,10 @@ async fn stream_to(
         if format == Target::NatsWs {
             // Frame boundaries that cut messages, as nats-server's do.
             for chunk in stream.chunks(4_000) {
-                server_frame(&mut out, ws::OP_BINARY, chunk);
+                ws::server_frame_into(&mut out, ws::OP_BINARY, true, chunk);
             }
         }
         sock.write_all(&out).await?;
     }
     Ok(())
-}
-
-fn server_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => out.push(n as u8),
-        n if n <= 0xffff => {
-            out.push(126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(payload);
 }

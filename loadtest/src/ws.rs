@@ -235,25 +235,32 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>> {
     }))
 }
 
+/// Appends an unmasked server frame (what a server sends) to `out`; used by
+/// `calibrate`'s in-process server and by the codec tests.
+pub fn server_frame_into(out: &mut Vec<u8>, opcode: u8, fin: bool, payload: &[u8]) {
+    out.push(if fin { 0x80 } else { 0 } | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(n as u8),
+        n if n <= 0xffff => {
+            out.push(126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(payload);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// An unmasked server frame, as a server would send it.
     pub(crate) fn server_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
-        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
-        match payload.len() {
-            n if n < 126 => out.push(n as u8),
-            n if n <= 0xffff => {
-                out.push(126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(payload);
+        let mut out = Vec::new();
+        super::server_frame_into(&mut out, opcode, fin, payload);
         out
     }
 

@@ -264,8 +264,8 @@ impl Client {
     }
 }
 
-/// A plain HTTP GET on loopback; returns the status code.
-pub async fn http_status(url: &str) -> u16 {
+/// A plain HTTP GET on loopback: (status, whole response text).
+pub async fn http_get(url: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_once('/').unwrap();
@@ -275,8 +275,14 @@ pub async fn http_status(url: &str) -> u16 {
         .unwrap();
     let mut buf = Vec::new();
     within(s.read_to_end(&mut buf)).await.unwrap();
-    let text = String::from_utf8_lossy(&buf);
-    text.split_whitespace().nth(1).unwrap().parse().unwrap()
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, text)
+}
+
+/// A plain HTTP GET on loopback; returns the status code.
+pub async fn http_status(url: &str) -> u16 {
+    http_get(url).await.0
 }
 
 /// An upgrade refused with an HTTP status (admission control).
