@@ -74,7 +74,8 @@ struct Raw<'a> {
     rooms: Option<&'a RawValue>,
     #[serde(default)]
     room: Option<String>,
-    #[serde(default, borrow)]
+    /// `Some` for every present value, `null` included ("any JSON value").
+    #[serde(default, borrow, deserialize_with = "present")]
     data: Option<&'a RawValue>,
     #[serde(default)]
     key: Option<String>,
@@ -82,6 +83,18 @@ struct Raw<'a> {
     limit: Option<u32>,
     #[serde(default)]
     before: Option<u64>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// A `subscribe` entry: an object, or (leniently) just the room name.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EntryForm {
+    Object(SubscribeEntry),
+    Name(String),
 }
 
 #[derive(Deserialize)]
@@ -124,8 +137,21 @@ pub fn parse(frame: &Bytes) -> Parsed {
             .ok_or_else(|| ProtoError::bad_request("refresh needs a token")),
         Some("subscribe") => match raw.rooms {
             None => Err(ProtoError::bad_request("subscribe needs rooms")),
-            Some(r) => serde_json::from_str::<Vec<SubscribeEntry>>(r.get())
-                .map(|rooms| Command::Subscribe { rooms })
+            Some(r) => serde_json::from_str::<Vec<EntryForm>>(r.get())
+                .map(|forms| Command::Subscribe {
+                    rooms: forms
+                        .into_iter()
+                        .map(|f| match f {
+                            EntryForm::Object(e) => e,
+                            EntryForm::Name(room) => SubscribeEntry {
+                                room: Some(room),
+                                since: None,
+                                mode: None,
+                                token: None,
+                            },
+                        })
+                        .collect(),
+                })
                 .map_err(|e| ProtoError::bad_request(format!("rooms: {e}"))),
         },
         Some("unsubscribe") => match raw.rooms {
@@ -255,6 +281,29 @@ mod tests {
                 assert_eq!(room, "general");
                 assert_eq!(&data[..], br#"{"text":"hi","n":[1,2]}"#);
                 assert_eq!(key.as_deref(), Some("k1"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn null_data_is_a_value_and_missing_data_is_an_error() {
+        match p(r#"{"id":1,"op":"publish","room":"r","data":null}"#).command.unwrap() {
+            Command::Publish { data, .. } => assert_eq!(&data[..], b"null"),
+            other => panic!("{other:?}"),
+        }
+        assert!(p(r#"{"id":1,"op":"publish","room":"r"}"#).command.is_err());
+    }
+
+    #[test]
+    fn subscribe_entries_may_be_plain_names() {
+        match p(r#"{"id":2,"op":"subscribe","rooms":["a",{"room":"b","since":1}]}"#)
+            .command
+            .unwrap()
+        {
+            Command::Subscribe { rooms } => {
+                assert_eq!(rooms[0].room.as_deref(), Some("a"));
+                assert_eq!(rooms[1].since, Some(1));
             }
             other => panic!("{other:?}"),
         }
