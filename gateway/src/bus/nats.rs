@@ -419,7 +419,10 @@ impl NatsBus {
         }
         match self.rooms.deliver(room, seq, prev, encode(room, seq, &env)) {
             Delivered::Gap(gap) => self.spawn_repair(room.clone(), gap),
-            Delivered::Applied { .. } | Delivered::Duplicate | Delivered::Buffered | Delivered::NoRoom => {}
+            Delivered::Applied { members } => {
+                metrics::counter!("gateway_deliveries_total").increment(members as u64);
+            }
+            Delivered::Duplicate | Delivered::Buffered | Delivered::NoRoom => {}
         }
     }
 
