@@ -37,8 +37,16 @@ use crate::protocol::{self, Command, SubscribeEntry};
 use crate::rooms::{Activity, Catchup, ConnId, ConnOutbox, Frame, HistoryPage, Member, RoomError, RoomId, Transition};
 use crate::server::Node;
 
+/// Write coalescing window for busy connections.
+const COALESCE: Duration = Duration::from_millis(2);
+/// Batches this large are written without waiting.
+const COALESCE_BELOW: usize = 64;
 /// How long the final close frame may take to go out.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
+/// The same for a slow consumer: its close frame waits behind what its socket
+/// already holds, until the client reads again (memory stays bounded: the
+/// outbox is closed and the socket buffer is the kernel's).
+const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// Longest publish `key`.
 const MAX_KEY_LEN: usize = 256;
 /// Window over which bad frames are counted.
@@ -126,7 +134,12 @@ where
         sink.send(Message::Close(Some(frame))).await?;
         sink.close().await
     };
-    let _ = timeout(CLOSE_GRACE, work).await;
+    let grace = if reason == CloseReason::SlowConsumer {
+        SLOW_CLOSE_GRACE
+    } else {
+        CLOSE_GRACE
+    };
+    let _ = timeout(grace, work).await;
 }
 
 /// Feeds every frame of `batch` and flushes once. Cancel-safe: a frame leaves
@@ -168,6 +181,7 @@ where
         write_timeout,
         activity_interval,
     } = times;
+    let mut last_write: Option<Instant> = None;
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Notify-mode counts are flushed one interval after the first message of
@@ -176,7 +190,19 @@ where
     loop {
         tokio::select! {
             d = outbox.drain(batch) => match d {
-                Drained::Frames => {}
+                Drained::Frames => {
+                    // A connection written to moments ago is busy: wait out the
+                    // rest of a short window so one write(2) carries several
+                    // frames. A quiet connection writes at once.
+                    if let Some(at) = last_write
+                        && batch.len() < COALESCE_BELOW
+                        && at.elapsed() < COALESCE
+                        && !batch.iter().any(Frame::is_reply)
+                    {
+                        sleep_until(at + COALESCE).await;
+                        outbox.try_drain(batch);
+                    }
+                }
                 Drained::Overflowed => return CloseReason::SlowConsumer,
                 Drained::Closed => return CloseReason::ClientGone,
             },
@@ -197,6 +223,7 @@ where
                 continue;
             }
         }
+        last_write = Some(Instant::now());
         // A client that stops reading leaves this write pending; notice it
         // through the overflowing outbox or the write timeout.
         tokio::select! {
@@ -272,7 +299,7 @@ impl Session {
     /// Queues a reply; a full outbox ends the connection as slow.
     fn send(&self, text: String) -> Result<(), CloseReason> {
         self.outbox
-            .try_push(Frame::text(text))
+            .try_push(Frame::reply(text))
             .map_err(|_| CloseReason::SlowConsumer)
     }
 
@@ -609,7 +636,7 @@ impl Session {
             }
         }
         body.push_str("]}");
-        let reply = id.map(|id| Frame::text(protocol::ok_reply(id, &body)));
+        let reply = id.map(|id| Frame::reply(protocol::ok_reply(id, &body)));
         node.metrics.subscribe_rooms.record(entries.len() as f64);
         tracing::trace!(conn = self.id.0, rooms = entries.len(), elapsed = ?started.elapsed(), "subscribe");
         self.outbox
@@ -773,7 +800,7 @@ impl Session {
         // size and asked for by the client, so it goes out as catch-up.
         self.outbox.hold();
         self.outbox
-            .release(None, [Frame::text(protocol::ok_reply(id, &body))])
+            .release(None, [Frame::reply(protocol::ok_reply(id, &body))])
             .map_err(|_| CloseReason::SlowConsumer)
     }
 

@@ -79,6 +79,9 @@ pub struct ConnId(pub u64);
 pub enum Frame {
     Text(Utf8Bytes),
     Binary(Bytes),
+    /// A reply to a command (text): written without coalescing delay, so a
+    /// client's request/reply round trip never waits for more pushes.
+    Reply(Utf8Bytes),
 }
 
 impl Frame {
@@ -86,16 +89,24 @@ impl Frame {
         Self::Text(Utf8Bytes::from(s))
     }
 
+    pub fn reply(s: String) -> Self {
+        Self::Reply(Utf8Bytes::from(s))
+    }
+
+    pub fn is_reply(&self) -> bool {
+        matches!(self, Self::Reply(_))
+    }
+
     pub fn into_message(self) -> Message {
         match self {
-            Self::Text(t) => Message::Text(t),
+            Self::Text(t) | Self::Reply(t) => Message::Text(t),
             Self::Binary(b) => Message::Binary(b),
         }
     }
 
     pub fn as_bytes(&self) -> &[u8] {
         match self {
-            Self::Text(t) => t.as_bytes(),
+            Self::Text(t) | Self::Reply(t) => t.as_bytes(),
             Self::Binary(b) => b,
         }
     }
@@ -104,7 +115,7 @@ impl Frame {
 impl Weighted for Frame {
     fn weight(&self) -> usize {
         match self {
-            Self::Text(t) => t.len(),
+            Self::Text(t) | Self::Reply(t) => t.len(),
             Self::Binary(b) => b.len(),
         }
     }
