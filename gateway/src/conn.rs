@@ -351,14 +351,13 @@ impl Session {
         self.limits.handshake_done();
         let idle = self.node.cfg.idle_timeout;
         loop {
-            let expiry = self.expires_at;
-            let next = tokio::select! {
-                m = timeout(idle, stream.next()) => m,
-                () = sleep_until(expiry.unwrap_or_else(far_future)), if expiry.is_some() => {
+            // One timer for both deadlines (memory per idle connection).
+            let idle_at = Instant::now() + idle;
+            let deadline = self.expires_at.map_or(idle_at, |e| e.min(idle_at));
+            let msg = match tokio::time::timeout_at(deadline, stream.next()).await {
+                Err(_) if self.expires_at.is_some_and(|e| e <= Instant::now()) => {
                     return CloseReason::TokenExpired;
                 }
-            };
-            let msg = match next {
                 Err(_) => return CloseReason::IdleTimeout,
                 Ok(None) => return CloseReason::ClientGone,
                 Ok(Some(Err(e))) => return ws_error_reason(&e),
@@ -895,10 +894,6 @@ fn truncate(s: &str, max: usize) -> &str {
         Some((i, _)) => &s[..i],
         None => s,
     }
-}
-
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
 fn ws_error_reason(e: &WsError) -> CloseReason {

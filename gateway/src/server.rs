@@ -512,7 +512,7 @@ async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response
         return refuse(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
     let ws_config = WebSocketConfig::default()
-        .read_buffer_size(512)
+        .read_buffer_size(256)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(usize::MAX)
         .max_message_size(Some(node.cfg.max_frame_bytes))

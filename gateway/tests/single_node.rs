@@ -579,3 +579,23 @@ async fn notify_mode_pushes_coalesced_activity_instead_of_messages() {
     bg.request(json!({"op":"unsubscribe","rooms":["quiet"]})).await;
     assert!(bg.push_within(Duration::from_millis(600)).await.is_none());
 }
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_after_the_idle_timeout() {
+    let node = TestNode::with(|o| o.idle_timeout_ms = Some(400)).await;
+    let mut silent = node.client("silent").await;
+    let mut chatty = node.client("chatty").await;
+    let started = std::time::Instant::now();
+    let keep_alive = async {
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            chatty.send_text(r#"{"op":"ping"}"#).await;
+            assert_eq!(chatty.next_frame().await["op"], "pong");
+        }
+    };
+    let (ended, ()) = tokio::join!(silent.closed(), keep_alive);
+    assert_eq!(ended, Ended::Close(1001));
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    // The client that kept talking is still connected.
+    chatty.subscribe(&["still"]).await;
+}
