@@ -768,12 +768,20 @@ impl RoomIndex {
         None
     }
 
-    /// Messages of `room` were lost for this node (the stream dropped them
-    /// before this node could read them): every local member is closed as a
-    /// slow consumer, so it reconnects with `since` and learns
-    /// `recovered:false`. Returns how many were closed.
-    pub fn lost_messages(&self, room: &RoomId) -> usize {
-        self.with_existing(room, |st| st.members.abort_all()).unwrap_or(0)
+    /// Messages of `room` up to `gone_upto` were lost for this node (the
+    /// stream dropped them before this node could read them): every local
+    /// member is closed as a slow consumer, so it reconnects with `since` and
+    /// learns `recovered:false`, and the cache restarts after the hole so it
+    /// never claims to cover it. Returns how many members were closed.
+    pub fn lost_messages(&self, room: &RoomId, gone_upto: u64) -> usize {
+        self.with_existing(room, |st| {
+            st.log.clear();
+            st.log_bytes = 0;
+            st.evicted_upto = gone_upto.max(st.evicted_upto);
+            st.complete = true;
+            st.members.abort_all()
+        })
+        .unwrap_or(0)
     }
 
     /// Makes `room` live at offset `last` (cache mode): applies what was

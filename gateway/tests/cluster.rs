@@ -457,3 +457,61 @@ async fn publish_throughput_durable_vs_ephemeral() {
         }
     }
 }
+
+/// The report's silent loss, from the other side: a node that was cut off
+/// while more messages than a room keeps were published cannot deliver them
+/// all. It must say so (4009, then `recovered:false` on resubscribe), never
+/// skip them silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_fell_behind_the_stream_history_resets_its_members() {
+    const HISTORY: usize = 5;
+    let mut cluster = Cluster::start(3).await;
+    let a_url = cluster.servers[0].url();
+    let a = TestNode::with(move |o| {
+        o.nats = Some(a_url);
+        o.nats_replicas = Some(3);
+        o.node_id = Some("gw-h1".into());
+        o.nats_partitions = Some(4);
+        o.no_rate_limits = Some(true);
+        o.nats_ignore_discovered = Some(true);
+        o.history_size = Some(HISTORY);
+    })
+    .await;
+    let b_urls = format!("{},{}", cluster.servers[1].url(), cluster.servers[2].url());
+    let b = gateway_with(&cluster, "gw-h2", Some(b_urls), HISTORY).await;
+    let mut on_a = a.client("behind").await;
+    on_a.subscribe(&["short"]).await;
+    let mut on_b = b.client("writer").await;
+    let first = on_b.publish("short", json!("seen")).await["ok"]["offset"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(on_a.next_push().await["offset"], first);
+
+    cluster.servers[0].kill();
+    // While A is cut off, far more than the room keeps is published.
+    let mut last = 0;
+    for i in 0..(HISTORY * 4) {
+        for _ in 0..100 {
+            let r = on_b.publish("short", json!(i)).await;
+            if let Some(o) = r["ok"]["offset"].as_u64() {
+                last = o;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    cluster.restart(0).await;
+    // A cannot deliver what the stream dropped: its member is told to resume.
+    assert_eq!(on_a.closed().await, Ended::Close(4009));
+    let mut again = a.client("behind").await;
+    let r = again
+        .request(json!({"op":"subscribe","rooms":[{"room":"short","since":first}]}))
+        .await;
+    assert_eq!(r["ok"]["rooms"][0]["recovered"], false, "{r}");
+    assert_eq!(r["ok"]["rooms"][0]["offset"], last);
+    // Live messages flow again.
+    let live = on_b.publish("short", json!("live")).await["ok"]["offset"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(again.next_push().await["offset"], live);
+}

@@ -471,7 +471,7 @@ impl NatsBus {
                 // The last message this node applied is gone from the stream,
                 // so messages between it and `first` may be gone too: never
                 // skip silently; members resume with `since` and are told.
-                let closed = self.rooms.lost_messages(&room);
+                let closed = self.rooms.lost_messages(&room, first - 1);
                 metrics::counter!("gateway_bus_lost_resets_total").increment(1);
                 tracing::error!(%room, after = gap.after, first, closed, "messages left the stream before this node read them; members must resume");
             }
