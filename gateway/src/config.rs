@@ -903,6 +903,17 @@ mod tests {
         assert!(err.to_string().starts_with("allowed_origins"), "{err}");
         let err = Config::resolve(parse(&["--log-format", "xml"])).unwrap_err();
         assert!(err.to_string().starts_with("log_format"), "{err}");
+        for (args, option) in [
+            (&["--nats-prefix", "gw.x"][..], "nats_prefix"),
+            (&["--nats-partitions", "2000"][..], "nats_partitions"),
+            (&["--nats-partitions", "0"][..], "nats_partitions"),
+            (&["--ephemeral-prefixes", "typing:,"][..], "ephemeral_prefixes"),
+            (&["--tls-cert", "/c.pem"][..], "tls_cert"),
+            (&["--tree-degree", "1"][..], "tree_degree"),
+        ] {
+            let err = Config::resolve(parse(args)).unwrap_err();
+            assert!(err.to_string().starts_with(option), "{args:?}: {err}");
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ use fanout_tree::{Drained, Outbox, OutboxLimits, Weighted};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError as WsProtocolError};
+use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError as WsProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -41,6 +41,9 @@ use crate::server::Node;
 const COALESCE: Duration = Duration::from_millis(2);
 /// Batches this large are written without waiting.
 const COALESCE_BELOW: usize = 64;
+/// How long the client's answering close frame is waited for (while its
+/// unread frames are discarded).
+const CLOSE_LINGER: Duration = Duration::from_millis(500);
 /// How long the final close frame may take to go out.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
 /// The same for a slow consumer: its close frame waits behind what its socket
@@ -72,7 +75,14 @@ where
 
     if node.conns_active() > cfg.max_connections {
         tracing::debug!(%peer, "refusing connection: node is full");
-        finish(&mut sink, &outbox, &mut batch, CloseReason::TooManyConnections).await;
+        finish(
+            &mut sink,
+            &mut stream,
+            &outbox,
+            &mut batch,
+            CloseReason::TooManyConnections,
+        )
+        .await;
         node.metrics.closed(CloseReason::TooManyConnections);
         return;
     }
@@ -108,15 +118,26 @@ where
         tracing::debug!(conn = id.0, %peer, "closing slow consumer");
     }
     node.record_outbox_peak(outbox.peak_bytes());
-    finish(&mut sink, &outbox, &mut batch, reason).await;
+    finish(&mut sink, &mut stream, &outbox, &mut batch, reason).await;
     node.metrics.closed(reason);
 }
 
 /// Sends what is still queued (unless the client is the reason it could not be
-/// sent) and the close frame, within [`CLOSE_GRACE`].
-async fn finish<Si>(sink: &mut Si, outbox: &ConnOutbox, batch: &mut VecDeque<Frame>, reason: CloseReason)
-where
+/// sent) and the close frame, then completes the closing handshake, within
+/// [`CLOSE_GRACE`].
+///
+/// Reading until the client's own close frame matters: dropping a socket that
+/// still holds unread client frames (a flooder's backlog) makes the kernel
+/// reset the connection, and the reset destroys the close frame we just sent.
+async fn finish<Si, St>(
+    sink: &mut Si,
+    stream: &mut St,
+    outbox: &ConnOutbox,
+    batch: &mut VecDeque<Frame>,
+    reason: CloseReason,
+) where
     Si: Sink<Message, Error = WsError> + Unpin,
+    St: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     outbox.close();
     let Some(code) = reason.code() else {
@@ -132,6 +153,15 @@ where
             reason: reason.text().into(),
         };
         sink.send(Message::Close(Some(frame))).await?;
+        // Bounded on its own: a client that never answers must not hold a drain.
+        let _ = timeout(CLOSE_LINGER, async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
         sink.close().await
     };
     let grace = if reason == CloseReason::SlowConsumer {
@@ -627,7 +657,7 @@ impl Session {
                     let _ = write!(
                         body,
                         "{{\"room\":{},\"error\":",
-                        protocol::json_string(truncate(name, 200))
+                        protocol::json_string(protocol::truncate(name, 200))
                     );
                     protocol::write_error(&mut body, &err);
                     body.push('}');
@@ -889,16 +919,8 @@ fn room_error(e: RoomError) -> ProtoError {
     }
 }
 
-fn truncate(s: &str, max: usize) -> &str {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
-}
-
 fn ws_error_reason(e: &WsError) -> CloseReason {
     match e {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => CloseReason::TooLarge,
         WsError::Capacity(_) => CloseReason::TooLarge,
         WsError::Utf8(_) => CloseReason::BadPayload,
         WsError::Protocol(WsProtocolError::ResetWithoutClosingHandshake) => CloseReason::ClientGone,

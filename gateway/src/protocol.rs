@@ -193,7 +193,8 @@ fn bad(id: Option<u32>, msg: impl Into<std::borrow::Cow<'static, str>>) -> Parse
     }
 }
 
-fn truncate(s: &str, max: usize) -> &str {
+/// `s` cut to at most `max` characters (for echoing client text in errors).
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
         None => s,

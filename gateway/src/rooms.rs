@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use dashmap::DashMap;
 use fanout_tree::{MemberSet, Outbox, Weighted};
 use parking_lot::Mutex;
@@ -78,7 +77,6 @@ pub struct ConnId(pub u64);
 #[derive(Debug, Clone)]
 pub enum Frame {
     Text(Utf8Bytes),
-    Binary(Bytes),
     /// A reply to a command (text): written without coalescing delay, so a
     /// client's request/reply round trip never waits for more pushes.
     Reply(Utf8Bytes),
@@ -100,14 +98,12 @@ impl Frame {
     pub fn into_message(self) -> Message {
         match self {
             Self::Text(t) | Self::Reply(t) => Message::Text(t),
-            Self::Binary(b) => Message::Binary(b),
         }
     }
 
     pub fn as_bytes(&self) -> &[u8] {
         match self {
             Self::Text(t) | Self::Reply(t) => t.as_bytes(),
-            Self::Binary(b) => b,
         }
     }
 }
@@ -116,7 +112,6 @@ impl Weighted for Frame {
     fn weight(&self) -> usize {
         match self {
             Self::Text(t) | Self::Reply(t) => t.len(),
-            Self::Binary(b) => b.len(),
         }
     }
 }
@@ -1146,6 +1141,42 @@ mod tests {
         let next = idx.repaired(&r, (3..=7).map(|s| (s, frame(s))).collect(), 7);
         assert_eq!(next, None);
         assert_eq!(drained(&ob).await, (2..12).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_requested_repair_waits_for_one_under_way_then_reaches_the_tail() {
+        let idx = cache(100);
+        let r = room("r");
+        let ob = outbox();
+        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
+        assert_eq!(idx.request_repair(&r, 5), None, "not live yet: remembered for later");
+        assert_eq!(idx.go_live(&r, 2), Some(Gap { after: 2, upto: 5 }));
+        assert_eq!(idx.request_repair(&r, 9), None, "a repair is under way");
+        let next = idx.repaired(&r, vec![(4, frame(4)), (5, frame(5))], 5);
+        assert_eq!(next, Some(Gap { after: 5, upto: 9 }), "then the later tail");
+        assert_eq!(idx.repaired(&r, vec![(9, frame(9))], 9), None);
+        assert_eq!(idx.request_repair(&r, 9), None, "already there");
+        assert_eq!(drained(&ob).await, vec![4, 5, 9]);
+    }
+
+    #[test]
+    fn lost_messages_restart_the_cache_after_the_hole() {
+        let idx = cache(100);
+        let r = room("r");
+        let ob = outbox();
+        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
+        idx.go_live(&r, 0);
+        idx.deliver(&r, 1, 0, frame(1));
+        assert_eq!(idx.lost_messages(&r, 6), 1);
+        idx.repaired(&r, vec![(7, frame(7))], 7);
+        match idx.catchup(&r, 1, 7) {
+            Catchup::Frames { recovered, .. } => assert!(!recovered, "2..=6 are gone"),
+            Catchup::NeedsBackend => panic!("the hole is known to be gone"),
+        }
+        match idx.catchup(&r, 6, 7) {
+            Catchup::Frames { frames, recovered } => assert_eq!((offsets(&frames), recovered), (vec![7], true)),
+            Catchup::NeedsBackend => panic!(),
+        }
     }
 
     #[test]

@@ -109,6 +109,7 @@ impl Node {
             },
             mode,
         ));
+        let metrics = Metrics::new();
         let bus = if cfg.nats.is_empty() {
             Bus::Embedded
         } else {
@@ -127,7 +128,7 @@ impl Node {
                 connect_timeout: cfg.nats_connect_timeout,
                 ignore_discovered: cfg.nats_ignore_discovered,
             };
-            Bus::Nats(NatsBus::start(cluster, rooms.clone()).await?)
+            Bus::Nats(NatsBus::start(cluster, rooms.clone(), metrics.deliveries_total.clone()).await?)
         };
         let limits = Limits::new(&cfg.limits, !cfg.no_rate_limits);
         Ok(Arc::new(Self {
@@ -135,7 +136,7 @@ impl Node {
             rooms,
             verifier,
             bus,
-            metrics: Metrics::new(),
+            metrics,
             limits,
             tls,
             conn_seq: AtomicU64::new(1),

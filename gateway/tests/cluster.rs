@@ -312,16 +312,14 @@ async fn while_nats_is_down_publishes_are_refused_and_missed_messages_arrive_aft
 
     cluster.servers[0].kill();
     // A notices: not ready, publishes refused, its clients stay connected.
-    let ready = common::nats::http_get(a.running.addr.port(), "/readyz");
-    let mut code = ready.await.map(|(c, _)| c);
+    let readyz = a.http("/readyz");
+    let mut code = None;
     for _ in 0..100 {
+        code = common::try_http_get(&readyz).await.map(|(c, _)| c);
         if code == Some(503) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        code = common::nats::http_get(a.running.addr.port(), "/readyz")
-            .await
-            .map(|(c, _)| c);
     }
     assert_eq!(code, Some(503), "not ready while NATS is down");
     let r = on_a.publish("outage", json!("lost?")).await;

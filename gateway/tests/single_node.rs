@@ -340,8 +340,8 @@ async fn a_burst_of_10000_subscribe_frames() {
             .unwrap();
     }
     futures_util::SinkExt::flush(&mut c.ws).await.unwrap();
-    // Either every reply arrives, or the node closes the flooder; it never
-    // falls over, and others do not notice.
+    // Either every reply arrives, or the node closes the flooder with 4008
+    // (rate-limit abuse); it never falls over, and others do not notice.
     let reader = async {
         let mut replies = 0;
         loop {
@@ -349,16 +349,22 @@ async fn a_burst_of_10000_subscribe_frames() {
                 Some(Ok(tokio_tungstenite::tungstenite::Message::Text(_))) => {
                     replies += 1;
                     if replies == 10_000 {
-                        return replies;
+                        return (replies, None);
                     }
                 }
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(f))) => {
+                    return (replies, f.map(|f| u16::from(f.code)));
+                }
                 Some(Ok(_)) => {}
-                _ => return replies,
+                _ => return (replies, None),
             }
         }
     };
-    let replies = within(reader).await;
-    assert!(replies > 0);
+    let (replies, close) = within(reader).await;
+    assert!(
+        replies == 10_000 || close == Some(4008),
+        "{replies} replies, close {close:?}"
+    );
     node.assert_serving().await;
     assert!(node.running.node.rooms.len() <= 60);
 }

@@ -124,6 +124,8 @@ pub struct NatsBus {
     /// subject: checked by the sweeper so a lost republish is repaired.
     expected: DashMap<RoomId, (u64, Instant)>,
     connected: AtomicBool,
+    /// The node's `gateway_deliveries_total` handle (no lookup per message).
+    deliveries: metrics::Counter,
 }
 
 const SEQ: &str = "Nats-Sequence";
@@ -159,7 +161,11 @@ fn header_safe(s: &str, out: &mut String) {
 impl NatsBus {
     /// Connects, checks or creates the room streams, and starts the
     /// reconnect watcher and the delivery sweeper.
-    pub async fn start(cfg: ClusterConfig, rooms: Arc<RoomIndex>) -> Result<Arc<Self>, ClusterError> {
+    pub async fn start(
+        cfg: ClusterConfig,
+        rooms: Arc<RoomIndex>,
+        deliveries: metrics::Counter,
+    ) -> Result<Arc<Self>, ClusterError> {
         let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
         let mut opts = async_nats::ConnectOptions::new();
         if cfg.ignore_discovered {
@@ -196,6 +202,7 @@ impl NatsBus {
             links: DashMap::new(),
             expected: DashMap::new(),
             connected: AtomicBool::new(true),
+            deliveries,
         });
         let weak = Arc::downgrade(&bus);
         tokio::spawn(async move {
@@ -420,7 +427,7 @@ impl NatsBus {
         match self.rooms.deliver(room, seq, prev, encode(room, seq, &env)) {
             Delivered::Gap(gap) => self.spawn_repair(room.clone(), gap),
             Delivered::Applied { members } => {
-                metrics::counter!("gateway_deliveries_total").increment(members as u64);
+                self.deliveries.increment(members as u64);
             }
             Delivered::Duplicate | Delivered::Buffered | Delivered::NoRoom => {}
         }
@@ -873,24 +880,16 @@ pub fn check_stream(name: &str, have: &stream::Config, want: &ClusterConfig) -> 
     if have.storage != stream::StorageType::File {
         return Err(unsafe_("storage", "memory storage loses everything on restart".into()));
     }
-    let discards_old = have.discard == stream::DiscardPolicy::Old;
-    if have.max_messages > 0 && discards_old {
-        return Err(unsafe_(
-            "max_msgs",
-            format!(
-                "max_msgs={} with discard=old evicts other rooms' history",
-                have.max_messages
-            ),
-        ));
-    }
-    if have.max_bytes > 0 && discards_old {
-        return Err(unsafe_(
-            "max_bytes",
-            format!(
-                "max_bytes={} with discard=old evicts other rooms' history",
-                have.max_bytes
-            ),
-        ));
+    // A stream-wide limit with discard-old evicts other rooms' history.
+    if have.discard == stream::DiscardPolicy::Old {
+        for (limit, value) in [("max_msgs", have.max_messages), ("max_bytes", have.max_bytes)] {
+            if value > 0 {
+                return Err(unsafe_(
+                    limit,
+                    format!("{limit}={value} with discard=old evicts other rooms' history"),
+                ));
+            }
+        }
     }
     if have.max_messages_per_subject > 0 && (want.history < 0 || have.max_messages_per_subject < want.history) {
         return Err(unsafe_(

@@ -255,8 +255,16 @@ impl Client {
     pub async fn closed(&mut self) -> Ended {
         loop {
             match within(self.ws.next()).await {
-                Some(Ok(Message::Close(Some(f)))) => return Ended::Close(u16::from(f.code)),
-                Some(Ok(Message::Close(None))) => return Ended::Close(u16::from(CloseCode::Status)),
+                // Like a browser, answer the close at once (the reply is
+                // written on the next flush).
+                Some(Ok(Message::Close(Some(f)))) => {
+                    let _ = self.ws.flush().await;
+                    return Ended::Close(u16::from(f.code));
+                }
+                Some(Ok(Message::Close(None))) => {
+                    let _ = self.ws.flush().await;
+                    return Ended::Close(u16::from(CloseCode::Status));
+                }
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return Ended::Dropped,
             }
@@ -264,20 +272,33 @@ impl Client {
     }
 }
 
-/// A plain HTTP GET on loopback: (status, whole response text).
-pub async fn http_get(url: &str) -> (u16, String) {
+/// A plain HTTP GET on loopback: (status, body), or `None` if the server
+/// does not answer (it may be starting or gone). Bounded by a 5 s timeout.
+pub async fn try_http_get(url: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = TcpStream::connect(host).await.unwrap();
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/')?;
+    let mut s = TcpStream::connect(host).await.ok()?;
     s.write_all(format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
         .await
-        .unwrap();
+        .ok()?;
     let mut buf = Vec::new();
-    within(s.read_to_end(&mut buf)).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, text)
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    // Our servers and nats-server answer with Content-Length: no chunk decoding.
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Some((status, body))
+}
+
+/// [`try_http_get`] that must succeed.
+pub async fn http_get(url: &str) -> (u16, String) {
+    try_http_get(url)
+        .await
+        .unwrap_or_else(|| panic!("GET {url} got no answer"))
 }
 
 /// A plain HTTP GET on loopback; returns the status code.
