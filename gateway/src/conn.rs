@@ -17,17 +17,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use fanout_tree::{Drained, Outbox, OutboxLimits, Weighted};
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError as WsProtocolError};
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::auth::{self, Identity};
 use crate::bus::{BusError, Fetched, Outgoing};
@@ -36,6 +33,7 @@ use crate::limits::{Admit, ConnLimits, RateLimited, Strikes};
 use crate::protocol::{self, Command, SubscribeEntry};
 use crate::rooms::{Activity, Catchup, ConnId, ConnOutbox, Frame, HistoryPage, Member, RoomError, RoomId, Transition};
 use crate::server::Node;
+use crate::ws::{self, Incoming, ReadError, Reader};
 
 /// Write coalescing window for busy connections.
 const COALESCE: Duration = Duration::from_millis(2);
@@ -55,13 +53,20 @@ const MAX_KEY_LEN: usize = 256;
 /// Window over which bad frames are counted.
 const BAD_FRAME_WINDOW: Duration = Duration::from_secs(60);
 
-/// Runs one upgraded connection to its end. `admit` (from admission control)
-/// is held until the connection ends. `identity` is set when the upgrade
-/// request carried a verified `Authorization: Bearer` token: then no
-/// `connect` frame is needed.
-pub async fn run<S>(node: Arc<Node>, ws: S, peer: SocketAddr, admit: Admit, identity: Option<Identity>)
-where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+/// Runs one upgraded connection to its end, given the two halves of its
+/// socket. `admit` (from admission control) is held until the connection
+/// ends. `identity` is set when the upgrade request carried a verified
+/// `Authorization: Bearer` token: then no `connect` frame is needed.
+pub async fn run<R, W>(
+    node: Arc<Node>,
+    mut reader: Reader<R>,
+    mut writer: W,
+    peer: SocketAddr,
+    admit: Admit,
+    identity: Option<Identity>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
 {
     let cfg = &node.cfg;
     let id = node.next_conn_id();
@@ -70,14 +75,13 @@ where
         max_bytes: cfg.outbox_max_bytes,
         max_frames: cfg.outbox_max_frames,
     }));
-    let (mut sink, mut stream) = ws.split();
     let mut batch = VecDeque::new();
 
     if node.conns_active() > cfg.max_connections {
         tracing::debug!(%peer, "refusing connection: node is full");
         finish(
-            &mut sink,
-            &mut stream,
+            &mut writer,
+            &mut reader,
             &outbox,
             &mut batch,
             CloseReason::TooManyConnections,
@@ -87,17 +91,16 @@ where
         return;
     }
 
-    let activity = Arc::new(Activity::default());
-    let mut session = Session::new(node.clone(), id, outbox.clone(), activity.clone(), admit);
-    session.preauth = identity;
+    // Created by the first notify-mode subscription: most connections never need it.
+    let activity = OnceLock::new();
+    let mut session = Session::new(node.clone(), id, outbox.clone(), &activity, admit);
     let reason = {
-        let reader = session.read_loop(&mut stream);
+        let reading = session.read_loop(&mut reader, identity);
         let times = WriterTimes {
-            ping_interval: cfg.ping_interval,
             write_timeout: cfg.write_timeout,
             activity_interval: cfg.activity_interval,
         };
-        let writer = write_loop(&mut sink, &outbox, &activity, &mut batch, times);
+        let writing = write_loop(&mut writer, &outbox, &activity, &mut batch, times);
         let drain = async {
             node.draining().await;
             // Spread the 1012s so clients do not all reconnect at once.
@@ -107,8 +110,8 @@ where
             }
         };
         tokio::select! {
-            r = reader => r,
-            r = writer => r,
+            r = reading => r,
+            r = writing => r,
             () = drain => CloseReason::NodeDraining,
         }
     };
@@ -118,7 +121,7 @@ where
         tracing::debug!(conn = id.0, %peer, "closing slow consumer");
     }
     node.record_outbox_peak(outbox.peak_bytes());
-    finish(&mut sink, &mut stream, &outbox, &mut batch, reason).await;
+    finish(&mut writer, &mut reader, &outbox, &mut batch, reason).await;
     node.metrics.closed(reason);
 }
 
@@ -129,40 +132,44 @@ where
 /// Reading until the client's own close frame matters: dropping a socket that
 /// still holds unread client frames (a flooder's backlog) makes the kernel
 /// reset the connection, and the reset destroys the close frame we just sent.
-async fn finish<Si, St>(
-    sink: &mut Si,
-    stream: &mut St,
+async fn finish<R, W>(
+    writer: &mut W,
+    reader: &mut Reader<R>,
     outbox: &ConnOutbox,
     batch: &mut VecDeque<Frame>,
     reason: CloseReason,
 ) where
-    Si: Sink<Message, Error = WsError> + Unpin,
-    St: Stream<Item = Result<Message, WsError>> + Unpin,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
 {
     outbox.close();
     let Some(code) = reason.code() else {
         return;
     };
     let work = async {
-        if reason != CloseReason::SlowConsumer {
+        let client_closed = matches!(reason, CloseReason::ClientClosed(_));
+        if reason == CloseReason::SlowConsumer || client_closed {
+            // Only the rest of a frame already partly on the wire: the close
+            // frame must not land inside it.
+            let partial = batch.front().is_some_and(Frame::is_partly_written);
+            batch.truncate(usize::from(partial));
+        } else {
             outbox.try_drain(batch);
-            write_batch(sink, batch).await?;
         }
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.text().into(),
-        };
-        sink.send(Message::Close(Some(frame))).await?;
-        // Bounded on its own: a client that never answers must not hold a drain.
-        let _ = timeout(CLOSE_LINGER, async {
-            while let Some(Ok(msg)) = stream.next().await {
-                if matches!(msg, Message::Close(_)) {
-                    break;
+        ws::write_all(writer, batch).await?;
+        ws::write_frame(writer, Frame::close(code, reason.text())).await?;
+        if !client_closed {
+            // Bounded on its own: a client that never answers must not hold a drain.
+            let _ = timeout(CLOSE_LINGER, async {
+                while let Ok(msg) = reader.next().await {
+                    if matches!(msg, Incoming::Close(_)) {
+                        break;
+                    }
                 }
-            }
-        })
-        .await;
-        sink.close().await
+            })
+            .await;
+        }
+        tokio::io::AsyncWriteExt::shutdown(writer).await
     };
     let grace = if reason == CloseReason::SlowConsumer {
         SLOW_CLOSE_GRACE
@@ -172,48 +179,31 @@ async fn finish<Si, St>(
     let _ = timeout(grace, work).await;
 }
 
-/// Feeds every frame of `batch` and flushes once. Cancel-safe: a frame leaves
-/// `batch` only once the sink has accepted it.
-async fn write_batch<Si>(sink: &mut Si, batch: &mut VecDeque<Frame>) -> Result<(), WsError>
-where
-    Si: Sink<Message, Error = WsError> + Unpin,
-{
-    while !batch.is_empty() {
-        futures_util::future::poll_fn(|cx| sink.poll_ready_unpin(cx)).await?;
-        if let Some(frame) = batch.pop_front() {
-            sink.start_send_unpin(frame.into_message())?;
-        }
-    }
-    sink.flush().await
-}
-
 /// Timing of the writer.
 #[derive(Debug, Clone, Copy)]
 struct WriterTimes {
-    ping_interval: Duration,
     write_timeout: Duration,
     /// At most one `activity` push per room per this interval.
     activity_interval: Duration,
 }
 
-async fn write_loop<Si>(
-    sink: &mut Si,
+/// The only writer of the socket: drains the outbox in batches, one
+/// vectored write per batch, and notices a client that stopped reading.
+async fn write_loop<W>(
+    writer: &mut W,
     outbox: &ConnOutbox,
-    activity: &Activity,
+    activity: &OnceLock<Arc<Activity>>,
     batch: &mut VecDeque<Frame>,
     times: WriterTimes,
 ) -> CloseReason
 where
-    Si: Sink<Message, Error = WsError> + Unpin,
+    W: AsyncWrite + Unpin,
 {
     let WriterTimes {
-        ping_interval,
         write_timeout,
         activity_interval,
     } = times;
     let mut last_write: Option<Instant> = None;
-    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Notify-mode counts are flushed one interval after the first message of
     // a burst (trailing edge: a burst becomes one push per room); an idle
     // connection arms no timer at all.
@@ -236,28 +226,35 @@ where
                 Drained::Overflowed => return CloseReason::SlowConsumer,
                 Drained::Closed => return CloseReason::ClientGone,
             },
-            () = async {
-                // The deadline is kept by `activity`, so a restart of this
-                // branch (other frames won the select) does not postpone it.
-                let first = activity.pending().await;
-                sleep_until(first + activity_interval).await;
+            a = async {
+                // Boxed and only for connections with notify-mode rooms (the
+                // subscribe reply that follows the first one starts a new
+                // round of this loop, which sees it). The deadline is kept by
+                // `activity`, so a restart of this branch (other frames won
+                // the select) does not postpone it.
+                match activity.get() {
+                    Some(a) => {
+                        Box::pin(async {
+                            let first = a.pending().await;
+                            sleep_until(first + activity_interval).await;
+                        })
+                        .await;
+                        a
+                    }
+                    None => std::future::pending().await,
+                }
             } => {
-                for (room, offset, count) in activity.take() {
+                for (room, offset, count) in a.take() {
                     batch.push_back(Frame::text(protocol::activity_push(&room, offset, count)));
                 }
             },
-            _ = ping.tick() => {
-                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
-                    return CloseReason::ClientGone;
-                }
-                continue;
-            }
         }
         last_write = Some(Instant::now());
+        let last_batch = batch.len();
         // A client that stops reading leaves this write pending; notice it
         // through the overflowing outbox or the write timeout.
         tokio::select! {
-            r = write_batch(sink, batch) => {
+            r = ws::write_all(writer, batch) => {
                 if r.is_err() {
                     return CloseReason::ClientGone;
                 }
@@ -265,7 +262,9 @@ where
             () = outbox.overflowed() => return CloseReason::SlowConsumer,
             () = sleep(write_timeout) => return CloseReason::SlowConsumer,
         }
-        if batch.capacity() > 1024 {
+        // A quiet connection keeps no queue memory between writes (a busy
+        // one, whose batches carry several frames, keeps its buffer).
+        if batch.capacity() > 1024 || last_batch < 4 {
             *batch = VecDeque::new();
         }
     }
@@ -280,15 +279,13 @@ struct RoomSub {
     by_token: bool,
 }
 
-struct Session {
+struct Session<'a> {
     node: Arc<Node>,
     id: ConnId,
     outbox: ConnOutbox,
     /// Pending `activity` counts of this connection's notify-mode rooms.
-    activity: Arc<Activity>,
+    activity: &'a OnceLock<Arc<Activity>>,
     identity: Option<Identity>,
-    /// Identity from the upgrade's `Authorization` header, until used.
-    preauth: Option<Identity>,
     /// A pre-authenticated connection may still send `connect` first.
     connect_allowed: bool,
     /// `sub` as a JSON string literal, encoded once for every message push.
@@ -299,8 +296,14 @@ struct Session {
     limits: ConnLimits,
 }
 
-impl Session {
-    fn new(node: Arc<Node>, id: ConnId, outbox: ConnOutbox, activity: Arc<Activity>, admit: Admit) -> Self {
+impl<'a> Session<'a> {
+    fn new(
+        node: Arc<Node>,
+        id: ConnId,
+        outbox: ConnOutbox,
+        activity: &'a OnceLock<Arc<Activity>>,
+        admit: Admit,
+    ) -> Self {
         let bad_frames = Strikes::new(node.cfg.max_bad_frames, BAD_FRAME_WINDOW, Instant::now());
         let limits = node.limits.conn(admit);
         Self {
@@ -309,13 +312,18 @@ impl Session {
             outbox,
             activity,
             identity: None,
-            preauth: None,
             connect_allowed: false,
             from_json: String::new(),
             rooms: HashMap::new(),
             expires_at: None,
             bad_frames,
             limits,
+        }
+    }
+
+    fn forget_activity(&self, room: &RoomId) {
+        if let Some(a) = self.activity.get() {
+            a.forget(room);
         }
     }
 
@@ -328,9 +336,11 @@ impl Session {
 
     /// Queues a reply; a full outbox ends the connection as slow.
     fn send(&self, text: String) -> Result<(), CloseReason> {
-        self.outbox
-            .try_push(Frame::reply(text))
-            .map_err(|_| CloseReason::SlowConsumer)
+        self.push(Frame::reply(text))
+    }
+
+    fn push(&self, frame: Frame) -> Result<(), CloseReason> {
+        self.outbox.try_push(frame).map_err(|_| CloseReason::SlowConsumer)
     }
 
     fn reply_err(&self, id: Option<u32>, err: &ProtoError) -> Result<(), CloseReason> {
@@ -371,44 +381,60 @@ impl Session {
         Ok(())
     }
 
-    async fn read_loop<St>(&mut self, stream: &mut St) -> CloseReason
-    where
-        St: Stream<Item = Result<Message, WsError>> + Unpin,
-    {
-        if let Err(reason) = Box::pin(self.authenticate(stream)).await {
+    /// `preauth` is the identity from the upgrade's `Authorization` header.
+    async fn read_loop<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut Reader<R>,
+        preauth: Option<Identity>,
+    ) -> CloseReason {
+        if let Err(reason) = Box::pin(self.authenticate(reader, preauth)).await {
             return reason;
         }
         self.limits.handshake_done();
         let idle = self.node.cfg.idle_timeout;
+        let ping_interval = self.node.cfg.ping_interval;
+        let mut idle_at = Instant::now() + idle;
+        let mut ping_at = Instant::now() + ping_interval;
         loop {
-            // One timer for both deadlines (memory per idle connection).
-            let idle_at = Instant::now() + idle;
-            let deadline = self.expires_at.map_or(idle_at, |e| e.min(idle_at));
-            let msg = match tokio::time::timeout_at(deadline, stream.next()).await {
-                Err(_) if self.expires_at.is_some_and(|e| e <= Instant::now()) => {
-                    return CloseReason::TokenExpired;
-                }
-                Err(_) => return CloseReason::IdleTimeout,
-                Ok(None) => return CloseReason::ClientGone,
-                Ok(Some(Err(e))) => return ws_error_reason(&e),
-                Ok(Some(Ok(m))) => m,
-            };
-            let result = match msg {
-                Message::Text(t) => {
-                    let frame = Bytes::from(t);
-                    match self.limits.check_bytes(frame.len()) {
-                        // Boxed: a command's state lives on the heap only
-                        // while it runs, so an idle connection stays small.
-                        Ok(()) => Box::pin(self.handle(frame)).await,
-                        Err(r) => self.rate_limited(protocol::parse(&frame).id, r),
+            // One timer for the idle, token-expiry and ping deadlines (memory
+            // per idle connection): pings are queued by the reader.
+            let mut deadline = idle_at.min(ping_at);
+            if let Some(e) = self.expires_at {
+                deadline = deadline.min(e);
+            }
+            let msg = match tokio::time::timeout_at(deadline, reader.next()).await {
+                Err(_) => {
+                    let now = Instant::now();
+                    if self.expires_at.is_some_and(|e| e <= now) {
+                        return CloseReason::TokenExpired;
                     }
+                    if idle_at <= now {
+                        return CloseReason::IdleTimeout;
+                    }
+                    if let Err(reason) = self.push(Frame::ping()) {
+                        return reason;
+                    }
+                    ping_at = now + ping_interval;
+                    continue;
                 }
-                Message::Binary(_) => self.bad_frame(
+                Ok(Err(e)) => return read_error_reason(&e),
+                Ok(Ok(m)) => m,
+            };
+            idle_at = Instant::now() + idle;
+            let result = match msg {
+                Incoming::Text(frame) => match self.limits.check_bytes(frame.len()) {
+                    // Boxed: a command's state lives on the heap only
+                    // while it runs, so an idle connection stays small.
+                    Ok(()) => Box::pin(self.handle(frame)).await,
+                    Err(r) => self.rate_limited(protocol::parse(&frame).id, r),
+                },
+                Incoming::Binary(_) => self.bad_frame(
                     None,
                     &ProtoError::bad_request("binary frames are not accepted on gw.v1.json"),
                 ),
-                Message::Close(_) => return CloseReason::ClientGone,
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
+                Incoming::Ping(payload) => self.push(Frame::pong(&payload)),
+                Incoming::Pong => Ok(()),
+                Incoming::Close(code) => return CloseReason::ClientClosed(code),
             };
             if let Err(reason) = result {
                 return reason;
@@ -416,11 +442,12 @@ impl Session {
         }
     }
 
-    async fn authenticate<St>(&mut self, stream: &mut St) -> Result<(), CloseReason>
-    where
-        St: Stream<Item = Result<Message, WsError>> + Unpin,
-    {
-        if let Some(identity) = self.preauth.take() {
+    async fn authenticate<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut Reader<R>,
+        preauth: Option<Identity>,
+    ) -> Result<(), CloseReason> {
+        if let Some(identity) = preauth {
             self.accept(identity, None)?;
             self.connect_allowed = true;
             return Ok(());
@@ -428,24 +455,27 @@ impl Session {
         let deadline = Instant::now() + self.node.cfg.auth_timeout;
         let unauthorized = |msg: &'static str| ProtoError::new(ErrorCode::Unauthorized, msg);
         loop {
-            let msg = match timeout(deadline.saturating_duration_since(Instant::now()), stream.next()).await {
+            let msg = match tokio::time::timeout_at(deadline, reader.next()).await {
                 Err(_) => {
                     self.reply_err(None, &unauthorized("no connect within the auth timeout"))?;
                     self.node.metrics.auth_failed("timeout");
                     return Err(CloseReason::Unauthorized);
                 }
-                Ok(None) => return Err(CloseReason::ClientGone),
-                Ok(Some(Err(e))) => return Err(ws_error_reason(&e)),
-                Ok(Some(Ok(m))) => m,
+                Ok(Err(e)) => return Err(read_error_reason(&e)),
+                Ok(Ok(m)) => m,
             };
             let text = match msg {
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-                Message::Close(_) => return Err(CloseReason::ClientGone),
-                Message::Binary(_) => {
+                Incoming::Ping(payload) => {
+                    self.push(Frame::pong(&payload))?;
+                    continue;
+                }
+                Incoming::Pong => continue,
+                Incoming::Close(code) => return Err(CloseReason::ClientClosed(code)),
+                Incoming::Binary(_) => {
                     self.reply_err(None, &unauthorized("the first frame must be connect"))?;
                     return Err(CloseReason::Unauthorized);
                 }
-                Message::Text(t) => Bytes::from(t),
+                Incoming::Text(t) => t,
             };
             let parsed = protocol::parse(&text);
             let token = match parsed.command {
@@ -525,7 +555,7 @@ impl Session {
                         && self.rooms.remove(&room).is_some()
                     {
                         leave(&self.node, &room, self.id);
-                        self.activity.forget(&room);
+                        self.forget_activity(&room);
                     }
                 }
                 self.reply_ok(id, "{}")
@@ -713,9 +743,9 @@ impl Session {
             self.node.bus.sync_to(&room, since).await;
         }
         let member = if notify {
-            Member::Notify(&self.activity)
+            Member::Notify(self.activity.get_or_init(Arc::default))
         } else {
-            self.activity.forget(&room);
+            self.forget_activity(&room);
             Member::Full(&self.outbox)
         };
         let joined = self
@@ -858,7 +888,7 @@ impl Session {
         for room in revoked {
             self.rooms.remove(&room);
             leave(&self.node, &room, self.id);
-            self.activity.forget(&room);
+            self.forget_activity(&room);
             self.send(format!(
                 "{{\"op\":\"unsubscribed\",\"room\":\"{room}\",\"error\":{{\"code\":\"forbidden\",\"message\":\"the refreshed token does not grant this room\"}}}}"
             ))?;
@@ -919,21 +949,18 @@ fn room_error(e: RoomError) -> ProtoError {
     }
 }
 
-fn ws_error_reason(e: &WsError) -> CloseReason {
+fn read_error_reason(e: &ReadError) -> CloseReason {
     match e {
-        WsError::Capacity(_) => CloseReason::TooLarge,
-        WsError::Utf8(_) => CloseReason::BadPayload,
-        WsError::Protocol(WsProtocolError::ResetWithoutClosingHandshake) => CloseReason::ClientGone,
-        WsError::Protocol(_) => CloseReason::ProtocolError,
-        _ => CloseReason::ClientGone,
+        ReadError::TooLarge => CloseReason::TooLarge,
+        ReadError::BadUtf8 => CloseReason::BadPayload,
+        ReadError::Protocol(_) => CloseReason::ProtocolError,
+        ReadError::Eof | ReadError::Io(_) => CloseReason::ClientGone,
     }
 }
 
 #[cfg(test)]
 mod size_tests {
     use super::*;
-
-    type Ws = tokio_tungstenite::WebSocketStream<tokio::io::DuplexStream>;
 
     /// Every idle connection holds one `run` future: its size is part of the
     /// per-connection memory budget (issue 3: at most 4 KiB of RSS per idle
@@ -943,23 +970,19 @@ mod size_tests {
     async fn an_idle_connection_task_stays_small() {
         let node = crate::Node::new(crate::Config::default()).await.unwrap();
         let (a, _b) = tokio::io::duplex(64);
-        let ws: Ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-            a,
-            tokio_tungstenite::tungstenite::protocol::Role::Server,
-            None,
-        )
-        .await;
+        let (r, w) = tokio::io::split(a);
         let fut = run(
             node,
-            ws,
+            Reader::new(r, 1024, &[]),
+            w,
             "127.0.0.1:1".parse().unwrap(),
             crate::limits::Admit::none(),
             None,
         );
         let size = std::mem::size_of_val(&fut);
-        assert!(size <= 2560, "conn::run future is {size} bytes");
+        assert!(size <= 2048, "conn::run future is {size} bytes");
         assert!(
-            std::mem::size_of::<Session>() <= 640,
+            std::mem::size_of::<Session>() <= 560,
             "{}",
             std::mem::size_of::<Session>()
         );

@@ -73,8 +73,10 @@ impl ProtoError {
 /// Why a connection ended; decides the close code sent to the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CloseReason {
-    /// The client closed, or the socket failed: nothing is sent.
+    /// The socket failed or ended without a close frame: nothing is sent.
     ClientGone,
+    /// The client sent a close frame (with this code): it is answered.
+    ClientClosed(Option<u16>),
     /// A frame over the size limit (1009).
     TooLarge,
     /// The node is draining or restarting (1012): reconnect with backoff and `since`.
@@ -102,6 +104,8 @@ impl CloseReason {
     pub fn code(self) -> Option<u16> {
         match self {
             Self::ClientGone => None,
+            // Echo the client's code (RFC 6455 section 5.5.1).
+            Self::ClientClosed(code) => Some(code.unwrap_or(1000)),
             Self::TooLarge => Some(1009),
             Self::NodeDraining => Some(1012),
             Self::Unauthorized => Some(4001),
@@ -118,7 +122,7 @@ impl CloseReason {
     /// The close frame's reason text (short: a close reason is at most 123 bytes).
     pub fn text(self) -> &'static str {
         match self {
-            Self::ClientGone => "",
+            Self::ClientGone | Self::ClientClosed(_) => "",
             Self::TooLarge => "frame too large",
             Self::NodeDraining => "node draining, reconnect",
             Self::Unauthorized => "unauthorized",
@@ -136,6 +140,7 @@ impl CloseReason {
     pub fn label(self) -> &'static str {
         match self {
             Self::ClientGone => "client_gone",
+            Self::ClientClosed(_) => "client_closed",
             Self::TooLarge => "too_large",
             Self::NodeDraining => "draining",
             Self::Unauthorized => "unauthorized",

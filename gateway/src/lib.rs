@@ -24,6 +24,7 @@ pub mod protocol;
 pub mod rooms;
 pub mod server;
 pub mod tls;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use fanout_tree::{MemberSet, Outbox, Weighted};
 use parking_lot::Mutex;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::protocol;
 
@@ -72,49 +71,7 @@ impl fmt::Display for RoomId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
 
-/// One encoded server frame, shared by reference count between the log and
-/// every outbox it is queued in.
-#[derive(Debug, Clone)]
-pub enum Frame {
-    Text(Utf8Bytes),
-    /// A reply to a command (text): written without coalescing delay, so a
-    /// client's request/reply round trip never waits for more pushes.
-    Reply(Utf8Bytes),
-}
-
-impl Frame {
-    pub fn text(s: String) -> Self {
-        Self::Text(Utf8Bytes::from(s))
-    }
-
-    pub fn reply(s: String) -> Self {
-        Self::Reply(Utf8Bytes::from(s))
-    }
-
-    pub fn is_reply(&self) -> bool {
-        matches!(self, Self::Reply(_))
-    }
-
-    pub fn into_message(self) -> Message {
-        match self {
-            Self::Text(t) | Self::Reply(t) => Message::Text(t),
-        }
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            Self::Text(t) | Self::Reply(t) => t.as_bytes(),
-        }
-    }
-}
-
-impl Weighted for Frame {
-    fn weight(&self) -> usize {
-        match self {
-            Self::Text(t) | Self::Reply(t) => t.len(),
-        }
-    }
-}
+pub use crate::ws::Frame;
 
 /// A connection's outbox.
 pub type ConnOutbox = Arc<Outbox<Frame>>;

@@ -26,9 +26,8 @@ use axum::routing::get;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio_tungstenite::WebSocketStream;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
@@ -512,19 +511,11 @@ async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return refuse(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(256)
-        .write_buffer_size(64 * 1024)
-        .max_write_buffer_size(usize::MAX)
-        .max_message_size(Some(node.cfg.max_frame_bytes))
-        .max_frame_size(Some(node.cfg.max_frame_bytes));
+    let max_frame = node.cfg.max_frame_bytes;
     let task_node = node.clone();
     node.tracker.spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
-                conn::run(task_node, ws, peer, admit, identity).await;
-            }
+            Ok(upgraded) => start_conn(task_node, upgraded, max_frame, peer, admit, identity),
             Err(e) => tracing::debug!(%peer, error = %e, "upgrade failed"),
         }
     });
@@ -539,4 +530,48 @@ async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response
     builder
         .body(Body::empty())
         .unwrap_or_else(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+}
+
+/// Starts the connection's task on the socket under the upgraded HTTP
+/// connection. hyper's boxed I/O is taken apart again so the connection holds
+/// the bare socket (plain TCP: split into borrowed halves, no allocation, no
+/// lock), and the connection gets a task of its own: its future is the whole
+/// per-connection state, nothing of the upgrade stays in it.
+fn start_conn(
+    node: Arc<Node>,
+    upgraded: hyper::upgrade::Upgraded,
+    max_frame: usize,
+    peer: SocketAddr,
+    admit: crate::limits::Admit,
+    identity: Option<Identity>,
+) {
+    let tracker = node.tracker.clone();
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let tcp = parts.io.into_inner();
+            let pre = parts.read_buf.to_vec();
+            tracker.spawn(async move {
+                let mut tcp = tcp;
+                let (r, w) = tcp.split();
+                let reader = crate::ws::Reader::new(r, max_frame, &pre);
+                drop(pre);
+                conn::run(node, reader, w, peer, admit, identity).await;
+            });
+            return;
+        }
+        Err(u) => u,
+    };
+    type TlsIo = tokio_rustls::server::TlsStream<TcpStream>;
+    match upgraded.downcast::<TokioIo<TlsIo>>() {
+        Ok(parts) => {
+            let (r, w) = tokio::io::split(parts.io.into_inner());
+            let reader = crate::ws::Reader::new(r, max_frame, &parts.read_buf);
+            tracker.spawn(conn::run(node, reader, w, peer, admit, identity));
+        }
+        Err(upgraded) => {
+            let (r, w) = tokio::io::split(TokioIo::new(upgraded));
+            let reader = crate::ws::Reader::new(r, max_frame, &[]);
+            tracker.spawn(conn::run(node, reader, w, peer, admit, identity));
+        }
+    }
 }

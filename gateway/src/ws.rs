@@ -1,0 +1,629 @@
+//! WebSocket framing (RFC 6455), server side, over the two halves of a byte
+//! stream.
+//!
+//! Owns the wire format of frames in both directions. Does not own the
+//! handshake (`server`) or what a message means (`conn`).
+//!
+//! Why not a general-purpose WebSocket stream: memory per idle connection and
+//! copies per delivery.
+//! - [`Reader`] keeps no buffer while idle. It reads into a chunk on the
+//!   stack and keeps only the bytes of an incomplete frame; a quiet
+//!   connection holds an empty `Vec`.
+//! - A server frame is encoded once ([`Frame`]: header and payload in one
+//!   `Bytes`), shared by reference count by every outbox it is queued in, and
+//!   written with one vectored write per batch ([`write_all`]): nothing is
+//!   copied per member.
+//!
+//! The reader enforces the protocol on what clients send: frames must be
+//! masked, no reserved bits (no extension is negotiated), control frames
+//! unfragmented and at most 125 bytes, continuation only inside a fragmented
+//! message, text valid UTF-8, valid close codes, and a message size limit that
+//! is checked from the header, before the payload is read.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Poll, ready};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Opcodes (RFC 6455 section 5.2).
+const OP_CONTINUATION: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+/// Largest payload of a control frame.
+const MAX_CONTROL_PAYLOAD: usize = 125;
+/// Bytes read per call when no larger frame is known to be coming.
+const READ_CHUNK: usize = 4096;
+/// Most frames handed to one vectored write.
+const MAX_IOVECS: usize = 64;
+
+/// One encoded server frame (header and payload), shared by reference count
+/// between a room's log and every outbox it is queued in.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    wire: Bytes,
+    /// Header length: the payload is `wire[header..]`. Zero once a write
+    /// ended inside the frame and `wire` holds only its unwritten rest.
+    header: u8,
+    /// A reply to a command (or a control frame): written without
+    /// coalescing delay, so a request/reply round trip never waits for pushes.
+    reply: bool,
+}
+
+impl Frame {
+    /// A text frame pushed to members (may wait out a short coalescing window).
+    pub fn text(s: String) -> Self {
+        Self::encode(OP_TEXT, s.as_bytes(), false)
+    }
+
+    /// A text frame answering a command.
+    pub fn reply(s: String) -> Self {
+        Self::encode(OP_TEXT, s.as_bytes(), true)
+    }
+
+    /// A ping control frame with an empty payload.
+    pub fn ping() -> Self {
+        Self::encode(OP_PING, &[], true)
+    }
+
+    /// The pong answering a client's ping (same payload).
+    pub fn pong(payload: &[u8]) -> Self {
+        Self::encode(OP_PONG, payload, true)
+    }
+
+    /// A close frame with `code` and a short reason (truncated to fit a control frame).
+    pub fn close(code: u16, reason: &str) -> Self {
+        let mut payload = Vec::with_capacity(2 + reason.len());
+        payload.extend_from_slice(&code.to_be_bytes());
+        payload.extend_from_slice(crate::protocol::truncate(reason, MAX_CONTROL_PAYLOAD - 2).as_bytes());
+        Self::encode(OP_CLOSE, &payload, true)
+    }
+
+    fn encode(opcode: u8, payload: &[u8], reply: bool) -> Self {
+        let len = payload.len();
+        let mut wire = Vec::with_capacity(len + 10);
+        wire.push(0x80 | opcode);
+        if len < 126 {
+            wire.push(len as u8);
+        } else if let Ok(short) = u16::try_from(len) {
+            wire.push(126);
+            wire.extend_from_slice(&short.to_be_bytes());
+        } else {
+            wire.push(127);
+            wire.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        let header = wire.len() as u8;
+        wire.extend_from_slice(payload);
+        Self {
+            wire: Bytes::from(wire),
+            header,
+            reply,
+        }
+    }
+
+    pub fn is_reply(&self) -> bool {
+        self.reply
+    }
+
+    /// True once a write ended inside this frame (the writer advanced it).
+    pub fn is_partly_written(&self) -> bool {
+        self.header == 0
+    }
+
+    /// The payload (for a text frame, its UTF-8 text).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.wire[usize::from(self.header)..]
+    }
+
+    /// The encoded frame as it goes on the wire.
+    pub fn wire(&self) -> &[u8] {
+        &self.wire
+    }
+}
+
+impl fanout_tree::Weighted for Frame {
+    fn weight(&self) -> usize {
+        self.wire.len()
+    }
+}
+
+/// A message from the client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    Text(Bytes),
+    Binary(Bytes),
+    Ping(Bytes),
+    Pong,
+    /// The client's close frame, with its code if it sent one.
+    Close(Option<u16>),
+}
+
+/// Why reading stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("the client closed the connection")]
+    Eof,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("message over the size limit")]
+    TooLarge,
+    #[error("text is not valid UTF-8")]
+    BadUtf8,
+    #[error("WebSocket protocol error: {0}")]
+    Protocol(&'static str),
+}
+
+/// A fragmented message being assembled.
+struct Partial {
+    text: bool,
+    data: Vec<u8>,
+}
+
+/// Decodes client frames from the read half of a connection.
+pub struct Reader<R> {
+    io: R,
+    /// Received bytes not yet decoded: empty (and unallocated) between frames.
+    buf: Vec<u8>,
+    /// Boxed: rare, and it keeps an idle reader small.
+    partial: Option<Box<Partial>>,
+    max_message: usize,
+}
+
+/// A parsed frame header.
+struct Header {
+    fin: bool,
+    opcode: u8,
+    len: usize,
+    mask: [u8; 4],
+    size: usize,
+}
+
+impl<R: AsyncRead + Unpin> Reader<R> {
+    /// `pre` holds bytes that arrived with the upgrade request.
+    pub fn new(io: R, max_message: usize, pre: &[u8]) -> Self {
+        Self {
+            io,
+            buf: pre.to_vec(),
+            partial: None,
+            max_message,
+        }
+    }
+
+    /// The next message. Cancel-safe: bytes already read stay buffered.
+    pub async fn next(&mut self) -> Result<Incoming, ReadError> {
+        loop {
+            if let Some(m) = self.decode()? {
+                return Ok(m);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Reads once; [`ReadError::Eof`] when the client closed its side.
+    async fn fill(&mut self) -> Result<(), ReadError> {
+        let Self { io, buf, .. } = self;
+        poll_fn(|cx| {
+            let spare = buf.capacity() - buf.len();
+            let n = if spare >= READ_CHUNK {
+                // A large frame is coming (decode reserved room): read in place.
+                ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf))?
+            } else {
+                let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+                let mut rb = ReadBuf::uninit(&mut chunk);
+                ready!(Pin::new(&mut *io).poll_read(cx, &mut rb))?;
+                buf.extend_from_slice(rb.filled());
+                rb.filled().len()
+            };
+            Poll::Ready(if n == 0 { Err(ReadError::Eof) } else { Ok(()) })
+        })
+        .await
+    }
+
+    /// Decodes one message from the buffer, if a whole one is there.
+    fn decode(&mut self) -> Result<Option<Incoming>, ReadError> {
+        loop {
+            let Some(h) = parse_header(&self.buf)? else {
+                return Ok(None);
+            };
+            let control = h.opcode & 0x8 != 0;
+            if control {
+                if !h.fin {
+                    return Err(ReadError::Protocol("fragmented control frame"));
+                }
+                if h.len > MAX_CONTROL_PAYLOAD {
+                    return Err(ReadError::Protocol("control frame over 125 bytes"));
+                }
+            } else {
+                let so_far = self.partial.as_ref().map_or(0, |p| p.data.len());
+                if h.len > self.max_message.saturating_sub(so_far) {
+                    return Err(ReadError::TooLarge);
+                }
+            }
+            let total = h.size + h.len;
+            if self.buf.len() < total {
+                self.buf.reserve(total - self.buf.len());
+                return Ok(None);
+            }
+            let mut payload = self.buf[h.size..total].to_vec();
+            unmask(&mut payload, h.mask);
+            if self.buf.len() == total {
+                // Nothing else buffered: give the memory back.
+                self.buf = Vec::new();
+            } else {
+                self.buf.drain(..total);
+            }
+            if let Some(m) = self.message(h.opcode, h.fin, payload)? {
+                return Ok(Some(m));
+            }
+        }
+    }
+
+    /// Turns one frame into a message, or keeps it as part of one.
+    fn message(&mut self, opcode: u8, fin: bool, payload: Vec<u8>) -> Result<Option<Incoming>, ReadError> {
+        let (text, data) = match opcode {
+            OP_TEXT | OP_BINARY => {
+                if self.partial.is_some() {
+                    return Err(ReadError::Protocol("new message inside a fragmented one"));
+                }
+                if !fin {
+                    self.partial = Some(Box::new(Partial {
+                        text: opcode == OP_TEXT,
+                        data: payload,
+                    }));
+                    return Ok(None);
+                }
+                (opcode == OP_TEXT, payload)
+            }
+            OP_CONTINUATION => {
+                let Some(p) = self.partial.as_mut() else {
+                    return Err(ReadError::Protocol("continuation without a message"));
+                };
+                p.data.extend_from_slice(&payload);
+                if !fin {
+                    return Ok(None);
+                }
+                let p = self.partial.take().expect("checked above");
+                (p.text, p.data)
+            }
+            OP_PING => return Ok(Some(Incoming::Ping(Bytes::from(payload)))),
+            OP_PONG => return Ok(Some(Incoming::Pong)),
+            OP_CLOSE => return close_frame(&payload).map(|code| Some(Incoming::Close(code))),
+            _ => return Err(ReadError::Protocol("unknown opcode")),
+        };
+        if text {
+            if std::str::from_utf8(&data).is_err() {
+                return Err(ReadError::BadUtf8);
+            }
+            Ok(Some(Incoming::Text(Bytes::from(data))))
+        } else {
+            Ok(Some(Incoming::Binary(Bytes::from(data))))
+        }
+    }
+}
+
+fn parse_header(b: &[u8]) -> Result<Option<Header>, ReadError> {
+    if b.len() < 2 {
+        return Ok(None);
+    }
+    if b[0] & 0x70 != 0 {
+        return Err(ReadError::Protocol("reserved bits set"));
+    }
+    if b[1] & 0x80 == 0 {
+        return Err(ReadError::Protocol("client frames must be masked"));
+    }
+    let (len, at) = match b[1] & 0x7f {
+        126 => match b.get(2..4) {
+            Some(l) => (u64::from(u16::from_be_bytes([l[0], l[1]])), 4),
+            None => return Ok(None),
+        },
+        127 => match b.get(2..10) {
+            Some(l) => {
+                let len = u64::from_be_bytes(l.try_into().expect("8 bytes"));
+                if len >> 63 != 0 {
+                    return Err(ReadError::Protocol("frame length has its top bit set"));
+                }
+                (len, 10)
+            }
+            None => return Ok(None),
+        },
+        n => (u64::from(n), 2),
+    };
+    let Some(mask) = b.get(at..at + 4) else {
+        return Ok(None);
+    };
+    Ok(Some(Header {
+        fin: b[0] & 0x80 != 0,
+        opcode: b[0] & 0x0f,
+        // A length beyond usize is over any limit.
+        len: usize::try_from(len).unwrap_or(usize::MAX),
+        mask: mask.try_into().expect("4 bytes"),
+        size: at + 4,
+    }))
+}
+
+/// The code of a close frame's payload (checked: a valid code, UTF-8 reason).
+fn close_frame(payload: &[u8]) -> Result<Option<u16>, ReadError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(ReadError::Protocol("close frame with a 1-byte payload")),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            let valid = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
+            if !valid {
+                return Err(ReadError::Protocol("invalid close code"));
+            }
+            if std::str::from_utf8(reason).is_err() {
+                return Err(ReadError::BadUtf8);
+            }
+            Ok(Some(code))
+        }
+    }
+}
+
+/// XORs `data` with the 4-byte mask, 8 bytes at a time.
+fn unmask(data: &mut [u8], mask: [u8; 4]) {
+    let wide = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let v = u64::from_ne_bytes((&*c).try_into().expect("8 bytes")) ^ wide;
+        c.copy_from_slice(&v.to_ne_bytes());
+    }
+    // The remainder starts at a multiple of 8, so at mask byte 0.
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= mask[i % 4];
+    }
+}
+
+/// Writes every frame of `batch`, front first, with vectored writes, then
+/// flushes. A frame leaves `batch` once all of it is written; a partly
+/// written frame stays at the front, advanced. Cancel-safe.
+pub async fn write_all<W: AsyncWrite + Unpin>(io: &mut W, batch: &mut VecDeque<Frame>) -> io::Result<()> {
+    while !batch.is_empty() {
+        let written = poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            for (slot, f) in slices.iter_mut().zip(batch.iter()) {
+                *slot = IoSlice::new(&f.wire);
+                n += 1;
+            }
+            Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n])
+        })
+        .await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let mut left = written;
+        while left > 0 {
+            let front = batch.front_mut().expect("written bytes belong to queued frames");
+            let len = front.wire.len();
+            if left >= len {
+                left -= len;
+                batch.pop_front();
+            } else {
+                front.wire.advance(left);
+                front.header = 0;
+                left = 0;
+            }
+        }
+    }
+    poll_fn(|cx| Pin::new(&mut *io).poll_flush(cx)).await
+}
+
+/// Writes one frame (a ping or the final close) and flushes.
+pub async fn write_frame<W: AsyncWrite + Unpin>(io: &mut W, frame: Frame) -> io::Result<()> {
+    let mut one = VecDeque::from([frame]);
+    write_all(io, &mut one).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A client frame: masked with `mask`.
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+        let len = payload.len();
+        if len < 126 {
+            out.push(0x80 | len as u8);
+        } else if len < 65536 {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    const MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
+
+    async fn read_all(bytes: Vec<u8>, max: usize, split_at: Option<usize>) -> Vec<Result<Incoming, String>> {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut reader = Reader::new(rx, max, &[]);
+        tokio::spawn(async move {
+            match split_at {
+                Some(at) => {
+                    for chunk in bytes.chunks(at) {
+                        tx.write_all(chunk).await.unwrap();
+                        tokio::task::yield_now().await;
+                    }
+                }
+                None => tx.write_all(&bytes).await.unwrap(),
+            }
+        });
+        let mut out = Vec::new();
+        loop {
+            match reader.next().await {
+                Ok(m) => out.push(Ok(m)),
+                Err(ReadError::Eof) => return out,
+                Err(e) => {
+                    out.push(Err(e.to_string()));
+                    return out;
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn decodes_every_kind_of_frame_at_every_split_point() {
+        let mut bytes = client_frame(true, OP_TEXT, b"hello", MASK);
+        bytes.extend(client_frame(true, OP_BINARY, &[0, 1, 2, 255], [1, 2, 3, 4]));
+        bytes.extend(client_frame(true, OP_PING, b"p", MASK));
+        bytes.extend(client_frame(true, OP_PONG, b"", MASK));
+        bytes.extend(client_frame(true, OP_TEXT, &[b'x'; 300], MASK));
+        bytes.extend(client_frame(false, OP_TEXT, "caf".as_bytes(), MASK));
+        bytes.extend(client_frame(true, OP_PING, b"", MASK));
+        bytes.extend(client_frame(true, OP_CONTINUATION, "é".as_bytes(), MASK));
+        bytes.extend(client_frame(true, OP_CLOSE, &[0x03, 0xe8, b'o', b'k'], MASK));
+        let want = vec![
+            Ok(Incoming::Text(Bytes::from_static(b"hello"))),
+            Ok(Incoming::Binary(Bytes::from_static(&[0, 1, 2, 255]))),
+            Ok(Incoming::Ping(Bytes::from_static(b"p"))),
+            Ok(Incoming::Pong),
+            Ok(Incoming::Text(Bytes::from(vec![b'x'; 300]))),
+            // A control frame may come between the fragments of a message.
+            Ok(Incoming::Ping(Bytes::new())),
+            Ok(Incoming::Text(Bytes::from("café"))),
+            Ok(Incoming::Close(Some(1000))),
+        ];
+        assert_eq!(read_all(bytes.clone(), 1024, None).await, want);
+        for at in [1, 2, 3, 5, 7, 11, 64] {
+            assert_eq!(
+                read_all(bytes.clone(), 1024, Some(at)).await,
+                want,
+                "split every {at} bytes"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_is_read_whole() {
+        let payload: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let got = read_all(client_frame(true, OP_BINARY, &payload, MASK), 100_000, Some(9000)).await;
+        assert_eq!(got, vec![Ok(Incoming::Binary(Bytes::from(payload)))]);
+    }
+
+    #[tokio::test]
+    async fn refuses_what_the_protocol_forbids() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                {
+                    let mut f = client_frame(true, OP_TEXT, b"x", MASK);
+                    f[1] &= 0x7f; // unmasked: mask key bytes now read as payload
+                    f.truncate(3);
+                    f
+                },
+                "masked",
+            ),
+            (
+                {
+                    let mut f = client_frame(true, OP_TEXT, b"x", MASK);
+                    f[0] |= 0x40;
+                    f
+                },
+                "reserved",
+            ),
+            (client_frame(true, 0x3, b"", MASK), "opcode"),
+            (client_frame(false, OP_PING, b"", MASK), "fragmented control"),
+            (client_frame(true, OP_PING, &[0; 126], MASK), "125"),
+            (client_frame(true, OP_CONTINUATION, b"x", MASK), "continuation"),
+            (
+                {
+                    let mut f = client_frame(false, OP_TEXT, b"a", MASK);
+                    f.extend(client_frame(true, OP_TEXT, b"b", MASK));
+                    f
+                },
+                "inside a fragmented",
+            ),
+            (client_frame(true, OP_CLOSE, &[3], MASK), "1-byte"),
+            (client_frame(true, OP_CLOSE, &1005u16.to_be_bytes(), MASK), "close code"),
+            (client_frame(true, OP_CLOSE, &999u16.to_be_bytes(), MASK), "close code"),
+            (client_frame(true, OP_TEXT, &[0xff, 0xfe], MASK), "UTF-8"),
+            (
+                {
+                    let mut f = client_frame(false, OP_TEXT, &[0xc3], MASK);
+                    f.extend(client_frame(true, OP_CONTINUATION, &[0x28], MASK));
+                    f
+                },
+                "UTF-8",
+            ),
+            (client_frame(true, OP_TEXT, &[b'a'; 101], MASK), "size limit"),
+            (
+                {
+                    let mut f = client_frame(false, OP_TEXT, &[b'a'; 60], MASK);
+                    f.extend(client_frame(true, OP_CONTINUATION, &[b'a'; 60], MASK));
+                    f
+                },
+                "size limit",
+            ),
+        ];
+        for (bytes, want) in cases {
+            let got = read_all(bytes, 100, None).await;
+            let last = got.last().expect("an error").as_ref().expect_err("must fail");
+            assert!(last.contains(want), "{last:?} should mention {want:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_size_limit_is_checked_before_the_payload_arrives() {
+        // Only the header of a 1 GB frame is ever sent.
+        let mut header = vec![0x82, 0x80 | 127];
+        header.extend_from_slice(&(1u64 << 30).to_be_bytes());
+        header.extend_from_slice(&MASK);
+        let got = read_all(header, 1 << 16, None).await;
+        assert_eq!(got, vec![Err(ReadError::TooLarge.to_string())]);
+    }
+
+    #[test]
+    fn unmask_matches_the_bytewise_definition() {
+        for len in 0..40 {
+            let data: Vec<u8> = (0..len as u8).collect();
+            let mut fast = data.clone();
+            unmask(&mut fast, MASK);
+            let slow: Vec<u8> = data.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]).collect();
+            assert_eq!(fast, slow, "len {len}");
+        }
+    }
+
+    #[test]
+    fn server_frames_use_the_shortest_length_encoding() {
+        assert_eq!(Frame::text("hi".into()).wire(), b"\x81\x02hi");
+        let f = Frame::text("x".repeat(126));
+        assert_eq!(&f.wire()[..4], &[0x81, 126, 0, 126]);
+        assert_eq!(f.as_bytes().len(), 126);
+        let f = Frame::text("x".repeat(70_000));
+        assert_eq!(&f.wire()[..2], &[0x81, 127]);
+        assert_eq!(&f.wire()[2..10], &70_000u64.to_be_bytes());
+        assert_eq!(Frame::ping().wire(), &[0x89, 0]);
+        assert_eq!(Frame::close(4009, "slow").wire(), b"\x88\x06\x0f\xa9slow");
+        assert!(Frame::close(1000, &"r".repeat(300)).wire().len() <= 2 + 125);
+    }
+
+    #[tokio::test]
+    async fn write_all_survives_partial_writes() {
+        // A 7-byte pipe forces writes that end inside frames.
+        let (mut tx, mut rx) = tokio::io::duplex(7);
+        let frames: Vec<Frame> = (0..50).map(|i| Frame::text(format!("message {i}"))).collect();
+        let want: Vec<u8> = frames.iter().flat_map(|f| f.wire().to_vec()).collect();
+        let mut batch: VecDeque<Frame> = frames.into();
+        let writer = tokio::spawn(async move {
+            write_all(&mut tx, &mut batch).await.unwrap();
+            assert!(batch.is_empty());
+        });
+        let mut got = vec![0u8; want.len()];
+        tokio::io::AsyncReadExt::read_exact(&mut rx, &mut got).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(got, want);
+    }
+}
