@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Arc;
 
-use crate::outbox::{Outbox, PushError, Weighted};
+use crate::outbox::{Outbox, PushError, Pushed, Weighted};
 
 /// Members of one group: dense for iteration, indexed for O(1) removal.
 pub struct MemberSet<K, T> {
@@ -81,12 +81,17 @@ impl<K: Copy + Eq + Hash, T: Clone + Weighted> MemberSet<K, T> {
     /// Offers `item` to every member without waiting. Members whose outbox was
     /// full are appended to `slow` (their outbox is now overflowed and their
     /// writer has been woken to close them). Returns the number of members the
-    /// item was queued for.
-    pub fn broadcast(&self, item: &T, slow: &mut Vec<K>) -> usize {
+    /// item was queued for. Outboxes that need a flusher now (idle, with a
+    /// sink) are appended to `schedule`: hand them to [`crate::Flushers`].
+    pub fn broadcast(&self, item: &T, slow: &mut Vec<K>, schedule: &mut Vec<Arc<Outbox<T>>>) -> usize {
         let mut delivered = 0;
         for (key, outbox) in &self.members {
-            match outbox.try_push(item.clone()) {
-                Ok(()) => delivered += 1,
+            match outbox.try_push_direct(item.clone()) {
+                Ok(Pushed::Queued) => delivered += 1,
+                Ok(Pushed::Schedule) => {
+                    delivered += 1;
+                    schedule.push(outbox.clone());
+                }
                 Err(PushError::Full) => slow.push(*key),
                 Err(PushError::Closed) => {}
             }
@@ -120,7 +125,7 @@ mod tests {
             assert_eq!(set.contains(i), i % 3 != 0);
         }
         let mut slow = Vec::new();
-        assert_eq!(set.broadcast(&Bytes::from_static(b"m"), &mut slow), 66);
+        assert_eq!(set.broadcast(&Bytes::from_static(b"m"), &mut slow, &mut Vec::new()), 66);
         assert!(slow.is_empty());
         for (i, b) in boxes.iter().enumerate() {
             assert_eq!(b.queued().0, usize::from(i % 3 != 0));
@@ -138,9 +143,9 @@ mod tests {
         set.insert(1, tight);
         set.insert(2, roomy.clone());
         let mut slow = Vec::new();
-        set.broadcast(&Bytes::from_static(b"a"), &mut slow);
-        set.broadcast(&Bytes::from_static(b"b"), &mut slow);
-        set.broadcast(&Bytes::from_static(b"c"), &mut slow);
+        set.broadcast(&Bytes::from_static(b"a"), &mut slow, &mut Vec::new());
+        set.broadcast(&Bytes::from_static(b"b"), &mut slow, &mut Vec::new());
+        set.broadcast(&Bytes::from_static(b"c"), &mut slow, &mut Vec::new());
         assert_eq!(slow, vec![1]);
         assert_eq!(roomy.queued().0, 3);
     }

@@ -2,14 +2,18 @@
 //!
 //! - [`outbox`]: a connection's byte-bounded queue; producers never wait.
 //! - [`group`]: a room's local members and the encode-once broadcast.
+//! - [`flush`]: the flushers that write broadcast frames to sockets.
 //! - [`plan`]: which gateway forwards a room's messages to which (pure).
 //!
-//! Nothing here does I/O: the gateway owns sockets and the bus.
+//! Nothing here owns a socket: the gateway owns sockets and the bus, and
+//! hands each outbox a [`DirectWrite`] sink that flushers write through.
 
+pub mod flush;
 pub mod group;
 pub mod outbox;
 pub mod plan;
 
+pub use flush::{Flusher, Flushers};
 pub use group::MemberSet;
-pub use outbox::{Drained, Outbox, OutboxLimits, PushError, Weighted};
+pub use outbox::{DirectWrite, Drained, Outbox, OutboxLimits, PushError, Pushed, Weighted, Wire};
 pub use plan::{FanoutPlan, PlanError};

@@ -15,12 +15,22 @@
 //!   messages) in front of them. That is how a `subscribe` reply is guaranteed to
 //!   precede the live messages of the rooms it just joined.
 //!
-//! Concurrency: one short `parking_lot` mutex per outbox, taken for a push or
-//! a drain, never across `.await`. The writer is woken through a
-//! `tokio::sync::Notify` only when the queue goes from empty to non-empty, so a
-//! burst of pushes costs one wake-up.
+//! - One writer at a time, and it is told apart in the state: nobody (idle),
+//!   a [`crate::Flusher`] (which writes through the outbox's [`DirectWrite`]
+//!   sink without waiting, under the outbox lock), or the connection's own
+//!   task (which waits for a socket that is not writable). A fan-out push to
+//!   an idle outbox with a sink returns [`Pushed::Schedule`]: the caller hands
+//!   the outbox to a flusher, and no task is woken per delivery. When the
+//!   socket would block, the flusher hands the outbox to the task.
+//!
+//! Concurrency: one short `parking_lot` mutex per outbox, taken for a push,
+//! a drain or a direct write (non-blocking), never across `.await`. The task
+//! is woken through a `tokio::sync::Notify` only when it becomes the writer,
+//! so a burst of pushes costs one wake-up.
 
 use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -36,6 +46,51 @@ impl Weighted for bytes::Bytes {
         self.len()
     }
 }
+
+/// An item that is bytes on the wire, so a flusher can write it directly.
+pub trait Wire: Weighted {
+    /// The bytes still to be written.
+    fn wire(&self) -> &[u8];
+    /// Drops the first `n` bytes (a write ended inside the item).
+    fn advance(&mut self, n: usize);
+}
+
+impl Wire for bytes::Bytes {
+    fn wire(&self) -> &[u8] {
+        self
+    }
+
+    fn advance(&mut self, n: usize) {
+        bytes::Buf::advance(self, n);
+    }
+}
+
+/// A socket a flusher writes to without waiting (implemented by the owner
+/// of the socket).
+pub trait DirectWrite: Send + Sync {
+    /// Writes what the socket takes now; `WouldBlock` when it takes nothing.
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+}
+
+/// What a fan-out push asks of the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued; a writer is already on it.
+    Queued,
+    /// Queued on an idle outbox with a sink: hand it to a flusher.
+    Schedule,
+}
+
+/// Who writes the queue out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writer {
+    Idle,
+    Flusher,
+    Task,
+}
+
+/// Most items handed to one vectored write.
+const MAX_IOVECS: usize = 64;
 
 /// Caps of one outbox.
 #[derive(Debug, Clone, Copy)]
@@ -86,8 +141,38 @@ struct State<T> {
     held: Option<VecDeque<T>>,
     overflowed: bool,
     closed: bool,
+    writer: Writer,
+    /// Present for sockets a flusher may write to directly; dropped on close.
+    sink: Option<Arc<dyn DirectWrite>>,
     /// Highest byte count ever queued: lets tests assert on memory bounds.
     peak_bytes: usize,
+}
+
+impl<T: Wire> State<T> {
+    /// Drops `written` bytes from the front of the queue.
+    fn consume(&mut self, mut written: usize) {
+        while written > 0 {
+            let Some(front) = self.queue.front_mut() else {
+                return;
+            };
+            let len = front.wire().len();
+            if written >= len {
+                let weight = front.weight();
+                self.queue.pop_front();
+                self.bytes -= weight;
+                written -= len;
+            } else {
+                let before = front.weight();
+                front.advance(written);
+                self.bytes -= before - front.weight();
+                written = 0;
+            }
+        }
+        // Catch-up accounting is approximate once frames leave one by one;
+        // it only ever makes the live cap more permissive, never negative.
+        self.extra_bytes = self.extra_bytes.min(self.bytes);
+        self.extra_frames = self.extra_frames.min(self.queue.len());
+    }
 }
 
 /// A byte-bounded multi-producer, single-consumer frame queue.
@@ -95,11 +180,19 @@ pub struct Outbox<T> {
     state: Mutex<State<T>>,
     ready: Notify,
     limits: OutboxLimits,
+    /// Which flusher writes this outbox (see [`crate::Flushers`]).
+    shard: u32,
 }
 
 impl<T: Weighted> Outbox<T> {
-    /// An empty outbox; allocates nothing until the first push.
+    /// An empty outbox that only its task writes; allocates nothing until
+    /// the first push.
     pub fn new(limits: OutboxLimits) -> Self {
+        Self::with_sink(limits, None, 0)
+    }
+
+    /// An outbox whose fan-out pushes a flusher (`shard`) may write to `sink`.
+    pub fn with_sink(limits: OutboxLimits, sink: Option<Arc<dyn DirectWrite>>, shard: u32) -> Self {
         Self {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
@@ -109,16 +202,36 @@ impl<T: Weighted> Outbox<T> {
                 held: None,
                 overflowed: false,
                 closed: false,
+                writer: Writer::Idle,
+                sink,
                 peak_bytes: 0,
             }),
             ready: Notify::new(),
             limits,
+            shard,
         }
     }
 
-    /// Queues `item` without waiting. On [`PushError::Full`] the outbox is
-    /// overflowed and the writer is woken to close the connection.
+    /// The flusher this outbox belongs to.
+    pub fn shard(&self) -> u32 {
+        self.shard
+    }
+
+    /// Queues `item` without waiting and wakes the connection's task to
+    /// write it (replies and other frames of the connection itself). On
+    /// [`PushError::Full`] the outbox is overflowed and the writer is woken to
+    /// close the connection.
     pub fn try_push(&self, item: T) -> Result<(), PushError> {
+        self.push(item, false).map(|_| ())
+    }
+
+    /// Queues a fan-out `item` without waiting. An idle outbox with a sink
+    /// answers [`Pushed::Schedule`]: give it to its flusher (no task is woken).
+    pub fn try_push_direct(&self, item: T) -> Result<Pushed, PushError> {
+        self.push(item, true)
+    }
+
+    fn push(&self, item: T, direct: bool) -> Result<Pushed, PushError> {
         let mut st = self.state.lock();
         if st.overflowed || st.closed {
             return Err(PushError::Closed);
@@ -135,21 +248,22 @@ impl<T: Weighted> Outbox<T> {
         }
         st.bytes += weight;
         st.peak_bytes = st.peak_bytes.max(st.bytes);
-        let wake = match st.held.as_mut() {
-            Some(held) => {
-                held.push_back(item);
-                false
-            }
-            None => {
-                st.queue.push_back(item);
-                st.queue.len() == 1
-            }
-        };
-        drop(st);
-        if wake {
-            self.ready.notify_one();
+        if let Some(held) = st.held.as_mut() {
+            held.push_back(item);
+            return Ok(Pushed::Queued);
         }
-        Ok(())
+        st.queue.push_back(item);
+        if st.writer != Writer::Idle {
+            return Ok(Pushed::Queued);
+        }
+        if direct && st.sink.is_some() {
+            st.writer = Writer::Flusher;
+            return Ok(Pushed::Schedule);
+        }
+        st.writer = Writer::Task;
+        drop(st);
+        self.ready.notify_one();
+        Ok(Pushed::Queued)
     }
 
     /// From now until [`Outbox::release`], pushes are set aside.
@@ -172,7 +286,6 @@ impl<T: Weighted> Outbox<T> {
         if st.overflowed || st.closed {
             return Err(PushError::Closed);
         }
-        let was_empty = st.queue.is_empty();
         if let Some(reply) = reply {
             st.bytes += reply.weight();
             st.queue.push_back(reply);
@@ -186,7 +299,10 @@ impl<T: Weighted> Outbox<T> {
         }
         st.queue.extend(held);
         st.peak_bytes = st.peak_bytes.max(st.bytes);
-        let wake = was_empty && !st.queue.is_empty();
+        let wake = st.writer == Writer::Idle && !st.queue.is_empty();
+        if wake {
+            st.writer = Writer::Task;
+        }
         drop(st);
         if wake {
             self.ready.notify_one();
@@ -195,7 +311,9 @@ impl<T: Weighted> Outbox<T> {
     }
 
     /// Moves every queued frame into `into` (which should be empty), waiting
-    /// until there is at least one, or until the outbox is closed or overflowed.
+    /// until there is at least one and no flusher is writing, or until the
+    /// outbox is closed or overflowed. Makes the task the writer until it
+    /// finds the queue empty again.
     pub async fn drain(&self, into: &mut VecDeque<T>) -> Drained {
         loop {
             {
@@ -203,8 +321,9 @@ impl<T: Weighted> Outbox<T> {
                 if st.overflowed {
                     return Drained::Overflowed;
                 }
-                if !st.queue.is_empty() {
+                if st.writer != Writer::Flusher && !st.queue.is_empty() {
                     debug_assert!(into.is_empty(), "drain into an empty buffer");
+                    st.writer = Writer::Task;
                     std::mem::swap(&mut st.queue, into);
                     st.bytes -= into.iter().map(Weighted::weight).sum::<usize>();
                     st.extra_bytes = 0;
@@ -215,6 +334,10 @@ impl<T: Weighted> Outbox<T> {
                     }
                     return Drained::Frames;
                 }
+                if st.writer == Writer::Task {
+                    // Everything handed out is written: the next push decides.
+                    st.writer = Writer::Idle;
+                }
                 if st.closed {
                     return Drained::Closed;
                 }
@@ -223,10 +346,12 @@ impl<T: Weighted> Outbox<T> {
         }
     }
 
-    /// Moves whatever is queued into `into` without waiting; false if nothing was.
-    /// Used for the last frames before a close.
+    /// Moves whatever is queued into `into` without waiting, and makes the
+    /// task the writer (a flusher will not touch the queue after this);
+    /// false if nothing was queued. Used for the last frames before a close.
     pub fn try_drain(&self, into: &mut VecDeque<T>) -> bool {
         let mut st = self.state.lock();
+        st.writer = Writer::Task;
         if st.queue.is_empty() {
             return false;
         }
@@ -249,9 +374,14 @@ impl<T: Weighted> Outbox<T> {
         }
     }
 
-    /// Refuses further pushes and wakes the writer.
+    /// Refuses further pushes, lets go of the sink and wakes the writer.
     pub fn close(&self) {
-        self.state.lock().closed = true;
+        let sink = {
+            let mut st = self.state.lock();
+            st.closed = true;
+            st.sink.take()
+        };
+        drop(sink);
         self.ready.notify_one();
     }
 
@@ -260,6 +390,59 @@ impl<T: Weighted> Outbox<T> {
     pub fn abort(&self) {
         self.state.lock().overflowed = true;
         self.ready.notify_one();
+    }
+
+    /// Writes the queue to the sink without waiting, if a flusher is the
+    /// writer (called by the flusher). Frames leave the queue once written;
+    /// a write that ends inside a frame advances it. When the socket takes
+    /// no more, the task becomes the writer and is woken (it waits for the
+    /// socket); when the queue is empty, nobody is.
+    pub fn flush_direct(&self)
+    where
+        T: Wire,
+    {
+        let mut st = self.state.lock();
+        if st.writer != Writer::Flusher {
+            return;
+        }
+        let Some(sink) = st.sink.clone() else {
+            st.writer = Writer::Task;
+            drop(st);
+            self.ready.notify_one();
+            return;
+        };
+        loop {
+            if st.queue.is_empty() {
+                st.writer = Writer::Idle;
+                st.extra_bytes = 0;
+                st.extra_frames = 0;
+                if st.queue.capacity() > 0 && st.bytes == 0 {
+                    st.queue = VecDeque::new();
+                }
+                return;
+            }
+            let result = {
+                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                let mut n = 0;
+                for (slot, item) in slices.iter_mut().zip(st.queue.iter()) {
+                    *slot = IoSlice::new(item.wire());
+                    n += 1;
+                }
+                sink.try_write_vectored(&slices[..n])
+            };
+            match result {
+                Ok(written) if written > 0 => st.consume(written),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Would block, or failed: the task waits for the socket or
+                // meets the error itself.
+                _ => {
+                    st.writer = Writer::Task;
+                    drop(st);
+                    self.ready.notify_one();
+                    return;
+                }
+            }
+        }
     }
 
     /// Whether the outbox overflowed (the consumer was too slow).

@@ -159,6 +159,9 @@ pub struct Opts {
     /// Fan-out per node of the tiered tree [default: 16].
     #[arg(long, env = "GATEWAY_TREE_DEGREE", global = true)]
     pub tree_degree: Option<usize>,
+    /// Flusher tasks writing room messages to sockets; a room's members are spread over them (0 = one per CPU core) [default: 0].
+    #[arg(long, env = "GATEWAY_FANOUT_SHARDS", global = true)]
+    pub fanout_shards: Option<usize>,
     /// Turn every rate limit and admission budget off (benchmarks, trusted networks); connection-count limits stay.
     #[arg(long, env = "GATEWAY_NO_RATE_LIMITS", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub no_rate_limits: Option<bool>,
@@ -350,6 +353,7 @@ impl Opts {
             allow_no_origin,
             tree_threshold,
             tree_degree,
+            fanout_shards,
             no_rate_limits,
             publish_per_sec,
             publish_burst,
@@ -513,6 +517,8 @@ pub struct Config {
     pub tree_threshold: usize,
     /// Default 16.
     pub tree_degree: usize,
+    /// Flushers; default one per CPU core.
+    pub fanout_shards: usize,
     /// Default false.
     pub no_rate_limits: bool,
     /// Rate limits and admission budgets (each field gives its default);
@@ -713,6 +719,10 @@ impl Config {
             allow_no_origin: o.allow_no_origin.unwrap_or(true),
             tree_threshold: positive("tree_threshold", o.tree_threshold, 10_000)?,
             tree_degree,
+            fanout_shards: match o.fanout_shards.unwrap_or(0) {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n,
+            },
             no_rate_limits: o.no_rate_limits.unwrap_or(false),
             limits,
             auth_timeout: ms(Some(positive("auth_timeout_ms", o.auth_timeout_ms, 5_000)?), 0),

@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fanout_tree::{Drained, Outbox, OutboxLimits, Weighted};
+use fanout_tree::{DirectWrite, Drained, Outbox, OutboxLimits, Weighted};
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
@@ -54,13 +54,15 @@ const MAX_KEY_LEN: usize = 256;
 const BAD_FRAME_WINDOW: Duration = Duration::from_secs(60);
 
 /// Runs one upgraded connection to its end, given the two halves of its
-/// socket. `admit` (from admission control) is held until the connection
+/// socket, and `sink` when a flusher may write room messages to the socket
+/// directly. `admit` (from admission control) is held until the connection
 /// ends. `identity` is set when the upgrade request carried a verified
 /// `Authorization: Bearer` token: then no `connect` frame is needed.
 pub async fn run<R, W>(
     node: Arc<Node>,
     mut reader: Reader<R>,
     mut writer: W,
+    sink: Option<Arc<dyn DirectWrite>>,
     peer: SocketAddr,
     admit: Admit,
     identity: Option<Identity>,
@@ -71,10 +73,12 @@ pub async fn run<R, W>(
     let cfg = &node.cfg;
     let id = node.next_conn_id();
     let _count = node.count_conn();
-    let outbox: ConnOutbox = Arc::new(Outbox::new(OutboxLimits {
+    let limits = OutboxLimits {
         max_bytes: cfg.outbox_max_bytes,
         max_frames: cfg.outbox_max_frames,
-    }));
+    };
+    let shard = node.rooms.flushers().shard_for(id.0);
+    let outbox: ConnOutbox = Arc::new(Outbox::with_sink(limits, sink, shard));
     let mut batch = VecDeque::new();
 
     if node.conns_active() > cfg.max_connections {
@@ -148,13 +152,13 @@ async fn finish<R, W>(
     };
     let work = async {
         let client_closed = matches!(reason, CloseReason::ClientClosed(_));
+        // Takes the queue from a flusher, if one was writing it.
+        outbox.try_drain(batch);
         if reason == CloseReason::SlowConsumer || client_closed {
             // Only the rest of a frame already partly on the wire: the close
             // frame must not land inside it.
             let partial = batch.front().is_some_and(Frame::is_partly_written);
             batch.truncate(usize::from(partial));
-        } else {
-            outbox.try_drain(batch);
         }
         ws::write_all(writer, batch).await?;
         ws::write_frame(writer, Frame::close(code, reason.text())).await?;
@@ -244,9 +248,13 @@ where
                     None => std::future::pending().await,
                 }
             } => {
+                // Through the outbox: whoever writes it now (this task or a
+                // flusher) writes these too, in order. A full outbox shows up
+                // as overflowed on the next drain.
                 for (room, offset, count) in a.take() {
-                    batch.push_back(Frame::text(protocol::activity_push(&room, offset, count)));
+                    let _ = outbox.try_push(Frame::text(protocol::activity_push(&room, offset, count)));
                 }
+                continue;
             },
         }
         last_write = Some(Instant::now());
@@ -975,6 +983,7 @@ mod size_tests {
             node,
             Reader::new(r, 1024, &[]),
             w,
+            None,
             "127.0.0.1:1".parse().unwrap(),
             crate::limits::Admit::none(),
             None,

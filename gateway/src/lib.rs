@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod rooms;
 pub mod server;
+pub mod tcp;
 pub mod tls;
 pub mod ws;
 

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use fanout_tree::{MemberSet, Outbox, Weighted};
+use fanout_tree::{Flushers, MemberSet, Outbox, Weighted};
 use parking_lot::Mutex;
 
 use crate::protocol;
@@ -178,6 +178,8 @@ pub struct RoomLimits {
     pub max_rooms: usize,
     /// Most out-of-order messages buffered per room while it syncs.
     pub max_pending: usize,
+    /// Flushers writing broadcast frames (one per core is the default).
+    pub fanout_shards: usize,
 }
 
 /// Who assigns offsets: this node's log (embedded) or the cluster's streams.
@@ -360,16 +362,24 @@ pub struct RoomIndex {
     count: AtomicUsize,
     limits: RoomLimits,
     mode: LogMode,
+    /// Write broadcast frames to members' sockets (run by the node).
+    flushers: Flushers<Frame>,
 }
 
 impl RoomIndex {
     pub fn new(limits: RoomLimits, mode: LogMode) -> Self {
+        let shards = limits.fanout_shards;
         Self {
             rooms: DashMap::new(),
             count: AtomicUsize::new(0),
             limits,
             mode,
+            flushers: Flushers::new(shards),
         }
+    }
+
+    pub fn flushers(&self) -> &Flushers<Frame> {
+        &self.flushers
     }
 
     /// Rooms with state on this node.
@@ -611,7 +621,9 @@ impl RoomIndex {
         });
         self.trim(st);
         let mut slow = Vec::new();
-        let delivered = st.members.broadcast(&frame, &mut slow);
+        let mut schedule = Vec::new();
+        let delivered = st.members.broadcast(&frame, &mut slow, &mut schedule);
+        self.flushers.schedule(schedule);
         for w in st.watchers.values() {
             w.bump(room, offset);
         }
@@ -640,7 +652,10 @@ impl RoomIndex {
             for w in st.watchers.values() {
                 w.bump(room, 0);
             }
-            st.members.broadcast(frame, &mut slow) + st.watchers.len()
+            let mut schedule = Vec::new();
+            let delivered = st.members.broadcast(frame, &mut slow, &mut schedule);
+            self.flushers.schedule(schedule);
+            delivered + st.watchers.len()
         })
         .unwrap_or(0)
     }
@@ -884,6 +899,7 @@ mod tests {
 
     fn limits(history: usize) -> RoomLimits {
         RoomLimits {
+            fanout_shards: 1,
             history_size: history,
             history_max_bytes: 1 << 20,
             dedup_window: Duration::from_secs(60),

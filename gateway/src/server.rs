@@ -39,7 +39,9 @@ use crate::conn;
 use crate::limits::{Limits, Refusal};
 use crate::metrics::{self, Metrics};
 use crate::rooms::{ConnId, LogMode, RoomIndex, RoomLimits};
+use crate::tcp::SharedTcp;
 use crate::tls::Tls;
+use fanout_tree::DirectWrite;
 
 /// The JSON sub-protocol (the default).
 pub const PROTOCOL_JSON: &str = "gw.v1.json";
@@ -99,6 +101,7 @@ impl Node {
         };
         let rooms = Arc::new(RoomIndex::new(
             RoomLimits {
+                fanout_shards: cfg.fanout_shards,
                 history_size: cfg.history_size,
                 history_max_bytes: cfg.history_max_bytes,
                 dedup_window: cfg.dedup_window,
@@ -130,6 +133,11 @@ impl Node {
             Bus::Nats(NatsBus::start(cluster, rooms.clone(), metrics.deliveries_total.clone()).await?)
         };
         let limits = Limits::new(&cfg.limits, !cfg.no_rate_limits);
+        // The flushers live as long as the runtime; they hold no node state.
+        for flusher in rooms.flushers().shards() {
+            let flusher = flusher.clone();
+            tokio::spawn(async move { flusher.run().await });
+        }
         Ok(Arc::new(Self {
             cfg,
             rooms,
@@ -534,9 +542,11 @@ async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response
 
 /// Starts the connection's task on the socket under the upgraded HTTP
 /// connection. hyper's boxed I/O is taken apart again so the connection holds
-/// the bare socket (plain TCP: split into borrowed halves, no allocation, no
-/// lock), and the connection gets a task of its own: its future is the whole
-/// per-connection state, nothing of the upgrade stays in it.
+/// the bare socket (plain TCP: shared, without a lock, by the connection's
+/// task and the flusher that writes its room messages), and the connection
+/// gets a task of its own: its future is the whole per-connection state,
+/// nothing of the upgrade stays in it. TLS connections are written by their
+/// task only.
 fn start_conn(
     node: Arc<Node>,
     upgraded: hyper::upgrade::Upgraded,
@@ -548,15 +558,10 @@ fn start_conn(
     let tracker = node.tracker.clone();
     let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
-            let tcp = parts.io.into_inner();
-            let pre = parts.read_buf.to_vec();
-            tracker.spawn(async move {
-                let mut tcp = tcp;
-                let (r, w) = tcp.split();
-                let reader = crate::ws::Reader::new(r, max_frame, &pre);
-                drop(pre);
-                conn::run(node, reader, w, peer, admit, identity).await;
-            });
+            let tcp = SharedTcp::new(parts.io.into_inner());
+            let reader = crate::ws::Reader::new(tcp.clone(), max_frame, &parts.read_buf);
+            let sink: Arc<dyn DirectWrite> = Arc::new(tcp.clone());
+            tracker.spawn(conn::run(node, reader, tcp, Some(sink), peer, admit, identity));
             return;
         }
         Err(u) => u,
@@ -566,12 +571,12 @@ fn start_conn(
         Ok(parts) => {
             let (r, w) = tokio::io::split(parts.io.into_inner());
             let reader = crate::ws::Reader::new(r, max_frame, &parts.read_buf);
-            tracker.spawn(conn::run(node, reader, w, peer, admit, identity));
+            tracker.spawn(conn::run(node, reader, w, None, peer, admit, identity));
         }
         Err(upgraded) => {
             let (r, w) = tokio::io::split(TokioIo::new(upgraded));
             let reader = crate::ws::Reader::new(r, max_frame, &[]);
-            tracker.spawn(conn::run(node, reader, w, peer, admit, identity));
+            tracker.spawn(conn::run(node, reader, w, None, peer, admit, identity));
         }
     }
 }

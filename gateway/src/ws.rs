@@ -135,6 +135,17 @@ impl fanout_tree::Weighted for Frame {
     }
 }
 
+impl fanout_tree::Wire for Frame {
+    fn wire(&self) -> &[u8] {
+        &self.wire
+    }
+
+    fn advance(&mut self, n: usize) {
+        Buf::advance(&mut self.wire, n);
+        self.header = 0;
+    }
+}
+
 /// A message from the client.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming {
@@ -408,8 +419,7 @@ pub async fn write_all<W: AsyncWrite + Unpin>(io: &mut W, batch: &mut VecDeque<F
                 left -= len;
                 batch.pop_front();
             } else {
-                front.wire.advance(left);
-                front.header = 0;
+                fanout_tree::Wire::advance(front, left);
                 left = 0;
             }
         }

@@ -605,3 +605,50 @@ async fn a_silent_connection_is_closed_after_the_idle_timeout() {
     // The client that kept talking is still connected.
     chatty.subscribe(&["still"]).await;
 }
+
+/// Many members, messages at irregular moments, on a multi-threaded runtime:
+/// every message reaches every member, whoever writes it (the flusher or the
+/// member's own task, when the socket is busy or a reply is queued).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_message_reaches_every_member_under_concurrent_writers() {
+    const MEMBERS: usize = 40;
+    const MESSAGES: usize = 300;
+    let node = TestNode::with(|o| {
+        o.no_rate_limits = Some(true);
+        o.fanout_shards = Some(3);
+    })
+    .await;
+    let mut readers = Vec::new();
+    for i in 0..MEMBERS {
+        let mut c = node.client(&format!("m{i}")).await;
+        c.subscribe(&["busy"]).await;
+        readers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < MESSAGES {
+                let m = c.next_push().await;
+                if m["op"] != "message" {
+                    continue; // the pong push of a ping
+                }
+                got.push(m["offset"].as_u64().unwrap());
+                // Some members also send commands, so replies and pushes mix.
+                if i % 4 == 0 && got.len() % 25 == 0 {
+                    let r = c.request(json!({"op":"ping"})).await;
+                    assert!(r["ok"].is_object(), "{r}");
+                }
+            }
+            got
+        }));
+    }
+    let mut publisher = node.client("pub").await;
+    for i in 0..MESSAGES {
+        let r = publisher.publish("busy", json!(i)).await;
+        assert!(r["ok"]["offset"].is_u64(), "{r}");
+        if i % 7 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    for r in readers {
+        let got = within(r).await.unwrap();
+        assert_eq!(got, (1..=MESSAGES as u64).collect::<Vec<_>>());
+    }
+}

@@ -128,6 +128,8 @@ pub struct NatsBus {
     deliveries: metrics::Counter,
 }
 
+/// When a room that just went live is checked against the stream's tail.
+const SETTLE_CHECKS: [Duration; 2] = [Duration::from_millis(250), Duration::from_secs(2)];
 const SEQ: &str = "Nats-Sequence";
 const LAST_SEQ: &str = "Nats-Last-Sequence";
 const MSG_ID: &str = "Nats-Msg-Id";
@@ -359,6 +361,9 @@ impl NatsBus {
                 *link.task.lock() = Some(task.abort_handle());
                 if let Some(gap) = self.rooms.go_live(room, last) {
                     self.spawn_repair(room.clone(), gap);
+                }
+                if !self.is_ephemeral(room) {
+                    self.spawn_settle_check(room.clone());
                 }
                 Ok(())
             })
@@ -748,6 +753,30 @@ impl NatsBus {
                 tracing::warn!(%room, "resync gave up; the next message repairs the room");
             })
             .await;
+    }
+
+    /// A new subscription reaches the other servers of the NATS cluster a
+    /// moment after the server this node talks to has it: a message the
+    /// stream republishes from another server in that moment is not
+    /// delivered here, and without a later message nothing would reveal the
+    /// gap. So the stream's tail is checked again shortly after going live.
+    fn spawn_settle_check(self: &Arc<Self>, room: RoomId) {
+        let bus = Arc::downgrade(self);
+        tokio::spawn(async move {
+            for wait in SETTLE_CHECKS {
+                tokio::time::sleep(wait).await;
+                let Some(bus) = bus.upgrade() else { return };
+                if !bus.rooms.is_live(&room) {
+                    return;
+                }
+                if let Ok(tail) = bus.last_seq(&room).await
+                    && tail > bus.rooms.last_offset(&room)
+                {
+                    tracing::debug!(%room, tail, "messages sent while the subscription spread; repairing");
+                    bus.repair_to(room.clone(), tail).await;
+                }
+            }
+        });
     }
 
     /// Repairs `room` up to offset `tail` unless a repair is already under
