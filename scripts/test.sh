@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace. Installs what the tests need first
-# (nats-server, into .tools/), so it works on a fresh machine.
+# Runs every test of the workspace, then the Autobahn WebSocket conformance
+# suite. Installs what the tests need first (nats-server and
+# autobahntestsuite, into .tools/), so it works on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NATS_SERVER=$(scripts/ensure-nats.sh)
 export NATS_SERVER
 cargo test --workspace --all-targets "$@"
+# WebSocket conformance of the gateway's own framing (Autobahn|Testsuite,
+# about 2 minutes with the install); skipped when test filters were given.
+if [ $# -eq 0 ]; then
+  scripts/autobahn.sh
+fi

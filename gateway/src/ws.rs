@@ -69,6 +69,11 @@ impl Frame {
         Self::encode(OP_TEXT, s.as_bytes(), true)
     }
 
+    /// A binary frame.
+    pub fn binary(payload: &[u8]) -> Self {
+        Self::encode(OP_BINARY, payload, false)
+    }
+
     /// A ping control frame with an empty payload.
     pub fn ping() -> Self {
         Self::encode(OP_PING, &[], true)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs the Autobahn|Testsuite fuzzing client (all cases but 12.x/13.x, which
+# need permessage-deflate) against an echo server built on the gateway's own
+# WebSocket framing (gateway/examples/ws_echo.rs). Installs autobahntestsuite
+# into .tools/autobahn with the pyenv Python 2.7 these machines have.
+# Exit status 1 if any case FAILED; the report is in target/autobahn/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY2=${PY2:-/root/.pyenv/versions/2.7.18/bin/python}
+if [ ! -x "$PY2" ]; then
+  echo "autobahn: needs Python 2.7 at $PY2 (set PY2=...)" >&2
+  exit 2
+fi
+DIR=$PWD/.tools/autobahn
+if [ ! -d "$DIR/lib/python2.7/site-packages/autobahntestsuite" ]; then
+  echo "autobahn: installing autobahntestsuite 0.8.2 into $DIR" >&2
+  "$PY2" -m pip install -q --no-warn-script-location --prefix "$DIR" autobahntestsuite==0.8.2 >&2
+fi
+cargo build -q --release -p gateway --example ws_echo
+OUT=$PWD/target/autobahn
+rm -rf "$OUT" && mkdir -p "$OUT"
+PORT=${PORT:-19001}
+target/release/examples/ws_echo 127.0.0.1:$PORT 2> "$OUT/echo.log" &
+ECHO=$!
+trap 'kill $ECHO 2>/dev/null || true' EXIT
+sleep 0.5
+cat > "$OUT/spec.json" <<JSON
+{
+  "outdir": "$OUT/report",
+  "servers": [{"agent": "gateway-ws", "url": "ws://127.0.0.1:$PORT"}],
+  "cases": ["*"],
+  "exclude-cases": ["12.*", "13.*"],
+  "exclude-agent-cases": {}
+}
+JSON
+(cd "$OUT" && "$PY2" -c "
+import site, sys
+site.addsitedir('$DIR/lib/python2.7/site-packages')
+sys.argv = ['wstest', '-m', 'fuzzingclient', '-s', '$OUT/spec.json']
+from autobahntestsuite.wstest import run
+run()
+" > "$OUT/wstest.log" 2>&1)
+python3 - "$OUT/report/index.json" <<'PY'
+import json, sys, collections
+cases = json.load(open(sys.argv[1]))["gateway-ws"]
+counts = collections.Counter(c["behavior"] for c in cases.values())
+print("autobahn:", len(cases), "cases:", dict(counts))
+failed = sorted((k for k, c in cases.items() if c["behavior"] == "FAILED"),
+                key=lambda k: [int(x) for x in k.split(".")])
+if failed:
+    print("FAILED:", " ".join(failed))
+    sys.exit(1)
+PY
