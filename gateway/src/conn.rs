@@ -1,11 +1,15 @@
 //! One WebSocket connection: its task, its session state and its outbox.
 //!
 //! Owns everything per connection. The task races two futures:
-//! - the **reader** decodes client frames, checks rights and limits, calls the
-//!   room index and the bus, and queues replies in the outbox;
-//! - the **writer** is the only owner of the sink: it drains the outbox in
-//!   batches (feed each frame, flush once), sends pings, and notices a client
-//!   that stopped reading.
+//! - the **reader** decodes client frames (`ws`), checks rights and limits,
+//!   calls the room index and the bus, queues replies (and pings, from its
+//!   one deadline timer) in the outbox;
+//! - the **writer** drains the outbox in batches, one vectored write each,
+//!   whenever the outbox makes the task its writer: for the connection's own
+//!   frames, and for room messages a flusher could not write because the
+//!   socket was full; it notices a client that stopped reading. Room messages
+//!   to a socket with room are written by a flusher (`fanout_tree::flush`)
+//!   without waking this task.
 //!
 //! Whichever ends first decides the [`CloseReason`]; cleanup (leaving every
 //! room, the final close frame) always runs, bounded in time.
@@ -30,6 +34,7 @@ use crate::auth::{self, Identity};
 use crate::bus::{BusError, Fetched, Outgoing};
 use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::limits::{Admit, ConnLimits, RateLimited, Strikes};
+use crate::protobuf;
 use crate::protocol::{self, Command, SubscribeEntry};
 use crate::rooms::{Activity, Catchup, ConnId, ConnOutbox, Frame, HistoryPage, Member, RoomError, RoomId, Transition};
 use crate::server::Node;
@@ -53,23 +58,37 @@ const MAX_KEY_LEN: usize = 256;
 /// Window over which bad frames are counted.
 const BAD_FRAME_WINDOW: Duration = Duration::from_secs(60);
 
+/// What the upgrade request settled about a connection.
+pub struct Upgrade {
+    pub peer: SocketAddr,
+    /// From admission control; held until the connection ends.
+    pub admit: Admit,
+    /// Set when the request carried a verified `Authorization: Bearer`
+    /// token: then no `connect` frame is needed.
+    pub identity: Option<Identity>,
+    /// `gw.v1.proto` (binary frames) instead of `gw.v1.json`.
+    pub proto: bool,
+}
+
 /// Runs one upgraded connection to its end, given the two halves of its
 /// socket, and `sink` when a flusher may write room messages to the socket
-/// directly. `admit` (from admission control) is held until the connection
-/// ends. `identity` is set when the upgrade request carried a verified
-/// `Authorization: Bearer` token: then no `connect` frame is needed.
+/// directly.
 pub async fn run<R, W>(
     node: Arc<Node>,
     mut reader: Reader<R>,
     mut writer: W,
     sink: Option<Arc<dyn DirectWrite>>,
-    peer: SocketAddr,
-    admit: Admit,
-    identity: Option<Identity>,
+    upgrade: Upgrade,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let Upgrade {
+        peer,
+        admit,
+        identity,
+        proto,
+    } = upgrade;
     let cfg = &node.cfg;
     let id = node.next_conn_id();
     let _count = node.count_conn();
@@ -98,11 +117,13 @@ pub async fn run<R, W>(
     // Created by the first notify-mode subscription: most connections never need it.
     let activity = OnceLock::new();
     let mut session = Session::new(node.clone(), id, outbox.clone(), &activity, admit);
+    session.proto = proto;
     let reason = {
         let reading = session.read_loop(&mut reader, identity);
         let times = WriterTimes {
             write_timeout: cfg.write_timeout,
             activity_interval: cfg.activity_interval,
+            proto,
         };
         let writing = write_loop(&mut writer, &outbox, &activity, &mut batch, times);
         let drain = async {
@@ -189,6 +210,8 @@ struct WriterTimes {
     write_timeout: Duration,
     /// At most one `activity` push per room per this interval.
     activity_interval: Duration,
+    /// The connection speaks `gw.v1.proto`.
+    proto: bool,
 }
 
 /// The only writer of the socket: drains the outbox in batches, one
@@ -206,6 +229,7 @@ where
     let WriterTimes {
         write_timeout,
         activity_interval,
+        proto,
     } = times;
     let mut last_write: Option<Instant> = None;
     // Notify-mode counts are flushed one interval after the first message of
@@ -252,7 +276,8 @@ where
                 // flusher) writes these too, in order. A full outbox shows up
                 // as overflowed on the next drain.
                 for (room, offset, count) in a.take() {
-                    let _ = outbox.try_push(Frame::text(protocol::activity_push(&room, offset, count)));
+                    let push = Frame::text(protocol::activity_push(&room, offset, count));
+                    let _ = outbox.try_push(if proto { push.to_proto() } else { push });
                 }
                 continue;
             },
@@ -294,6 +319,8 @@ struct Session<'a> {
     /// Pending `activity` counts of this connection's notify-mode rooms.
     activity: &'a OnceLock<Arc<Activity>>,
     identity: Option<Identity>,
+    /// Speaks `gw.v1.proto` (binary frames) instead of `gw.v1.json`.
+    proto: bool,
     /// A pre-authenticated connection may still send `connect` first.
     connect_allowed: bool,
     /// `sub` as a JSON string literal, encoded once for every message push.
@@ -320,6 +347,7 @@ impl<'a> Session<'a> {
             outbox,
             activity,
             identity: None,
+            proto: false,
             connect_allowed: false,
             from_json: String::new(),
             rooms: HashMap::new(),
@@ -342,9 +370,27 @@ impl<'a> Session<'a> {
         self.rooms.clear();
     }
 
-    /// Queues a reply; a full outbox ends the connection as slow.
+    /// Queues a reply (or a push of this connection's own); a full outbox
+    /// ends the connection as slow.
     fn send(&self, text: String) -> Result<(), CloseReason> {
-        self.push(Frame::reply(text))
+        self.push(self.out(text))
+    }
+
+    /// A frame built as JSON, in this connection's sub-protocol.
+    fn out(&self, text: String) -> Frame {
+        if self.proto {
+            Frame::binary_reply(&protobuf::server_frame(text.as_bytes()))
+        } else {
+            Frame::reply(text)
+        }
+    }
+
+    fn parse(&self, frame: &Bytes) -> protocol::Parsed {
+        if self.proto {
+            protobuf::parse(frame)
+        } else {
+            protocol::parse(frame)
+        }
     }
 
     fn push(&self, frame: Frame) -> Result<(), CloseReason> {
@@ -430,12 +476,12 @@ impl<'a> Session<'a> {
             };
             idle_at = Instant::now() + idle;
             let result = match msg {
-                Incoming::Text(frame) => match self.limits.check_bytes(frame.len()) {
-                    // Boxed: a command's state lives on the heap only
-                    // while it runs, so an idle connection stays small.
-                    Ok(()) => Box::pin(self.handle(frame)).await,
-                    Err(r) => self.rate_limited(protocol::parse(&frame).id, r),
-                },
+                Incoming::Text(frame) if !self.proto => self.command(frame).await,
+                Incoming::Binary(frame) if self.proto => self.command(frame).await,
+                Incoming::Text(_) => self.bad_frame(
+                    None,
+                    &ProtoError::bad_request("text frames are not accepted on gw.v1.proto"),
+                ),
                 Incoming::Binary(_) => self.bad_frame(
                     None,
                     &ProtoError::bad_request("binary frames are not accepted on gw.v1.json"),
@@ -447,6 +493,15 @@ impl<'a> Session<'a> {
             if let Err(reason) = result {
                 return reason;
             }
+        }
+    }
+
+    async fn command(&mut self, frame: Bytes) -> Result<(), CloseReason> {
+        match self.limits.check_bytes(frame.len()) {
+            // Boxed: a command's state lives on the heap only while it
+            // runs, so an idle connection stays small.
+            Ok(()) => Box::pin(self.handle(frame)).await,
+            Err(r) => self.rate_limited(self.parse(&frame).id, r),
         }
     }
 
@@ -479,13 +534,14 @@ impl<'a> Session<'a> {
                 }
                 Incoming::Pong => continue,
                 Incoming::Close(code) => return Err(CloseReason::ClientClosed(code)),
-                Incoming::Binary(_) => {
+                Incoming::Text(t) if !self.proto => t,
+                Incoming::Binary(b) if self.proto => b,
+                Incoming::Text(_) | Incoming::Binary(_) => {
                     self.reply_err(None, &unauthorized("the first frame must be connect"))?;
                     return Err(CloseReason::Unauthorized);
                 }
-                Incoming::Text(t) => t,
             };
-            let parsed = protocol::parse(&text);
+            let parsed = self.parse(&text);
             let token = match parsed.command {
                 Ok(Command::Connect { token }) => token,
                 _ => {
@@ -540,7 +596,7 @@ impl<'a> Session<'a> {
     }
 
     async fn handle(&mut self, frame: Bytes) -> Result<(), CloseReason> {
-        let parsed = protocol::parse(&frame);
+        let parsed = self.parse(&frame);
         let id = parsed.id;
         let command = match parsed.command {
             Ok(c) => c,
@@ -703,7 +759,10 @@ impl<'a> Session<'a> {
             }
         }
         body.push_str("]}");
-        let reply = id.map(|id| Frame::reply(protocol::ok_reply(id, &body)));
+        let reply = id.map(|id| self.out(protocol::ok_reply(id, &body)));
+        if self.proto {
+            catchup = catchup.iter().map(Frame::to_proto).collect();
+        }
         node.metrics.subscribe_rooms.record(entries.len() as f64);
         tracing::trace!(conn = self.id.0, rooms = entries.len(), elapsed = ?started.elapsed(), "subscribe");
         self.outbox
@@ -754,7 +813,11 @@ impl<'a> Session<'a> {
             Member::Notify(self.activity.get_or_init(Arc::default))
         } else {
             self.forget_activity(&room);
-            Member::Full(&self.outbox)
+            if self.proto {
+                Member::FullProto(&self.outbox)
+            } else {
+                Member::Full(&self.outbox)
+            }
         };
         let joined = self
             .node
@@ -867,7 +930,7 @@ impl<'a> Session<'a> {
         // size and asked for by the client, so it goes out as catch-up.
         self.outbox.hold();
         self.outbox
-            .release(None, [Frame::reply(protocol::ok_reply(id, &body))])
+            .release(None, [self.out(protocol::ok_reply(id, &body))])
             .map_err(|_| CloseReason::SlowConsumer)
     }
 
@@ -984,9 +1047,12 @@ mod size_tests {
             Reader::new(r, 1024, &[]),
             w,
             None,
-            "127.0.0.1:1".parse().unwrap(),
-            crate::limits::Admit::none(),
-            None,
+            Upgrade {
+                peer: "127.0.0.1:1".parse().unwrap(),
+                admit: crate::limits::Admit::none(),
+                identity: None,
+                proto: false,
+            },
         );
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 2048, "conn::run future is {size} bytes");

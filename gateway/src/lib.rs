@@ -20,6 +20,7 @@ pub mod error;
 pub mod jwks;
 pub mod limits;
 pub mod metrics;
+pub mod protobuf;
 pub mod protocol;
 pub mod rooms;
 pub mod server;
@@ -61,9 +62,10 @@ impl Running {
         })
     }
 
-    /// Binds `127.0.0.1:0` and starts a node with `cfg`.
+    /// Binds `127.0.0.1:0` (with the production accept queue) and starts a
+    /// node with `cfg`.
     pub async fn bind_local(cfg: Config) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = server::listen(SocketAddr::from(([127, 0, 0, 1], 0)))?;
         let node = Node::new(cfg).await?;
         Ok(Self::start(node, listener)?)
     }

@@ -91,7 +91,8 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         config.jwt_secret = Some(secret);
     }
     let node = Node::new(config.clone()).await.context("starting the node")?;
-    let listener = listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener =
+        gateway::server::listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -117,23 +118,6 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     tracing::info!(clean = report.clean, conns = report.conns_at_start, elapsed = ?report.elapsed, "stopped");
     Ok(())
 }
-
-/// Binds with a deep accept queue: during a reconnect storm a short queue
-/// (tokio's default is 1,024) makes the kernel drop SYNs, and clients then
-/// wait for their 1 s / 3 s retransmits instead of for the gateway.
-fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
-}
-
-/// Accept queue length (the kernel caps it at net.core.somaxconn).
-const LISTEN_BACKLOG: u32 = 8192;
 
 fn announce_dev_mode(config: &Config, addr: std::net::SocketAddr) {
     let secret = config.jwt_secret.as_deref().unwrap_or_default();

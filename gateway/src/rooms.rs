@@ -81,6 +81,8 @@ pub type ConnOutbox = Arc<Outbox<Frame>>;
 pub enum Member<'a> {
     /// Every message is pushed (`mode: full`).
     Full(&'a ConnOutbox),
+    /// The same on `gw.v1.proto`.
+    FullProto(&'a ConnOutbox),
     /// Only coalesced `activity` pushes (`mode: notify`, background rooms).
     Notify(&'a Arc<Activity>),
 }
@@ -241,6 +243,8 @@ struct Entry {
 
 struct RoomState {
     members: MemberSet<ConnId, Frame>,
+    /// Members on `gw.v1.proto`: each message is transcoded once for all of them.
+    proto_members: MemberSet<ConnId, Frame>,
     /// Members in notify mode.
     watchers: HashMap<ConnId, Arc<Activity>>,
     log: VecDeque<Entry>,
@@ -269,13 +273,14 @@ struct RoomState {
 
 impl RoomState {
     fn has_members(&self) -> bool {
-        !self.members.is_empty() || !self.watchers.is_empty()
+        !self.members.is_empty() || !self.proto_members.is_empty() || !self.watchers.is_empty()
     }
 
     fn new(mode: LogMode) -> Self {
         let authoritative = mode == LogMode::Authoritative;
         Self {
             members: MemberSet::default(),
+            proto_members: MemberSet::default(),
             watchers: HashMap::new(),
             log: VecDeque::new(),
             log_bytes: 0,
@@ -395,7 +400,7 @@ impl RoomIndex {
     pub fn members(&self, room: &RoomId) -> usize {
         self.get(room).map_or(0, |r| {
             let st = r.state.lock();
-            st.members.len() + st.watchers.len()
+            st.members.len() + st.proto_members.len() + st.watchers.len()
         })
     }
 
@@ -467,8 +472,14 @@ impl RoomIndex {
                     st.members.insert(conn, outbox.clone());
                     since
                 }
+                Member::FullProto(outbox) => {
+                    st.watchers.remove(&conn);
+                    st.proto_members.insert(conn, outbox.clone());
+                    since
+                }
                 Member::Notify(activity) => {
                     st.members.remove(conn);
+                    st.proto_members.remove(conn);
                     st.watchers.insert(conn, activity.clone());
                     // Notify mode pushes no messages, so there is no catch-up.
                     None
@@ -512,7 +523,7 @@ impl RoomIndex {
             return Transition::Unchanged;
         };
         let mut st = r.state.lock();
-        let was_member = st.members.remove(conn);
+        let was_member = st.members.remove(conn) | st.proto_members.remove(conn);
         let was_watcher = st.watchers.remove(&conn).is_some();
         if st.dead || !(was_member || was_watcher) {
             return Transition::Unchanged;
@@ -621,13 +632,23 @@ impl RoomIndex {
         });
         self.trim(st);
         let mut slow = Vec::new();
-        let mut schedule = Vec::new();
-        let delivered = st.members.broadcast(&frame, &mut slow, &mut schedule);
-        self.flushers.schedule(schedule);
+        let delivered = self.broadcast(st, &frame, &mut slow);
         for w in st.watchers.values() {
             w.bump(room, offset);
         }
         (delivered + st.watchers.len(), slow.len())
+    }
+
+    /// Offers `frame` to the room's members, encoded once per protocol, and
+    /// hands the outboxes that need writing to the flushers.
+    fn broadcast(&self, st: &RoomState, frame: &Frame, slow: &mut Vec<ConnId>) -> usize {
+        let mut schedule = Vec::new();
+        let mut delivered = st.members.broadcast(frame, slow, &mut schedule);
+        if !st.proto_members.is_empty() {
+            delivered += st.proto_members.broadcast(&frame.to_proto(), slow, &mut schedule);
+        }
+        self.flushers.schedule(schedule);
+        delivered
     }
 
     fn trim(&self, st: &mut RoomState) {
@@ -652,9 +673,7 @@ impl RoomIndex {
             for w in st.watchers.values() {
                 w.bump(room, 0);
             }
-            let mut schedule = Vec::new();
-            let delivered = st.members.broadcast(frame, &mut slow, &mut schedule);
-            self.flushers.schedule(schedule);
+            let delivered = self.broadcast(st, frame, &mut slow);
             delivered + st.watchers.len()
         })
         .unwrap_or(0)
@@ -746,7 +765,7 @@ impl RoomIndex {
             st.log_bytes = 0;
             st.evicted_upto = gone_upto.max(st.evicted_upto);
             st.complete = true;
-            st.members.abort_all()
+            st.members.abort_all() + st.proto_members.abort_all()
         })
         .unwrap_or(0)
     }

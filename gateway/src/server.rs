@@ -45,6 +45,8 @@ use fanout_tree::DirectWrite;
 
 /// The JSON sub-protocol (the default).
 pub const PROTOCOL_JSON: &str = "gw.v1.json";
+/// The protobuf sub-protocol (binary frames, `proto/proto/client.proto`).
+pub const PROTOCOL_PROTO: &str = "gw.v1.proto";
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -296,6 +298,23 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, router: Router) {
     }
 }
 
+/// Binds with a deep accept queue: during a reconnect storm a short queue
+/// (tokio's default is 1,024) makes the kernel drop SYNs, and clients then
+/// wait for their 1 s / 3 s retransmits instead of for the gateway.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Accept queue length (the kernel caps it at net.core.somaxconn).
+const LISTEN_BACKLOG: u32 = 8192;
+
 /// Longest a TLS handshake may take before the socket is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head (request line and headers): a 1 MiB `Authorization`
@@ -452,8 +471,9 @@ fn unauthorized(why: String) -> Response {
     r
 }
 
-/// Picks the sub-protocol: `Ok(None)` when the client offered none (JSON is
-/// the default), `Err` when it offered only ones this node does not speak.
+/// Picks the sub-protocol: the first one the client offered that this node
+/// speaks; `Ok(None)` when the client offered none (JSON is the default),
+/// `Err` when it offered only ones this node does not speak.
 fn pick_protocol(headers: &HeaderMap) -> Result<Option<&'static str>, ()> {
     let offered: Vec<&str> = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -466,10 +486,11 @@ fn pick_protocol(headers: &HeaderMap) -> Result<Option<&'static str>, ()> {
     if offered.is_empty() {
         return Ok(None);
     }
-    if offered.contains(&PROTOCOL_JSON) {
-        return Ok(Some(PROTOCOL_JSON));
-    }
-    Err(())
+    offered
+        .iter()
+        .find_map(|p| [PROTOCOL_JSON, PROTOCOL_PROTO].into_iter().find(|ours| ours == p))
+        .map(Some)
+        .ok_or(())
 }
 
 async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response {
@@ -498,7 +519,10 @@ async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response
         return refuse(StatusCode::FORBIDDEN, "origin not allowed");
     }
     let Ok(protocol) = pick_protocol(headers) else {
-        return refuse(StatusCode::BAD_REQUEST, "no supported sub-protocol (gw.v1.json)");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "no supported sub-protocol (gw.v1.json, gw.v1.proto)",
+        );
     };
     let peer = req
         .extensions()
@@ -520,10 +544,19 @@ async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response
         return refuse(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
     let max_frame = node.cfg.max_frame_bytes;
+    let proto = protocol == Some(PROTOCOL_PROTO);
     let task_node = node.clone();
     node.tracker.spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => start_conn(task_node, upgraded, max_frame, peer, admit, identity),
+            Ok(upgraded) => {
+                let upgrade = conn::Upgrade {
+                    peer,
+                    admit,
+                    identity,
+                    proto,
+                };
+                start_conn(task_node, upgraded, max_frame, upgrade);
+            }
             Err(e) => tracing::debug!(%peer, error = %e, "upgrade failed"),
         }
     });
@@ -547,21 +580,14 @@ async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response
 /// gets a task of its own: its future is the whole per-connection state,
 /// nothing of the upgrade stays in it. TLS connections are written by their
 /// task only.
-fn start_conn(
-    node: Arc<Node>,
-    upgraded: hyper::upgrade::Upgraded,
-    max_frame: usize,
-    peer: SocketAddr,
-    admit: crate::limits::Admit,
-    identity: Option<Identity>,
-) {
+fn start_conn(node: Arc<Node>, upgraded: hyper::upgrade::Upgraded, max_frame: usize, upgrade: conn::Upgrade) {
     let tracker = node.tracker.clone();
     let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let tcp = SharedTcp::new(parts.io.into_inner());
             let reader = crate::ws::Reader::new(tcp.clone(), max_frame, &parts.read_buf);
             let sink: Arc<dyn DirectWrite> = Arc::new(tcp.clone());
-            tracker.spawn(conn::run(node, reader, tcp, Some(sink), peer, admit, identity));
+            tracker.spawn(conn::run(node, reader, tcp, Some(sink), upgrade));
             return;
         }
         Err(u) => u,
@@ -571,12 +597,12 @@ fn start_conn(
         Ok(parts) => {
             let (r, w) = tokio::io::split(parts.io.into_inner());
             let reader = crate::ws::Reader::new(r, max_frame, &parts.read_buf);
-            tracker.spawn(conn::run(node, reader, w, None, peer, admit, identity));
+            tracker.spawn(conn::run(node, reader, w, None, upgrade));
         }
         Err(upgraded) => {
             let (r, w) = tokio::io::split(TokioIo::new(upgraded));
             let reader = crate::ws::Reader::new(r, max_frame, &[]);
-            tracker.spawn(conn::run(node, reader, w, None, peer, admit, identity));
+            tracker.spawn(conn::run(node, reader, w, None, upgrade));
         }
     }
 }

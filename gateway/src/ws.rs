@@ -69,9 +69,19 @@ impl Frame {
         Self::encode(OP_TEXT, s.as_bytes(), true)
     }
 
-    /// A binary frame.
+    /// A binary frame pushed to members (`gw.v1.proto`).
     pub fn binary(payload: &[u8]) -> Self {
         Self::encode(OP_BINARY, payload, false)
+    }
+
+    /// A binary frame answering a command (`gw.v1.proto`).
+    pub fn binary_reply(payload: &[u8]) -> Self {
+        Self::encode(OP_BINARY, payload, true)
+    }
+
+    /// This frame (JSON text) as the `gw.v1.proto` frame with the same content.
+    pub fn to_proto(&self) -> Self {
+        Self::encode(OP_BINARY, &crate::protobuf::server_frame(self.as_bytes()), self.reply)
     }
 
     /// A ping control frame with an empty payload.
