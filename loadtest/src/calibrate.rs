@@ -9,6 +9,8 @@
 //! deliveries per CPU-second of the client thread, read from
 //! /proc/self/task/<tid>/stat, so the server thread's share does not count.
 
+use proto::Message as _;
+use proto::client as pb;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -182,7 +184,7 @@ async fn stream_to(
     }
     sock.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
         .await?;
-    let body = if format == Target::GwJson {
+    let body = if format.is_gateway() {
         size.saturating_sub(2)
     } else {
         size
@@ -217,6 +219,23 @@ async fn stream_to(
                     m.extend_from_slice(p);
                     m.extend_from_slice(br#""}"#);
                     ws::server_frame_into(&mut out, ws::OP_TEXT, true, &m);
+                }
+                Target::GwProto => {
+                    let mut data = Vec::with_capacity(p.len() + 2);
+                    data.push(b'"');
+                    data.extend_from_slice(p);
+                    data.push(b'"');
+                    let frame = pb::ServerFrame {
+                        id: None,
+                        body: Some(pb::server_frame::Body::Message(pb::Message {
+                            room: "bench".into(),
+                            offset: seq,
+                            ts: 1_764_201_234_567,
+                            from: "pub-0".into(),
+                            data: data.into(),
+                        })),
+                    };
+                    ws::server_frame_into(&mut out, ws::OP_BINARY, true, &frame.encode_to_vec());
                 }
                 Target::NatsWs => {
                     stream.extend_from_slice(b"MSG bench 1 ");

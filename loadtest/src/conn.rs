@@ -1,5 +1,6 @@
 //! One load-generator connection: TCP, WebSocket upgrade, authentication, and
-//! the target's protocol (`gw.v1.json` or NATS text over WebSocket).
+//! the target's protocol (`gw.v1.json`, `gw.v1.proto` or NATS text over
+//! WebSocket).
 //!
 //! Owns one socket and its buffers; the scenario owns what the messages mean.
 //! The hot path is split in two so it stays cancel-safe and allocation-free:
@@ -17,6 +18,9 @@ use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
 
+use proto::Message as _;
+use proto::client as pb;
+
 use crate::nats::{self, NatsParser};
 use crate::ws::{self, FrameReader, MaskKeys};
 
@@ -27,6 +31,10 @@ pub enum Target {
     #[value(name = "gw.v1.json", alias = "gw")]
     #[serde(rename = "gw.v1.json")]
     GwJson,
+    /// The gateway, sub-protocol `gw.v1.proto` (binary protobuf frames).
+    #[value(name = "gw.v1.proto")]
+    #[serde(rename = "gw.v1.proto")]
+    GwProto,
     /// nats-server's WebSocket listener, NATS text protocol.
     #[value(name = "nats-ws", alias = "nats")]
     #[serde(rename = "nats-ws")]
@@ -37,8 +45,14 @@ impl Target {
     pub fn label(self) -> &'static str {
         match self {
             Target::GwJson => "gw.v1.json",
+            Target::GwProto => "gw.v1.proto",
             Target::NatsWs => "nats-ws",
         }
+    }
+
+    /// The gateway, in either sub-protocol.
+    pub fn is_gateway(self) -> bool {
+        matches!(self, Target::GwJson | Target::GwProto)
     }
 }
 
@@ -197,6 +211,13 @@ impl Conn {
                 self.flush().await?;
                 self.wait_reply(id).await.map(drop)
             }
+            Target::GwProto => {
+                let id = self.take_id();
+                let token = token.unwrap_or("").to_string();
+                self.send_proto(id, pb::command::Op::Connect(pb::Connect { token }));
+                self.flush().await?;
+                self.wait_reply(id).await.map(drop)
+            }
             Target::NatsWs => {
                 // INFO first, then CONNECT + PING; PONG means CONNECT was accepted.
                 self.wait_nats(|i| matches!(i, Incoming::Info)).await?;
@@ -236,6 +257,20 @@ impl Conn {
                     .unwrap_or(rooms.len());
                 Ok(refused)
             }
+            Target::GwProto => {
+                let id = self.take_id();
+                let entries = rooms
+                    .iter()
+                    .map(|r| pb::RoomEntry {
+                        room: r.clone(),
+                        ..Default::default()
+                    })
+                    .collect();
+                self.send_proto(id, pb::command::Op::Subscribe(pb::Subscribe { rooms: entries }));
+                self.flush().await?;
+                let reply = self.wait_reply(id).await?;
+                Ok(reply["refused"].as_u64().unwrap_or(rooms.len() as u64) as usize)
+            }
             Target::NatsWs => {
                 for (i, r) in rooms.iter().enumerate() {
                     nats::sub(&mut self.nats_cmds, r, i as u64 + 1);
@@ -249,8 +284,9 @@ impl Conn {
     }
 
     /// Queues one publish of `payload` to `room`; written by the next flush.
-    /// For the gateway `payload` becomes a JSON string, so it must not need
-    /// escaping (stamps and padding never do).
+    /// For the gateway `payload` becomes a JSON string (on `gw.v1.proto`, the
+    /// JSON text of one), so it must not need escaping (stamps and padding
+    /// never do).
     pub fn queue_publish(&mut self, room: &str, payload: &[u8]) {
         match self.target {
             Target::GwJson => {
@@ -264,6 +300,19 @@ impl Conn {
                 self.scratch.extend_from_slice(payload);
                 self.scratch.extend_from_slice(br#""}"#);
                 ws::encode_frame(&mut self.out, ws::OP_TEXT, &self.scratch, &mut self.keys);
+            }
+            Target::GwProto => {
+                let id = self.take_id();
+                let mut data = Vec::with_capacity(payload.len() + 2);
+                data.push(b'"');
+                data.extend_from_slice(payload);
+                data.push(b'"');
+                let op = pb::command::Op::Publish(pb::Publish {
+                    room: room.to_string(),
+                    data: data.into(),
+                    key: None,
+                });
+                self.send_proto(id, op);
             }
             Target::NatsWs => nats::publish(&mut self.nats_cmds, room, payload),
         }
@@ -319,7 +368,7 @@ impl Conn {
                         nats::Event::Err(text) => on(Incoming::Error(text)),
                         nats::Event::Ok => {}
                     })?,
-                    Target::GwJson => {
+                    Target::GwJson | Target::GwProto => {
                         if f.fin && !*in_frag {
                             on(Incoming::Data(f.payload));
                         } else {
@@ -422,14 +471,32 @@ impl Conn {
         ws::encode_frame(&mut self.out, ws::OP_TEXT, text.as_bytes(), &mut self.keys);
     }
 
+    fn send_proto(&mut self, id: u32, op: pb::command::Op) {
+        self.scratch.clear();
+        let cmd = pb::Command {
+            id: Some(id),
+            op: Some(op),
+        };
+        cmd.encode(&mut self.scratch).expect("a Vec grows");
+        ws::encode_frame(&mut self.out, ws::OP_BINARY, &self.scratch, &mut self.keys);
+    }
+
     /// Reads until the reply with `id` (bytes already buffered first); returns its `ok` value or the error.
     /// Setup path only: replies are parsed as JSON here, never in the hot path.
     async fn wait_reply(&mut self, id: u32) -> Result<serde_json::Value, ConnError> {
         loop {
             let mut found: Option<Result<serde_json::Value, ConnError>> = None;
+            let proto = self.target == Target::GwProto;
             let drained = self.drain(&mut |inc| {
                 let Incoming::Data(bytes) = inc else { return };
-                if found.is_some() || !bytes.starts_with(b"{") {
+                if found.is_some() {
+                    return;
+                }
+                if proto {
+                    found = proto_reply(bytes, id);
+                    return;
+                }
+                if !bytes.starts_with(b"{") {
                     return;
                 }
                 let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
@@ -491,6 +558,7 @@ impl Conn {
 async fn upgrade(mut stream: TcpStream, ep: &Endpoint, read_buf: usize, seed: u128) -> Result<Conn, ConnError> {
     let protocol = match ep.target {
         Target::GwJson => Some("gw.v1.json"),
+        Target::GwProto => Some("gw.v1.proto"),
         Target::NatsWs => None,
     };
     stream
@@ -531,4 +599,141 @@ async fn upgrade(mut stream: TcpStream, ep: &Endpoint, read_buf: usize, seed: u1
 /// than one ephemeral port range (~28K) of connections can reach one server.
 pub fn source_addr(index: usize, spread: usize) -> Option<IpAddr> {
     (spread > 1).then(|| IpAddr::from([127, 0, 0, 1 + (index % spread.min(254)) as u8]))
+}
+
+/// What a gateway frame says about a command (see [`reply_kind`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReplyKind {
+    Ack,
+    Refused(String),
+    Other,
+}
+
+/// The error code of a JSON error frame.
+fn json_error_code(frame: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(frame)
+        .ok()
+        .and_then(|v| v.get("error")?.get("code")?.as_str().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The reply with `id` in a `gw.v1.proto` frame, as the JSON `ok` value the
+/// setup path reads (a subscribe reply becomes `{"refused": N}`).
+fn proto_reply(frame: &[u8], id: u32) -> Option<Result<serde_json::Value, ConnError>> {
+    use pb::server_frame::Body;
+    let f = pb::ServerFrame::decode(frame).ok()?;
+    if f.id != Some(id) {
+        return None;
+    }
+    Some(match f.body {
+        Some(Body::Error(e)) => Err(ConnError::Refused(e.code)),
+        Some(Body::SubscribeOk(ok)) => {
+            let refused = ok.rooms.iter().filter(|r| r.error.is_some()).count();
+            Ok(serde_json::json!({ "refused": refused }))
+        }
+        Some(_) => Ok(serde_json::json!({})),
+        None => Err(ConnError::Refused("malformed_reply".into())),
+    })
+}
+
+/// What a gateway frame says about a command: acknowledged, refused
+/// (with the error code), or neither (a push). Publishers' path: one
+/// decode per reply, never per delivery.
+pub fn reply_kind(target: Target, frame: &[u8]) -> ReplyKind {
+    match target {
+        Target::GwProto => match pb::ServerFrame::decode(frame) {
+            Ok(f) if f.id.is_some() => match f.body {
+                Some(pb::server_frame::Body::Error(e)) => ReplyKind::Refused(e.code),
+                _ => ReplyKind::Ack,
+            },
+            Ok(pb::ServerFrame {
+                body: Some(pb::server_frame::Body::Error(e)),
+                ..
+            }) => ReplyKind::Refused(e.code),
+            _ => ReplyKind::Other,
+        },
+        _ => {
+            if memchr::memmem::find(frame, br#""error""#).is_some() {
+                ReplyKind::Refused(json_error_code(frame))
+            } else if frame.starts_with(br#"{"id""#) || memchr::memmem::find(frame, br#""ok""#).is_some() {
+                ReplyKind::Ack
+            } else {
+                ReplyKind::Other
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod reply_tests {
+    use super::*;
+    use pb::server_frame::Body;
+
+    fn frame(id: Option<u32>, body: Body) -> Vec<u8> {
+        pb::ServerFrame { id, body: Some(body) }.encode_to_vec()
+    }
+
+    #[test]
+    fn replies_are_told_apart_in_both_gateway_protocols() {
+        let ack = frame(Some(3), Body::PublishOk(pb::PublishOk { offset: 9 }));
+        let nack = frame(
+            Some(4),
+            Body::Error(pb::Error {
+                code: "rate_limited".into(),
+                message: String::new(),
+                retry_after_ms: Some(5),
+            }),
+        );
+        let push = frame(
+            None,
+            Body::Message(pb::Message {
+                room: "r".into(),
+                offset: 1,
+                ts: 1,
+                from: "a".into(),
+                data: b"\"x\"".to_vec().into(),
+            }),
+        );
+        assert_eq!(reply_kind(Target::GwProto, &ack), ReplyKind::Ack);
+        assert_eq!(
+            reply_kind(Target::GwProto, &nack),
+            ReplyKind::Refused("rate_limited".into())
+        );
+        assert_eq!(reply_kind(Target::GwProto, &push), ReplyKind::Other);
+        assert_eq!(
+            reply_kind(Target::GwJson, br#"{"id":3,"ok":{"offset":9}}"#),
+            ReplyKind::Ack
+        );
+        assert_eq!(
+            reply_kind(Target::GwJson, br#"{"id":4,"error":{"code":"forbidden","message":""}}"#),
+            ReplyKind::Refused("forbidden".into())
+        );
+        assert_eq!(
+            reply_kind(Target::GwJson, br#"{"op":"message","data":"x"}"#),
+            ReplyKind::Other
+        );
+    }
+
+    #[test]
+    fn a_proto_subscribe_reply_counts_refused_rooms() {
+        let ok = frame(
+            Some(2),
+            Body::SubscribeOk(pb::SubscribeOk {
+                rooms: vec![
+                    pb::SubscribeResult {
+                        room: "a".into(),
+                        ..Default::default()
+                    },
+                    pb::SubscribeResult {
+                        room: "b".into(),
+                        error: Some(pb::Error::default()),
+                        ..Default::default()
+                    },
+                ],
+            }),
+        );
+        let v = proto_reply(&ok, 2).unwrap().unwrap();
+        assert_eq!(v["refused"], 1);
+        assert!(proto_reply(&ok, 7).is_none(), "another id");
+    }
 }

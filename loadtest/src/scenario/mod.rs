@@ -24,7 +24,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::{MissedTickBehavior, sleep};
 
 use crate::clock::{PayloadTemplate, Schedule, Stamp, now_ns};
-use crate::conn::{Conn, ConnError, Endpoint, Incoming, OpenOpts, Target, source_addr};
+use crate::conn::{Conn, ConnError, Endpoint, Incoming, OpenOpts, ReplyKind, Target, reply_kind, source_addr};
 use crate::procfs::{self, CpuMeter, ProcSample};
 use crate::progress::Progress;
 use crate::stats::{Hist, Latency, Recorder, SubscriberBook};
@@ -92,7 +92,7 @@ impl Env {
 
     pub fn opts(&self, index: usize, user: &str, read_buf: usize) -> Result<OpenOpts> {
         let token = match self.ep.target {
-            Target::GwJson => Some(self.signer.sign(user)?),
+            Target::GwJson | Target::GwProto => Some(self.signer.sign(user)?),
             Target::NatsWs => None,
         };
         Ok(OpenOpts {
@@ -306,7 +306,7 @@ pub async fn publisher(env: Rc<Env>, ctl: Rc<PubControl>, index: u16, ep: Endpoi
         }
     };
     ctl.live.set(ctl.live.get() + 1);
-    let body = if env.target() == Target::GwJson {
+    let body = if env.target().is_gateway() {
         ctl.payload_size.saturating_sub(2)
     } else {
         ctl.payload_size
@@ -324,14 +324,13 @@ pub async fn publisher(env: Rc<Env>, ctl: Rc<PubControl>, index: u16, ep: Endpoi
             r = conn.pump() => {
                 if let Err(e) = r { break Err(e); }
                 let (mut acks, mut nacks) = (0u64, Vec::new());
+                let target = env.target();
                 let drained = conn.drain(&mut |inc| match inc {
-                    Incoming::Data(b) => {
-                        if memchr::memmem::find(b, br#""error""#).is_some() {
-                            nacks.push(error_code(b));
-                        } else if b.starts_with(br#"{"id""#) || memchr::memmem::find(b, br#""ok""#).is_some() {
-                            acks += 1;
-                        }
-                    }
+                    Incoming::Data(b) => match reply_kind(target, b) {
+                        ReplyKind::Ack => acks += 1,
+                        ReplyKind::Refused(code) => nacks.push(code),
+                        ReplyKind::Other => {}
+                    },
                     Incoming::Error(t) => nacks.push(String::from_utf8_lossy(t).into_owned()),
                     _ => {}
                 });
@@ -403,13 +402,6 @@ pub async fn spawn_publishers(env: &Rc<Env>, ctl: &Rc<PubControl>, count: u16, e
         sleep(Duration::from_millis(10)).await;
     }
     Ok(())
-}
-
-fn error_code(frame: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(frame)
-        .ok()
-        .and_then(|v| v.get("error")?.get("code")?.as_str().map(str::to_string))
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Waits until `fleet` has `want` live subscribers (or gives up), showing progress.

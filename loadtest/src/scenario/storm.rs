@@ -93,7 +93,7 @@ pub async fn run(args: &StormArgs) -> Result<StormReport> {
     );
     for i in 0..args.clients {
         let token = match env.target() {
-            Target::GwJson => Some(signer.sign(&format!("storm-{i}"))?),
+            Target::GwJson | Target::GwProto => Some(signer.sign(&format!("storm-{i}"))?),
             Target::NatsWs => None,
         };
         opts.push(OpenOpts {
