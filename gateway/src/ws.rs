@@ -651,4 +651,117 @@ mod tests {
         writer.await.unwrap();
         assert_eq!(got, want);
     }
+
+    /// Feeds `bytes` to a reader in chunks (the socket is never read: the
+    /// bytes go straight into its buffer) and collects what it decodes,
+    /// stopping at the first error.
+    fn decode_chunks(bytes: &[u8], chunks: &[usize], max: usize) -> Vec<Result<Incoming, String>> {
+        let mut reader = Reader::new(tokio::io::empty(), max, &[]);
+        let mut out = Vec::new();
+        let mut at: usize = 0;
+        for &len in chunks.iter().chain(std::iter::once(&usize::MAX)) {
+            let end = at.saturating_add(len).min(bytes.len());
+            reader.buf.extend_from_slice(&bytes[at..end]);
+            at = end;
+            loop {
+                match reader.decode() {
+                    Ok(Some(m)) => out.push(Ok(m)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Err(e.to_string()));
+                        return out;
+                    }
+                }
+            }
+            if at == bytes.len() {
+                break;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn random_bytes_never_panic_and_never_grow_the_buffer_past_the_limit() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..2_000 {
+            let len = rng.random_range(0..300);
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            // Half of the cases look like masked client frames at first.
+            if rng.random_bool(0.5) && bytes.len() > 2 {
+                bytes[1] |= 0x80;
+                bytes[0] &= 0x8f;
+            }
+            let chunks: Vec<usize> = (0..8).map(|_| rng.random_range(1..64)).collect();
+            let _ = decode_chunks(&bytes, &chunks, 1024);
+            // All at once too, and the buffer stays within what a frame
+            // under the limit can need (at most doubled by `Vec`'s growth).
+            let mut reader = Reader::new(tokio::io::empty(), 1024, &bytes);
+            while let Ok(Some(_)) = reader.decode() {}
+            assert!(
+                reader.buf.capacity() <= 2 * (1024 + 14) + 300,
+                "{}",
+                reader.buf.capacity()
+            );
+        }
+    }
+
+    #[test]
+    fn random_valid_streams_decode_the_same_however_they_are_cut() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for _ in 0..300 {
+            let mut bytes = Vec::new();
+            let mut want = Vec::new();
+            for _ in 0..rng.random_range(1..12) {
+                let mask: [u8; 4] = rng.random();
+                match rng.random_range(0..4) {
+                    0 => {
+                        let p: Vec<u8> = (0..rng.random_range(0..126)).map(|_| rng.random()).collect();
+                        bytes.extend(client_frame(true, OP_PING, &p, mask));
+                        want.push(Ok(Incoming::Ping(Bytes::from(p))));
+                    }
+                    1 => {
+                        let p: Vec<u8> = (0..rng.random_range(0..70_000)).map(|_| rng.random()).collect();
+                        bytes.extend(client_frame(true, OP_BINARY, &p, mask));
+                        want.push(Ok(Incoming::Binary(Bytes::from(p))));
+                    }
+                    _ => {
+                        // Text in 1 to 4 fragments, cut anywhere (even inside a
+                        // UTF-8 sequence), maybe with a pong in between.
+                        let text: String = (0..rng.random_range(0..400))
+                            .map(|_| ['a', 'é', '€', '😀', ' '][rng.random_range(0..5)])
+                            .collect();
+                        let raw = text.as_bytes();
+                        let parts = rng.random_range(1..5).min(raw.len().max(1));
+                        let mut cuts: Vec<usize> = (1..parts).map(|_| rng.random_range(0..=raw.len())).collect();
+                        cuts.sort_unstable();
+                        let mut start = 0;
+                        let last = cuts.len();
+                        for (i, end) in cuts.iter().copied().chain(std::iter::once(raw.len())).enumerate() {
+                            let op = if i == 0 { OP_TEXT } else { OP_CONTINUATION };
+                            bytes.extend(client_frame(i == last, op, &raw[start..end], mask));
+                            start = end;
+                            if i != last && rng.random_bool(0.3) {
+                                bytes.extend(client_frame(true, OP_PONG, b"", mask));
+                                want.push(Ok(Incoming::Pong));
+                            }
+                        }
+                        want.push(Ok(Incoming::Text(Bytes::from(text))));
+                    }
+                }
+            }
+            let chunks: Vec<usize> = (0..50).map(|_| rng.random_range(1..9_000)).collect();
+            let got = decode_chunks(&bytes, &chunks, 100_000);
+            // Compared one by one: a full dump of 70 KB payloads helps nobody.
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    g == w,
+                    "message {i} differs: {:?}",
+                    g.as_ref().map_err(|e| e.as_str()).err()
+                );
+            }
+        }
+    }
 }
