@@ -17,6 +17,7 @@
 //! per core, a big room's writes spread over the cores.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -30,6 +31,25 @@ pub const YIELD_EVERY: usize = 64;
 pub struct Flusher<T> {
     dirty: Mutex<Vec<Arc<Outbox<T>>>>,
     ready: Notify,
+    stats: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    writes: AtomicU64,
+    frames: AtomicU64,
+    handoffs: AtomicU64,
+}
+
+/// What the flushers have done since the start (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlushStats {
+    /// Write calls that took bytes.
+    pub writes: u64,
+    /// Frames written (frames / writes is the batching factor).
+    pub frames: u64,
+    /// Sockets that took no more, so the connection's task took over.
+    pub handoffs: u64,
 }
 
 impl<T: Wire + Send + 'static> Flusher<T> {
@@ -37,6 +57,7 @@ impl<T: Wire + Send + 'static> Flusher<T> {
         Self {
             dirty: Mutex::new(Vec::new()),
             ready: Notify::new(),
+            stats: Counters::default(),
         }
     }
 
@@ -60,17 +81,33 @@ impl<T: Wire + Send + 'static> Flusher<T> {
                 self.ready.notified().await;
                 continue;
             }
+            let (mut writes, mut frames, mut handoffs) = (0, 0, 0);
             for (i, outbox) in work.drain(..).enumerate() {
-                outbox.flush_direct();
+                let done = outbox.flush_direct();
+                writes += done.writes;
+                frames += done.frames;
+                handoffs += u64::from(done.handed_off);
                 if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                    self.count(&mut writes, &mut frames, &mut handoffs);
                     tokio::task::yield_now().await;
                 }
             }
+            self.count(&mut writes, &mut frames, &mut handoffs);
             // A burst's list is kept for the next one, a huge one is not.
             if work.capacity() > 1 << 16 {
                 work = Vec::new();
             }
         }
+    }
+}
+
+impl<T> Flusher<T> {
+    /// Adds a batch's counts to the totals and resets them.
+    fn count(&self, writes: &mut u64, frames: &mut u64, handoffs: &mut u64) {
+        let c = &self.stats;
+        c.writes.fetch_add(std::mem::take(writes), Ordering::Relaxed);
+        c.frames.fetch_add(std::mem::take(frames), Ordering::Relaxed);
+        c.handoffs.fetch_add(std::mem::take(handoffs), Ordering::Relaxed);
     }
 }
 
@@ -89,6 +126,18 @@ impl<T: Wire + Send + 'static> Flushers<T> {
 
     pub fn shards(&self) -> &[Arc<Flusher<T>>] {
         &self.shards
+    }
+
+    /// Totals over every shard.
+    pub fn stats(&self) -> FlushStats {
+        let mut total = FlushStats::default();
+        for shard in &self.shards {
+            let c = &shard.stats;
+            total.writes += c.writes.load(Ordering::Relaxed);
+            total.frames += c.frames.load(Ordering::Relaxed);
+            total.handoffs += c.handoffs.load(Ordering::Relaxed);
+        }
+        total
     }
 
     /// The shard for a new outbox with this `key` (a connection id).
@@ -178,6 +227,9 @@ mod tests {
         .unwrap();
         assert_eq!(&*sock.taken.lock(), b"ab");
         assert_eq!(ob.queued(), (0, 0));
+        // One write carried both frames.
+        let stats = flushers.stats();
+        assert_eq!((stats.writes, stats.frames, stats.handoffs), (1, 2, 0));
         // Idle again: the next push schedules again.
         assert_eq!(ob.try_push_direct(Bytes::from_static(b"c")), Ok(Pushed::Schedule));
         runner.abort();
@@ -190,8 +242,9 @@ mod tests {
         for f in ["abc", "defg", "hij"] {
             ob.try_push_direct(Bytes::from(f)).unwrap();
         }
-        ob.flush_direct();
+        let done = ob.flush_direct();
         assert_eq!(&*sock.taken.lock(), b"abcde");
+        assert_eq!((done.frames, done.handed_off), (1, true));
         // The task now owns the rest, starting inside the second frame.
         let mut batch = VecDeque::new();
         assert_eq!(ob.drain(&mut batch).await, Drained::Frames);

@@ -13,7 +13,7 @@ pub mod group;
 pub mod outbox;
 pub mod plan;
 
-pub use flush::{Flusher, Flushers};
+pub use flush::{FlushStats, Flusher, Flushers};
 pub use group::MemberSet;
-pub use outbox::{DirectWrite, Drained, Outbox, OutboxLimits, PushError, Pushed, Weighted, Wire};
+pub use outbox::{DirectWrite, Drained, Flushed, Outbox, OutboxLimits, PushError, Pushed, Weighted, Wire};
 pub use plan::{FanoutPlan, PlanError};

@@ -89,6 +89,17 @@ enum Writer {
     Task,
 }
 
+/// What one [`Outbox::flush_direct`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// Write calls that took bytes.
+    pub writes: u64,
+    /// Items written whole.
+    pub frames: u64,
+    /// The socket took no more: the connection's task became the writer.
+    pub handed_off: bool,
+}
+
 /// Most items handed to one vectored write.
 const MAX_IOVECS: usize = 64;
 
@@ -149,11 +160,13 @@ struct State<T> {
 }
 
 impl<T: Wire> State<T> {
-    /// Drops `written` bytes from the front of the queue.
-    fn consume(&mut self, mut written: usize) {
+    /// Drops `written` bytes from the front of the queue; returns how many
+    /// items left it whole.
+    fn consume(&mut self, mut written: usize) -> u64 {
+        let mut whole = 0;
         while written > 0 {
             let Some(front) = self.queue.front_mut() else {
-                return;
+                break;
             };
             let len = front.wire().len();
             if written >= len {
@@ -161,6 +174,7 @@ impl<T: Wire> State<T> {
                 self.queue.pop_front();
                 self.bytes -= weight;
                 written -= len;
+                whole += 1;
             } else {
                 let before = front.weight();
                 front.advance(written);
@@ -172,6 +186,7 @@ impl<T: Wire> State<T> {
         // it only ever makes the live cap more permissive, never negative.
         self.extra_bytes = self.extra_bytes.min(self.bytes);
         self.extra_frames = self.extra_frames.min(self.queue.len());
+        whole
     }
 }
 
@@ -397,19 +412,21 @@ impl<T: Weighted> Outbox<T> {
     /// a write that ends inside a frame advances it. When the socket takes
     /// no more, the task becomes the writer and is woken (it waits for the
     /// socket); when the queue is empty, nobody is.
-    pub fn flush_direct(&self)
+    pub fn flush_direct(&self) -> Flushed
     where
         T: Wire,
     {
+        let mut done = Flushed::default();
         let mut st = self.state.lock();
         if st.writer != Writer::Flusher {
-            return;
+            return done;
         }
         let Some(sink) = st.sink.clone() else {
             st.writer = Writer::Task;
             drop(st);
             self.ready.notify_one();
-            return;
+            done.handed_off = true;
+            return done;
         };
         loop {
             if st.queue.is_empty() {
@@ -419,7 +436,7 @@ impl<T: Weighted> Outbox<T> {
                 if st.queue.capacity() > 0 && st.bytes == 0 {
                     st.queue = VecDeque::new();
                 }
-                return;
+                return done;
             }
             let result = {
                 let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
@@ -431,7 +448,10 @@ impl<T: Weighted> Outbox<T> {
                 sink.try_write_vectored(&slices[..n])
             };
             match result {
-                Ok(written) if written > 0 => st.consume(written),
+                Ok(written) if written > 0 => {
+                    done.writes += 1;
+                    done.frames += st.consume(written);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // Would block, or failed: the task waits for the socket or
                 // meets the error itself.
@@ -439,7 +459,8 @@ impl<T: Weighted> Outbox<T> {
                     st.writer = Writer::Task;
                     drop(st);
                     self.ready.notify_one();
-                    return;
+                    done.handed_off = true;
+                    return done;
                 }
             }
         }

@@ -45,6 +45,11 @@ pub struct Metrics {
     pub bad_frames_total: Counter,
     pub publish_seconds: Histogram,
     pub subscribe_rooms: Histogram,
+    /// Flushers: write calls, frames written (frames / writes = batching),
+    /// and sockets handed to their connection's task because they were full.
+    pub flusher_writes_total: Counter,
+    pub flusher_frames_total: Counter,
+    pub flusher_handoffs_total: Counter,
 }
 
 impl Metrics {
@@ -61,6 +66,9 @@ impl Metrics {
             bad_frames_total: counter!("gateway_bad_frames_total"),
             publish_seconds: histogram!("gateway_publish_seconds"),
             subscribe_rooms: histogram!("gateway_subscribe_rooms"),
+            flusher_writes_total: counter!("gateway_flusher_writes_total"),
+            flusher_frames_total: counter!("gateway_flusher_frames_total"),
+            flusher_handoffs_total: counter!("gateway_flusher_handoffs_total"),
         }
     }
 

@@ -372,8 +372,14 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 }
 
 async fn metrics_text(State(node): State<Arc<Node>>) -> Response {
-    node.metrics.conns_active.set(node.conns_active() as f64);
-    node.metrics.rooms_active.set(node.rooms.len() as f64);
+    let m = &node.metrics;
+    m.conns_active.set(node.conns_active() as f64);
+    m.rooms_active.set(node.rooms.len() as f64);
+    // The flushers count in their own atomics (no metric call per write).
+    let flushed = node.rooms.flushers().stats();
+    m.flusher_writes_total.absolute(flushed.writes);
+    m.flusher_frames_total.absolute(flushed.frames);
+    m.flusher_handoffs_total.absolute(flushed.handoffs);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         metrics::prometheus().render(),

@@ -651,4 +651,17 @@ async fn every_message_reaches_every_member_under_concurrent_writers() {
         let got = within(r).await.unwrap();
         assert_eq!(got, (1..=MESSAGES as u64).collect::<Vec<_>>());
     }
+    // The flushers did the writing, and say so.
+    let (status, text) = common::http_get(&node.http("/metrics")).await;
+    assert_eq!(status, 200);
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    let (writes, frames) = (
+        value("gateway_flusher_writes_total"),
+        value("gateway_flusher_frames_total"),
+    );
+    assert!(writes > 0.0 && frames >= writes, "writes {writes}, frames {frames}");
 }
