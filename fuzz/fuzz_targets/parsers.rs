@@ -1,0 +1,8 @@
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+fuzz_target!(|data: &[u8]| {
+    let b = bytes::Bytes::copy_from_slice(data);
+    let _ = gateway::protocol::parse(&b);
+    let _ = gateway::protobuf::parse(&b);
+    let _ = gateway::protobuf::server_frame(data);
+});
