@@ -5,7 +5,9 @@ fuzz_target!(|data: &[u8]| {
     rt.block_on(async {
         let mut r = gateway::ws::Reader::new(tokio::io::empty(), 4096, data);
         for _ in 0..1000 {
-            if r.next().await.is_err() { break; }
+            if r.next().await.is_err() {
+                break;
+            }
         }
     });
 });
