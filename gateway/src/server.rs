@@ -41,7 +41,6 @@ use crate::metrics::{self, Metrics};
 use crate::rooms::{ConnId, LogMode, RoomIndex, RoomLimits};
 use crate::tcp::SharedTcp;
 use crate::tls::Tls;
-use fanout_tree::DirectWrite;
 
 /// The JSON sub-protocol (the default).
 pub const PROTOCOL_JSON: &str = "gw.v1.json";
@@ -592,7 +591,7 @@ fn start_conn(node: Arc<Node>, upgraded: hyper::upgrade::Upgraded, max_frame: us
         Ok(parts) => {
             let tcp = SharedTcp::new(parts.io.into_inner());
             let reader = crate::ws::Reader::new(tcp.clone(), max_frame, &parts.read_buf);
-            let sink: Arc<dyn DirectWrite> = Arc::new(tcp.clone());
+            let sink = tcp.sink();
             tracker.spawn(conn::run(node, reader, tcp, Some(sink), upgrade));
             return;
         }

@@ -17,15 +17,23 @@ use tokio::net::TcpStream;
 
 /// One handle of a shared socket; clone it for each user.
 #[derive(Clone)]
-pub struct SharedTcp(Arc<TcpStream>);
+pub struct SharedTcp(Arc<Socket>);
+
+/// The socket itself (one allocation, shared by every handle and the sink).
+pub struct Socket(TcpStream);
 
 impl SharedTcp {
     pub fn new(tcp: TcpStream) -> Self {
-        Self(Arc::new(tcp))
+        Self(Arc::new(Socket(tcp)))
+    }
+
+    /// The same socket as a flusher's sink.
+    pub fn sink(&self) -> Arc<dyn DirectWrite> {
+        self.0.clone()
     }
 }
 
-impl DirectWrite for SharedTcp {
+impl DirectWrite for Socket {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         self.0.try_write_vectored(bufs)
     }
@@ -34,8 +42,8 @@ impl DirectWrite for SharedTcp {
 impl AsyncRead for SharedTcp {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
-            ready!(self.0.poll_read_ready(cx))?;
-            match self.0.try_read(buf.initialize_unfilled()) {
+            ready!(self.0.0.poll_read_ready(cx))?;
+            match self.0.0.try_read(buf.initialize_unfilled()) {
                 Ok(n) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
@@ -59,8 +67,8 @@ impl AsyncWrite for SharedTcp {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         loop {
-            ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write_vectored(bufs) {
+            ready!(self.0.0.poll_write_ready(cx))?;
+            match self.0.0.try_write_vectored(bufs) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 r => return Poll::Ready(r),
             }
