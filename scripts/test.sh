@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace, then the Autobahn WebSocket conformance
-# suite. Installs what the tests need first (nats-server and
-# autobahntestsuite, into .tools/), so it works on a fresh machine.
+# suite and the Helm chart checks. Installs what the tests need first
+# (nats-server, autobahntestsuite, the embedded Helm and validators, into
+# .tools/), so it works on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NATS_SERVER=$(scripts/ensure-nats.sh)
@@ -11,4 +12,6 @@ cargo test --workspace --all-targets "$@"
 # about 2 minutes with the install); skipped when test filters were given.
 if [ $# -eq 0 ]; then
   scripts/autobahn.sh
+  # The Helm chart, offline: lint, render, schema-validate, drain facts.
+  helm/test.sh
 fi
