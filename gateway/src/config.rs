@@ -162,6 +162,9 @@ pub struct Opts {
     /// Flusher tasks writing room messages to sockets; a room's members are spread over them (0 = one per CPU core) [default: 0].
     #[arg(long, env = "GATEWAY_FANOUT_SHARDS", global = true)]
     pub fanout_shards: Option<usize>,
+    /// Rooms with their own series on /metrics: the busiest since the previous scrape (0 = none) [default: 20].
+    #[arg(long, env = "GATEWAY_ROOM_METRICS_TOP", global = true)]
+    pub room_metrics_top: Option<usize>,
     /// Turn every rate limit and admission budget off (benchmarks, trusted networks); connection-count limits stay.
     #[arg(long, env = "GATEWAY_NO_RATE_LIMITS", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub no_rate_limits: Option<bool>,
@@ -354,6 +357,7 @@ impl Opts {
             tree_threshold,
             tree_degree,
             fanout_shards,
+            room_metrics_top,
             no_rate_limits,
             publish_per_sec,
             publish_burst,
@@ -519,6 +523,8 @@ pub struct Config {
     pub tree_degree: usize,
     /// Flushers; default one per CPU core.
     pub fanout_shards: usize,
+    /// Rooms shown on /metrics. Default 20.
+    pub room_metrics_top: usize,
     /// Default false.
     pub no_rate_limits: bool,
     /// Rate limits and admission budgets (each field gives its default);
@@ -723,6 +729,7 @@ impl Config {
                 0 => std::thread::available_parallelism().map_or(1, usize::from),
                 n => n,
             },
+            room_metrics_top: o.room_metrics_top.unwrap_or(20),
             no_rate_limits: o.no_rate_limits.unwrap_or(false),
             limits,
             auth_timeout: ms(Some(positive("auth_timeout_ms", o.auth_timeout_ms, 5_000)?), 0),

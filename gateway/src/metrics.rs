@@ -11,6 +11,7 @@ use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::error::CloseReason;
+use crate::rooms::RoomStat;
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -130,4 +131,44 @@ pub fn jwks_refetch_limited() {
 /// Counts a TLS certificate reload by result.
 pub fn tls_reloaded(result: &'static str) {
     counter!("gateway_tls_reloads_total", "result" => result).increment(1);
+}
+
+/// Appends the per-room series of the rooms `RoomIndex::top_rooms` chose, in
+/// the Prometheus text format. At most `--room-metrics-top` rooms per scrape,
+/// so the room label's cardinality is bounded; a room's counters are its own
+/// since its state was created on this node. Room names need no escaping
+/// (`A-Z a-z 0-9 _ - :`).
+pub fn render_rooms(out: &mut String, rooms: &[RoomStat]) {
+    use std::fmt::Write as _;
+    if rooms.is_empty() {
+        return;
+    }
+    type Family = (&'static str, &'static str, &'static str, fn(&RoomStat) -> u64);
+    let families: [Family; 3] = [
+        (
+            "gateway_room_members",
+            "gauge",
+            "Local members of the room (the busiest rooms since the previous scrape)",
+            |r| r.members as u64,
+        ),
+        (
+            "gateway_room_messages_total",
+            "counter",
+            "Messages fanned out in the room on this node",
+            |r| r.messages,
+        ),
+        (
+            "gateway_room_deliveries_total",
+            "counter",
+            "Deliveries (message x member) in the room on this node",
+            |r| r.deliveries,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for r in rooms {
+            let _ = writeln!(out, "{name}{{room=\"{}\"}} {}", r.room, value(r));
+        }
+    }
 }

@@ -269,6 +269,12 @@ struct RoomState {
     dedup_order: VecDeque<(Instant, Box<str>)>,
     /// Removed from the index; a caller holding an old `Arc` must look again.
     dead: bool,
+    /// Messages fanned out on this node, and deliveries (members they were
+    /// queued for, notify members included), since the room's state exists.
+    messages: u64,
+    deliveries: u64,
+    /// `deliveries` at the last [`RoomIndex::top_rooms`] ranking.
+    ranked_at: u64,
 }
 
 impl RoomState {
@@ -295,6 +301,9 @@ impl RoomState {
             dedup: HashMap::new(),
             dedup_order: VecDeque::new(),
             dead: false,
+            messages: 0,
+            deliveries: 0,
+            ranked_at: 0,
         }
     }
 
@@ -361,6 +370,17 @@ pub enum Delivered {
     NoRoom,
 }
 
+/// One room's figures for `/metrics` (see [`RoomIndex::top_rooms`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomStat {
+    pub room: RoomId,
+    pub members: usize,
+    pub messages: u64,
+    pub deliveries: u64,
+    /// Deliveries since the previous ranking.
+    pub recent: u64,
+}
+
 /// Per-node index from room to its state.
 pub struct RoomIndex {
     rooms: DashMap<RoomId, Arc<Room>>,
@@ -394,6 +414,42 @@ impl RoomIndex {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The `n` rooms with the most deliveries since the previous call (then
+    /// the most members), with their counters: what `/metrics` shows per
+    /// room, so the number of room series stays bounded by `n`. Rooms
+    /// without members or traffic are left out.
+    pub fn top_rooms(&self, n: usize) -> Vec<RoomStat> {
+        if n == 0 {
+            return Vec::new();
+        }
+        // The map's guards are released before any room lock is taken (a
+        // room being removed holds its lock while it takes the map's).
+        let rooms: Vec<(RoomId, Arc<Room>)> = self
+            .rooms
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        let mut stats: Vec<RoomStat> = rooms
+            .into_iter()
+            .filter_map(|(room, r)| {
+                let mut st = r.state.lock();
+                let recent = st.deliveries - st.ranked_at;
+                st.ranked_at = st.deliveries;
+                let members = st.members.len() + st.proto_members.len() + st.watchers.len();
+                (!st.dead && (members > 0 || recent > 0)).then(|| RoomStat {
+                    room,
+                    members,
+                    messages: st.messages,
+                    deliveries: st.deliveries,
+                    recent,
+                })
+            })
+            .collect();
+        stats.sort_unstable_by_key(|r| std::cmp::Reverse((r.recent, r.members)));
+        stats.truncate(n);
+        stats
     }
 
     /// Local members of `room` (both modes).
@@ -636,7 +692,10 @@ impl RoomIndex {
         for w in st.watchers.values() {
             w.bump(room, offset);
         }
-        (delivered + st.watchers.len(), slow.len())
+        let delivered = delivered + st.watchers.len();
+        st.messages += 1;
+        st.deliveries += delivered as u64;
+        (delivered, slow.len())
     }
 
     /// Offers `frame` to the room's members, encoded once per protocol, and
@@ -673,8 +732,10 @@ impl RoomIndex {
             for w in st.watchers.values() {
                 w.bump(room, 0);
             }
-            let delivered = self.broadcast(st, frame, &mut slow);
-            delivered + st.watchers.len()
+            let delivered = self.broadcast(st, frame, &mut slow) + st.watchers.len();
+            st.messages += 1;
+            st.deliveries += delivered as u64;
+            delivered
         })
         .unwrap_or(0)
     }

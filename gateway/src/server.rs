@@ -379,11 +379,9 @@ async fn metrics_text(State(node): State<Arc<Node>>) -> Response {
     m.flusher_writes_total.absolute(flushed.writes);
     m.flusher_frames_total.absolute(flushed.frames);
     m.flusher_handoffs_total.absolute(flushed.handoffs);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        metrics::prometheus().render(),
-    )
-        .into_response()
+    let mut text = metrics::prometheus().render();
+    metrics::render_rooms(&mut text, &node.rooms.top_rooms(node.cfg.room_metrics_top));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// Serves `/metrics` alone (for `--metrics-listen`).

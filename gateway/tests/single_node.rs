@@ -665,3 +665,53 @@ async fn every_message_reaches_every_member_under_concurrent_writers() {
     );
     assert!(writes > 0.0 && frames >= writes, "writes {writes}, frames {frames}");
 }
+
+/// `/metrics` shows per-room series for the busiest rooms only, so the number
+/// of room series is bounded by `--room-metrics-top`.
+#[tokio::test]
+async fn per_room_metrics_show_only_the_busiest_rooms() {
+    let node = TestNode::with(|o| {
+        o.no_rate_limits = Some(true);
+        o.room_metrics_top = Some(2);
+    })
+    .await;
+    let suffix = common::rand_suffix();
+    let rooms: Vec<String> = ["busy", "medium", "quiet"]
+        .iter()
+        .map(|r| format!("{r}-{suffix}"))
+        .collect();
+    let mut members = Vec::new();
+    for (i, room) in rooms.iter().enumerate() {
+        // busy: 3 members, medium: 2, quiet: 1.
+        for m in 0..(3 - i) {
+            let mut c = node.client(&format!("m{i}{m}")).await;
+            c.subscribe(&[room.as_str()]).await;
+            members.push(c);
+        }
+    }
+    let mut publisher = node.client("publisher").await;
+    for (room, n) in rooms.iter().zip([5, 3, 1]) {
+        for i in 0..n {
+            publisher.publish(room, json!(i)).await;
+        }
+    }
+    let (status, text) = common::http_get(&node.http("/metrics")).await;
+    assert_eq!(status, 200);
+    let series = |name: &str, room: &str| -> Option<u64> {
+        let prefix = format!("{name}{{room=\"{room}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+    };
+    assert_eq!(series("gateway_room_messages_total", &rooms[0]), Some(5));
+    assert_eq!(series("gateway_room_deliveries_total", &rooms[0]), Some(15));
+    assert_eq!(series("gateway_room_members", &rooms[0]), Some(3));
+    assert_eq!(series("gateway_room_deliveries_total", &rooms[1]), Some(6));
+    assert_eq!(series("gateway_room_members", &rooms[2]), None, "only the top 2 rooms");
+    let room_lines = text.lines().filter(|l| l.starts_with("gateway_room_members{")).count();
+    assert_eq!(room_lines, 2);
+    // Nothing happened since that scrape: the ranking falls back to members,
+    // and the counters stay where they were.
+    let (_, text) = common::http_get(&node.http("/metrics")).await;
+    assert!(text.contains(&format!("gateway_room_messages_total{{room=\"{}\"}} 5", rooms[0])));
+    assert!(text.contains(&format!("gateway_room_members{{room=\"{}\"}} 2", rooms[1])));
+    drop(members);
+}
