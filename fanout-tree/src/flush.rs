@@ -146,15 +146,19 @@ impl<T: Wire + Send + 'static> Flushers<T> {
     }
 
     /// Hands outboxes that [`Outbox::try_push_direct`] asked to schedule to
-    /// their flushers.
-    pub fn schedule(&self, outboxes: Vec<Arc<Outbox<T>>>) {
-        if let [only] = self.shards.as_slice() {
-            only.schedule(outboxes.into_iter());
+    /// their flushers, moving them out of `outboxes` (which keeps its
+    /// capacity, so a caller can reuse one list for every broadcast).
+    pub fn schedule(&self, outboxes: &mut Vec<Arc<Outbox<T>>>) {
+        if outboxes.is_empty() {
             return;
         }
-        for (i, shard) in self.shards.iter().enumerate() {
-            shard.schedule(outboxes.iter().filter(|o| o.shard() as usize == i).cloned());
+        let Some((first, rest)) = self.shards.split_first() else {
+            return;
+        };
+        for (i, shard) in rest.iter().enumerate() {
+            shard.schedule(outboxes.extract_if(.., |o| o.shard() as usize == i + 1));
         }
+        first.schedule(outboxes.drain(..));
     }
 }
 
@@ -215,7 +219,7 @@ mod tests {
         assert_eq!(ob.try_push_direct(Bytes::from_static(b"a")), Ok(Pushed::Schedule));
         // Already scheduled: later pushes only queue.
         assert_eq!(ob.try_push_direct(Bytes::from_static(b"b")), Ok(Pushed::Queued));
-        flushers.schedule(vec![ob.clone()]);
+        flushers.schedule(&mut vec![ob.clone()]);
         let f = flushers.shards()[0].clone();
         let runner = tokio::spawn(async move { f.run().await });
         tokio::time::timeout(std::time::Duration::from_secs(5), async {
@@ -300,13 +304,31 @@ mod tests {
         assert_eq!(batch, VecDeque::from([Bytes::from_static(b"x")]));
     }
 
+    #[tokio::test]
+    async fn an_outbox_closed_while_scheduled_is_not_written_and_wakes_its_task() {
+        let sock = socket(usize::MAX);
+        let ob = outbox(&sock, 0);
+        assert_eq!(ob.try_push_direct(Bytes::from_static(b"x")), Ok(Pushed::Schedule));
+        // Closing lets go of the sink while the outbox waits in a flusher's list.
+        ob.close();
+        let done = ob.flush_direct();
+        assert!(done.handed_off);
+        assert_eq!((done.writes, done.frames), (0, 0));
+        assert!(sock.taken.lock().is_empty());
+        // The task (woken) finds the frame for its closing sequence.
+        let mut batch = VecDeque::new();
+        assert!(ob.try_drain(&mut batch));
+        assert_eq!(batch, VecDeque::from([Bytes::from_static(b"x")]));
+    }
+
     #[test]
     fn outboxes_go_to_their_shards() {
         let flushers: Flushers<Bytes> = Flushers::new(3);
         assert_eq!(flushers.shard_for(7), 1);
         let sock = socket(usize::MAX);
-        let obs: Vec<_> = (0..6).map(|i| outbox(&sock, flushers.shard_for(i))).collect();
-        flushers.schedule(obs);
+        let mut obs: Vec<_> = (0..6).map(|i| outbox(&sock, flushers.shard_for(i))).collect();
+        flushers.schedule(&mut obs);
+        assert!(obs.is_empty(), "moved, not copied");
         for (i, shard) in flushers.shards().iter().enumerate() {
             let dirty = shard.dirty.lock();
             assert_eq!(dirty.len(), 2);

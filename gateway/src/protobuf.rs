@@ -321,6 +321,20 @@ mod tests {
     }
 
     #[test]
+    fn a_frame_that_cannot_be_transcoded_becomes_an_internal_error() {
+        for bad in [
+            &b"not json"[..],
+            br#"{"op":"nonsense"}"#,
+            br#"{"op":"message","room":"r"}"#,
+        ] {
+            let Some(Body::Error(e)) = decode(&server_frame(bad)).body else {
+                panic!("{bad:?}");
+            };
+            assert_eq!(e.code, "internal");
+        }
+    }
+
+    #[test]
     fn every_kind_of_server_frame_transcodes() {
         let room = crate::rooms::RoomId::parse("general").unwrap();
         let push = protocol::message_push(&room, 9, 1234, "\"alice\"", br#"{"t":1}"#);

@@ -19,6 +19,7 @@
 //! `.await`. Broadcasts never block: full outboxes overflow and their writers
 //! close those connections as slow consumers.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
@@ -701,13 +702,21 @@ impl RoomIndex {
     /// Offers `frame` to the room's members, encoded once per protocol, and
     /// hands the outboxes that need writing to the flushers.
     fn broadcast(&self, st: &RoomState, frame: &Frame, slow: &mut Vec<ConnId>) -> usize {
-        let mut schedule = Vec::new();
-        let mut delivered = st.members.broadcast(frame, slow, &mut schedule);
-        if !st.proto_members.is_empty() {
-            delivered += st.proto_members.broadcast(&frame.to_proto(), slow, &mut schedule);
+        // One list per thread, reused: no allocation per message.
+        thread_local! {
+            static SCHEDULE: RefCell<Vec<Arc<Outbox<Frame>>>> = const { RefCell::new(Vec::new()) };
         }
-        self.flushers.schedule(schedule);
-        delivered
+        SCHEDULE.with_borrow_mut(|schedule| {
+            let mut delivered = st.members.broadcast(frame, slow, schedule);
+            if !st.proto_members.is_empty() {
+                delivered += st.proto_members.broadcast(&frame.to_proto(), slow, schedule);
+            }
+            self.flushers.schedule(schedule);
+            if schedule.capacity() > 1 << 16 {
+                *schedule = Vec::new();
+            }
+            delivered
+        })
     }
 
     fn trim(&self, st: &mut RoomState) {

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{TestNode, token, within};
 use futures_util::{SinkExt, StreamExt};
 use proto::Message as _;
@@ -307,5 +305,4 @@ async fn notify_mode_activity_arrives_as_protobuf() {
     .await;
     assert_eq!(activity.room, "bg");
     assert!(activity.count >= 1 && activity.offset >= 1, "{activity:?}");
-    tokio::time::sleep(Duration::from_millis(10)).await;
 }
