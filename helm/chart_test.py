@@ -60,6 +60,7 @@ MUST_FAIL = {
     "tls without a secret": ({"tls": {"enabled": True}}, "tls.secretName"),
     "no verification key": ({"jwt": {"hs256": False}}, "no token verification key"),
     "chart-managed key in config": ({"config": {"node_id": "x"}}, "config.node_id is set by the chart"),
+    "jwt.secret under 32 bytes": ({"jwt": {"secret": "short-secret"}}, "at least 32 bytes"),
 }
 
 

@@ -34,7 +34,7 @@ sleep 3
 gwa=$(free_port); gwb=$(free_port)
 for n in a b; do
   port=$gwa; [ $n = b ] && port=$gwb
-  taskset -c 0 target/release/gateway --listen "127.0.0.1:$port" --jwt-secret loadtest-secret --no-rate-limits \
+  taskset -c 0 target/release/gateway --listen "127.0.0.1:$port" --jwt-secret loadtest-secret-0123456789abcdef0 --no-rate-limits \
     --node-id "bench-$n" --nats "$urls" --nats-replicas 3 --log warn > "$dir/gw-$n.log" 2>&1 &
   pids+=($!)
 done

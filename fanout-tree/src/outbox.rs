@@ -7,8 +7,12 @@
 //! - Producers never wait. [`Outbox::try_push`] either queues the frame or
 //!   reports [`PushError::Full`]; a full outbox marks itself *overflowed*,
 //!   refuses everything after that and wakes the writer, which closes the
-//!   connection as a slow consumer. Memory per outbox therefore never exceeds
-//!   its caps plus one frame.
+//!   connection as a slow consumer.
+//! - One bound for everything a connection is owed: live pushes, replies,
+//!   catch-up, history pages and the batch its writer is writing right now
+//!   (in flight until the writer comes back for more) all count against
+//!   [`OutboxLimits`]. Memory per outbox therefore never exceeds its caps plus
+//!   one frame, whatever a client asks for and however slowly it reads.
 //! - Frames come out in the order they went in, with one exception that the
 //!   caller asks for: while the outbox is *held*, pushes go to a side queue, and
 //!   [`Outbox::release`] puts the caller's own frames (a reply and its catch-up
@@ -106,9 +110,9 @@ const MAX_IOVECS: usize = 64;
 /// Caps of one outbox.
 #[derive(Debug, Clone, Copy)]
 pub struct OutboxLimits {
-    /// Most bytes queued at once (live frames; catch-up is extra, see [`Outbox::release`]).
+    /// Most bytes queued at once, in-flight batch included.
     pub max_bytes: usize,
-    /// Most frames queued at once.
+    /// Most frames queued at once, in-flight batch included.
     pub max_frames: usize,
 }
 
@@ -145,10 +149,10 @@ struct State<T> {
     queue: VecDeque<T>,
     /// Bytes in `queue` and `held`.
     bytes: usize,
-    /// Bytes pushed by [`Outbox::release`] as catch-up that the writer has not
-    /// taken yet; they do not count against `max_bytes`.
-    extra_bytes: usize,
-    extra_frames: usize,
+    /// Bytes and frames the task took with its last [`Outbox::drain`] and is
+    /// still writing: they count against the caps until it drains again.
+    in_flight_bytes: usize,
+    in_flight_frames: usize,
     held: Option<VecDeque<T>>,
     overflowed: bool,
     closed: bool,
@@ -182,11 +186,19 @@ impl<T: Wire> State<T> {
                 written = 0;
             }
         }
-        // Catch-up accounting is approximate once frames leave one by one;
-        // it only ever makes the live cap more permissive, never negative.
-        self.extra_bytes = self.extra_bytes.min(self.bytes);
-        self.extra_frames = self.extra_frames.min(self.queue.len());
         whole
+    }
+}
+
+impl<T> State<T> {
+    /// Frames counted against the caps (queued, held and in flight).
+    fn frames(&self) -> usize {
+        self.queue.len() + self.held.as_ref().map_or(0, VecDeque::len) + self.in_flight_frames
+    }
+
+    /// Bytes counted against the caps (queued, held and in flight).
+    fn total_bytes(&self) -> usize {
+        self.bytes + self.in_flight_bytes
     }
 }
 
@@ -212,8 +224,8 @@ impl<T: Weighted> Outbox<T> {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 bytes: 0,
-                extra_bytes: 0,
-                extra_frames: 0,
+                in_flight_bytes: 0,
+                in_flight_frames: 0,
                 held: None,
                 overflowed: false,
                 closed: false,
@@ -252,17 +264,14 @@ impl<T: Weighted> Outbox<T> {
             return Err(PushError::Closed);
         }
         let weight = item.weight();
-        let held_len = st.held.as_ref().map_or(0, VecDeque::len);
-        let live_frames = st.queue.len() + held_len - st.extra_frames;
-        let live_bytes = st.bytes - st.extra_bytes;
-        if live_bytes + weight > self.limits.max_bytes || live_frames >= self.limits.max_frames {
+        if st.total_bytes() + weight > self.limits.max_bytes || st.frames() >= self.limits.max_frames {
             st.overflowed = true;
             drop(st);
             self.ready.notify_one();
             return Err(PushError::Full);
         }
         st.bytes += weight;
-        st.peak_bytes = st.peak_bytes.max(st.bytes);
+        st.peak_bytes = st.peak_bytes.max(st.total_bytes());
         if let Some(held) = st.held.as_mut() {
             held.push_back(item);
             return Ok(Pushed::Queued);
@@ -289,31 +298,33 @@ impl<T: Weighted> Outbox<T> {
         }
     }
 
-    /// Queues `reply` (counted against the caps like any push), then
-    /// `catchup`, then everything pushed since [`Outbox::hold`], and ends the hold.
+    /// Queues `reply`, then `catchup`, then everything pushed since
+    /// [`Outbox::hold`], and ends the hold.
     ///
-    /// Catch-up frames are history the client asked for and whose total size
-    /// the caller has already bounded, so they are queued even past
-    /// `max_bytes`: a recovering client is not closed as slow for them.
+    /// Everything counts against the caps like any push: the caller sizes the
+    /// catch-up to [`Outbox::room_left`] first. If the caps are passed anyway
+    /// (live pushes raced in), the frames are still queued and the outbox is
+    /// overflowed, so the writer closes the connection as a slow consumer;
+    /// the answer is then [`PushError::Full`].
     pub fn release(&self, reply: Option<T>, catchup: impl IntoIterator<Item = T>) -> Result<(), PushError> {
         let mut st = self.state.lock();
         let held = st.held.take().unwrap_or_default();
         if st.overflowed || st.closed {
             return Err(PushError::Closed);
         }
-        if let Some(reply) = reply {
-            st.bytes += reply.weight();
-            st.queue.push_back(reply);
-        }
-        for item in catchup {
-            let weight = item.weight();
-            st.bytes += weight;
-            st.extra_bytes += weight;
-            st.extra_frames += 1;
+        for item in reply.into_iter().chain(catchup) {
+            st.bytes += item.weight();
             st.queue.push_back(item);
         }
+        // The held frames were counted when they were pushed.
         st.queue.extend(held);
-        st.peak_bytes = st.peak_bytes.max(st.bytes);
+        st.peak_bytes = st.peak_bytes.max(st.total_bytes());
+        if st.total_bytes() > self.limits.max_bytes || st.frames() > self.limits.max_frames {
+            st.overflowed = true;
+            drop(st);
+            self.ready.notify_one();
+            return Err(PushError::Full);
+        }
         let wake = st.writer == Writer::Idle && !st.queue.is_empty();
         if wake {
             st.writer = Writer::Task;
@@ -336,13 +347,18 @@ impl<T: Weighted> Outbox<T> {
                 if st.overflowed {
                     return Drained::Overflowed;
                 }
+                // The caller's buffer is empty: the batch of the previous
+                // drain is written.
+                debug_assert!(into.is_empty(), "drain into an empty buffer");
+                st.in_flight_bytes = 0;
+                st.in_flight_frames = 0;
                 if st.writer != Writer::Flusher && !st.queue.is_empty() {
-                    debug_assert!(into.is_empty(), "drain into an empty buffer");
                     st.writer = Writer::Task;
                     std::mem::swap(&mut st.queue, into);
-                    st.bytes -= into.iter().map(Weighted::weight).sum::<usize>();
-                    st.extra_bytes = 0;
-                    st.extra_frames = 0;
+                    let moved = into.iter().map(Weighted::weight).sum::<usize>();
+                    st.bytes -= moved;
+                    st.in_flight_bytes = moved;
+                    st.in_flight_frames = into.len();
                     // Keep memory of a quiet connection small after a burst.
                     if st.queue.capacity() > 256 {
                         st.queue = VecDeque::new();
@@ -370,10 +386,11 @@ impl<T: Weighted> Outbox<T> {
         if st.queue.is_empty() {
             return false;
         }
+        let moved: usize = st.queue.iter().map(Weighted::weight).sum();
+        st.in_flight_frames += st.queue.len();
         into.extend(st.queue.drain(..));
-        st.bytes = st.held.as_ref().map_or(0, |h| h.iter().map(Weighted::weight).sum());
-        st.extra_bytes = 0;
-        st.extra_frames = 0;
+        st.bytes -= moved;
+        st.in_flight_bytes += moved;
         true
     }
 
@@ -431,8 +448,6 @@ impl<T: Weighted> Outbox<T> {
         loop {
             if st.queue.is_empty() {
                 st.writer = Writer::Idle;
-                st.extra_bytes = 0;
-                st.extra_frames = 0;
                 if st.queue.capacity() > 0 && st.bytes == 0 {
                     st.queue = VecDeque::new();
                 }
@@ -471,11 +486,25 @@ impl<T: Weighted> Outbox<T> {
         self.state.lock().overflowed
     }
 
-    /// Frames and bytes queued right now.
+    /// Frames and bytes queued right now (held frames included, the batch
+    /// in flight not).
     pub fn queued(&self) -> (usize, usize) {
         let st = self.state.lock();
         let held = st.held.as_ref().map_or(0, VecDeque::len);
         (st.queue.len() + held, st.bytes)
+    }
+
+    /// What can still be queued before the caps are reached: (frames, bytes).
+    /// Zero for an overflowed or closed outbox.
+    pub fn room_left(&self) -> (usize, usize) {
+        let st = self.state.lock();
+        if st.overflowed || st.closed {
+            return (0, 0);
+        }
+        (
+            self.limits.max_frames.saturating_sub(st.frames()),
+            self.limits.max_bytes.saturating_sub(st.total_bytes()),
+        )
     }
 
     /// Highest byte count ever queued.
@@ -554,20 +583,74 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn catchup_does_not_count_against_the_live_cap() {
+    async fn catchup_and_replies_count_against_the_one_bound() {
+        let ob = Outbox::new(OutboxLimits {
+            max_bytes: 1000,
+            max_frames: 100,
+        });
+        ob.hold();
+        ob.try_push(frame(100)).unwrap();
+        assert_eq!(ob.room_left(), (99, 900));
+        let catchup = (0..8).map(|_| frame(100));
+        ob.release(Some(frame(10)), catchup).unwrap();
+        assert_eq!(ob.room_left(), (90, 90));
+        // Past the bound: overflowed, and the writer closes the connection.
+        assert_eq!(ob.try_push(frame(91)), Err(PushError::Full));
+        let mut out = VecDeque::new();
+        assert_eq!(ob.drain(&mut out).await, Drained::Overflowed);
+    }
+
+    #[tokio::test]
+    async fn a_catchup_released_past_the_bound_overflows() {
         let ob = Outbox::new(OutboxLimits {
             max_bytes: 100,
             max_frames: 10,
         });
         ob.hold();
         let catchup = (0..50).map(|_| frame(50));
-        ob.release(Some(frame(10)), catchup).unwrap();
-        // Live frames still fit next to 2,500 bytes of catch-up.
-        ob.try_push(frame(50)).unwrap();
+        assert_eq!(ob.release(Some(frame(10)), catchup), Err(PushError::Full));
+        assert!(ob.is_overflowed());
+        assert_eq!(ob.room_left(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn the_batch_in_flight_counts_until_the_writer_drains_again() {
+        let ob = Outbox::new(OutboxLimits {
+            max_bytes: 300,
+            max_frames: 100,
+        });
+        for _ in 0..3 {
+            ob.try_push(frame(100)).unwrap();
+        }
         let mut out = VecDeque::new();
         assert_eq!(ob.drain(&mut out).await, Drained::Frames);
-        assert_eq!(out.len(), 52);
+        // The writer is stuck writing these 300 bytes (the client does not
+        // read): nothing more fits.
         assert_eq!(ob.queued(), (0, 0));
+        assert_eq!(ob.room_left(), (97, 0));
+        assert_eq!(ob.try_push(frame(1)), Err(PushError::Full));
+    }
+
+    #[tokio::test]
+    async fn a_written_batch_frees_its_room() {
+        let ob = Outbox::new(OutboxLimits {
+            max_bytes: 300,
+            max_frames: 100,
+        });
+        for _ in 0..3 {
+            ob.try_push(frame(100)).unwrap();
+        }
+        let mut out = VecDeque::new();
+        assert_eq!(ob.drain(&mut out).await, Drained::Frames);
+        assert_eq!(ob.room_left(), (97, 0));
+        // Written: the writer comes back for more (and waits, nothing is queued).
+        out.clear();
+        let again = tokio::time::timeout(std::time::Duration::from_millis(20), ob.drain(&mut out)).await;
+        assert!(again.is_err());
+        assert_eq!(ob.room_left(), (100, 300));
+        for _ in 0..3 {
+            ob.try_push(frame(100)).unwrap();
+        }
     }
 
     #[tokio::test]

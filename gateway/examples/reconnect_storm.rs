@@ -9,9 +9,9 @@
 //! sockets here (20,000 open files per process). See docs/operations.md:
 //!
 //! ```text
-//! target/release/gateway --listen 127.0.0.1:9100 --jwt-secret storm-secret &
+//! target/release/gateway --listen 127.0.0.1:9100 --jwt-secret storm-secret-0123456789abcdef0123 &
 //! cargo run --release -p gateway --example reconnect_storm -- \
-//!     ws://127.0.0.1:9100/ws storm-secret 19000 $(pidof gateway)
+//!     ws://127.0.0.1:9100/ws storm-secret-0123456789abcdef0123 19000 $(pidof gateway)
 //! ```
 //!
 //! Bounded: at most 100 attempts per client, each within 30 s.

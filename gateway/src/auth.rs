@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -37,6 +37,19 @@ use crate::jwks::{JwksSource, SourceOptions};
 
 /// Longest token accepted, in bytes; anything longer is refused before parsing.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// Shortest HS256/384/512 secret accepted, in bytes: RFC 7518 section 3.2
+/// requires a key at least as long as the hash output (256 bits for HS256).
+/// Shorter secrets fall to brute force from a single token.
+pub const MIN_HMAC_SECRET_BYTES: usize = 32;
+
+/// Latest `exp` accepted, seconds since the epoch (9999-12-31T23:59:59Z).
+/// Later values are refused as [`AuthError::BadExpiry`] rather than turned
+/// into timers that overflow.
+pub const MAX_EXP_SECS: u64 = 253_402_300_799;
+
+/// Longest time a grant timer is armed for; a later expiry is re-checked then.
+pub const MAX_TIMER: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Why a token was refused. The label is what metrics count.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,6 +80,12 @@ pub enum AuthError {
     WrongRoom,
     #[error("token room grants are malformed")]
     BadGrants,
+    #[error("token exp is out of range")]
+    BadExpiry,
+    #[error("a room token cannot be used as a connection token")]
+    RoomTokenAsConnect,
+    #[error("not a room token")]
+    NotRoomToken,
     #[error("no verification key is configured")]
     NoKeys,
 }
@@ -87,6 +106,9 @@ impl AuthError {
             Self::WrongSub => "wrong_sub",
             Self::WrongRoom => "wrong_room",
             Self::BadGrants => "bad_grants",
+            Self::BadExpiry => "bad_exp",
+            Self::RoomTokenAsConnect => "room_token_as_connect",
+            Self::NotRoomToken => "not_room_token",
             Self::NoKeys => "no_keys",
         }
     }
@@ -119,6 +141,8 @@ pub enum KeyError {
     IssuerKeys { entry: String },
     #[error("the JWT secret is empty")]
     EmptySecret,
+    #[error("the JWT secret has {len} bytes; HS256 needs at least {MIN_HMAC_SECRET_BYTES} (RFC 7518 section 3.2)")]
+    WeakSecret { len: usize },
 }
 
 /// A room-name pattern: `*` matches any run of room characters.
@@ -240,6 +264,13 @@ pub(crate) fn parse_jwks(bytes: &[u8], issuer: Option<&Arc<str>>) -> Result<Vec<
         let Ok(jwk) = serde_json::from_value::<Jwk>(raw) else {
             continue;
         };
+        // A symmetric JWK is an HMAC secret: the same floor as --jwt-secret.
+        if let AlgorithmParameters::OctetKey(k) = &jwk.algorithm
+            && b64(&k.value).map_or(0, |v| v.len()) < MIN_HMAC_SECRET_BYTES
+        {
+            tracing::warn!(kid = ?jwk.common.key_id, "skipping a JWKS HMAC key shorter than 32 bytes");
+            continue;
+        }
         let alg = match jwk.common.key_algorithm {
             None => None,
             Some(a) => match Algorithm::try_from(a) {
@@ -416,6 +447,12 @@ impl Verifier {
         Ok(v)
     }
 
+    /// The clock leeway applied to `exp` and `nbf`: a grant ends this long
+    /// after its `exp`.
+    pub fn leeway(&self) -> Duration {
+        Duration::from_secs(self.opts.leeway_secs)
+    }
+
     /// Whether any key is configured.
     pub fn has_keys(&self) -> bool {
         !self.keys.is_empty() || !self.remote.is_empty()
@@ -434,10 +471,17 @@ impl Verifier {
         }
     }
 
-    /// Adds an HMAC secret (HS256/384/512).
+    /// Adds an HMAC secret (HS256/384/512) of at least
+    /// [`MIN_HMAC_SECRET_BYTES`] bytes.
+    ///
+    /// # Errors
+    /// [`KeyError::EmptySecret`], [`KeyError::WeakSecret`] when it is shorter.
     pub fn add_secret(&mut self, secret: &[u8]) -> Result<(), KeyError> {
         if secret.is_empty() {
             return Err(KeyError::EmptySecret);
+        }
+        if secret.len() < MIN_HMAC_SECRET_BYTES {
+            return Err(KeyError::WeakSecret { len: secret.len() });
         }
         self.keys.push(VerifyKey {
             issuer: None,
@@ -664,6 +708,12 @@ impl Verifier {
     /// Verifies a connection token with the keys held now; never waits.
     pub fn verify_connect_now(&self, token: &str) -> Result<Identity, AuthError> {
         let claims = self.decode(token)?;
+        // A room token names its room; it grants that room only and must
+        // never open a connection.
+        if claims.room.is_some() {
+            return Err(AuthError::RoomTokenAsConnect);
+        }
+        check_exp(claims.exp)?;
         let sub = claims.sub.filter(|s| !s.is_empty()).ok_or(AuthError::MissingSub)?;
         let grants = match claim_at(&claims.rest, &self.opts.rooms_claim) {
             None | Some(Value::Null) => self.opts.default_grants.clone(),
@@ -686,9 +736,12 @@ impl Verifier {
             Some(s) if s != sub => return Err(AuthError::WrongSub),
             Some(_) => {}
         }
-        if claims.room.as_deref() != Some(room) {
-            return Err(AuthError::WrongRoom);
+        match claims.room.as_deref() {
+            None => return Err(AuthError::NotRoomToken),
+            Some(r) if r != room => return Err(AuthError::WrongRoom),
+            Some(_) => {}
         }
+        check_exp(claims.exp)?;
         Ok(RoomGrant {
             publish: claims.publish.unwrap_or(false),
             exp: claims.exp,
@@ -732,11 +785,30 @@ fn grants_from(v: &Value) -> Result<Grants, AuthError> {
     }
 }
 
-/// Time left until `exp` (seconds since the epoch); zero when past.
-pub fn until(exp: u64) -> Duration {
-    (UNIX_EPOCH + Duration::from_secs(exp))
-        .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO)
+/// Refuses an `exp` no timer could hold (see [`MAX_EXP_SECS`]).
+fn check_exp(exp: Option<u64>) -> Result<(), AuthError> {
+    match exp {
+        Some(e) if e > MAX_EXP_SECS => Err(AuthError::BadExpiry),
+        _ => Ok(()),
+    }
+}
+
+/// Time left until `exp` (seconds since the epoch) plus `leeway`: zero when
+/// past, at most [`MAX_TIMER`]. Never overflows, whatever `exp` is.
+pub fn until(exp: u64, leeway: Duration) -> Duration {
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(exp))
+        .and_then(|at| at.checked_add(leeway))
+        .map_or(MAX_TIMER, |at| {
+            at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO)
+        })
+        .min(MAX_TIMER)
+}
+
+/// The instant `exp` (seconds since the epoch) plus `leeway` is reached on
+/// the monotonic clock, at most [`MAX_TIMER`] from now.
+pub fn deadline(exp: u64, leeway: Duration) -> tokio::time::Instant {
+    tokio::time::Instant::now() + until(exp, leeway)
 }
 
 /// Seconds since the Unix epoch.
@@ -789,6 +861,56 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    const S: &[u8] = b"s3cret-s3cret-s3cret-s3cret-0123";
+    const KEY_A: &[u8] = b"key-of-a-key-of-a-key-of-a-key-a";
+    const KEY_B: &[u8] = b"key-of-b-key-of-b-key-of-b-key-b";
+
+    #[test]
+    fn hmac_secrets_shorter_than_32_bytes_are_refused() {
+        let mut v = Verifier::new(VerifyOptions::default());
+        assert!(matches!(v.add_secret(b"abc"), Err(KeyError::WeakSecret { len: 3 })));
+        assert!(matches!(v.add_secret(&S[..31]), Err(KeyError::WeakSecret { len: 31 })));
+        v.add_secret(S).unwrap();
+        // The same floor for HMAC keys in a JWKS document: skipped.
+        let short = json!({"keys":[{"kty":"oct","kid":"k","alg":"HS256","k":base64_url(b"short")}]});
+        assert!(parse_jwks(short.to_string().as_bytes(), None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn room_and_connection_tokens_are_not_interchangeable() {
+        let v = verifier();
+        let exp = now_secs() + 60;
+        let room = sign(json!({"sub":"alice","room":"r","exp":exp,"pub":true}), S);
+        assert_eq!(v.verify_connect_now(&room).unwrap_err(), AuthError::RoomTokenAsConnect);
+        let conn = sign(json!({"sub":"alice","exp":exp,"rooms":{"sub":["*"]}}), S);
+        assert_eq!(v.verify_room(&conn, "alice", "r").unwrap_err(), AuthError::NotRoomToken);
+        assert!(v.verify_room(&room, "alice", "r").is_ok());
+        assert!(v.verify_connect_now(&conn).is_ok());
+    }
+
+    #[test]
+    fn an_absurd_exp_is_refused_and_timers_never_overflow() {
+        let v = verifier();
+        for exp in [u64::MAX, MAX_EXP_SECS + 1] {
+            let t = sign(json!({"sub":"a","exp":exp}), S);
+            assert_eq!(v.verify_connect_now(&t).unwrap_err(), AuthError::BadExpiry, "{exp}");
+            let r = sign(json!({"sub":"a","room":"r","exp":exp}), S);
+            assert_eq!(v.verify_room(&r, "a", "r").unwrap_err(), AuthError::BadExpiry, "{exp}");
+        }
+        assert!(
+            v.verify_connect_now(&sign(json!({"sub":"a","exp":MAX_EXP_SECS}), S))
+                .is_ok()
+        );
+        assert_eq!(until(u64::MAX, Duration::from_secs(u64::MAX)), MAX_TIMER);
+        assert_eq!(until(MAX_EXP_SECS, Duration::from_secs(5)), MAX_TIMER);
+        assert_eq!(until(0, Duration::from_secs(5)), Duration::ZERO);
+        let soon = until(now_secs() + 10, Duration::from_secs(5));
+        assert!(
+            soon > Duration::from_secs(13) && soon <= Duration::from_secs(15),
+            "{soon:?}"
+        );
+    }
+
     fn sign(claims: serde_json::Value, secret: &[u8]) -> String {
         jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -803,7 +925,7 @@ mod tests {
             leeway_secs: 5,
             ..Default::default()
         });
-        v.add_secret(b"s3cret").unwrap();
+        v.add_secret(S).unwrap();
         v
     }
 
@@ -820,7 +942,7 @@ mod tests {
     fn a_good_token_gives_grants() {
         let t = sign(
             json!({"sub":"alice","exp":now_secs()+60,"rooms":{"sub":["general","team-*"],"pub":["general"]}}),
-            b"s3cret",
+            S,
         );
         let id = verifier().verify_connect_now(&t).unwrap();
         assert_eq!(id.sub, "alice");
@@ -833,10 +955,10 @@ mod tests {
         let v = verifier();
         let now = now_secs();
         let cases = [
-            (sign(json!({"sub":"a","exp":now-60}), b"s3cret"), AuthError::Expired),
-            (sign(json!({"sub":"a","nbf":now+60}), b"s3cret"), AuthError::NotYetValid),
+            (sign(json!({"sub":"a","exp":now-60}), S), AuthError::Expired),
+            (sign(json!({"sub":"a","nbf":now+60}), S), AuthError::NotYetValid),
             (sign(json!({"sub":"a"}), b"other"), AuthError::Signature),
-            (sign(json!({"exp":now+60}), b"s3cret"), AuthError::MissingSub),
+            (sign(json!({"exp":now+60}), S), AuthError::MissingSub),
             ("garbage".to_string(), AuthError::Malformed),
             ("x".repeat(MAX_TOKEN_BYTES + 1), AuthError::TooLarge),
         ];
@@ -855,10 +977,7 @@ mod tests {
     #[test]
     fn room_tokens_are_bound_to_sub_and_room() {
         let v = verifier();
-        let t = sign(
-            json!({"sub":"alice","room":"team-7","pub":true,"exp":now_secs()+60}),
-            b"s3cret",
-        );
+        let t = sign(json!({"sub":"alice","room":"team-7","pub":true,"exp":now_secs()+60}), S);
         assert!(v.verify_room(&t, "alice", "team-7").unwrap().publish);
         assert_eq!(v.verify_room(&t, "bob", "team-7").unwrap_err(), AuthError::WrongSub);
         assert_eq!(v.verify_room(&t, "alice", "team-8").unwrap_err(), AuthError::WrongRoom);
@@ -871,17 +990,17 @@ mod tests {
             audiences: vec!["chat".into()],
             ..Default::default()
         });
-        v.add_secret(b"s3cret").unwrap();
+        v.add_secret(S).unwrap();
         let exp = now_secs() + 60;
-        let ok = sign(json!({"sub":"a","exp":exp,"iss":"https://idp","aud":"chat"}), b"s3cret");
+        let ok = sign(json!({"sub":"a","exp":exp,"iss":"https://idp","aud":"chat"}), S);
         assert!(v.verify_connect_now(&ok).is_ok());
-        let no_iss = sign(json!({"sub":"a","exp":exp,"aud":"chat"}), b"s3cret");
+        let no_iss = sign(json!({"sub":"a","exp":exp,"aud":"chat"}), S);
         assert_eq!(v.verify_connect_now(&no_iss).unwrap_err(), AuthError::Issuer);
-        let no_aud = sign(json!({"sub":"a","exp":exp,"iss":"https://idp"}), b"s3cret");
+        let no_aud = sign(json!({"sub":"a","exp":exp,"iss":"https://idp"}), S);
         assert_eq!(v.verify_connect_now(&no_aud).unwrap_err(), AuthError::Audience);
         let aud_list = sign(
             json!({"sub":"a","exp":exp,"iss":"https://idp","aud":["account","chat"]}),
-            b"s3cret",
+            S,
         );
         assert!(v.verify_connect_now(&aud_list).is_ok());
     }
@@ -896,23 +1015,23 @@ mod tests {
             },
             ..Default::default()
         });
-        v.add_secret(b"s3cret").unwrap();
+        v.add_secret(S).unwrap();
         let obj = sign(
             json!({"sub":"a","realm_access":{"roles":["x"],"chat":{"sub":["t-*"],"pub":["t-1"]}}}),
-            b"s3cret",
+            S,
         );
         let g = v.verify_connect_now(&obj).unwrap().grants;
         assert!(g.can_subscribe("t-9") && g.can_publish("t-1") && !g.can_publish("t-2"));
-        let list = sign(json!({"sub":"a","realm_access":{"chat":["news"]}}), b"s3cret");
+        let list = sign(json!({"sub":"a","realm_access":{"chat":["news"]}}), S);
         let g = v.verify_connect_now(&list).unwrap().grants;
         assert!(g.can_subscribe("news") && !g.can_publish("news"));
-        let none = sign(json!({"sub":"a","rooms":{"sub":["*"]}}), b"s3cret");
+        let none = sign(json!({"sub":"a","rooms":{"sub":["*"]}}), S);
         let g = v.verify_connect_now(&none).unwrap().grants;
         assert!(
             g.can_subscribe("lobby") && !g.can_subscribe("other"),
             "the top-level rooms claim is not the path"
         );
-        let bad = sign(json!({"sub":"a","realm_access":{"chat":{"sub":"t-1"}}}), b"s3cret");
+        let bad = sign(json!({"sub":"a","realm_access":{"chat":{"sub":"t-1"}}}), S);
         assert_eq!(v.verify_connect_now(&bad).unwrap_err(), AuthError::BadGrants);
     }
 
@@ -921,8 +1040,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Two issuers publish an HMAC key under the same kid.
         let set = |k: &[u8]| json!({"keys":[{"kty":"oct","kid":"same","alg":"HS256","k":base64_url(k)}]}).to_string();
-        std::fs::write(dir.path().join("a.json"), set(b"key-of-a")).unwrap();
-        std::fs::write(dir.path().join("b.json"), set(b"key-of-b")).unwrap();
+        std::fs::write(dir.path().join("a.json"), set(KEY_A)).unwrap();
+        std::fs::write(dir.path().join("b.json"), set(KEY_B)).unwrap();
         let mut v = Verifier::new(VerifyOptions::default());
         v.add_jwks(dir.path().join("a.json").to_str().unwrap(), Some("https://a"))
             .unwrap();
@@ -933,14 +1052,14 @@ mod tests {
             h.kid = Some("same".into());
             jsonwebtoken::encode(&h, &json!({"sub":"u","iss":iss}), &EncodingKey::from_secret(key)).unwrap()
         };
-        assert!(v.verify_connect_now(&tok("https://a", b"key-of-a")).is_ok());
-        assert!(v.verify_connect_now(&tok("https://b", b"key-of-b")).is_ok());
+        assert!(v.verify_connect_now(&tok("https://a", KEY_A)).is_ok());
+        assert!(v.verify_connect_now(&tok("https://b", KEY_B)).is_ok());
         assert_eq!(
-            v.verify_connect_now(&tok("https://b", b"key-of-a")).unwrap_err(),
+            v.verify_connect_now(&tok("https://b", KEY_A)).unwrap_err(),
             AuthError::Signature
         );
         assert_eq!(
-            v.verify_connect_now(&tok("https://c", b"key-of-a")).unwrap_err(),
+            v.verify_connect_now(&tok("https://c", KEY_A)).unwrap_err(),
             AuthError::Issuer
         );
     }

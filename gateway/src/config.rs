@@ -180,7 +180,7 @@ pub struct Opts {
     /// Publish burst per user [default: 2 x --user-publish-per-sec].
     #[arg(long, env = "GATEWAY_USER_PUBLISH_BURST", global = true)]
     pub user_publish_burst: Option<u32>,
-    /// Publishes per second per room entering through this node; 0 = off [default: 50].
+    /// Publishes per second per room entering through this node; 0 = off [default: 100].
     #[arg(long, env = "GATEWAY_ROOM_PUBLISH_PER_SEC", global = true)]
     pub room_publish_per_sec: Option<u32>,
     /// Publish burst per room [default: 2 x --room-publish-per-sec].
@@ -205,9 +205,12 @@ pub struct Opts {
     /// Bytes per second of client frames per connection; 0 = off [default: 65536].
     #[arg(long, env = "GATEWAY_CLIENT_BYTES_PER_SEC", global = true)]
     pub client_bytes_per_sec: Option<u32>,
-    /// Byte burst per connection [default: 2 x --client-bytes-per-sec].
+    /// Byte burst per connection [default: 2 x --client-bytes-per-sec, at least 2 x --max-frame-bytes].
     #[arg(long, env = "GATEWAY_CLIENT_BYTES_BURST", global = true)]
     pub client_bytes_burst: Option<u32>,
+    /// Bytes per second one connection may be sent from history (`since` catch-up and `history` pages), on top of a burst of --catchup-max-bytes; beyond, rooms answer recovered:false and `history` rate_limited; 0 = off [default: 1048576].
+    #[arg(long, env = "GATEWAY_REPLAY_BYTES_PER_SEC", global = true)]
+    pub replay_bytes_per_sec: Option<u32>,
     /// `rate_limited` replies tolerated per window; one more closes with 4008 [default: 20].
     #[arg(long, env = "GATEWAY_MAX_RATE_LIMITED", global = true)]
     pub max_rate_limited: Option<u32>,
@@ -242,7 +245,7 @@ pub struct Opts {
     /// Time a new connection has to send `connect`, ms [default: 5000].
     #[arg(long, env = "GATEWAY_AUTH_TIMEOUT_MS", global = true)]
     pub auth_timeout_ms: Option<u64>,
-    /// Largest client frame, bytes; larger closes with 1009 [default: 65536].
+    /// Largest client frame, bytes; larger closes with 1009. The default fits a `subscribe` of 2,000 rooms with 64-character names and `since` [default: 262144].
     #[arg(long, env = "GATEWAY_MAX_FRAME_BYTES", global = true)]
     pub max_frame_bytes: Option<usize>,
     /// Rooms one connection may be subscribed to [default: 5000].
@@ -251,10 +254,10 @@ pub struct Opts {
     /// WebSocket connections on this node; more are closed with 4029 [default: 50000].
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", global = true)]
     pub max_connections: Option<usize>,
-    /// Bytes queued for one connection before it is closed as a slow consumer (4009) [default: 1048576].
+    /// Bytes queued for one connection (pushes, replies, catch-up, history pages and the batch being written) before it is closed as a slow consumer (4009) [default: 4194304].
     #[arg(long, env = "GATEWAY_OUTBOX_MAX_BYTES", global = true)]
     pub outbox_max_bytes: Option<usize>,
-    /// Frames queued for one connection before it is closed as a slow consumer (4009) [default: 8192].
+    /// Frames queued for one connection (counted like --outbox-max-bytes) before it is closed as a slow consumer (4009) [default: 16384].
     #[arg(long, env = "GATEWAY_OUTBOX_MAX_FRAMES", global = true)]
     pub outbox_max_frames: Option<usize>,
     /// A socket write that makes no progress for this long closes the connection as slow, ms [default: 10000].
@@ -279,7 +282,7 @@ pub struct Opts {
     /// Rooms with state (members or history) on this node [default: 1000000].
     #[arg(long, env = "GATEWAY_MAX_ROOMS", global = true)]
     pub max_rooms: Option<usize>,
-    /// Bytes of missed messages one `subscribe` may replay; rooms beyond answer recovered:false [default: 16777216].
+    /// Bytes of missed messages one `subscribe` may replay (also the burst of --replay-bytes-per-sec); rooms beyond answer recovered:false [default: 4194304].
     #[arg(long, env = "GATEWAY_CATCHUP_MAX_BYTES", global = true)]
     pub catchup_max_bytes: Option<usize>,
 
@@ -372,6 +375,7 @@ impl Opts {
             history_burst,
             client_bytes_per_sec,
             client_bytes_burst,
+            replay_bytes_per_sec,
             max_rate_limited,
             rate_limited_window_ms,
             connects_per_sec,
@@ -653,17 +657,26 @@ impl Config {
             ));
         }
         if let Some(s) = &o.jwt_secret
-            && s.is_empty()
+            && s.len() < crate::auth::MIN_HMAC_SECRET_BYTES
         {
-            return Err(invalid("jwt_secret", "must not be empty"));
+            // RFC 7518 section 3.2: an HS256 key as long as the hash output.
+            // Dev mode (no key configured) makes a random 32-byte secret.
+            return Err(invalid(
+                "jwt_secret",
+                format!(
+                    "must be at least {} bytes (RFC 7518 section 3.2), got {}",
+                    crate::auth::MIN_HMAC_SECRET_BYTES,
+                    s.len()
+                ),
+            ));
         }
         let log_format = match o.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => return Err(invalid("log_format", format!("{other:?} is not text or json"))),
         };
-        let max_frame_bytes = positive("max_frame_bytes", o.max_frame_bytes, 64 * 1024)?;
-        let outbox_max_bytes = positive("outbox_max_bytes", o.outbox_max_bytes, 1 << 20)?;
+        let max_frame_bytes = positive("max_frame_bytes", o.max_frame_bytes, DEFAULT_MAX_FRAME_BYTES)?;
+        let outbox_max_bytes = positive("outbox_max_bytes", o.outbox_max_bytes, 4 << 20)?;
         if outbox_max_bytes < max_frame_bytes {
             return Err(invalid(
                 "outbox_max_bytes",
@@ -737,7 +750,7 @@ impl Config {
             max_rooms_per_conn: positive("max_rooms_per_conn", o.max_rooms_per_conn, 5_000)?,
             max_connections: positive("max_connections", o.max_connections, 50_000)?,
             outbox_max_bytes,
-            outbox_max_frames: positive("outbox_max_frames", o.outbox_max_frames, 8_192)?,
+            outbox_max_frames: positive("outbox_max_frames", o.outbox_max_frames, 16_384)?,
             write_timeout: ms(Some(positive("write_timeout_ms", o.write_timeout_ms, 10_000)?), 0),
             history_size: positive("history_size", o.history_size, 1_000)?,
             history_max_bytes: positive("history_max_bytes", o.history_max_bytes, 4 << 20)?,
@@ -745,7 +758,7 @@ impl Config {
             dedup_window: ms(o.dedup_window_ms, 120_000),
             dedup_max_keys: positive("dedup_max_keys", o.dedup_max_keys, 10_000)?,
             max_rooms: positive("max_rooms", o.max_rooms, 1_000_000)?,
-            catchup_max_bytes: o.catchup_max_bytes.unwrap_or(16 << 20),
+            catchup_max_bytes: o.catchup_max_bytes.unwrap_or(DEFAULT_CATCHUP_MAX_BYTES),
             activity_interval: ms(
                 Some(positive("activity_interval_ms", o.activity_interval_ms, 1_000)?),
                 0,
@@ -787,6 +800,12 @@ fn rate(
     Ok(Rate::new(per_sec, burst.unwrap_or_else(|| burst_default(per_sec))))
 }
 
+/// Default `--max-frame-bytes`: a `subscribe` of 2,000 rooms, each with a
+/// 64-character name and a 20-digit `since`, is about 210,000 bytes.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 256 * 1024;
+/// Default `--catchup-max-bytes`.
+pub const DEFAULT_CATCHUP_MAX_BYTES: usize = 4 << 20;
+
 fn resolve_limits(o: &Opts) -> Result<LimitConfig, ConfigError> {
     let twice = |r: u32| r.saturating_mul(2);
     let same = |r: u32| r;
@@ -794,7 +813,7 @@ fn resolve_limits(o: &Opts) -> Result<LimitConfig, ConfigError> {
         "room_publish_burst",
         o.room_publish_per_sec,
         o.room_publish_burst,
-        50,
+        100,
         twice,
     )?;
     let mut room_namespaces = BTreeMap::new();
@@ -813,6 +832,8 @@ fn resolve_limits(o: &Opts) -> Result<LimitConfig, ConfigError> {
     }
     let max_rooms = o.max_rooms_per_conn.unwrap_or(5_000);
     let max_rooms = u32::try_from(max_rooms).unwrap_or(u32::MAX);
+    let max_frame = o.max_frame_bytes.unwrap_or(DEFAULT_MAX_FRAME_BYTES);
+    let catchup_max = o.catchup_max_bytes.unwrap_or(DEFAULT_CATCHUP_MAX_BYTES);
     let header = match o.trusted_proxy_header.as_deref() {
         None | Some("") => None,
         Some(h) => Some(
@@ -844,8 +865,12 @@ fn resolve_limits(o: &Opts) -> Result<LimitConfig, ConfigError> {
             o.client_bytes_per_sec,
             o.client_bytes_burst,
             64 * 1024,
-            twice,
+            // A frame up to the limit must fit the burst after a `connect`.
+            |r| twice(r).max(twice(u32::try_from(max_frame).unwrap_or(u32::MAX))),
         )?,
+        replay_bytes: rate("replay_bytes_per_sec", o.replay_bytes_per_sec, None, 1 << 20, |_| {
+            u32::try_from(catchup_max).unwrap_or(u32::MAX)
+        })?,
         max_rate_limited: o.max_rate_limited.unwrap_or(20),
         rate_limited_window: ms(
             Some(positive("rate_limited_window_ms", o.rate_limited_window_ms, 10_000)?),
@@ -880,7 +905,7 @@ mod tests {
     fn defaults() {
         let c = Config::default();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(c.max_frame_bytes, 65_536);
+        assert_eq!(c.max_frame_bytes, 262_144);
         assert_eq!(c.max_rooms_per_conn, 5_000);
         assert_eq!(c.history_size, 1_000);
         assert_eq!(c.auth_timeout, Duration::from_secs(5));

@@ -18,7 +18,7 @@
 //! node produced them. A `subscribe` holds the outbox while it joins rooms, so
 //! its reply precedes the catch-up and live messages of those rooms.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -57,6 +57,9 @@ const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(10);
 const MAX_KEY_LEN: usize = 256;
 /// Window over which bad frames are counted.
 const BAD_FRAME_WINDOW: Duration = Duration::from_secs(60);
+/// Share of the outbox a catch-up or history page leaves free for the live
+/// messages that may arrive while it is queued (1/8 of the caps).
+const OUTBOX_RESERVE_SHIFT: u32 = 3;
 
 /// What the upgrade request settled about a connection.
 pub struct Upgrade {
@@ -303,13 +306,37 @@ where
     }
 }
 
-/// A room this connection is subscribed to.
-#[derive(Debug, Clone, Copy)]
+/// A room this connection is subscribed to, and by which grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct RoomSub {
-    /// Publishing granted by a room token (beyond the connection's grants).
-    token_pub: bool,
-    /// Subscribed through a room token, so a refresh does not revoke it.
+    /// Subscribed through a room token: the grant is the token's, so a
+    /// refresh of the connection token does not revoke it, and it ends when
+    /// the room token expires.
     by_token: bool,
+    /// Publishing granted by the room token (beyond the connection's grants).
+    token_pub: bool,
+    /// When the room token's grant ends: its `exp` plus the leeway.
+    expires: Option<Instant>,
+}
+
+impl RoomSub {
+    /// Subscribed under the connection token's grants.
+    const BY_CONNECTION: RoomSub = RoomSub {
+        by_token: false,
+        token_pub: false,
+        expires: None,
+    };
+
+    /// Whether the room token's grant still holds at `now` (always true for
+    /// a room the connection token grants).
+    fn grant_holds(&self, now: Instant) -> bool {
+        self.expires.is_none_or(|e| now < e)
+    }
+
+    /// Whether the room token lets the connection publish at `now`.
+    fn may_publish(&self, now: Instant) -> bool {
+        self.by_token && self.token_pub && self.grant_holds(now)
+    }
 }
 
 struct Session<'a> {
@@ -326,9 +353,20 @@ struct Session<'a> {
     /// `sub` as a JSON string literal, encoded once for every message push.
     from_json: String,
     rooms: HashMap<RoomId, RoomSub>,
+    /// Room-token grants by expiry: the reader's deadline includes the first.
+    grant_expiry: BTreeSet<(Instant, RoomId)>,
+    /// When the connection token's grant ends: its `exp` plus the leeway.
     expires_at: Option<Instant>,
     bad_frames: Strikes,
     limits: ConnLimits,
+}
+
+/// Leaves every room however the task ends, a panic included: a member whose
+/// task is gone must not stay in a room and keep receiving its messages.
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        self.leave_all();
+    }
 }
 
 impl<'a> Session<'a> {
@@ -351,6 +389,7 @@ impl<'a> Session<'a> {
             connect_allowed: false,
             from_json: String::new(),
             rooms: HashMap::new(),
+            grant_expiry: BTreeSet::new(),
             expires_at: None,
             bad_frames,
             limits,
@@ -368,6 +407,51 @@ impl<'a> Session<'a> {
             leave(&self.node, room, self.id);
         }
         self.rooms.clear();
+        self.grant_expiry.clear();
+    }
+
+    /// Records `room` as subscribed under `sub`, replacing (and un-timing)
+    /// an earlier grant of the same room.
+    fn set_room(&mut self, room: &RoomId, sub: RoomSub) {
+        if let Some(old) = self.rooms.insert(room.clone(), sub)
+            && let Some(at) = old.expires
+        {
+            self.grant_expiry.remove(&(at, room.clone()));
+        }
+        if let Some(at) = sub.expires {
+            self.grant_expiry.insert((at, room.clone()));
+        }
+    }
+
+    /// Leaves `room` if subscribed: membership, grant timer, activity count.
+    fn drop_room(&mut self, room: &RoomId) -> bool {
+        let Some(sub) = self.rooms.remove(room) else {
+            return false;
+        };
+        if let Some(at) = sub.expires {
+            self.grant_expiry.remove(&(at, room.clone()));
+        }
+        leave(&self.node, room, self.id);
+        self.forget_activity(room);
+        true
+    }
+
+    /// Ends the room-token grants that expired by `now`: a room the
+    /// connection token does not grant is left with an `unsubscribed` push;
+    /// one it does grant stays, without the token's extra rights.
+    fn expire_room_grants(&mut self, now: Instant) -> Result<(), CloseReason> {
+        while self.grant_expiry.first().is_some_and(|(at, _)| *at <= now) {
+            let Some((_, room)) = self.grant_expiry.pop_first() else {
+                break;
+            };
+            if self.identity().grants.can_subscribe(room.as_str()) {
+                self.rooms.insert(room, RoomSub::BY_CONNECTION);
+                continue;
+            }
+            self.drop_room(&room);
+            self.send(protocol::unsubscribed_push(&room, "the room token expired"))?;
+        }
+        Ok(())
     }
 
     /// Queues a reply (or a push of this connection's own); a full outbox
@@ -424,7 +508,7 @@ impl<'a> Session<'a> {
     fn rate_limited(&mut self, id: Option<u32>, r: RateLimited) -> Result<(), CloseReason> {
         self.node.limits.record(&r);
         self.reply_err(id, &ProtoError::rate_limited(r.retry_after_ms()))?;
-        if self.limits.strike() {
+        if self.limits.strike(&r) {
             tracing::debug!(
                 conn = self.id.0,
                 limit = r.limit.label(),
@@ -452,9 +536,14 @@ impl<'a> Session<'a> {
         loop {
             // One timer for the idle, token-expiry and ping deadlines (memory
             // per idle connection): pings are queued by the reader.
+            // Every grant is enforced at its expiry: the connection token's
+            // and the first room token's are deadlines of this one timer.
             let mut deadline = idle_at.min(ping_at);
             if let Some(e) = self.expires_at {
                 deadline = deadline.min(e);
+            }
+            if let Some((e, _)) = self.grant_expiry.first() {
+                deadline = deadline.min(*e);
             }
             let msg = match tokio::time::timeout_at(deadline, reader.next()).await {
                 Err(_) => {
@@ -465,10 +554,15 @@ impl<'a> Session<'a> {
                     if idle_at <= now {
                         return CloseReason::IdleTimeout;
                     }
-                    if let Err(reason) = self.push(Frame::ping()) {
+                    if let Err(reason) = self.expire_room_grants(now) {
                         return reason;
                     }
-                    ping_at = now + ping_interval;
+                    if ping_at <= now {
+                        if let Err(reason) = self.push(Frame::ping()) {
+                            return reason;
+                        }
+                        ping_at = now + ping_interval;
+                    }
                     continue;
                 }
                 Ok(Err(e)) => return read_error_reason(&e),
@@ -569,11 +663,14 @@ impl<'a> Session<'a> {
     fn accept(&mut self, identity: Identity, id: Option<u32>) -> Result<(), CloseReason> {
         self.from_json = protocol::json_string(&identity.sub);
         let expires_in = self.set_expiry(identity.exp);
+        // `max_frame_bytes` (an extension): a client splits a `subscribe`
+        // that would not fit one frame.
         let body = format!(
-            "{{\"client\":{},\"node\":{},\"expires_in\":{}}}",
+            "{{\"client\":{},\"node\":{},\"expires_in\":{},\"max_frame_bytes\":{}}}",
             protocol::json_string(&self.client_id()),
             protocol::json_string(&self.node.cfg.node_id),
-            expires_in.map_or_else(|| "null".to_string(), |s| s.to_string())
+            expires_in.map_or_else(|| "null".to_string(), |s| s.to_string()),
+            self.node.cfg.max_frame_bytes
         );
         self.identity = Some(identity);
         self.reply_ok(id, &body)
@@ -583,16 +680,17 @@ impl<'a> Session<'a> {
         format!("{}-{:x}", self.node.cfg.node_id, self.id.0)
     }
 
-    /// Sets the expiry timer (one per connection, reset by `refresh`);
-    /// returns whole seconds left (None without `exp`).
+    /// Sets the expiry timer (one per connection, reset by `refresh`) to
+    /// `exp` plus the leeway the token was verified with, so a token accepted
+    /// inside the leeway is not closed the moment it is accepted; returns
+    /// whole seconds until `exp` itself (None without `exp`).
     fn set_expiry(&mut self, exp: Option<u64>) -> Option<u64> {
         let Some(exp) = exp else {
             self.expires_at = None;
             return None;
         };
-        let left = auth::until(exp);
-        self.expires_at = Some(Instant::now() + left);
-        Some(left.as_secs())
+        self.expires_at = Some(auth::deadline(exp, self.node.verifier.leeway()));
+        Some(auth::until(exp, Duration::ZERO).as_secs())
     }
 
     async fn handle(&mut self, frame: Bytes) -> Result<(), CloseReason> {
@@ -615,11 +713,8 @@ impl<'a> Session<'a> {
             }
             Command::Unsubscribe { rooms } => {
                 for name in rooms {
-                    if let Some(room) = RoomId::parse(&name)
-                        && self.rooms.remove(&room).is_some()
-                    {
-                        leave(&self.node, &room, self.id);
-                        self.forget_activity(&room);
+                    if let Some(room) = RoomId::parse(&name) {
+                        self.drop_room(&room);
                     }
                 }
                 self.reply_ok(id, "{}")
@@ -682,8 +777,7 @@ impl<'a> Session<'a> {
                     }
                     (Ok(s), Err(e)) => {
                         tracing::debug!(room = %s.room, error = %e, "room could not be made live");
-                        self.rooms.remove(&s.room);
-                        leave(&node, &s.room, self.id);
+                        self.drop_room(&s.room);
                         Err(bus_error(&e))
                     }
                     (Err(e), _) => Err(e),
@@ -714,11 +808,26 @@ impl<'a> Session<'a> {
                 .collect()
                 .await;
         }
-        // Phase 4: the reply, and the catch-up within the byte budget.
+        // Phase 4: the reply, and the catch-up within the budget: what one
+        // subscribe may replay, what the connection's history budget has
+        // left, and what its outbox can still take next to the reply.
         let mut body = String::with_capacity(16 + entries.len() * 40);
         body.push_str("{\"rooms\":[");
         let mut catchup = Vec::new();
-        let mut budget = node.cfg.catchup_max_bytes;
+        let reply_bytes: usize = entries
+            .iter()
+            .map(|e| e.room.as_deref().map_or(0, str::len) + 128)
+            .sum();
+        let (free_frames, free_bytes) = room_for(&self.outbox);
+        let mut budget = CatchupBudget {
+            bytes: node
+                .cfg
+                .catchup_max_bytes
+                .min(self.limits.replay_available())
+                .min(free_bytes.saturating_sub(reply_bytes)),
+            frames: free_frames.saturating_sub(1),
+        };
+        let budget_bytes = budget.bytes;
         for (i, slot) in slots.into_iter().enumerate() {
             if i > 0 {
                 body.push(',');
@@ -759,6 +868,7 @@ impl<'a> Session<'a> {
             }
         }
         body.push_str("]}");
+        self.limits.spend_replay(budget_bytes - budget.bytes);
         let reply = id.map(|id| self.out(protocol::ok_reply(id, &body)));
         if self.proto {
             catchup = catchup.iter().map(Frame::to_proto).collect();
@@ -778,10 +888,7 @@ impl<'a> Session<'a> {
             Some("notify") => true,
             Some(_) => return Err(ProtoError::bad_request("mode must be full or notify")),
         };
-        let mut sub = RoomSub {
-            token_pub: false,
-            by_token: false,
-        };
+        let mut sub = RoomSub::BY_CONNECTION;
         if let Some(token) = &entry.token {
             let grant = self
                 .node
@@ -791,8 +898,12 @@ impl<'a> Session<'a> {
                     self.node.metrics.auth_failed(e.label());
                     ProtoError::forbidden(format!("room token refused: {e}"))
                 })?;
-            sub.token_pub = grant.publish;
-            sub.by_token = true;
+            // Subscribing again with a fresh room token renews the grant.
+            sub = RoomSub {
+                by_token: true,
+                token_pub: grant.publish,
+                expires: grant.exp.map(|exp| auth::deadline(exp, self.node.verifier.leeway())),
+            };
         } else if !self.identity().grants.can_subscribe(room.as_str()) {
             return Err(ProtoError::forbidden("the token does not grant this room"));
         }
@@ -824,7 +935,7 @@ impl<'a> Session<'a> {
             .rooms
             .join(&room, self.id, member, since)
             .map_err(room_error)?;
-        self.rooms.insert(room.clone(), sub);
+        self.set_room(&room, sub);
         Ok(Slot {
             room,
             since,
@@ -842,15 +953,12 @@ impl<'a> Session<'a> {
         let Some(room) = RoomId::parse(name) else {
             return self.bad_frame(id, &ProtoError::bad_request("invalid room name"));
         };
-        if let Err(r) = self
-            .node
-            .limits
-            .check_publish(&self.limits, &self.identity().sub, &room)
-        {
-            return self.rate_limited(id, r);
-        }
-        let allowed =
-            self.identity().grants.can_publish(room.as_str()) || self.rooms.get(&room).is_some_and(|s| s.token_pub);
+        // Authorization before any limiter: a command the token forbids
+        // must not spend a budget shared with other users (nor tell by the
+        // answer whether someone else just spent it).
+        let now = Instant::now();
+        let allowed = self.identity().grants.can_publish(room.as_str())
+            || self.rooms.get(&room).is_some_and(|s| s.may_publish(now));
         if !allowed {
             return self.reply_err(
                 id,
@@ -859,6 +967,13 @@ impl<'a> Session<'a> {
         }
         if key.is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN) {
             return self.reply_err(id, &ProtoError::bad_request("key must be 1 to 256 bytes"));
+        }
+        if let Err(r) = self
+            .node
+            .limits
+            .check_publish(&self.limits, &self.identity().sub, &room)
+        {
+            return self.rate_limited(id, r);
         }
         let started = std::time::Instant::now();
         let node = self.node.clone();
@@ -896,42 +1011,65 @@ impl<'a> Session<'a> {
         limit: Option<u32>,
         before: Option<u64>,
     ) -> Result<(), CloseReason> {
-        if let Err(r) = self.limits.check_history() {
-            return self.rate_limited(id, r);
-        }
         let Some(room) = RoomId::parse(name) else {
             return self.bad_frame(id, &ProtoError::bad_request("invalid room name"));
         };
-        if !self.identity().grants.can_subscribe(room.as_str()) && !self.rooms.contains_key(&room) {
+        // Authorization first (see `publish`), then the limits.
+        let now = Instant::now();
+        let granted = self.identity().grants.can_subscribe(room.as_str())
+            || self.rooms.get(&room).is_some_and(|s| s.grant_holds(now));
+        if !granted {
             return self.reply_err(id, &ProtoError::forbidden("the token does not grant this room"));
         }
+        if let Err(r) = self.limits.check_history() {
+            return self.rate_limited(id, r);
+        }
+        // Without an `id` nobody would see the page: read nothing.
+        let Some(id) = id else {
+            return Ok(());
+        };
         let limit = (limit.unwrap_or(50) as usize).min(self.node.cfg.history_page_max);
         let (frames, more) = match self.node.rooms.history(&room, before, limit) {
             HistoryPage::Frames { frames, more } => (frames, more),
             HistoryPage::NeedsBackend => match self.node.bus.history(&room, before, limit).await {
                 Ok(page) => page,
-                Err(e) => return self.reply_err(id, &bus_error(&e)),
+                Err(e) => return self.reply_err(Some(id), &bus_error(&e)),
             },
         };
-        let Some(id) = id else {
-            return Ok(());
-        };
-        let size: usize = frames.iter().map(|f| f.as_bytes().len() + 1).sum();
+        // The page counts against the connection's one outbox bound and its
+        // history byte budget: keep the newest messages that fit (the client
+        // pages on with `before`), at least one.
+        let replay = self.limits.replay_available();
+        let fits = room_for(&self.outbox).1.min(replay);
+        let mut start = frames.len();
+        let mut size = 0;
+        while start > 0 {
+            let weight = frames[start - 1].as_bytes().len() + 1;
+            if size + weight > fits && start < frames.len() {
+                break;
+            }
+            size += weight;
+            start -= 1;
+        }
+        if size > replay {
+            // Not even the newest message fits the budget now.
+            let r = self.limits.replay_limited(size);
+            return self.rate_limited(Some(id), r);
+        }
+        self.limits.spend_replay(size);
+        let more = more || start > 0;
         let mut body = String::with_capacity(size + 40);
         body.push_str("{\"messages\":[");
-        for (i, f) in frames.iter().enumerate() {
+        for (i, f) in frames[start..].iter().enumerate() {
             if i > 0 {
                 body.push(',');
             }
             body.push_str(std::str::from_utf8(f.as_bytes()).unwrap_or("null"));
         }
         let _ = write!(body, "],\"more\":{more}}}");
-        // A history page may exceed the live cap; it is bounded by the page
-        // size and asked for by the client, so it goes out as catch-up.
-        self.outbox.hold();
-        self.outbox
-            .release(None, [self.out(protocol::ok_reply(id, &body))])
-            .map_err(|_| CloseReason::SlowConsumer)
+        // Past the bound (the client does not read) this overflows the
+        // outbox: the connection is closed as a slow consumer.
+        self.send(protocol::ok_reply(id, &body))
     }
 
     async fn refresh(&mut self, id: Option<u32>, token: &str) -> Result<(), CloseReason> {
@@ -957,11 +1095,10 @@ impl<'a> Session<'a> {
             .map(|(room, _)| room.clone())
             .collect();
         for room in revoked {
-            self.rooms.remove(&room);
-            leave(&self.node, &room, self.id);
-            self.forget_activity(&room);
-            self.send(format!(
-                "{{\"op\":\"unsubscribed\",\"room\":\"{room}\",\"error\":{{\"code\":\"forbidden\",\"message\":\"the refreshed token does not grant this room\"}}}}"
+            self.drop_room(&room);
+            self.send(protocol::unsubscribed_push(
+                &room,
+                "the refreshed token does not grant this room",
             ))?;
         }
         let expires_in = self.set_expiry(identity.exp);
@@ -983,17 +1120,35 @@ struct Slot {
     at: Option<(u64, Option<Catchup>)>,
 }
 
+/// What a `subscribe` may still queue as catch-up.
+struct CatchupBudget {
+    bytes: usize,
+    frames: usize,
+}
+
+/// Room for a catch-up or a history page in `outbox`: (frames, bytes) left
+/// under its caps, less a reserve for live messages that arrive meanwhile.
+fn room_for(outbox: &ConnOutbox) -> (usize, usize) {
+    let (frames, bytes) = outbox.room_left();
+    let caps = outbox.limits();
+    (
+        frames.saturating_sub(caps.max_frames >> OUTBOX_RESERVE_SHIFT),
+        bytes.saturating_sub(caps.max_bytes >> OUTBOX_RESERVE_SHIFT),
+    )
+}
+
 /// Appends `frames` to the catch-up if they fit the budget; otherwise the
 /// room is reported as not recovered and the client reloads its history.
-fn take_within(catchup: &mut Vec<Frame>, frames: Vec<Frame>, recovered: bool, budget: &mut usize) -> bool {
+fn take_within(catchup: &mut Vec<Frame>, frames: Vec<Frame>, recovered: bool, budget: &mut CatchupBudget) -> bool {
     if !recovered {
         return false;
     }
     let bytes: usize = frames.iter().map(Weighted::weight).sum();
-    if bytes > *budget {
+    if bytes > budget.bytes || frames.len() > budget.frames {
         return false;
     }
-    *budget -= bytes;
+    budget.bytes -= bytes;
+    budget.frames -= frames.len();
     catchup.extend(frames);
     true
 }
@@ -1033,6 +1188,32 @@ fn read_error_reason(e: &ReadError) -> CloseReason {
 mod size_tests {
     use super::*;
 
+    /// Issue 18: a panic in a connection task (an `exp` overflow did it)
+    /// skipped the cleanup after `select!`, and the room kept a zombie member
+    /// whose socket still got room messages. The session leaves its rooms
+    /// when it is dropped, unwinding included.
+    #[tokio::test]
+    async fn a_panicking_connection_task_still_leaves_its_rooms() {
+        let node = crate::Node::new(crate::Config::default()).await.unwrap();
+        let room = RoomId::parse("z").unwrap();
+        let (task_node, task_room) = (node.clone(), room.clone());
+        let ended = tokio::spawn(async move {
+            let activity = OnceLock::new();
+            let outbox: ConnOutbox = Arc::new(Outbox::new(OutboxLimits::default()));
+            let mut s = Session::new(task_node.clone(), ConnId(7), outbox.clone(), &activity, Admit::none());
+            task_node
+                .rooms
+                .join(&task_room, ConnId(7), Member::Full(&outbox), None)
+                .unwrap();
+            s.set_room(&task_room, RoomSub::BY_CONNECTION);
+            assert_eq!(task_node.rooms.members(&task_room), 1);
+            panic!("a bug in a command handler");
+        })
+        .await;
+        assert!(ended.unwrap_err().is_panic());
+        assert_eq!(node.rooms.members(&room), 0);
+    }
+
     /// Every idle connection holds one `run` future: its size is part of the
     /// per-connection memory budget (issue 3: at most 4 KiB of RSS per idle
     /// connection). Command handlers are boxed so their state is only on the
@@ -1056,8 +1237,10 @@ mod size_tests {
         );
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 2048, "conn::run future is {size} bytes");
+        // 560 before the room-token timers (24 bytes) and the history byte
+        // budget and per-limit retry times (72 bytes, in ConnLimits).
         assert!(
-            std::mem::size_of::<Session>() <= 560,
+            std::mem::size_of::<Session>() <= 640,
             "{}",
             std::mem::size_of::<Session>()
         );

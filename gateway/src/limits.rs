@@ -114,7 +114,12 @@ pub struct LimitConfig {
     pub history: Option<Rate>,
     /// Bytes of client data frames per connection. Default 64 KiB/s, burst 2 x `max_frame_bytes`.
     pub client_bytes: Option<Rate>,
-    /// `rate_limited` replies tolerated per window; one more closes with 4008. Default 20.
+    /// Bytes one connection may be sent from history (catch-up and `history`
+    /// pages). Default 1 MiB/s, burst `catchup_max_bytes` (4 MiB).
+    pub replay_bytes: Option<Rate>,
+    /// `rate_limited` replies to commands sent before the previous refusal's
+    /// `retry_after_ms` had passed, tolerated per window; one more closes
+    /// with 4008. A client that waits as told never counts. Default 20.
     pub max_rate_limited: u32,
     /// The window for `max_rate_limited`. Default 10 s.
     pub rate_limited_window: Duration,
@@ -137,11 +142,12 @@ impl Default for LimitConfig {
         LimitConfig {
             publish: Rate::new(5, 10),
             user_publish: Rate::new(10, 20),
-            room_publish: Rate::new(50, 100),
+            room_publish: Rate::new(100, 200),
             room_namespaces: BTreeMap::new(),
             subscribe_rooms: Rate::new(100, 5_000),
             history: Rate::new(5, 10),
-            client_bytes: Rate::new(64 * 1024, 128 * 1024),
+            client_bytes: Rate::new(64 * 1024, 512 * 1024),
+            replay_bytes: Rate::new(1 << 20, 4 << 20),
             max_rate_limited: 20,
             rate_limited_window: Duration::from_secs(10),
             connects: Rate::new(2_000, 2_000),
@@ -184,6 +190,19 @@ impl Limit {
             Limit::Subscribe => "subscribe",
             Limit::History => "history",
             Limit::Bytes => "bytes",
+        }
+    }
+}
+
+impl Limit {
+    fn index(self) -> usize {
+        match self {
+            Limit::Publish => 0,
+            Limit::UserPublish => 1,
+            Limit::RoomPublish => 2,
+            Limit::Subscribe => 3,
+            Limit::History => 4,
+            Limit::Bytes => 5,
         }
     }
 }
@@ -252,13 +271,73 @@ impl Strikes {
     }
 }
 
-/// One connection's limiters and admission guards: 256 bytes, inline in its task.
+/// A byte budget that refills continuously: `per_sec` bytes a second up to
+/// `burst`. Unlike a governor limiter, which only answers whether a given
+/// amount passes, it tells its balance, which is what sizing a catch-up
+/// needs (take what is left, report the rest as not recovered).
+#[derive(Debug, Clone)]
+pub struct ByteBudget {
+    per_sec: u32,
+    burst: u32,
+    /// Bytes available at `at`.
+    level: f64,
+    at: Instant,
+}
+
+impl ByteBudget {
+    /// A full budget.
+    pub fn new(rate: Rate, now: Instant) -> Self {
+        Self {
+            per_sec: rate.per_sec,
+            burst: rate.burst,
+            level: f64::from(rate.burst),
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.level = (self.level + dt * f64::from(self.per_sec)).min(f64::from(self.burst));
+        self.at = now;
+    }
+
+    /// Bytes that may be sent now.
+    pub fn available(&mut self, now: Instant) -> usize {
+        self.refill(now);
+        self.level as usize
+    }
+
+    /// Spends `n` bytes (the balance may go below zero by what one page
+    /// overshoots; it is paid back before anything else passes).
+    pub fn spend(&mut self, n: usize, now: Instant) {
+        self.refill(now);
+        self.level -= n as f64;
+    }
+
+    /// How long until `n` bytes (at most the burst) are available.
+    pub fn wait_for(&mut self, n: usize, now: Instant) -> Duration {
+        self.refill(now);
+        let want = (n as f64).min(f64::from(self.burst));
+        if self.level >= want {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((want - self.level) / f64::from(self.per_sec.max(1)))
+    }
+}
+
+/// One connection's limiters and admission guards, inline in its task.
 pub struct ConnLimits {
     publish: Option<DirectLimiter>,
     subscribe: Option<(DirectLimiter, u32)>,
     history: Option<DirectLimiter>,
     bytes: Option<(DirectLimiter, u32)>,
+    replay: Option<ByteBudget>,
     strikes: Strikes,
+    /// Per [`Limit`]: when its last refusal said the client could retry, in
+    /// ms since `base`. A refused command that arrives earlier did not wait
+    /// as told and counts as a strike.
+    retry_at: [u32; 6],
+    base: Instant,
     admit: Admit,
 }
 
@@ -287,9 +366,51 @@ impl ConnLimits {
         }
     }
 
-    /// Counts a `rate_limited` reply; true when the connection should close with 4008.
-    pub fn strike(&mut self) -> bool {
-        self.strikes.hit(Instant::now())
+    /// Bytes that may be sent from history now (`usize::MAX` without a budget).
+    pub fn replay_available(&mut self) -> usize {
+        match &mut self.replay {
+            Some(b) => b.available(Instant::now()),
+            None => usize::MAX,
+        }
+    }
+
+    /// Spends `n` bytes of the history budget.
+    pub fn spend_replay(&mut self, n: usize) {
+        if let Some(b) = &mut self.replay {
+            b.spend(n, Instant::now());
+        }
+    }
+
+    /// The refusal for a history page of `n` bytes that does not fit the
+    /// budget now.
+    pub fn replay_limited(&mut self, n: usize) -> RateLimited {
+        let wait = match &mut self.replay {
+            Some(b) => b.wait_for(n, Instant::now()),
+            None => Duration::ZERO,
+        };
+        limited(Limit::History, wait.max(Duration::from_millis(1)))
+    }
+
+    /// Counts a `rate_limited` reply `r`; true when the connection should
+    /// close with 4008. Only a command sent before the previous refusal of
+    /// the same limit said it could be retried counts: a client that waits
+    /// `retry_after_ms` as told is never closed for it.
+    pub fn strike(&mut self, r: &RateLimited) -> bool {
+        let now = Instant::now();
+        let mut elapsed = now.saturating_duration_since(self.base).as_millis();
+        if elapsed > u128::from(u32::MAX / 2) {
+            // After 24 days: start counting from now (no refusal is pending
+            // that long).
+            self.base = now;
+            self.retry_at = [0; 6];
+            elapsed = 0;
+        }
+        let now_ms = elapsed as u32;
+        let slot = &mut self.retry_at[r.limit.index()];
+        let early = now_ms < *slot;
+        let wait = u32::try_from(r.retry_after_ms()).unwrap_or(u32::MAX / 4);
+        *slot = now_ms.saturating_add(wait);
+        early && self.strikes.hit(now)
     }
 
     /// The connection got through `connect`: it no longer counts as a handshake in progress.
@@ -497,6 +618,7 @@ struct ConnQuotas {
     subscribe: Option<Rate>,
     history: Option<Rate>,
     bytes: Option<Rate>,
+    replay: Option<Rate>,
     max_rate_limited: u32,
     rate_limited_window: Duration,
 }
@@ -523,6 +645,7 @@ impl Limits {
                 subscribe: on(cfg.subscribe_rooms),
                 history: on(cfg.history),
                 bytes: on(cfg.client_bytes),
+                replay: on(cfg.replay_bytes),
                 max_rate_limited: cfg.max_rate_limited,
                 rate_limited_window: cfg.rate_limited_window,
             },
@@ -566,7 +689,10 @@ impl Limits {
             subscribe: q.subscribe.map(|r| (r.direct(), r.burst)),
             history: q.history.map(Rate::direct),
             bytes: q.bytes.map(|r| (r.direct(), r.burst)),
+            replay: q.replay.map(|r| ByteBudget::new(r, Instant::now())),
             strikes: Strikes::new(q.max_rate_limited, q.rate_limited_window, Instant::now()),
+            retry_at: [0; 6],
+            base: Instant::now(),
             admit,
         }
     }
@@ -945,7 +1071,9 @@ mod tests {
     #[test]
     fn a_connections_limiters_are_small() {
         let size = std::mem::size_of::<ConnLimits>();
-        // 256 bytes on x86_64 when written: four limiters, the strikes window, the guards.
-        assert!(size <= 320, "ConnLimits is {size} bytes");
+        // 256 bytes on x86_64 when written: four limiters, the strikes window,
+        // the guards; then 72 more for the history byte budget and the
+        // per-limit retry times.
+        assert!(size <= 336, "ConnLimits is {size} bytes");
     }
 }

@@ -131,6 +131,8 @@ struct OkOut<'a> {
     more: bool,
     #[serde(default)]
     offset: Option<u64>,
+    #[serde(default)]
+    max_frame_bytes: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -212,6 +214,7 @@ fn ok_body(ok: &RawValue) -> Option<Body> {
             client,
             node: o.node.unwrap_or_default(),
             expires_in: expires_in(),
+            max_frame_bytes: o.max_frame_bytes,
         })
     } else if let Some(rooms) = o.rooms {
         Body::SubscribeOk(pb::SubscribeOk {

@@ -252,6 +252,21 @@ pub fn message_push(room: &RoomId, offset: u64, ts_ms: u64, from_json: &str, dat
     out
 }
 
+/// The `unsubscribed` push: the server ended the subscription to `room`
+/// (an expired room token, a refreshed token that no longer grants it), with
+/// error `forbidden` and `why` as its message.
+pub fn unsubscribed_push(room: &RoomId, why: &'static str) -> String {
+    let mut out = String::with_capacity(96 + room.as_str().len() + why.len());
+    let _ = write!(
+        out,
+        "{{\"op\":\"unsubscribed\",\"room\":\"{}\",\"error\":",
+        room.as_str()
+    );
+    write_error(&mut out, &ProtoError::forbidden(why));
+    out.push('}');
+    out
+}
+
 /// The `activity` push of a notify-mode room: `count` messages since the
 /// previous one, the latest at `offset`.
 pub fn activity_push(room: &RoomId, offset: u64, count: u64) -> String {

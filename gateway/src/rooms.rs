@@ -382,6 +382,12 @@ pub struct RoomStat {
     pub recent: u64,
 }
 
+/// The de-duplication key of `key` published by user `sub`: the user's
+/// length first, so no two (user, key) pairs give the same text.
+pub fn dedup_key(sub: &str, key: &str) -> String {
+    format!("{}:{sub}:{key}", sub.len())
+}
+
 /// Per-node index from room to its state.
 pub struct RoomIndex {
     rooms: DashMap<RoomId, Arc<Room>>,
@@ -625,21 +631,27 @@ impl RoomIndex {
             .collect()
     }
 
-    /// Stores a message published on this node (the embedded bus): assigns
-    /// the next offset, remembers `key`, encodes the push once, appends it to
-    /// the log and offers it to every member.
+    /// Stores a message published on this node (the embedded bus) by `from`
+    /// (`from_json` is the same `sub` as a JSON string literal): assigns the
+    /// next offset, remembers `key` for this user in this room, encodes the
+    /// push once, appends it to the log and offers it to every member.
+    #[allow(clippy::too_many_arguments)]
     pub fn publish(
         &self,
         room: &RoomId,
+        from: &str,
         from_json: &str,
         data: &[u8],
         key: Option<&str>,
         ts_ms: u64,
         now: Instant,
     ) -> Result<Published, RoomError> {
+        // Keys are scoped to the user: clients number their keys alike, and
+        // one user must never suppress another's message by guessing a key.
+        let key = key.map(|k| dedup_key(from, k));
         self.with_room(room, |st| {
             self.expire_keys(st, now);
-            if let Some(offset) = key.and_then(|k| st.dedup.get(k)) {
+            if let Some(offset) = key.as_deref().and_then(|k| st.dedup.get(k)) {
                 return Published {
                     offset: *offset,
                     fresh: false,
@@ -649,7 +661,7 @@ impl RoomIndex {
             }
             let offset = st.last_offset + 1;
             let frame = Frame::text(protocol::message_push(room, offset, ts_ms, from_json, data));
-            if let Some(k) = key {
+            if let Some(k) = key.as_deref() {
                 let k: Box<str> = k.into();
                 st.dedup.insert(k.clone(), offset);
                 st.dedup_order.push_back((now, k));
@@ -1078,7 +1090,7 @@ mod tests {
         let r = room("r");
         let now = Instant::now();
         for _ in 0..8 {
-            idx.publish(&r, "\"a\"", b"1", None, 0, now).unwrap();
+            idx.publish(&r, "a", "\"a\"", b"1", None, 0, now).unwrap();
         }
         let ob = outbox();
         let j = idx.join(&r, ConnId(1), Member::Full(&ob), Some(5)).unwrap();
@@ -1093,7 +1105,7 @@ mod tests {
         // A since from the future (the log was reset) is not recovered.
         let j = idx.join(&r, ConnId(4), Member::Full(&ob), Some(99)).unwrap();
         assert_eq!(catchup(&j), (vec![], false));
-        idx.publish(&r, "\"a\"", b"2", None, 0, now).unwrap();
+        idx.publish(&r, "a", "\"a\"", b"2", None, 0, now).unwrap();
         assert_eq!(
             drained(&ob).await,
             vec![9, 9, 9, 9],
@@ -1106,14 +1118,35 @@ mod tests {
         let idx = index(100);
         let r = room("r");
         let now = Instant::now();
-        let a = idx.publish(&r, "\"a\"", b"1", Some("k"), 0, now).unwrap();
-        let b = idx.publish(&r, "\"a\"", b"1", Some("k"), 0, now).unwrap();
+        let a = idx.publish(&r, "a", "\"a\"", b"1", Some("k"), 0, now).unwrap();
+        let b = idx.publish(&r, "a", "\"a\"", b"1", Some("k"), 0, now).unwrap();
         assert_eq!(a.offset, b.offset);
         assert!(a.fresh && !b.fresh);
         let later = now + Duration::from_secs(61);
-        let c = idx.publish(&r, "\"a\"", b"1", Some("k"), 0, later).unwrap();
+        let c = idx.publish(&r, "a", "\"a\"", b"1", Some("k"), 0, later).unwrap();
         assert!(c.fresh, "the window expired");
         assert_eq!(idx.last_offset(&r), 2);
+    }
+
+    #[test]
+    fn one_users_key_never_swallows_another_users_message() {
+        let idx = index(100);
+        let r = room("kr");
+        let now = Instant::now();
+        let alice = idx
+            .publish(&r, "alice", "\"alice\"", b"1", Some("c1-000001"), 0, now)
+            .unwrap();
+        let bob = idx
+            .publish(&r, "bob", "\"bob\"", b"2", Some("c1-000001"), 0, now)
+            .unwrap();
+        assert!(alice.fresh && bob.fresh);
+        assert_ne!(alice.offset, bob.offset);
+        // Names that would run together without the length prefix.
+        assert_ne!(dedup_key("a:b", "c"), dedup_key("a", "b:c"));
+        let retry = idx
+            .publish(&r, "alice", "\"alice\"", b"1", Some("c1-000001"), 0, now)
+            .unwrap();
+        assert_eq!((retry.offset, retry.fresh), (alice.offset, false));
     }
 
     fn page(p: HistoryPage) -> (Vec<u64>, bool) {
@@ -1128,7 +1161,7 @@ mod tests {
         let idx = index(100);
         let r = room("r");
         for _ in 0..7 {
-            idx.publish(&r, "\"a\"", b"1", None, 0, Instant::now()).unwrap();
+            idx.publish(&r, "a", "\"a\"", b"1", None, 0, Instant::now()).unwrap();
         }
         assert_eq!(page(idx.history(&r, None, 3)), (vec![5, 6, 7], true));
         assert_eq!(page(idx.history(&r, Some(5), 3)), (vec![2, 3, 4], true));
@@ -1140,11 +1173,11 @@ mod tests {
     fn room_count_is_capped() {
         let idx = index(10);
         for i in 0..10 {
-            idx.publish(&room(&format!("r{i}")), "\"a\"", b"1", None, 0, Instant::now())
+            idx.publish(&room(&format!("r{i}")), "a", "\"a\"", b"1", None, 0, Instant::now())
                 .unwrap();
         }
         assert_eq!(
-            idx.publish(&room("r10"), "\"a\"", b"1", None, 0, Instant::now()),
+            idx.publish(&room("r10"), "a", "\"a\"", b"1", None, 0, Instant::now()),
             Err(RoomError::TooManyRooms)
         );
     }

@@ -377,6 +377,8 @@ async fn a_member_that_never_reads_is_closed_4009_while_others_get_everything() 
     const MESSAGES: usize = 4_000;
     let node = TestNode::with(|o| {
         o.outbox_max_bytes = Some(CAP);
+        // The outbox holds at least one frame of the largest size.
+        o.max_frame_bytes = Some(CAP);
         o.write_timeout_ms = Some(60_000);
         // One publisher sends 4,000 messages as fast as it can.
         o.no_rate_limits = Some(true);

@@ -217,7 +217,7 @@ fn fmt(v: Option<f64>, unit: &str) -> String {
 
 pub async fn run(args: &CompareArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out)?;
-    let secret = format!("bench-{:016x}", rand::random::<u64>());
+    let secret = format!("bench-{:032x}", rand::random::<u128>());
     let gateway_present = args.gateway_bin.exists();
     let mut rows: Vec<Row> = Vec::new();
     let mut all = serde_json::Map::new();

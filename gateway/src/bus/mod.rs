@@ -72,7 +72,15 @@ impl Bus {
     pub async fn publish(&self, rooms: &RoomIndex, msg: Outgoing<'_>) -> Result<Published, BusError> {
         match self {
             Bus::Embedded => rooms
-                .publish(msg.room, msg.from_json, msg.data, msg.key, now_ms(), Instant::now())
+                .publish(
+                    msg.room,
+                    msg.from,
+                    msg.from_json,
+                    msg.data,
+                    msg.key,
+                    now_ms(),
+                    Instant::now(),
+                )
                 .map_err(BusError::Room),
             Bus::Nats(n) => n.publish(msg).await,
         }

@@ -40,7 +40,11 @@ pub struct TargetArgs {
     #[arg(long)]
     pub url: String,
     /// HS256 secret for gateway connection tokens.
-    #[arg(long, env = "LOADTEST_JWT_SECRET", default_value = "loadtest-secret")]
+    #[arg(
+        long,
+        env = "LOADTEST_JWT_SECRET",
+        default_value = "loadtest-secret-0123456789abcdef0"
+    )]
     pub jwt_secret: String,
     /// Pid of the server process, to read its CPU time and memory from /proc.
     #[arg(long)]
