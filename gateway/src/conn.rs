@@ -705,10 +705,12 @@ impl<'a> Session<'a> {
             .collect();
         let mut fetched: HashMap<usize, Result<Fetched, BusError>> = HashMap::new();
         if !backend.is_empty() {
+            // The budget left by the catch-ups served from the cache; each read caps at it.
+            let budget = node.cfg.catchup_max_bytes.saturating_sub(cached_catchup_bytes(&slots));
             fetched = futures_util::stream::iter(backend)
                 .map(|(i, room, since, upto)| {
                     let node = &node;
-                    async move { (i, node.bus.catchup(&room, since, upto).await) }
+                    async move { (i, node.bus.catchup(&room, since, upto, budget).await) }
                 })
                 .buffer_unordered(16)
                 .collect()
@@ -981,6 +983,18 @@ struct Slot {
     /// The offset the membership took effect at and the catch-up; `None`
     /// until the room is live on this node.
     at: Option<(u64, Option<Catchup>)>,
+}
+
+/// Bytes of the catch-ups of `slots` served from this node's cache.
+fn cached_catchup_bytes(slots: &[Result<Slot, ProtoError>]) -> usize {
+    let bytes = |s: &Result<Slot, ProtoError>| match s.as_ref().ok()?.at.as_ref()?.1.as_ref()? {
+        Catchup::Frames {
+            frames,
+            recovered: true,
+        } => Some(frames.iter().map(Weighted::weight).sum::<usize>()),
+        _ => None,
+    };
+    slots.iter().filter_map(bytes).sum()
 }
 
 /// Appends `frames` to the catch-up if they fit the budget; otherwise the
