@@ -784,6 +784,23 @@ impl<'a> Session<'a> {
                 };
             }
         }
+        // The catch-up budget: what one subscribe may replay, what the
+        // connection's history budget has left, and what its outbox can
+        // still take next to the reply.
+        let reply_bytes: usize = entries
+            .iter()
+            .map(|e| e.room.as_deref().map_or(0, str::len) + 128)
+            .sum();
+        let (free_frames, free_bytes) = room_for(&self.outbox);
+        let mut budget = CatchupBudget {
+            bytes: node
+                .cfg
+                .catchup_max_bytes
+                .min(self.limits.replay_available())
+                .min(free_bytes.saturating_sub(reply_bytes)),
+            frames: free_frames.saturating_sub(1),
+        };
+        let budget_bytes = budget.bytes;
         // Phase 3: catch-up older than this node's cache, from the stream.
         let backend: Vec<(usize, RoomId, u64, u64)> = slots
             .iter()
@@ -799,35 +816,21 @@ impl<'a> Session<'a> {
             .collect();
         let mut fetched: HashMap<usize, Result<Fetched, BusError>> = HashMap::new();
         if !backend.is_empty() {
+            // The budget left by the catch-ups served from the cache; each read caps at it.
+            let budget = budget.bytes.saturating_sub(cached_catchup_bytes(&slots));
             fetched = futures_util::stream::iter(backend)
                 .map(|(i, room, since, upto)| {
                     let node = &node;
-                    async move { (i, node.bus.catchup(&room, since, upto).await) }
+                    async move { (i, node.bus.catchup(&room, since, upto, budget).await) }
                 })
                 .buffer_unordered(16)
                 .collect()
                 .await;
         }
-        // Phase 4: the reply, and the catch-up within the budget: what one
-        // subscribe may replay, what the connection's history budget has
-        // left, and what its outbox can still take next to the reply.
+        // Phase 4: the reply, and the catch-up within the budget.
         let mut body = String::with_capacity(16 + entries.len() * 40);
         body.push_str("{\"rooms\":[");
         let mut catchup = Vec::new();
-        let reply_bytes: usize = entries
-            .iter()
-            .map(|e| e.room.as_deref().map_or(0, str::len) + 128)
-            .sum();
-        let (free_frames, free_bytes) = room_for(&self.outbox);
-        let mut budget = CatchupBudget {
-            bytes: node
-                .cfg
-                .catchup_max_bytes
-                .min(self.limits.replay_available())
-                .min(free_bytes.saturating_sub(reply_bytes)),
-            frames: free_frames.saturating_sub(1),
-        };
-        let budget_bytes = budget.bytes;
         for (i, slot) in slots.into_iter().enumerate() {
             if i > 0 {
                 body.push(',');
@@ -1135,6 +1138,18 @@ fn room_for(outbox: &ConnOutbox) -> (usize, usize) {
         frames.saturating_sub(caps.max_frames >> OUTBOX_RESERVE_SHIFT),
         bytes.saturating_sub(caps.max_bytes >> OUTBOX_RESERVE_SHIFT),
     )
+}
+
+/// Bytes of the catch-ups of `slots` served from this node's cache.
+fn cached_catchup_bytes(slots: &[Result<Slot, ProtoError>]) -> usize {
+    let bytes = |s: &Result<Slot, ProtoError>| match s.as_ref().ok()?.at.as_ref()?.1.as_ref()? {
+        Catchup::Frames {
+            frames,
+            recovered: true,
+        } => Some(frames.iter().map(Weighted::weight).sum::<usize>()),
+        _ => None,
+    };
+    slots.iter().filter_map(bytes).sum()
 }
 
 /// Appends `frames` to the catch-up if they fit the budget; otherwise the

@@ -253,9 +253,11 @@ struct RoomState {
     last_offset: u64,
     /// The log holds every message in `(evicted_upto, last_offset]`.
     evicted_upto: u64,
-    /// Whether messages at or below `evicted_upto` are gone for good (true
-    /// for the authoritative log, and for a cache backfilled from the stream).
-    complete: bool,
+    /// Messages at or below this offset may be gone for good: evicted from
+    /// the authoritative log, or (cache mode) dropped by the stream before
+    /// this node read them. Never above `evicted_upto`; the log holds the
+    /// room's whole history when both are equal.
+    gone_upto: u64,
     /// Receiving messages in order (cache mode: subscribed and synced).
     live: bool,
     /// The offset the room went live at.
@@ -293,7 +295,7 @@ impl RoomState {
             log_bytes: 0,
             last_offset: 0,
             evicted_upto: 0,
-            complete: authoritative,
+            gone_upto: 0,
             live: authoritative,
             live_from: 0,
             pending: BTreeMap::new(),
@@ -330,13 +332,51 @@ impl RoomState {
                 recovered: true,
             };
         }
-        if self.complete {
+        if since < self.gone_upto {
             return Catchup::Frames {
                 frames: Vec::new(),
                 recovered: false,
             };
         }
         Catchup::NeedsBackend
+    }
+
+    /// Whether the log holds every message the room still has.
+    fn complete(&self) -> bool {
+        self.gone_upto == self.evicted_upto
+    }
+
+    /// Puts `entries` (oldest first), read from the stream, in front of the
+    /// log as far as the caps allow. They must be every message of the room
+    /// in `(covers_from, read_upto]`; unless that range reaches the log's
+    /// start they are not contiguous with it and nothing is added.
+    fn prepend(&mut self, limits: &RoomLimits, covers_from: u64, entries: &[(u64, Frame)], read_upto: u64) {
+        let floor = self.evicted_upto;
+        if !self.live || read_upto < floor || covers_from >= floor {
+            return;
+        }
+        // Never claim what is known to be gone.
+        let mut start = covers_from.max(self.gone_upto);
+        for (offset, frame) in entries.iter().rev() {
+            if *offset > floor {
+                continue;
+            }
+            if *offset <= start {
+                break;
+            }
+            let fits =
+                self.log.len() < limits.history_size && self.log_bytes + frame.weight() <= limits.history_max_bytes;
+            if !fits {
+                start = *offset;
+                break;
+            }
+            self.log_bytes += frame.weight();
+            self.log.push_front(Entry {
+                offset: *offset,
+                frame: frame.clone(),
+            });
+        }
+        self.evicted_upto = start;
     }
 }
 
@@ -738,9 +778,10 @@ impl RoomIndex {
             if let Some(old) = st.log.pop_front() {
                 st.log_bytes -= old.frame.weight();
                 st.evicted_upto = old.offset;
-                // Evicted from a cache: the stream still has it.
-                if self.mode == LogMode::Cache {
-                    st.complete = false;
+                // Evicted from the authoritative log it is gone; evicted
+                // from a cache, the stream still has it.
+                if self.mode == LogMode::Authoritative {
+                    st.gone_upto = old.offset;
                 }
             }
         }
@@ -846,7 +887,7 @@ impl RoomIndex {
             st.log.clear();
             st.log_bytes = 0;
             st.evicted_upto = gone_upto.max(st.evicted_upto);
-            st.complete = true;
+            st.gone_upto = st.evicted_upto;
             st.members.abort_all() + st.proto_members.abort_all()
         })
         .unwrap_or(0)
@@ -907,52 +948,86 @@ impl RoomIndex {
         .flatten()
     }
 
-    /// Where the cache starts, if it could take older messages from the
-    /// stream (live, not complete, not full).
-    pub fn cache_floor(&self, room: &RoomId) -> Option<u64> {
-        self.with_existing(room, |st| {
-            (st.live && !st.complete && st.log.len() < self.limits.history_size).then_some(st.evicted_upto)
-        })
-        .flatten()
-    }
-
     /// Ends a repair that could not run (the bus is down); the next message
     /// or reconnect starts another.
     pub fn repair_failed(&self, room: &RoomId) {
         self.with_existing(room, |st| st.repairing = false);
     }
 
-    /// Puts the stream's older messages of `room` in front of the cache
-    /// (cache mode). `entries` are all the stored messages at or below the
-    /// cache's start, oldest first; `gone_upto` is the offset below which
-    /// messages are gone for good.
-    pub fn backfill(&self, room: &RoomId, entries: Vec<(u64, Frame)>, gone_upto: u64) {
+    /// Where the cache of `room` starts (cache mode, live): it holds every
+    /// message in `(start, last]`. Also returns the encoded bytes of its
+    /// messages in `(start, upto]`, what a catch-up to `upto` takes from it.
+    pub fn cache_start(&self, room: &RoomId, upto: u64) -> Option<(u64, usize)> {
         self.with_existing(room, |st| {
-            if st.complete {
-                return;
+            st.live.then(|| {
+                let bytes = st
+                    .log
+                    .iter()
+                    .take_while(|e| e.offset <= upto)
+                    .map(|e| e.frame.weight())
+                    .sum();
+                (st.evicted_upto, bytes)
+            })
+        })
+        .flatten()
+    }
+
+    /// Puts messages read from the stream in front of the cache of `room`
+    /// (cache mode) as far as its message and byte caps allow. `entries`
+    /// (oldest first) must be every message of the room in
+    /// `(covers_from, read_upto]`: when the message at `covers_from` is still
+    /// stored nothing after it was dropped. Entries not contiguous with the
+    /// cache (the cache now starts above `read_upto`) are not added.
+    pub fn prepend(&self, room: &RoomId, covers_from: u64, entries: &[(u64, Frame)], read_upto: u64) {
+        self.with_existing(room, |st| st.prepend(&self.limits, covers_from, entries, read_upto));
+    }
+
+    /// Completes a catch-up of `room` for `since` up to `upto` with `read`,
+    /// every message of the room in `(since, read_upto]` read from the stream
+    /// (oldest first), and the cache: the read messages up to where the cache
+    /// starts, then the cache's. The read messages are also put in front of
+    /// the cache as far as its caps allow. `None` when the room is not live
+    /// and the read stops short of `upto`, or when the cache now starts above
+    /// `read_upto` (read on from there).
+    pub fn catchup_from_stream(
+        &self,
+        room: &RoomId,
+        since: u64,
+        upto: u64,
+        read: &[(u64, Frame)],
+        read_upto: u64,
+    ) -> Option<Vec<Frame>> {
+        let from_read = |end: u64| -> Vec<Frame> {
+            read.iter()
+                .filter(|(offset, _)| *offset > since && *offset <= end)
+                .map(|(_, frame)| frame.clone())
+                .collect()
+        };
+        // Outer `None`: no live cache; inner `None`: not contiguous.
+        let joined = self.with_existing(room, |st| {
+            if !st.live {
+                return None;
             }
-            let floor = st.evicted_upto;
-            let mut older: Vec<Entry> = entries
-                .into_iter()
-                .filter(|(seq, _)| *seq <= floor)
-                .map(|(offset, frame)| Entry { offset, frame })
-                .collect();
-            let room_left = self.limits.history_size.saturating_sub(st.log.len());
-            if older.len() > room_left {
-                let cut = older.len() - room_left;
-                // Keep the newest that fit; the rest stays in the stream only.
-                let cut_at = older[cut - 1].offset;
-                older.drain(..cut);
-                st.evicted_upto = cut_at;
-            } else {
-                st.evicted_upto = gone_upto;
-                st.complete = true;
+            let floor = st.evicted_upto.min(upto);
+            if read_upto < floor {
+                return Some(None);
             }
-            for e in older.into_iter().rev() {
-                st.log_bytes += e.frame.weight();
-                st.log.push_front(e);
-            }
+            let mut frames = from_read(floor);
+            let start = st.log.partition_point(|e| e.offset <= floor.max(since));
+            frames.extend(
+                st.log
+                    .range(start..)
+                    .take_while(|e| e.offset <= upto)
+                    .map(|e| e.frame.clone()),
+            );
+            st.prepend(&self.limits, since, read, read_upto);
+            Some(Some(frames))
         });
+        match joined.flatten() {
+            Some(frames) => frames,
+            // No cache: the read alone must reach `upto`.
+            None => (read_upto >= upto).then(|| from_read(upto)),
+        }
     }
 
     /// Up to `limit` messages older than `before` (all if `None`), oldest
@@ -968,14 +1043,14 @@ impl RoomIndex {
                 None => st.log.len(),
             };
             let start = end.saturating_sub(limit);
-            let covered = st.complete || end - start == limit;
+            let covered = st.complete() || end - start == limit;
             if !covered {
                 return HistoryPage::NeedsBackend;
             }
             let frames = st.log.range(start..end).map(|e| e.frame.clone()).collect();
             HistoryPage::Frames {
                 frames,
-                more: start > 0 || !st.complete,
+                more: start > 0 || !st.complete(),
             }
         }) else {
             return if self.mode == LogMode::Authoritative {
@@ -1274,8 +1349,19 @@ mod tests {
         }
     }
 
+    fn frames(c: Catchup) -> (Vec<u64>, bool) {
+        match c {
+            Catchup::Frames { frames, recovered } => (offsets(&frames), recovered),
+            Catchup::NeedsBackend => panic!("needs backend"),
+        }
+    }
+
+    fn entries(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, Frame)> {
+        range.map(|s| (s, frame(s))).collect()
+    }
+
     #[test]
-    fn backfill_completes_the_cache() {
+    fn stream_reads_in_front_of_the_cache_make_it_whole() {
         let idx = cache(100);
         let r = room("r");
         let ob = outbox();
@@ -1283,20 +1369,111 @@ mod tests {
         idx.go_live(&r, 10);
         idx.deliver(&r, 11, 10, frame(11));
         assert!(matches!(idx.history(&r, None, 5), HistoryPage::NeedsBackend));
-        idx.backfill(&r, vec![(4, frame(4)), (7, frame(7)), (10, frame(10))], 3);
-        assert_eq!(page(idx.history(&r, None, 5)), (vec![4, 7, 10, 11], false));
-        match idx.catchup(&r, 5, 11) {
-            Catchup::Frames { frames, recovered } => assert_eq!((offsets(&frames), recovered), (vec![7, 10, 11], true)),
-            Catchup::NeedsBackend => panic!(),
-        }
-        match idx.catchup(&r, 2, 11) {
-            Catchup::Frames { recovered, .. } => assert!(!recovered, "offset 3 and below are gone"),
-            Catchup::NeedsBackend => panic!(),
-        }
+        // Read for `since` 3 (stored): every message in (3, 10].
+        let read = vec![(4, frame(4)), (7, frame(7)), (10, frame(10))];
+        let got = idx.catchup_from_stream(&r, 3, 11, &read, 10).unwrap();
+        assert_eq!(offsets(&got), vec![4, 7, 10, 11], "the read, then the cache");
+        // The cache now holds (3, 11]: the next joiners read nothing.
+        assert_eq!(frames(idx.catchup(&r, 5, 11)), (vec![7, 10, 11], true));
+        assert_eq!(frames(idx.catchup(&r, 3, 11)), (vec![4, 7, 10, 11], true));
+        assert!(matches!(idx.catchup(&r, 2, 11), Catchup::NeedsBackend));
+        assert_eq!(page(idx.history(&r, None, 3)), (vec![7, 10, 11], true));
+        assert!(matches!(idx.history(&r, None, 5), HistoryPage::NeedsBackend));
+        // A read that stops short of the cache's start is not joined to it.
+        assert!(idx.catchup_from_stream(&r, 1, 11, &entries(2..=2), 2).is_none());
+        let bytes = [4, 7, 10, 11].map(|s| frame(s).weight()).iter().sum();
+        assert_eq!(idx.cache_start(&r, 11), Some((3, bytes)));
         // The cache is dropped only without members.
         assert!(!idx.forget_if_empty(&r));
         idx.leave(&r, ConnId(1));
         assert!(idx.forget_if_empty(&r));
         assert_eq!(idx.deliver(&r, 12, 11, frame(12)), Delivered::NoRoom);
+    }
+
+    #[test]
+    fn stream_reads_fill_the_cache_only_within_its_message_and_byte_caps() {
+        let r = room("r");
+        let ob = outbox();
+        // Message cap: 5.
+        let idx = cache(5);
+        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
+        idx.go_live(&r, 20);
+        idx.deliver(&r, 21, 20, frame(21));
+        idx.deliver(&r, 22, 21, frame(22));
+        idx.prepend(&r, 9, &entries(10..=20), 20);
+        assert_eq!(idx.cache_start(&r, 22).map(|c| c.0), Some(17), "holds 18..=22");
+        assert_eq!(frames(idx.catchup(&r, 17, 22)), (vec![18, 19, 20, 21, 22], true));
+        assert!(matches!(idx.catchup(&r, 16, 22), Catchup::NeedsBackend));
+        // Byte cap: three frames.
+        let mut l = limits(1000);
+        l.history_max_bytes = 3 * frame(10).weight();
+        let idx = RoomIndex::new(l, LogMode::Cache);
+        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
+        idx.go_live(&r, 20);
+        idx.deliver(&r, 21, 20, frame(21));
+        let got = idx.catchup_from_stream(&r, 9, 21, &entries(10..=20), 20).unwrap();
+        assert_eq!(
+            offsets(&got),
+            (10..=21).collect::<Vec<_>>(),
+            "the joiner gets all of it"
+        );
+        assert_eq!(
+            idx.cache_start(&r, 21).map(|c| c.0),
+            Some(18),
+            "the cache keeps 19..=21"
+        );
+        // Full: nothing more is added, and nothing is read again for what it holds.
+        idx.prepend(&r, 9, &entries(10..=18), 18);
+        assert_eq!(idx.cache_start(&r, 21).map(|c| c.0), Some(18));
+        assert_eq!(frames(idx.catchup(&r, 18, 21)), (vec![19, 20, 21], true));
+    }
+
+    /// Issue 18 item 6 at the cache's level: a cache that went live at 1030
+    /// and then trimmed never claims that offsets before its start were
+    /// replayed; only the stream can say (or a known loss).
+    #[test]
+    fn a_cache_never_claims_offsets_it_does_not_hold() {
+        let r = room("r");
+        let ob = outbox();
+        let mut l = limits(1000);
+        l.history_max_bytes = 250 * frame(1000).weight();
+        let idx = RoomIndex::new(l, LogMode::Cache);
+        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
+        idx.go_live(&r, 1030);
+        assert!(matches!(idx.catchup(&r, 1, 1030), Catchup::NeedsBackend));
+        // The stream's messages after 731 fill the cache up to its byte cap.
+        idx.prepend(&r, 731, &entries(732..=1030), 1030);
+        idx.deliver(&r, 1031, 1030, frame(1031));
+        let (start, _) = idx.cache_start(&r, 1031).unwrap();
+        assert!(start > 731, "trimmed to the byte cap: starts at {start}");
+        for since in [0, 1, 30, 31, start - 1] {
+            assert!(
+                matches!(idx.catchup(&r, since, 1031), Catchup::NeedsBackend),
+                "since {since}: only the stream knows"
+            );
+        }
+        assert_eq!(frames(idx.catchup(&r, 1030, 1031)), (vec![1031], true));
+        // A known loss: the node missed messages up to 1040 the stream dropped.
+        idx.lost_messages(&r, 1040);
+        idx.repaired(&r, vec![(1041, frame(1041))], 1041);
+        for since in [0, 1, 1031, 1039] {
+            assert_eq!(frames(idx.catchup(&r, since, 1041)), (vec![], false), "since {since}");
+        }
+        assert_eq!(frames(idx.catchup(&r, 1040, 1041)), (vec![1041], true));
+        // Nothing read from the stream covers what is known to be gone.
+        idx.prepend(&r, 1000, &entries(1001..=1040), 1040);
+        assert_eq!(idx.cache_start(&r, 1041).map(|c| c.0), Some(1040));
+    }
+
+    #[test]
+    fn a_cache_live_from_an_empty_room_holds_everything() {
+        let idx = cache(100);
+        let r = room("r");
+        let ob = outbox();
+        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
+        idx.go_live(&r, 0);
+        idx.deliver(&r, 3, 0, frame(3));
+        assert_eq!(frames(idx.catchup(&r, 0, 3)), (vec![3], true));
+        assert_eq!(page(idx.history(&r, None, 5)), (vec![3], false));
     }
 }

@@ -526,3 +526,312 @@ async fn a_node_that_fell_behind_the_stream_history_resets_its_members() {
         .unwrap();
     assert_eq!(again.next_push().await["offset"], live);
 }
+
+/// A gateway of the test cluster with `tune` applied to its options.
+async fn gateway_tuned(cluster: &Cluster, name: &str, tune: impl FnOnce(&mut gateway::config::Opts)) -> TestNode {
+    let urls = cluster.urls();
+    let replicas = cluster.servers.len().min(3);
+    let name = name.to_string();
+    TestNode::with(move |o| {
+        o.nats = Some(urls);
+        o.nats_replicas = Some(replicas);
+        o.node_id = Some(name);
+        o.room_linger_ms = Some(300);
+        o.nats_partitions = Some(4);
+        o.no_rate_limits = Some(true);
+        tune(o);
+    })
+    .await
+}
+
+/// Publishes `n` messages to `room` without waiting for each reply (the
+/// replies come in order); returns their offsets.
+async fn publish_many(c: &mut Client, room: &str, n: usize, data: impl Fn(usize) -> Value) -> Vec<u64> {
+    const FIRST_ID: u32 = 1_000_000;
+    for i in 0..n {
+        let id = FIRST_ID + i as u32;
+        c.send_json(&json!({"id": id, "op": "publish", "room": room, "data": data(i)}))
+            .await;
+    }
+    let mut offsets = Vec::with_capacity(n);
+    for i in 0..n {
+        let r = c.reply(FIRST_ID + i as u32).await;
+        offsets.push(r["ok"]["offset"].as_u64().unwrap_or_else(|| panic!("{r}")));
+    }
+    offsets
+}
+
+/// Bytes and messages NATS sent to the gateway named `name` so far
+/// (`/connz` of every server).
+async fn read_from_nats(cluster: &Cluster, name: &str) -> (u64, u64) {
+    let conns = cluster.connections().await;
+    let mine = gateway_conns(&conns, &[name]);
+    assert!(!mine.is_empty(), "{name} has a NATS connection");
+    mine.iter().fold((0, 0), |(b, m), c| {
+        (
+            b + c["out_bytes"].as_u64().unwrap(),
+            m + c["out_msgs"].as_u64().unwrap(),
+        )
+    })
+}
+
+fn offsets_of(messages: &Value) -> Vec<u64> {
+    messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect()
+}
+
+/// Issue 10 item 2 (cluster): the publish de-duplication id carried only the
+/// room and the key, so bob's message with alice's key was dropped while he
+/// was told ok.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_key_from_two_users_stores_both_messages_in_cluster_mode() {
+    let cluster = Cluster::start(3).await;
+    let a = gateway(&cluster, "gw-k-a", None).await;
+    let b = gateway(&cluster, "gw-k-b", None).await;
+    let mut on_a = a.client("watch-a").await;
+    on_a.subscribe(&["kr"]).await;
+    let mut on_b = b.client("watch-b").await;
+    on_b.subscribe(&["kr"]).await;
+    let mut alice = a.client("alice").await;
+    // Separators in the user or the key must not make two ids equal either.
+    let mut bob = b.client("bob").await;
+    let mut slash = b.client("alice/c1").await;
+    let publish = |room: &str, key: &str, data: &str| json!({"op":"publish","room":room,"key":key,"data":data});
+    let ra = alice.request(publish("kr", "c1-000001", "a")).await;
+    let rb = bob.request(publish("kr", "c1-000001", "b")).await;
+    let rs = slash.request(publish("kr", "000001", "s")).await;
+    let (oa, ob, os) = (
+        ra["ok"]["offset"].as_u64().unwrap_or_else(|| panic!("{ra}")),
+        rb["ok"]["offset"].as_u64().unwrap_or_else(|| panic!("{rb}")),
+        rs["ok"]["offset"].as_u64().unwrap_or_else(|| panic!("{rs}")),
+    );
+    assert!(oa < ob && ob < os, "three distinct offsets: {oa} {ob} {os}");
+    // Alice's retry is stored once and answers her first offset.
+    let again = alice.request(publish("kr", "c1-000001", "a")).await;
+    assert_eq!(again["ok"]["offset"], oa, "{again}");
+    for m in [&mut on_a, &mut on_b] {
+        let got = read_messages(m, 3).await;
+        assert_eq!(
+            got,
+            vec![(oa, json!("a")), (ob, json!("b")), (os, json!("s"))],
+            "every user's message delivered once"
+        );
+        assert!(
+            m.push_within(Duration::from_millis(300)).await.is_none(),
+            "the retry is not delivered"
+        );
+    }
+    let h = on_b.request(json!({"op":"history","room":"kr","limit":10})).await;
+    assert_eq!(offsets_of(&h["ok"]["messages"]), vec![oa, ob, os], "{h}");
+}
+
+/// Issue 18 item 1 (cluster): `history limit:1` on a gateway with no member
+/// of the room created a consumer and read the room's whole stored history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn history_on_a_gateway_without_members_reads_the_page_not_the_whole_history() {
+    const MESSAGES: usize = 400;
+    const SIZE: usize = 10_000;
+    let cluster = Cluster::start(3).await;
+    let a = gateway(&cluster, "gw-hw", None).await;
+    let b = gateway(&cluster, "gw-hr", None).await;
+    let mut writer = a.client("writer").await;
+    let offsets = publish_many(&mut writer, "hist", MESSAGES, |i| {
+        json!(format!("{i:05}{}", "x".repeat(SIZE)))
+    })
+    .await;
+    let mut reader = b.client("reader").await;
+    let before = read_from_nats(&cluster, "gw-hr").await;
+    for _ in 0..20 {
+        let r = reader.request(json!({"op":"history","room":"hist","limit":1})).await;
+        assert_eq!(
+            offsets_of(&r["ok"]["messages"]),
+            vec![offsets[MESSAGES - 1]],
+            "{}",
+            r["error"]
+        );
+        assert_eq!(r["ok"]["more"], true);
+    }
+    let after = read_from_nats(&cluster, "gw-hr").await;
+    let (bytes, msgs) = (after.0 - before.0, after.1 - before.1);
+    println!(
+        "20 history limit:1 on a room of {} KB: read {bytes} bytes in {msgs} messages from NATS",
+        MESSAGES * SIZE / 1000
+    );
+    // Two messages per page (the page and the one that answers `more`).
+    assert!(
+        bytes < (20 * 3 * SIZE) as u64,
+        "{bytes} bytes read for 20 one-message pages"
+    );
+    assert!(msgs <= 20 * 6, "{msgs} messages read for 20 one-message pages");
+
+    // Pages anywhere in the history are exact.
+    let before = read_from_nats(&cluster, "gw-hr").await;
+    let r = reader
+        .request(json!({"op":"history","room":"hist","limit":5,"before":offsets[200]}))
+        .await;
+    assert_eq!(offsets_of(&r["ok"]["messages"]), offsets[195..200].to_vec());
+    assert_eq!(r["ok"]["more"], true);
+    assert!(r["ok"]["messages"][4]["data"].as_str().unwrap().starts_with("00199"));
+    let after = read_from_nats(&cluster, "gw-hr").await;
+    assert!(
+        after.0 - before.0 < (7 * SIZE) as u64,
+        "{} bytes for a page of 5",
+        after.0 - before.0
+    );
+    let r = reader
+        .request(json!({"op":"history","room":"hist","limit":10,"before":offsets[3]}))
+        .await;
+    assert_eq!(offsets_of(&r["ok"]["messages"]), offsets[..3].to_vec());
+    assert_eq!(r["ok"]["more"], false);
+    let r = reader
+        .request(json!({"op":"history","room":"hist","limit":2,"before":offsets[MESSAGES - 1] + 1_000_000}))
+        .await;
+    assert_eq!(
+        offsets_of(&r["ok"]["messages"]),
+        offsets[MESSAGES - 2..].to_vec(),
+        "{r}"
+    );
+}
+
+/// Issue 18 item 1 (cluster): each `since` subscribe back-filled the room
+/// cache from the start of the stream again, past the cache's byte cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn since_subscribes_do_not_reread_the_room_history_each_time() {
+    const MESSAGES: usize = 300;
+    const SIZE: usize = 1_000;
+    let cluster = Cluster::start(3).await;
+    let a = gateway(&cluster, "gw-sw", None).await;
+    let b = gateway_tuned(&cluster, "gw-sr", |o| o.history_max_bytes = Some(64 << 10)).await;
+    let mut writer = a.client("writer").await;
+    let offsets = publish_many(&mut writer, "resub", MESSAGES, |i| {
+        json!(format!("{i:05}{}", "x".repeat(SIZE)))
+    })
+    .await;
+    let mut member = b.client("member").await;
+    member.subscribe(&["resub"]).await;
+    let since = offsets[290];
+    let mut expected: Vec<u64> = offsets[291..].to_vec();
+    let before = read_from_nats(&cluster, "gw-sr").await;
+    for i in 0..10 {
+        let live = writer.publish("resub", json!(format!("live {i}"))).await["ok"]["offset"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(member.next_push().await["offset"], live);
+        expected.push(live);
+        let mut joiner = b.client(&format!("joiner{i}")).await;
+        let r = joiner
+            .request(json!({"op":"subscribe","rooms":[{"room":"resub","since":since}]}))
+            .await;
+        assert_eq!(r["ok"]["rooms"][0]["recovered"], true, "{r}");
+        let got: Vec<u64> = read_messages(&mut joiner, expected.len())
+            .await
+            .iter()
+            .map(|(o, _)| *o)
+            .collect();
+        assert_eq!(got, expected);
+    }
+    let after = read_from_nats(&cluster, "gw-sr").await;
+    let (bytes, msgs) = (after.0 - before.0, after.1 - before.1);
+    println!("10 since subscribes (+10 live messages): read {bytes} bytes in {msgs} messages from NATS");
+    // The 9 missed messages once (and the one at `since`), the 10 live ones.
+    assert!(bytes < (40 * SIZE) as u64, "{bytes} bytes read for 10 subscribes");
+}
+
+/// Issue 18 item 1 (cluster): a catch-up from the stream read every message
+/// after `since` whatever the subscribe's byte budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_catchup_from_the_stream_stops_reading_at_the_byte_budget() {
+    const MESSAGES: usize = 300;
+    const SIZE: usize = 1_000;
+    const BUDGET: usize = 50_000;
+    let cluster = Cluster::start(3).await;
+    let a = gateway(&cluster, "gw-bw", None).await;
+    let b = gateway_tuned(&cluster, "gw-br", |o| o.catchup_max_bytes = Some(BUDGET)).await;
+    let mut writer = a.client("writer").await;
+    let offsets = publish_many(&mut writer, "budget", MESSAGES, |i| {
+        json!(format!("{i:05}{}", "x".repeat(SIZE)))
+    })
+    .await;
+    let before = read_from_nats(&cluster, "gw-br").await;
+    let mut far = b.client("far").await;
+    let r = far
+        .request(json!({"op":"subscribe","rooms":[{"room":"budget","since":offsets[10]}]}))
+        .await;
+    assert_eq!(r["ok"]["rooms"][0]["recovered"], false, "{r}");
+    assert!(far.push_within(Duration::from_millis(300)).await.is_none(), "no frames");
+    let after = read_from_nats(&cluster, "gw-br").await;
+    let bytes = after.0 - before.0;
+    println!(
+        "catch-up of {} KB with a {BUDGET}-byte budget: read {bytes} bytes from NATS",
+        289 * SIZE / 1000
+    );
+    assert!(bytes < (2 * BUDGET + 10 * SIZE) as u64, "{bytes} bytes read");
+    // Within the budget the catch-up is exact.
+    let mut near = b.client("near").await;
+    let r = near
+        .request(json!({"op":"subscribe","rooms":[{"room":"budget","since":offsets[280]}]}))
+        .await;
+    assert_eq!(r["ok"]["rooms"][0]["recovered"], true, "{r}");
+    let got: Vec<u64> = read_messages(&mut near, 19).await.iter().map(|(o, _)| *o).collect();
+    assert_eq!(got, offsets[281..].to_vec());
+}
+
+/// Issue 18 item 6: the stream keeps 31..1030 of a room's 1,030 messages.
+/// `since:1` answered `recovered:false`, but after one more live message it
+/// answered `recovered:true` and replayed from 32: the cache back-fill
+/// guessed what the stream had dropped from how many messages it read below
+/// the cache, not counting those the cache already held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn since_before_the_stream_history_stays_unrecovered_after_a_live_message() {
+    const HISTORY: usize = 1000;
+    let cluster = Cluster::start(3).await;
+    let a = gateway_with(&cluster, "gw-g-a", None, HISTORY).await;
+    // B's cache is bounded by bytes before it reaches 1,000 messages; C's is not.
+    let b = gateway_tuned(&cluster, "gw-g-b", |o| {
+        o.history_size = Some(HISTORY);
+        o.history_max_bytes = Some(64 << 10);
+    })
+    .await;
+    let c = gateway_with(&cluster, "gw-g-c", None, HISTORY).await;
+    let mut writer = a.client("writer").await;
+    let o = publish_many(&mut writer, "gap", 1030, |i| {
+        json!(format!("{i:05} {}", "y".repeat(100)))
+    })
+    .await;
+    let subscribe = |since: u64| json!({"op":"subscribe","rooms":[{"room":"gap","since":since}]});
+    // Right at first: o[0..30] are gone.
+    let mut b1 = b.client("b1").await;
+    let r = b1.request(subscribe(o[0])).await;
+    assert_eq!(r["ok"]["rooms"][0]["recovered"], false, "{r}");
+    let mut c1 = c.client("c1").await;
+    c1.subscribe(&["gap"]).await;
+    // One more live message: the stream drops o[30] and keeps o[31..].
+    let live = writer.publish("gap", json!("live")).await["ok"]["offset"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(b1.next_push().await["offset"], live);
+    assert_eq!(c1.next_push().await["offset"], live);
+    for (node, name) in [(&b, "b"), (&c, "c")] {
+        for since in [o[0], o[29]] {
+            let mut again = node.client(&format!("{name}-{since}")).await;
+            let r = again.request(subscribe(since)).await;
+            assert_eq!(r["ok"]["rooms"][0]["recovered"], false, "{name}, since {since}: {r}");
+            assert!(
+                again.push_within(Duration::from_millis(200)).await.is_none(),
+                "{name}: no replay with a hole"
+            );
+        }
+        // The message at o[31] is stored, so everything after it is.
+        let mut fine = node.client(&format!("{name}-fine")).await;
+        let r = fine.request(subscribe(o[31])).await;
+        assert_eq!(r["ok"]["rooms"][0]["recovered"], true, "{name}: {r}");
+        let got: Vec<u64> = read_messages(&mut fine, 999).await.iter().map(|(o, _)| *o).collect();
+        let mut want = o[32..].to_vec();
+        want.push(live);
+        assert_eq!(got, want, "{name}");
+    }
+}

@@ -111,11 +111,14 @@ impl Bus {
     }
 
     /// The messages of `room` in `(since, upto]` from the stream, for a
-    /// joiner whose `since` is older than this node's cache.
-    pub async fn catchup(&self, room: &RoomId, since: u64, upto: u64) -> Result<Fetched, BusError> {
+    /// joiner whose `since` is older than this node's cache. Reading stops
+    /// once their encoded frames would pass `max_bytes`: then, as when some
+    /// message after `since` is gone, `recovered` is false and there are no
+    /// frames. See [`NatsBus::catchup`].
+    pub async fn catchup(&self, room: &RoomId, since: u64, upto: u64, max_bytes: usize) -> Result<Fetched, BusError> {
         match self {
             Bus::Embedded => Ok(Fetched::default()),
-            Bus::Nats(n) => n.catchup(room, since, upto).await,
+            Bus::Nats(n) => n.catchup(room, since, upto, max_bytes).await,
         }
     }
 

@@ -37,9 +37,11 @@ use proto::bus::Envelope;
 use tokio::sync::OnceCell;
 use tokio::task::AbortHandle;
 
+use fanout_tree::Weighted;
+
 use super::{BusError, Fetched, Outgoing, now_ms};
 use crate::protocol;
-use crate::rooms::{Catchup, Delivered, Frame, Gap, HistoryPage, Published, RoomId, RoomIndex};
+use crate::rooms::{Catchup, Delivered, Frame, Gap, Published, RoomId, RoomIndex};
 
 /// Settings of cluster mode.
 #[derive(Debug, Clone)]
@@ -101,7 +103,9 @@ pub enum ClusterError {
 struct RoomLink {
     live: OnceCell<()>,
     task: Mutex<Option<AbortHandle>>,
-    backfill: tokio::sync::Mutex<()>,
+    /// Catch-up reads of the room from its stream, one at a time: a join
+    /// storm reads once and the others find the messages in the cache.
+    reads: tokio::sync::Mutex<()>,
 }
 
 impl Drop for RoomLink {
@@ -119,6 +123,8 @@ pub struct NatsBus {
     rooms: Arc<RoomIndex>,
     cfg: ClusterConfig,
     streams: Vec<stream::Stream>,
+    /// The direct-get subject of each stream (`$JS.API.DIRECT.GET.<stream>`).
+    direct_get: Vec<String>,
     links: DashMap<RoomId, Arc<RoomLink>>,
     /// Offsets acknowledged to local publishers, not yet seen on the fan-out
     /// subject: checked by the sweeper so a lost republish is repaired.
@@ -133,11 +139,20 @@ const SETTLE_CHECKS: [Duration; 2] = [Duration::from_millis(250), Duration::from
 const SEQ: &str = "Nats-Sequence";
 const LAST_SEQ: &str = "Nats-Last-Sequence";
 const MSG_ID: &str = "Nats-Msg-Id";
+const SUBJECT: &str = "Nats-Subject";
+const PENDING: &str = "Nats-Num-Pending";
 const EPHEMERAL: &str = "Gw-Ephemeral";
 /// Attempts to read a gap before giving up on the part the stream lacks.
 const REPAIR_ATTEMPTS: u32 = 30;
 /// Messages per fetch request when reading a room from its stream.
 const FETCH_BATCH: usize = 256;
+/// Messages asked for per direct-get batch request.
+const DIRECT_BATCH: usize = 256;
+/// How long a direct-get answer may take, per message.
+const DIRECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts of a catch-up read that stops short of a stored offset (a
+/// replica answering direct gets may lag the leader by a moment).
+const SHORT_READ_ATTEMPTS: u32 = 3;
 
 fn partition(room: &str, partitions: u32) -> u32 {
     // FNV-1a: stable across processes and versions, unlike the std hasher.
@@ -149,15 +164,58 @@ fn partition(room: &str, partitions: u32) -> u32 {
     (h % u64::from(partitions.max(1))) as u32
 }
 
-/// Escapes a publish key for a NATS header value (no CR/LF, no spaces).
+/// Escapes `s` for a NATS header value (no CR/LF, no spaces) and for a
+/// part of a `/`-separated id: `%`, `/` and bytes outside printable ASCII
+/// become `%XX`.
 fn header_safe(s: &str, out: &mut String) {
     for b in s.bytes() {
-        if (0x21..=0x7e).contains(&b) && b != b'%' {
+        if (0x21..=0x7e).contains(&b) && b != b'%' && b != b'/' {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
         }
     }
+}
+
+/// The `Nats-Msg-Id` of a publish with `key` by `from` (the publisher's
+/// `sub`) in `room`: `<room>/<from>/<key>`, each part escaped, so keys of
+/// different users or rooms never collide in the stream's de-duplication.
+fn msg_id(room: &RoomId, from: &str, key: &str) -> String {
+    let mut id = String::with_capacity(room.as_str().len() + from.len() + key.len() + 2);
+    header_safe(room.as_str(), &mut id);
+    id.push('/');
+    header_safe(from, &mut id);
+    id.push('/');
+    header_safe(key, &mut id);
+    id
+}
+
+/// One message of a room read from its stream by a direct get.
+struct Stored {
+    seq: u64,
+    /// Messages of the room stored after this one (batch answers only).
+    pending: Option<u64>,
+    payload: bytes::Bytes,
+}
+
+/// How a forward read of a catch-up ended.
+enum ReadEnd {
+    /// Every message up to the asked offset was read.
+    Reached,
+    /// Some message after `since` may be gone from the stream.
+    Lost,
+    /// The frames would pass the byte budget.
+    OverBudget,
+}
+
+/// A catch-up read from the stream in progress.
+struct CatchupRead {
+    /// Whether the first answer proved that nothing after `since` is gone.
+    proved: bool,
+    /// Every message of the room in `(since, covered]` is in `read`.
+    covered: u64,
+    read: Vec<(u64, Frame)>,
+    bytes: usize,
 }
 
 impl NatsBus {
@@ -195,12 +253,16 @@ impl NatsBus {
         for p in 0..cfg.partitions {
             streams.push(ensure_stream(&js, &cfg, p).await?);
         }
+        let direct_get = (0..cfg.partitions)
+            .map(|p| format!("$JS.API.DIRECT.GET.{}", stream_name(&cfg, p)))
+            .collect();
         let bus = Arc::new(Self {
             client,
             js,
             rooms,
             cfg,
             streams,
+            direct_get,
             links: DashMap::new(),
             expected: DashMap::new(),
             connected: AtomicBool::new(true),
@@ -293,12 +355,9 @@ impl NatsBus {
         }
         let mut headers = HeaderMap::new();
         if let Some(key) = msg.key {
-            // De-duplication is per stream; scope the key to the room.
-            let mut id = String::with_capacity(msg.room.as_str().len() + key.len() + 1);
-            id.push_str(msg.room.as_str());
-            id.push('/');
-            header_safe(key, &mut id);
-            headers.insert(MSG_ID, id.as_str());
+            // De-duplication is per stream; scope the key to the room and
+            // the publisher.
+            headers.insert(MSG_ID, msg_id(msg.room, msg.from, key).as_str());
         }
         let ack = async {
             let fut = self
@@ -369,6 +428,36 @@ impl NatsBus {
             })
             .await
             .map(|_| ())
+    }
+
+    /// Whether messages of `room` after `after` (the last offset this node
+    /// applied; 0: none) may have left the stream before this node read them.
+    /// If the message at `after` is still stored, nothing after it is gone
+    /// (per-room limits and max age drop the oldest first). With nothing
+    /// applied, only a room that never dropped a message is safe.
+    async fn may_have_lost(&self, room: &RoomId, after: u64) -> bool {
+        if after > 0 {
+            return !self.still_stored(room, after).await;
+        }
+        let mut count = None;
+        let body = self.forward_request(room, 1, 1, usize::MAX);
+        if self
+            .direct(room, body, |m| {
+                count = m.pending.map(|p| p + 1);
+                false
+            })
+            .await
+            .is_err()
+        {
+            return true;
+        }
+        count.is_none_or(|c| !self.never_dropped(c))
+    }
+
+    /// Whether a room with `stored` messages in its stream can never have
+    /// dropped one: no max age, and fewer than the per-room limit.
+    fn never_dropped(&self, stored: u64) -> bool {
+        self.cfg.max_age.is_zero() && (self.cfg.history <= 0 || stored < self.cfg.history as u64)
     }
 
     /// Whether the message at `offset` of `room` is still in the stream.
@@ -479,7 +568,7 @@ impl NatsBus {
             };
             attempt = 0;
             let first = fetched.first().map_or(gap.upto, |f| f.0);
-            if first > gap.after + 1 && gap.after > 0 && !self.still_stored(&room, gap.after).await {
+            if first > gap.after + 1 && self.may_have_lost(&room, gap.after).await {
                 // The last message this node applied is gone from the stream,
                 // so messages between it and `first` may be gone too: never
                 // skip silently; members resume with `since` and are told.
@@ -593,55 +682,258 @@ impl NatsBus {
         result
     }
 
-    /// Catch-up for a joiner whose `since` is older than the cache: fills
-    /// the cache from the stream once per room, then serves from it; falls
-    /// back to a direct read when the cache cannot hold the room's history.
-    pub async fn catchup(&self, room: &RoomId, since: u64, upto: u64) -> Result<Fetched, BusError> {
-        self.backfill(room).await?;
+    /// The body of a direct-get request for up to `batch` messages of `room`
+    /// from offset `from` on, stopping after about `max_bytes`.
+    fn forward_request(&self, room: &RoomId, from: u64, batch: usize, max_bytes: usize) -> String {
+        serde_json::json!({
+            "seq": from,
+            "next_by_subj": self.store_subject(room),
+            "batch": batch,
+            "max_bytes": max_bytes.clamp(1, i64::MAX as usize),
+        })
+        .to_string()
+    }
+
+    /// Sends a direct-get request (`body`, JSON) to the stream of `room` and
+    /// hands the messages it answers, in order, to `each` until the end of
+    /// the batch, "not found", or `each` returns false. Only batch and
+    /// `multi_last` requests: they end with an end-of-batch status.
+    ///
+    /// Errors: NATS unreachable, no answer within [`DIRECT_TIMEOUT`], or an
+    /// error status.
+    async fn direct(&self, room: &RoomId, body: String, mut each: impl FnMut(Stored) -> bool) -> Result<(), BusError> {
+        metrics::counter!("gateway_bus_reads_total").increment(1);
+        let subject = self.store_subject(room);
+        let inbox = self.client.new_inbox();
+        // Dropping the subscription (an UNSUB) ends an answer read in part.
+        let mut sub = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(BusError::unavailable)?;
+        let target = &self.direct_get[partition(room.as_str(), self.cfg.partitions) as usize];
+        self.client
+            .publish_with_reply(target.clone(), inbox, body.into())
+            .await
+            .map_err(BusError::unavailable)?;
+        loop {
+            let msg = tokio::time::timeout(DIRECT_TIMEOUT, sub.next())
+                .await
+                .map_err(|_| BusError::Timeout)?
+                .ok_or_else(|| BusError::Unavailable("direct get: subscription ended".into()))?;
+            if let Some(status) = msg.status {
+                // 204: end of batch; 404: no (more) messages.
+                return match status.as_u16() {
+                    204 | 404 => Ok(()),
+                    code => Err(BusError::Unavailable(
+                        format!(
+                            "direct get of {room} answered {code} {}",
+                            msg.description.as_deref().unwrap_or("")
+                        )
+                        .into(),
+                    )),
+                };
+            }
+            let header = |name: &str| {
+                msg.headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str().to_owned())
+            };
+            let seq = header(SEQ).and_then(|v| v.parse::<u64>().ok());
+            let (Some(seq), true) = (seq, header(SUBJECT).as_deref() == Some(subject.as_str())) else {
+                return Err(BusError::Unavailable(
+                    format!("direct get of {room}: an answer without its sequence or subject").into(),
+                ));
+            };
+            let pending = header(PENDING).and_then(|v| v.parse::<u64>().ok());
+            if !each(Stored {
+                seq,
+                pending,
+                payload: msg.payload,
+            }) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Catch-up for a joiner whose `since` is older than this node's cache:
+    /// the messages of `room` in `(since, upto]`, oldest first. Only the part
+    /// the cache lacks is read from the stream (plus the message at `since`,
+    /// which proves that nothing after it is gone), and reading stops as soon
+    /// as the frames would pass `max_bytes` (encoded bytes): then, as when a
+    /// message after `since` may be gone, the answer is `recovered: false`
+    /// with no frames. `since` 0 (the client saw nothing) is recovered only
+    /// if the room never dropped a message. The messages read are put in
+    /// front of the cache as far as its caps allow, so the next joiner with
+    /// the same `since` reads nothing. One read at a time per room.
+    ///
+    /// Errors: the stream could not be read ([`BusError::Unavailable`],
+    /// [`BusError::Timeout`]).
+    pub async fn catchup(&self, room: &RoomId, since: u64, upto: u64, max_bytes: usize) -> Result<Fetched, BusError> {
+        let lost = Fetched {
+            frames: Vec::new(),
+            recovered: false,
+        };
+        if self.is_ephemeral(room) {
+            return Ok(lost);
+        }
+        let link = self.links.get(room).map(|l| l.clone());
+        let _one_at_a_time = match &link {
+            Some(l) => Some(l.reads.lock().await),
+            None => None,
+        };
+        // An earlier reader may have filled the cache meanwhile.
         if let Catchup::Frames { frames, recovered } = self.rooms.catchup(room, since, upto) {
             return Ok(Fetched { frames, recovered });
         }
-        // The room has more history than the cache holds: read it directly.
-        let start = since.max(1);
-        let mut first = None;
-        let mut frames = Vec::new();
-        self.read_with(room, start, |seq, frame| {
-            if seq > upto {
-                return false;
+        let mut st = CatchupRead {
+            proved: false,
+            covered: since,
+            read: Vec::new(),
+            bytes: 0,
+        };
+        // Live messages may push the cache's start up while this reads: then
+        // read on from where the last read stopped.
+        for _ in 0..4 {
+            let (start, cached) = self.rooms.cache_start(room, upto).unwrap_or((upto, 0));
+            let read_upto = start.min(upto);
+            let budget = max_bytes.saturating_sub(cached);
+            match self.read_forward(room, since, read_upto, budget, &mut st).await? {
+                ReadEnd::Reached => {}
+                ReadEnd::Lost | ReadEnd::OverBudget => return Ok(lost),
             }
-            first.get_or_insert(seq);
-            if seq > since {
-                frames.push(frame);
+            if let Some(frames) = self.rooms.catchup_from_stream(room, since, upto, &st.read, read_upto) {
+                let bytes: usize = frames.iter().map(Weighted::weight).sum();
+                if bytes > max_bytes {
+                    return Ok(lost);
+                }
+                return Ok(Fetched {
+                    frames,
+                    recovered: true,
+                });
             }
-            true
-        })
-        .await?;
-        // `since` is the offset of a message the client saw: if the stream
-        // still has it, it has everything after it too.
-        let recovered = since == 0 || first == Some(since);
-        Ok(Fetched { frames, recovered })
+        }
+        Err(BusError::Unavailable(
+            format!("catch-up of {room}: the cache kept moving while it was read").into(),
+        ))
     }
 
-    /// Loads the room's stored history below the cache, once per room.
-    async fn backfill(&self, room: &RoomId) -> Result<(), BusError> {
-        let link = self.link(room);
-        let _guard = link.backfill.lock().await;
-        let Some(floor) = self.rooms.cache_floor(room) else {
-            return Ok(());
-        };
-        let (entries, _) = self.read(room, 1, floor).await?;
-        // With fewer messages than the per-room limit nothing was dropped;
-        // otherwise everything before the oldest stored one is gone.
-        let full = self.cfg.history > 0 && entries.len() as i64 >= self.cfg.history;
-        let gone_upto = match entries.first() {
-            Some((first, _)) if full => first - 1,
-            _ => 0,
-        };
-        self.rooms.backfill(room, entries, gone_upto);
-        Ok(())
+    /// Reads the messages of `room` after `st.covered` up to `read_upto` into
+    /// `st`, within `budget` bytes of frames. The first answer (the stored
+    /// message at or after `since`) decides whether anything after `since`
+    /// may be gone.
+    async fn read_forward(
+        &self,
+        room: &RoomId,
+        since: u64,
+        read_upto: u64,
+        budget: usize,
+        st: &mut CatchupRead,
+    ) -> Result<ReadEnd, BusError> {
+        let mut short_reads = 0;
+        while st.covered < read_upto {
+            let from = if st.proved { st.covered + 1 } else { since.max(1) };
+            let body = self.forward_request(room, from, DIRECT_BATCH, budget.saturating_sub(st.bytes));
+            let mut end = None;
+            let mut got = 0;
+            self.direct(room, body, |m| {
+                got += 1;
+                if !st.proved {
+                    // If the message at `since` is stored, so is everything
+                    // after it; and nothing lies between `since` and `since + 1`.
+                    let intact = if since == 0 {
+                        m.pending.is_some_and(|p| self.never_dropped(p + 1))
+                    } else {
+                        m.seq <= since.saturating_add(1)
+                    };
+                    if !intact {
+                        end = Some(ReadEnd::Lost);
+                        return false;
+                    }
+                    st.proved = true;
+                    if m.seq <= since {
+                        return true;
+                    }
+                }
+                if m.seq > read_upto {
+                    st.covered = read_upto;
+                    return false;
+                }
+                if let Ok(env) = Envelope::decode(m.payload.as_ref()) {
+                    let frame = encode(room, m.seq, &env);
+                    st.bytes += frame.weight();
+                    if st.bytes > budget {
+                        end = Some(ReadEnd::OverBudget);
+                        return false;
+                    }
+                    st.read.push((m.seq, frame));
+                }
+                st.covered = m.seq;
+                m.seq < read_upto
+            })
+            .await?;
+            if let Some(end) = end {
+                return Ok(end);
+            }
+            if got == 0 {
+                // Nothing at or after `since`: it is gone. Nothing after a
+                // proved `since` although `read_upto` was stored: a replica
+                // lags, or the messages left the stream meanwhile.
+                if !st.proved || short_reads >= SHORT_READ_ATTEMPTS {
+                    return Ok(ReadEnd::Lost);
+                }
+                short_reads += 1;
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(short_reads))).await;
+            }
+        }
+        Ok(ReadEnd::Reached)
     }
 
-    /// A history page beyond the cache.
+    /// The newest stored message of `room` at or below offset `n`. `n` may
+    /// lie past the stream's last sequence only if `first` (the first step
+    /// of a page: `before` comes from the client).
+    async fn last_at_or_below(&self, room: &RoomId, n: u64, first: bool) -> Result<Option<Stored>, BusError> {
+        if n == 0 {
+            return Ok(None);
+        }
+        let mut found = None;
+        if n < u64::MAX {
+            let body = serde_json::json!({ "multi_last": [self.store_subject(room)], "up_to_seq": n }).to_string();
+            self.direct(room, body, |m| {
+                found = Some(m);
+                false
+            })
+            .await?;
+            if found.is_some() || !first {
+                return Ok(found);
+            }
+        }
+        // Also "not found" when `n` is past the stream's last sequence: then
+        // the room's last message is the one.
+        match self
+            .stream_of(room)
+            .direct_get_last_for_subject(self.store_subject(room))
+            .await
+        {
+            Ok(m) if m.sequence <= n => Ok(Some(Stored {
+                seq: m.sequence,
+                pending: None,
+                payload: m.payload,
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BusError::unavailable(e)),
+        }
+    }
+
+    /// A history page beyond the cache: up to `limit` messages of `room`
+    /// older than `before` (the newest if `None`), oldest first, and whether
+    /// older ones remain. Reads exactly that page from the stream, newest
+    /// first, one message per request, plus one message to learn `more`; a
+    /// page that reaches the cache's start is put in front of the cache.
+    ///
+    /// Errors: the stream could not be read.
     pub async fn history(
         &self,
         room: &RoomId,
@@ -651,32 +943,39 @@ impl NatsBus {
         if self.is_ephemeral(room) {
             return Ok((Vec::new(), false));
         }
-        if self.rooms.live_from(room).is_some() {
-            self.backfill(room).await?;
-            if let HistoryPage::Frames { frames, more } = self.rooms.history(room, before, limit) {
-                return Ok((frames, more));
+        let upto = match before {
+            Some(0) => return Ok((Vec::new(), false)),
+            Some(b) => b - 1,
+            None => u64::MAX,
+        };
+        let mut page: Vec<(u64, Frame)> = Vec::new();
+        let mut below = upto;
+        let mut taken = 0;
+        let mut oldest = None;
+        // The message after a full page only answers `more`.
+        let older = loop {
+            let Some(m) = self.last_at_or_below(room, below, taken == 0).await? else {
+                break None;
+            };
+            if taken == limit {
+                break Some(m.seq);
             }
+            taken += 1;
+            oldest = Some(m.seq);
+            if let Ok(env) = Envelope::decode(m.payload.as_ref()) {
+                page.push((m.seq, encode(room, m.seq, &env)));
+            }
+            below = m.seq.saturating_sub(1);
+        };
+        page.reverse();
+        if let (Some(oldest), Some(&(newest, _))) = (oldest, page.last()) {
+            // Nothing after a stored message is gone: the page holds every
+            // message of the room after the older one (or after the offset
+            // before its oldest, when none is older).
+            let covers_from = older.unwrap_or(oldest.saturating_sub(1));
+            self.rooms.prepend(room, covers_from, &page, newest);
         }
-        // Not subscribed here (or more history than the cache holds): read
-        // the room's stored messages below `before` and keep the newest page.
-        let upto = before.map_or(u64::MAX, |b| b.saturating_sub(1));
-        let mut all = std::collections::VecDeque::new();
-        self.read_with(room, 1, |seq, frame| {
-            if seq > upto {
-                return false;
-            }
-            all.push_back(frame);
-            if all.len() > limit + 1 {
-                all.pop_front();
-            }
-            true
-        })
-        .await?;
-        let more = all.len() > limit;
-        if more {
-            all.pop_front();
-        }
-        Ok((all.into(), more))
+        Ok((page.into_iter().map(|(_, f)| f).collect(), older.is_some()))
     }
 
     /// A client saw `offset` elsewhere; make sure this node has applied it
@@ -1040,7 +1339,21 @@ mod tests {
     #[test]
     fn keys_are_header_safe() {
         let mut out = String::new();
-        header_safe("a b\r\n%ü", &mut out);
-        assert_eq!(out, "a%20b%0D%0A%25%C3%BC");
+        header_safe("a b\r\n%ü/", &mut out);
+        assert_eq!(out, "a%20b%0D%0A%25%C3%BC%2F");
+    }
+
+    #[test]
+    fn message_ids_are_scoped_to_room_user_and_key() {
+        let r = RoomId::parse("kr").unwrap();
+        assert_eq!(msg_id(&r, "alice", "c1-000001"), "kr/alice/c1-000001");
+        assert_ne!(msg_id(&r, "alice", "c1"), msg_id(&r, "bob", "c1"));
+        assert_ne!(
+            msg_id(&r, "alice", "c1"),
+            msg_id(&RoomId::parse("kr2").unwrap(), "alice", "c1")
+        );
+        // Separators inside a part cannot make two ids equal.
+        assert_ne!(msg_id(&r, "a/b", "c"), msg_id(&r, "a", "b/c"));
+        assert_eq!(msg_id(&r, "a/b", "c"), "kr/a%2Fb/c");
     }
 }
