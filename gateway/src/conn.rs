@@ -517,8 +517,25 @@ impl<'a> Session<'a> {
         }
         let deadline = Instant::now() + self.node.cfg.auth_timeout;
         let unauthorized = |msg: &'static str| ProtoError::new(ErrorCode::Unauthorized, msg);
+        let shed = |this: &mut Self| {
+            this.reply_err(
+                None,
+                &unauthorized("closed to make room: no connect while the node was full"),
+            )?;
+            this.node.metrics.auth_failed("shed");
+            Err(CloseReason::Unauthorized)
+        };
         loop {
-            let msg = match tokio::time::timeout_at(deadline, reader.next()).await {
+            // A full handshake table may shed this connection while it is silent.
+            let waited = tokio::select! {
+                biased;
+                () = self.limits.handshake_shed() => None,
+                r = tokio::time::timeout_at(deadline, reader.next()) => Some(r),
+            };
+            let Some(waited) = waited else {
+                return shed(self);
+            };
+            let msg = match waited {
                 Err(_) => {
                     self.reply_err(None, &unauthorized("no connect within the auth timeout"))?;
                     self.node.metrics.auth_failed("timeout");
@@ -534,6 +551,7 @@ impl<'a> Session<'a> {
                 }
                 Incoming::Pong => continue,
                 Incoming::Close(code) => return Err(CloseReason::ClientClosed(code)),
+                Incoming::Text(_) | Incoming::Binary(_) if !self.limits.handshake_spoke() => return shed(self),
                 Incoming::Text(t) if !self.proto => t,
                 Incoming::Binary(b) if self.proto => b,
                 Incoming::Text(_) | Incoming::Binary(_) => {

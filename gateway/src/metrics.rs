@@ -118,6 +118,11 @@ pub fn handshakes_in_progress() -> Gauge {
     gauge!("gateway_handshakes_in_progress")
 }
 
+/// Handshakes closed with 4001 to make room in a full handshake table.
+pub fn handshakes_shed() -> Counter {
+    counter!("gateway_handshakes_shed_total")
+}
+
 /// Counts a JWKS fetch by what started it (`refresh`, `unknown_kid`) and how it ended.
 pub fn jwks_fetched(trigger: &'static str, result: &'static str) {
     counter!("gateway_jwks_fetches_total", "trigger" => trigger, "result" => result).increment(1);
