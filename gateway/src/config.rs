@@ -15,6 +15,7 @@ use axum::http::HeaderName;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
+use crate::auth::Pattern;
 use crate::limits::{self, LimitConfig, Rate};
 use crate::rooms::RoomId;
 
@@ -162,9 +163,12 @@ pub struct Opts {
     /// Flusher tasks writing room messages to sockets; a room's members are spread over them (0 = one per CPU core) [default: 0].
     #[arg(long, env = "GATEWAY_FANOUT_SHARDS", global = true)]
     pub fanout_shards: Option<usize>,
-    /// Rooms with their own series on /metrics: the busiest since the previous scrape (0 = none) [default: 20].
+    /// Most rooms shown by name on /metrics: the busiest of the last 30-60 s among those matching --room-metrics-rooms; the rest are summed in room="_other" (0 = no per-room series) [default: 20].
     #[arg(long, env = "GATEWAY_ROOM_METRICS_TOP", global = true)]
     pub room_metrics_top: Option<usize>,
+    /// Room patterns that may appear by name in /metrics labels, comma-separated (`*` matches any run of room characters, e.g. general,team-*); room names are user data, so none by default [default: none].
+    #[arg(long, env = "GATEWAY_ROOM_METRICS_ROOMS", global = true, value_delimiter = ',')]
+    pub room_metrics_rooms: Option<Vec<String>>,
     /// Turn every rate limit and admission budget off (benchmarks, trusted networks); connection-count limits stay.
     #[arg(long, env = "GATEWAY_NO_RATE_LIMITS", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub no_rate_limits: Option<bool>,
@@ -370,6 +374,7 @@ impl Opts {
             tree_degree,
             fanout_shards,
             room_metrics_top,
+            room_metrics_rooms,
             no_rate_limits,
             publish_per_sec,
             publish_burst,
@@ -539,8 +544,10 @@ pub struct Config {
     pub tree_degree: usize,
     /// Flushers; default one per CPU core.
     pub fanout_shards: usize,
-    /// Rooms shown on /metrics. Default 20.
+    /// Most rooms shown by name on /metrics. Default 20.
     pub room_metrics_top: usize,
+    /// Rooms that may be shown by name on /metrics. Default none.
+    pub room_metrics_rooms: Vec<Pattern>,
     /// Default false.
     pub no_rate_limits: bool,
     /// Rate limits and admission budgets (each field gives its default);
@@ -698,6 +705,19 @@ impl Config {
                 ));
             }
         }
+        let mut room_metrics_rooms = Vec::new();
+        for p in o.room_metrics_rooms.iter().flatten() {
+            let valid = !p.is_empty()
+                && p.len() <= RoomId::MAX_LEN
+                && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-:*".contains(&b));
+            if !valid {
+                return Err(invalid(
+                    "room_metrics_rooms",
+                    format!("{p:?} is not a room pattern (room characters and *)"),
+                ));
+            }
+            room_metrics_rooms.push(Pattern::new(p));
+        }
         let node_id = match o.node_id {
             Some(id) if id.is_empty() || id.len() > 64 => {
                 return Err(invalid("node_id", "must be 1 to 64 characters"));
@@ -746,6 +766,7 @@ impl Config {
                 n => n,
             },
             room_metrics_top: o.room_metrics_top.unwrap_or(20),
+            room_metrics_rooms,
             no_rate_limits: o.no_rate_limits.unwrap_or(false),
             limits,
             auth_timeout: ms(Some(positive("auth_timeout_ms", o.auth_timeout_ms, 5_000)?), 0),
@@ -962,6 +983,7 @@ mod tests {
             (&["--ephemeral-prefixes", "typing:,"][..], "ephemeral_prefixes"),
             (&["--tls-cert", "/c.pem"][..], "tls_cert"),
             (&["--tree-degree", "1"][..], "tree_degree"),
+            (&["--room-metrics-rooms", "general,dm.*"][..], "room_metrics_rooms"),
         ] {
             let err = Config::resolve(parse(args)).unwrap_err();
             assert!(err.to_string().starts_with(option), "{args:?}: {err}");
