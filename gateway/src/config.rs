@@ -15,7 +15,8 @@ use axum::http::HeaderName;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
-use crate::limits::{LimitConfig, Rate};
+use crate::auth::Pattern;
+use crate::limits::{self, LimitConfig, Rate};
 use crate::rooms::RoomId;
 
 /// The command line.
@@ -162,9 +163,12 @@ pub struct Opts {
     /// Flusher tasks writing room messages to sockets; a room's members are spread over them (0 = one per CPU core) [default: 0].
     #[arg(long, env = "GATEWAY_FANOUT_SHARDS", global = true)]
     pub fanout_shards: Option<usize>,
-    /// Rooms with their own series on /metrics: the busiest since the previous scrape (0 = none) [default: 20].
+    /// Most rooms shown by name on /metrics: the busiest of the last 30-60 s among those matching --room-metrics-rooms; the rest are summed in room="_other" (0 = no per-room series) [default: 20].
     #[arg(long, env = "GATEWAY_ROOM_METRICS_TOP", global = true)]
     pub room_metrics_top: Option<usize>,
+    /// Room patterns that may appear by name in /metrics labels, comma-separated (`*` matches any run of room characters, e.g. general,team-*); room names are user data, so none by default [default: none].
+    #[arg(long, env = "GATEWAY_ROOM_METRICS_ROOMS", global = true, value_delimiter = ',')]
+    pub room_metrics_rooms: Option<Vec<String>>,
     /// Turn every rate limit and admission budget off (benchmarks, trusted networks); connection-count limits stay.
     #[arg(long, env = "GATEWAY_NO_RATE_LIMITS", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub no_rate_limits: Option<bool>,
@@ -235,6 +239,18 @@ pub struct Opts {
     /// Burst of new connections per client address [default: --addr-connects-per-sec].
     #[arg(long, env = "GATEWAY_ADDR_CONNECTS_BURST", global = true)]
     pub addr_connects_burst: Option<u32>,
+    /// One client address's share of --max-handshakes: while the table is full, an address holding fewer handshakes takes the place of the oldest silent one (closed with 4001), one holding this many gets HTTP 503; 0 = no share, any address may shed [default: --max-handshakes / 10, at least 16].
+    #[arg(long, env = "GATEWAY_ADDR_MAX_HANDSHAKES", global = true)]
+    pub addr_max_handshakes: Option<usize>,
+    /// A handshake silent (no frame since the upgrade) for this long may be shed to make room in a full table, ms [default: --auth-timeout-ms / 5].
+    #[arg(long, env = "GATEWAY_HANDSHAKE_SHED_AFTER_MS", global = true)]
+    pub handshake_shed_after_ms: Option<u64>,
+    /// One client address's share of --connects-per-sec: past it, the address is admitted only while the node budget holds more than half its burst, so the rest stays for other addresses; 0 = no share [default: --connects-per-sec / 10, at least 10].
+    #[arg(long, env = "GATEWAY_ADDR_BUDGET_PER_SEC", global = true)]
+    pub addr_budget_per_sec: Option<u32>,
+    /// Burst of one client address's share of the connection budget [default: --connects-burst / 10, at least 10].
+    #[arg(long, env = "GATEWAY_ADDR_BUDGET_BURST", global = true)]
+    pub addr_budget_burst: Option<u32>,
     /// Header set by a trusted proxy with the client address (e.g. X-Forwarded-For; its right-most entry is used) [default: none, the socket address].
     #[arg(long, env = "GATEWAY_TRUSTED_PROXY_HEADER", global = true)]
     pub trusted_proxy_header: Option<String>,
@@ -361,6 +377,7 @@ impl Opts {
             tree_degree,
             fanout_shards,
             room_metrics_top,
+            room_metrics_rooms,
             no_rate_limits,
             publish_per_sec,
             publish_burst,
@@ -385,6 +402,10 @@ impl Opts {
             addr_connects_per_sec,
             addr_connects_burst,
             trusted_proxy_header,
+            addr_max_handshakes,
+            handshake_shed_after_ms,
+            addr_budget_per_sec,
+            addr_budget_burst,
             rate_limit_max_keys,
             auth_timeout_ms,
             max_frame_bytes,
@@ -527,8 +548,10 @@ pub struct Config {
     pub tree_degree: usize,
     /// Flushers; default one per CPU core.
     pub fanout_shards: usize,
-    /// Rooms shown on /metrics. Default 20.
+    /// Most rooms shown by name on /metrics. Default 20.
     pub room_metrics_top: usize,
+    /// Rooms that may be shown by name on /metrics. Default none.
+    pub room_metrics_rooms: Vec<Pattern>,
     /// Default false.
     pub no_rate_limits: bool,
     /// Rate limits and admission budgets (each field gives its default);
@@ -695,6 +718,19 @@ impl Config {
                 ));
             }
         }
+        let mut room_metrics_rooms = Vec::new();
+        for p in o.room_metrics_rooms.iter().flatten() {
+            let valid = !p.is_empty()
+                && p.len() <= RoomId::MAX_LEN
+                && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-:*".contains(&b));
+            if !valid {
+                return Err(invalid(
+                    "room_metrics_rooms",
+                    format!("{p:?} is not a room pattern (room characters and *)"),
+                ));
+            }
+            room_metrics_rooms.push(Pattern::new(p));
+        }
         let node_id = match o.node_id {
             Some(id) if id.is_empty() || id.len() > 64 => {
                 return Err(invalid("node_id", "must be 1 to 64 characters"));
@@ -743,6 +779,7 @@ impl Config {
                 n => n,
             },
             room_metrics_top: o.room_metrics_top.unwrap_or(20),
+            room_metrics_rooms,
             no_rate_limits: o.no_rate_limits.unwrap_or(false),
             limits,
             auth_timeout: ms(Some(positive("auth_timeout_ms", o.auth_timeout_ms, 5_000)?), 0),
@@ -841,6 +878,20 @@ fn resolve_limits(o: &Opts) -> Result<LimitConfig, ConfigError> {
                 .map_err(|_| invalid("trusted_proxy_header", format!("{h:?} is not an HTTP header name")))?,
         ),
     };
+    let connects = rate("connects_burst", o.connects_per_sec, o.connects_burst, 2_000, same)?;
+    let max_handshakes = o.max_handshakes.unwrap_or(1_000);
+    let auth_timeout_ms = o.auth_timeout_ms.unwrap_or(5_000);
+    // A share of a budget that is off is off too.
+    let addr_budget = match connects.and_then(limits::budget_share) {
+        None => None,
+        Some(share) => rate(
+            "addr_budget_burst",
+            o.addr_budget_per_sec,
+            o.addr_budget_burst,
+            share.per_sec,
+            |_| share.burst,
+        )?,
+    };
     Ok(LimitConfig {
         publish: rate("publish_burst", o.publish_per_sec, o.publish_burst, 5, twice)?,
         user_publish: rate(
@@ -876,8 +927,13 @@ fn resolve_limits(o: &Opts) -> Result<LimitConfig, ConfigError> {
             Some(positive("rate_limited_window_ms", o.rate_limited_window_ms, 10_000)?),
             0,
         ),
-        connects: rate("connects_burst", o.connects_per_sec, o.connects_burst, 2_000, same)?,
-        max_handshakes: o.max_handshakes.unwrap_or(1_000),
+        connects,
+        max_handshakes,
+        addr_max_handshakes: o
+            .addr_max_handshakes
+            .unwrap_or_else(|| limits::handshake_share(max_handshakes)),
+        addr_budget,
+        handshake_shed_after: ms(o.handshake_shed_after_ms, auth_timeout_ms / 5),
         addr_max_conns: o.addr_max_conns.unwrap_or(0),
         addr_connects: rate(
             "addr_connects_burst",
@@ -952,6 +1008,7 @@ mod tests {
             (&["--ephemeral-prefixes", "typing:,"][..], "ephemeral_prefixes"),
             (&["--tls-cert", "/c.pem"][..], "tls_cert"),
             (&["--tree-degree", "1"][..], "tree_degree"),
+            (&["--room-metrics-rooms", "general,dm.*"][..], "room_metrics_rooms"),
         ] {
             let err = Config::resolve(parse(args)).unwrap_err();
             assert!(err.to_string().starts_with(option), "{args:?}: {err}");
@@ -990,6 +1047,33 @@ mod tests {
         assert!(err.to_string().starts_with("trusted_proxy_header"), "{err}");
         let err = Config::resolve(parse(&["--publish-burst", "0"])).unwrap_err();
         assert!(err.to_string().starts_with("publish_burst"), "{err}");
+    }
+
+    #[test]
+    fn admission_shares_default_to_a_tenth_with_a_floor() {
+        let c = Config::default();
+        assert_eq!(c.limits.addr_max_handshakes, 100);
+        assert_eq!(c.limits.addr_budget, Rate::new(200, 200));
+        assert_eq!(c.limits.handshake_shed_after, Duration::from_secs(1));
+        let c = Config::resolve(parse(&[
+            "--max-handshakes",
+            "20",
+            "--connects-per-sec",
+            "20",
+            "--auth-timeout-ms",
+            "1000",
+        ]))
+        .unwrap();
+        assert_eq!(c.limits.addr_max_handshakes, 16, "the floor");
+        assert_eq!(c.limits.addr_budget, Rate::new(10, 10), "the floor");
+        assert_eq!(c.limits.handshake_shed_after, Duration::from_millis(200));
+        let c = Config::resolve(parse(&["--max-handshakes", "4", "--connects-per-sec", "5"])).unwrap();
+        assert_eq!(c.limits.addr_max_handshakes, 4, "never above the cap");
+        assert_eq!(c.limits.addr_budget, Rate::new(5, 5), "never above the budget");
+        let c = Config::resolve(parse(&["--addr-budget-per-sec", "0", "--addr-max-handshakes", "0"])).unwrap();
+        assert_eq!((c.limits.addr_budget, c.limits.addr_max_handshakes), (None, 0));
+        let c = Config::resolve(parse(&["--connects-per-sec", "0"])).unwrap();
+        assert_eq!(c.limits.addr_budget, None, "no share of a budget that is off");
     }
 
     #[test]

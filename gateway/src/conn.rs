@@ -354,7 +354,10 @@ struct Session<'a> {
     from_json: String,
     rooms: HashMap<RoomId, RoomSub>,
     /// Room-token grants by expiry: the reader's deadline includes the first.
-    grant_expiry: BTreeSet<(Instant, RoomId)>,
+    /// Boxed on first use: most connections hold no room token, and an idle
+    /// connection's task stays small.
+    #[allow(clippy::box_collection)]
+    grant_expiry: Option<Box<BTreeSet<(Instant, RoomId)>>>,
     /// When the connection token's grant ends: its `exp` plus the leeway.
     expires_at: Option<Instant>,
     bad_frames: Strikes,
@@ -389,7 +392,7 @@ impl<'a> Session<'a> {
             connect_allowed: false,
             from_json: String::new(),
             rooms: HashMap::new(),
-            grant_expiry: BTreeSet::new(),
+            grant_expiry: None,
             expires_at: None,
             bad_frames,
             limits,
@@ -407,7 +410,7 @@ impl<'a> Session<'a> {
             leave(&self.node, room, self.id);
         }
         self.rooms.clear();
-        self.grant_expiry.clear();
+        self.grant_expiry = None;
     }
 
     /// Records `room` as subscribed under `sub`, replacing (and un-timing)
@@ -416,10 +419,24 @@ impl<'a> Session<'a> {
         if let Some(old) = self.rooms.insert(room.clone(), sub)
             && let Some(at) = old.expires
         {
-            self.grant_expiry.remove(&(at, room.clone()));
+            self.forget_expiry(at, room);
         }
         if let Some(at) = sub.expires {
-            self.grant_expiry.insert((at, room.clone()));
+            self.grant_expiry.get_or_insert_default().insert((at, room.clone()));
+        }
+    }
+
+    /// The earliest room-token expiry, if any.
+    fn first_grant_expiry(&self) -> Option<Instant> {
+        self.grant_expiry.as_ref()?.first().map(|(at, _)| *at)
+    }
+
+    fn forget_expiry(&mut self, at: Instant, room: &RoomId) {
+        if let Some(g) = &mut self.grant_expiry {
+            g.remove(&(at, room.clone()));
+            if g.is_empty() {
+                self.grant_expiry = None;
+            }
         }
     }
 
@@ -429,7 +446,7 @@ impl<'a> Session<'a> {
             return false;
         };
         if let Some(at) = sub.expires {
-            self.grant_expiry.remove(&(at, room.clone()));
+            self.forget_expiry(at, room);
         }
         leave(&self.node, room, self.id);
         self.forget_activity(room);
@@ -440,8 +457,8 @@ impl<'a> Session<'a> {
     /// connection token does not grant is left with an `unsubscribed` push;
     /// one it does grant stays, without the token's extra rights.
     fn expire_room_grants(&mut self, now: Instant) -> Result<(), CloseReason> {
-        while self.grant_expiry.first().is_some_and(|(at, _)| *at <= now) {
-            let Some((_, room)) = self.grant_expiry.pop_first() else {
+        while self.first_grant_expiry().is_some_and(|at| at <= now) {
+            let Some((_, room)) = self.grant_expiry.as_mut().and_then(|g| g.pop_first()) else {
                 break;
             };
             if self.identity().grants.can_subscribe(room.as_str()) {
@@ -542,8 +559,8 @@ impl<'a> Session<'a> {
             if let Some(e) = self.expires_at {
                 deadline = deadline.min(e);
             }
-            if let Some((e, _)) = self.grant_expiry.first() {
-                deadline = deadline.min(*e);
+            if let Some(e) = self.first_grant_expiry() {
+                deadline = deadline.min(e);
             }
             let msg = match tokio::time::timeout_at(deadline, reader.next()).await {
                 Err(_) => {
@@ -611,8 +628,25 @@ impl<'a> Session<'a> {
         }
         let deadline = Instant::now() + self.node.cfg.auth_timeout;
         let unauthorized = |msg: &'static str| ProtoError::new(ErrorCode::Unauthorized, msg);
+        let shed = |this: &mut Self| {
+            this.reply_err(
+                None,
+                &unauthorized("closed to make room: no connect while the node was full"),
+            )?;
+            this.node.metrics.auth_failed("shed");
+            Err(CloseReason::Unauthorized)
+        };
         loop {
-            let msg = match tokio::time::timeout_at(deadline, reader.next()).await {
+            // A full handshake table may shed this connection while it is silent.
+            let waited = tokio::select! {
+                biased;
+                () = self.limits.handshake_shed() => None,
+                r = tokio::time::timeout_at(deadline, reader.next()) => Some(r),
+            };
+            let Some(waited) = waited else {
+                return shed(self);
+            };
+            let msg = match waited {
                 Err(_) => {
                     self.reply_err(None, &unauthorized("no connect within the auth timeout"))?;
                     self.node.metrics.auth_failed("timeout");
@@ -628,6 +662,7 @@ impl<'a> Session<'a> {
                 }
                 Incoming::Pong => continue,
                 Incoming::Close(code) => return Err(CloseReason::ClientClosed(code)),
+                Incoming::Text(_) | Incoming::Binary(_) if !self.limits.handshake_spoke() => return shed(self),
                 Incoming::Text(t) if !self.proto => t,
                 Incoming::Binary(b) if self.proto => b,
                 Incoming::Text(_) | Incoming::Binary(_) => {
@@ -1252,7 +1287,7 @@ mod size_tests {
         );
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 2048, "conn::run future is {size} bytes");
-        // 560 before the room-token timers (24 bytes) and the history byte
+        // 560 before the room-token timers (8 bytes) and the history byte
         // budget and per-limit retry times (72 bytes, in ConnLimits).
         assert!(
             std::mem::size_of::<Session>() <= 640,

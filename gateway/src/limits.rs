@@ -13,6 +13,20 @@
 //!   It runs before the WebSocket upgrade and answers 503 or 429 with
 //!   `Retry-After`, so a reconnect storm is served at a steady rate.
 //!
+//! Per-source shares (the source is the client address, or the trusted
+//! proxy's forwarded address): no single address can keep the others out of
+//! the two node-wide admission caps, yet one address alone (a big NAT, a
+//! load test) still gets all of them while nobody else asks.
+//! - Connection budget: half the budget's burst is kept for addresses within
+//!   their share (`addr_budget`, a GCRA rate per address). An address past its
+//!   share is admitted only while the budget holds more than that reserve, so
+//!   under pressure it gets the leftovers and never the reserve.
+//! - Handshake table: while it is full, a newcomer from an address holding
+//!   fewer than `addr_max_handshakes` handshakes takes the place of the
+//!   handshake that has been silent longest (no frame since the upgrade, and
+//!   for at least `handshake_shed_after`): that one is closed with 4001. An
+//!   address at its share, or a table with nobody to shed, gets 503.
+//!
 //! Does not own the connection-count cap (`max_connections`, in `conn`) nor the
 //! replies (the connection task turns a [`RateLimited`] into the wire error).
 //!
@@ -33,15 +47,16 @@
 //! `RwLock` around each is only written when a map is replaced. No guard is
 //! held across `.await`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ::metrics::{Counter, Gauge};
+use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, HeaderName, StatusCode};
 use dashmap::DashMap;
 use governor::clock::{Clock, MonotonicClock};
@@ -49,7 +64,8 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::metrics;
@@ -133,6 +149,17 @@ pub struct LimitConfig {
     pub addr_connects: Option<Rate>,
     /// Header to read the client address from (e.g. X-Forwarded-For; right-most entry). Default none.
     pub trusted_proxy_header: Option<HeaderName>,
+    /// One address's share of `max_handshakes`: while the table is full, an
+    /// address holding fewer may shed the oldest silent handshake; one holding
+    /// this many gets 503. Default `max_handshakes / 10`, at least 16 (at
+    /// most `max_handshakes`); 0 = no per-address share.
+    pub addr_max_handshakes: usize,
+    /// One address's share of `connects`: past it, an address is admitted only
+    /// while the node budget holds more than half its burst. Default 1/10 of
+    /// the rate and of the burst, each at least 10 (at most the node's); `None` = no share.
+    pub addr_budget: Option<Rate>,
+    /// How long a handshake must have been silent before a newcomer may shed it. Default 1 s.
+    pub handshake_shed_after: Duration,
     /// Keys one keyed limiter may hold after pruning before it is reset. Default 100,000.
     pub max_keys: usize,
 }
@@ -155,9 +182,25 @@ impl Default for LimitConfig {
             addr_max_conns: 0,
             addr_connects: None,
             trusted_proxy_header: None,
+            addr_max_handshakes: handshake_share(1_000),
+            addr_budget: Rate::new(2_000, 2_000).and_then(budget_share),
+            handshake_shed_after: Duration::from_secs(1),
             max_keys: 100_000,
         }
     }
+}
+
+/// The default per-address share of a handshake cap: a tenth, at least 16,
+/// at most the cap (0 when the cap is off).
+pub fn handshake_share(max_handshakes: usize) -> usize {
+    (max_handshakes / 10).max(16).min(max_handshakes)
+}
+
+/// The default per-address share of the node's connection budget: a tenth of
+/// the rate and of the burst, each at least 10 and at most the node's.
+pub fn budget_share(node: Rate) -> Option<Rate> {
+    let tenth = |n: u32| (n / 10).max(10).min(n);
+    Rate::new(tenth(node.per_sec), tenth(node.burst))
 }
 
 /// Which limit refused a command.
@@ -417,6 +460,31 @@ impl ConnLimits {
     pub fn handshake_done(&mut self) {
         self.admit.handshake = None;
     }
+
+    /// Resolves once this connection's handshake has been shed to make room
+    /// in a full table (the connection should then close with 4001); never
+    /// for a connection without a place in the table.
+    pub async fn handshake_shed(&self) {
+        match &self.admit.handshake {
+            Some(g) => {
+                while g.slot.state.load(Ordering::Acquire) != SHED {
+                    g.slot.wake.notified().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The client sent its first frame: its handshake is no longer silent and
+    /// cannot be shed. False when it was shed already.
+    pub fn handshake_spoke(&self) -> bool {
+        self.admit.handshake.as_ref().is_none_or(|g| {
+            g.slot
+                .state
+                .compare_exchange(WAITING, SPOKE, Ordering::AcqRel, Ordering::Acquire)
+                .map_or_else(|now| now != SHED, |_| true)
+        })
+    }
 }
 
 fn limited(limit: Limit, retry_after: Duration) -> RateLimited {
@@ -561,11 +629,199 @@ impl Admit {
     }
 }
 
-struct HandshakeGuard(Arc<AtomicUsize>);
+/// A handshake's place in the table, from admission until `connect` (or the
+/// end of the connection).
+struct HandshakeGuard {
+    table: Arc<HandshakeTable>,
+    slot: Arc<Slot>,
+}
 
 impl Drop for HandshakeGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        // A shed handshake's place already went to the newcomer that shed it.
+        if self.slot.state.swap(DONE, Ordering::AcqRel) != SHED {
+            self.table.count.fetch_sub(1, Ordering::Relaxed);
+            if let Some(ip) = self.slot.ip {
+                self.table.release_source(ip, self.table.now());
+            }
+        }
+    }
+}
+
+/// Upgraded, no frame from the client yet: may be shed.
+const WAITING: u8 = 0;
+/// The client sent a frame (or a bearer token): no longer silent.
+const SPOKE: u8 = 1;
+/// Through `connect`, or the connection ended.
+const DONE: u8 = 2;
+/// Closed to make room for a newcomer.
+const SHED: u8 = 3;
+
+/// One handshake in the table; shared by its guard and the shedding queue.
+struct Slot {
+    state: AtomicU8,
+    /// Admission time, ns since the table's base.
+    since: u64,
+    ip: Option<IpAddr>,
+    /// Woken once when the slot is shed.
+    wake: Notify,
+}
+
+/// What the node knows about one client address: its handshakes in
+/// progress and its share of the connection budget (a GCRA theoretical
+/// arrival time, ns since the table's base; at or before now = full share).
+#[derive(Debug, Default, Clone, Copy)]
+struct Source {
+    handshakes: u32,
+    tat: u64,
+}
+
+/// A GCRA in one atomic: `interval` ns per cell, at most `capacity` ns
+/// (burst x interval) ahead of now.
+struct Gcra {
+    interval: u64,
+    capacity: u64,
+    tat: AtomicU64,
+}
+
+impl Gcra {
+    fn new(rate: Rate) -> Self {
+        let interval = (1_000_000_000 / u64::from(rate.per_sec.max(1))).max(1);
+        Self {
+            interval,
+            capacity: interval.saturating_mul(u64::from(rate.burst.max(1))),
+            tat: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes one cell at `now` (ns) if `keep` more cells stay available
+    /// after it; else how long until that would be so.
+    fn take(&self, now: u64, keep: u64) -> Result<(), Duration> {
+        let limit = self.capacity.saturating_sub(keep.saturating_mul(self.interval));
+        let mut tat = self.tat.load(Ordering::Relaxed);
+        loop {
+            let next = tat.max(now) + self.interval;
+            let ahead = next - now;
+            if ahead > limit {
+                return Err(Duration::from_nanos(ahead - limit));
+            }
+            match self
+                .tat
+                .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(actual) => tat = actual,
+            }
+        }
+    }
+
+    /// How long from `now` until one cell could be taken leaving `keep` (0 = now).
+    fn wait(&self, now: u64, keep: u64) -> Duration {
+        let limit = self.capacity.saturating_sub(keep.saturating_mul(self.interval));
+        let ahead = self.tat.load(Ordering::Relaxed).max(now) + self.interval - now;
+        Duration::from_nanos(ahead.saturating_sub(limit))
+    }
+
+    /// How long from `now` until a source whose arrival time is `tat` is within its share.
+    fn source_wait(&self, tat: u64, now: u64) -> Duration {
+        Duration::from_nanos((tat.max(now) + self.interval - now).saturating_sub(self.capacity))
+    }
+
+    /// Whether a source whose arrival time is `tat` is within its share at `now`.
+    fn allows(&self, tat: u64, now: u64) -> bool {
+        tat.max(now) + self.interval - now <= self.capacity
+    }
+
+    /// Charges one cell to `tat`; a source past its share is charged down to
+    /// an empty bucket, never into debt.
+    fn charge(&self, tat: u64, now: u64) -> u64 {
+        (tat.max(now) + self.interval).min(now + self.capacity)
+    }
+}
+
+/// The handshakes in progress: a count under the cap, the per-address
+/// counts, and the admission order for shedding.
+struct HandshakeTable {
+    /// 0 = no cap (then nothing is shed and nothing counted here).
+    max: usize,
+    per_source: usize,
+    shed_after: u64,
+    count: AtomicUsize,
+    peak: AtomicUsize,
+    /// Admission order; finished slots are dropped from the front and, when
+    /// the queue grows past twice the cap, from everywhere.
+    queue: Mutex<VecDeque<Arc<Slot>>>,
+    sources: DashMap<IpAddr, Source>,
+    base: std::time::Instant,
+    shed_total: Counter,
+}
+
+impl HandshakeTable {
+    fn now(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Takes a free place under the cap.
+    fn try_reserve(&self) -> bool {
+        self.count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back one handshake of `ip`; the entry goes when nothing is left in it.
+    fn release_source(&self, ip: IpAddr, now: u64) {
+        self.sources.remove_if_mut(&ip, |_, s| {
+            s.handshakes = s.handshakes.saturating_sub(1);
+            s.handshakes == 0 && s.tat <= now
+        });
+    }
+
+    /// Sheds the oldest handshake that has been silent for at least
+    /// `shed_after`: its place (and its count) passes to the caller. Returns
+    /// the victim's address, or `None` when nobody may be shed.
+    fn shed_oldest(&self, now: u64) -> Option<Option<IpAddr>> {
+        let victim = {
+            let mut q = self.queue.lock();
+            while q.front().is_some_and(|s| s.state.load(Ordering::Acquire) >= DONE) {
+                q.pop_front();
+            }
+            let at = q
+                .iter()
+                .take_while(|s| now.saturating_sub(s.since) >= self.shed_after)
+                .position(|s| {
+                    s.state
+                        .compare_exchange(WAITING, SHED, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                })?;
+            q.remove(at)?
+        };
+        victim.wake.notify_one();
+        self.shed_total.increment(1);
+        if let Some(ip) = victim.ip {
+            self.release_source(ip, now);
+        }
+        Some(victim.ip)
+    }
+
+    fn push(&self, slot: Arc<Slot>) {
+        let mut q = self.queue.lock();
+        q.push_back(slot);
+        if q.len() > 2 * self.max + 64 {
+            q.retain(|s| s.state.load(Ordering::Acquire) < DONE);
+        }
+    }
+}
+
+/// Gives a reserved place back unless the admission went through.
+struct Reserved<'a>(Option<&'a AtomicUsize>);
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if let Some(count) = self.0 {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -584,10 +840,13 @@ impl Drop for AddressGuard {
 }
 
 struct Admission {
-    budget: Option<DirectLimiter>,
-    max_handshakes: usize,
-    handshakes: Arc<AtomicUsize>,
-    handshakes_peak: AtomicUsize,
+    budget: Option<Gcra>,
+    /// Cells of `budget` kept for addresses within their share.
+    budget_reserve: u64,
+    /// One address's share of `budget`: only its interval and capacity are
+    /// used; each address's arrival time lives in its [`Source`].
+    budget_share: Option<Gcra>,
+    table: Arc<HandshakeTable>,
     addr_max_conns: usize,
     addr_conns: Arc<DashMap<IpAddr, u32>>,
     addr_rate: Option<Keyed<IpAddr>>,
@@ -655,10 +914,20 @@ impl Limits {
                 namespaces,
             },
             admission: Admission {
-                budget: on(cfg.connects).map(Rate::direct),
-                max_handshakes: if enabled { cfg.max_handshakes } else { 0 },
-                handshakes: Arc::new(AtomicUsize::new(0)),
-                handshakes_peak: AtomicUsize::new(0),
+                budget: on(cfg.connects).map(Gcra::new),
+                budget_reserve: on(cfg.connects).map_or(0, |r| u64::from(r.burst / 2)),
+                budget_share: on(cfg.connects).and(on(cfg.addr_budget)).map(Gcra::new),
+                table: Arc::new(HandshakeTable {
+                    max: if enabled { cfg.max_handshakes } else { 0 },
+                    per_source: cfg.addr_max_handshakes,
+                    shed_after: u64::try_from(cfg.handshake_shed_after.as_nanos()).unwrap_or(u64::MAX),
+                    count: AtomicUsize::new(0),
+                    peak: AtomicUsize::new(0),
+                    queue: Mutex::new(VecDeque::new()),
+                    sources: DashMap::new(),
+                    base: std::time::Instant::now(),
+                    shed_total: metrics::handshakes_shed(),
+                }),
                 addr_max_conns: cfg.addr_max_conns,
                 addr_conns: Arc::new(DashMap::new()),
                 addr_rate: on(cfg.addr_connects).map(Keyed::new),
@@ -732,17 +1001,29 @@ impl Limits {
 
     fn admit_inner(&self, headers: &HeaderMap, peer: SocketAddr) -> Result<Admit, Refusal> {
         let a = &self.admission;
+        let t = &a.table;
+        let now = t.now();
+        let shares = t.max > 0 || a.budget_share.is_some();
+        let needs_ip = shares || a.addr_max_conns > 0 || a.addr_rate.is_some();
+        let ip = needs_ip.then(|| client_ip(headers, peer.ip(), a.proxy_header.as_ref()));
+        // The address's standing, read without inserting anything.
+        let source = match ip {
+            Some(ip) if shares => t.sources.get(&ip).map(|s| *s).unwrap_or_default(),
+            _ => Source::default(),
+        };
         let mut admit = Admit::default();
-        if a.max_handshakes > 0 {
-            let n = a.handshakes.fetch_add(1, Ordering::Relaxed) + 1;
-            admit.handshake = Some(HandshakeGuard(a.handshakes.clone()));
-            if n > a.max_handshakes {
+        let mut reserved = Reserved(None);
+        let mut must_shed = false;
+        if t.max > 0 {
+            if t.try_reserve() {
+                reserved = Reserved(Some(&t.count));
+            } else if t.per_source > 0 && source.handshakes as usize >= t.per_source {
                 return Err(Refusal::Handshakes);
+            } else {
+                must_shed = true;
             }
-            a.handshakes_peak.fetch_max(n, Ordering::Relaxed);
         }
-        if a.addr_max_conns > 0 || a.addr_rate.is_some() {
-            let ip = client_ip(headers, peer.ip(), a.proxy_header.as_ref());
+        if let Some(ip) = ip {
             if a.addr_max_conns > 0 {
                 let n = {
                     let mut count = a.addr_conns.entry(ip).or_insert(0);
@@ -761,20 +1042,60 @@ impl Limits {
                 lim.check(&ip).map_err(Refusal::AddressRate)?;
             }
         }
-        if let Some(lim) = &a.budget {
-            take(lim, 1, 1).map_err(Refusal::Budget)?;
+        let within_share = a.budget_share.as_ref().is_none_or(|g| g.allows(source.tat, now));
+        if let Some(budget) = &a.budget {
+            let keep = if within_share { 0 } else { a.budget_reserve };
+            budget.take(now, keep).map_err(|d| match &a.budget_share {
+                // Past its share: retry when the budget is above the reserve
+                // again, or when the share is back and the budget has a cell.
+                Some(share) if !within_share => {
+                    Refusal::Budget(d.min(share.source_wait(source.tat, now).max(budget.wait(now, 0))))
+                }
+                _ => Refusal::Budget(d),
+            })?;
+        }
+        // Admitted: from here on nothing refuses but an empty shedding queue.
+        if must_shed && t.shed_oldest(now).is_none() {
+            return Err(Refusal::Handshakes);
+        }
+        if let (Some(ip), true) = (ip, shares) {
+            let mut s = t.sources.entry(ip).or_default();
+            if t.max > 0 {
+                s.handshakes += 1;
+            }
+            if let Some(g) = &a.budget_share {
+                s.tat = g.charge(s.tat, now);
+            }
+        }
+        if t.max > 0 {
+            std::mem::forget(reserved);
+            // A bearer token is a credential: such a handshake is not silent.
+            let state = if headers.contains_key(AUTHORIZATION) {
+                SPOKE
+            } else {
+                WAITING
+            };
+            let slot = Arc::new(Slot {
+                state: AtomicU8::new(state),
+                since: now,
+                ip: ip.filter(|_| shares),
+                wake: Notify::new(),
+            });
+            t.push(slot.clone());
+            admit.handshake = Some(HandshakeGuard { table: t.clone(), slot });
+            t.peak.fetch_max(t.count.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         Ok(admit)
     }
 
     /// Upgrades admitted and not yet through `connect`, right now.
     pub fn handshakes_in_progress(&self) -> usize {
-        self.admission.handshakes.load(Ordering::Relaxed)
+        self.admission.table.count.load(Ordering::Relaxed)
     }
 
     /// The most handshakes ever in progress at once (never above the cap).
     pub fn handshakes_peak(&self) -> usize {
-        self.admission.handshakes_peak.load(Ordering::Relaxed)
+        self.admission.table.peak.load(Ordering::Relaxed)
     }
 
     /// Keys held by all keyed limiters (user, room, address).
@@ -782,7 +1103,7 @@ impl Limits {
         let user = self.user.as_ref().map_or(0, |k| k.inner.read().len());
         let rooms: usize = self.rooms.all().map(|k| k.inner.read().len()).sum();
         let addr = self.admission.addr_rate.as_ref().map_or(0, |k| k.inner.read().len());
-        user + rooms + addr + self.admission.addr_conns.len()
+        user + rooms + addr + self.admission.addr_conns.len() + self.admission.table.sources.len()
     }
 
     /// Prunes keyed state every [`SWEEP_INTERVAL`]; never returns.
@@ -799,7 +1120,7 @@ impl Limits {
 
     /// One pruning pass over every keyed limiter.
     pub fn sweep(&self, shrink: bool) {
-        let mut keys = self.admission.addr_conns.len();
+        let mut keys = self.admission.addr_conns.len() + self.sweep_sources(shrink);
         let mut resets = 0;
         let mut one = |(left, reset): (usize, bool)| {
             keys += left;
@@ -823,6 +1144,25 @@ impl Limits {
         }
         self.metrics.keys.set(keys as f64);
         self.metrics.handshakes.set(self.handshakes_in_progress() as f64);
+    }
+}
+
+impl Limits {
+    /// Drops address entries with no handshake and a full budget share; past
+    /// `max_keys`, also those with a spent share (they start fresh). Returns
+    /// the entries left.
+    fn sweep_sources(&self, shrink: bool) -> usize {
+        let t = &self.admission.table;
+        let now = t.now();
+        t.sources.retain(|_, s| s.handshakes > 0 || s.tat > now);
+        if t.sources.len() > self.max_keys {
+            t.sources.retain(|_, s| s.handshakes > 0);
+            self.metrics.resets.increment(1);
+        }
+        if shrink {
+            t.sources.shrink_to_fit();
+        }
+        t.sources.len()
     }
 }
 
@@ -1066,6 +1406,92 @@ mod tests {
         }
         limits.sweep(false);
         assert_eq!(limits.keys(), 0, "over the cap: reset");
+    }
+
+    #[test]
+    fn the_budget_keeps_a_reserve_for_addresses_within_their_share() {
+        let g = Gcra::new(Rate::new(10, 10).unwrap());
+        let ms = |n: u64| n * 1_000_000;
+        // Past its share an address may take cells only while 5 stay.
+        for _ in 0..5 {
+            assert_eq!(g.take(0, 5), Ok(()));
+        }
+        assert_eq!(g.take(0, 5), Err(Duration::from_millis(100)));
+        // Within its share it may take the reserve, down to the last cell.
+        for _ in 0..5 {
+            assert_eq!(g.take(0, 0), Ok(()));
+        }
+        assert_eq!(g.take(0, 0), Err(Duration::from_millis(100)));
+        assert_eq!(g.wait(0, 0), Duration::from_millis(100));
+        assert_eq!(g.take(ms(100), 0), Ok(()));
+
+        // A source's share: 2 cells, one every 500 ms; charged down to empty, never into debt.
+        let share = Gcra::new(Rate::new(2, 2).unwrap());
+        let mut tat = 0;
+        for _ in 0..5 {
+            tat = share.charge(tat, 0);
+        }
+        assert!(!share.allows(tat, 0));
+        assert_eq!(share.source_wait(tat, 0), Duration::from_millis(500));
+        assert!(share.allows(tat, ms(500)));
+    }
+
+    fn shed_config(max: usize, per_source: usize) -> LimitConfig {
+        LimitConfig {
+            max_handshakes: max,
+            addr_max_handshakes: per_source,
+            handshake_shed_after: Duration::ZERO,
+            trusted_proxy_header: Some(HeaderName::from_static("x-forwarded-for")),
+            ..LimitConfig::default()
+        }
+    }
+
+    fn from(ip: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", ip.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn a_full_table_sheds_the_oldest_silent_handshake_for_an_address_under_its_share() {
+        let limits = Limits::new(&shed_config(3, 2), true);
+        let peer: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let a1 = limits.conn(limits.admit(&from("1.1.1.1"), peer).unwrap());
+        let a2 = limits.conn(limits.admit(&from("1.1.1.1"), peer).unwrap());
+        let b1 = limits.conn(limits.admit(&from("2.2.2.2"), peer).unwrap());
+        // a1 spoke (its `connect` is being verified): not silent, not shed.
+        assert!(a1.handshake_spoke());
+        // Full; 1.1.1.1 holds its share of 2: refused.
+        assert_eq!(limits.admit(&from("1.1.1.1"), peer).err(), Some(Refusal::Handshakes));
+        // 3.3.3.3 holds none: a2, the oldest silent one, makes room.
+        let c1 = limits.conn(limits.admit(&from("3.3.3.3"), peer).unwrap());
+        assert!(!a2.handshake_spoke(), "a2 was shed");
+        assert!(b1.handshake_spoke());
+        assert!(c1.handshake_spoke());
+        assert_eq!(limits.handshakes_in_progress(), 3);
+        let t = &limits.admission.table;
+        assert_eq!(t.sources.get(&"1.1.1.1".parse().unwrap()).unwrap().handshakes, 1);
+        // Nobody silent is left: the next newcomer is refused.
+        assert_eq!(limits.admit(&from("4.4.4.4"), peer).err(), Some(Refusal::Handshakes));
+        // The shed guard does not give its place back twice.
+        drop(a2);
+        assert_eq!(limits.handshakes_in_progress(), 3);
+        drop((a1, b1, c1));
+        assert_eq!(limits.handshakes_in_progress(), 0);
+        assert_eq!(limits.handshakes_peak(), 3);
+        assert!(t.sources.iter().all(|s| s.handshakes == 0));
+        limits.sweep(true);
+        assert!(t.sources.is_empty() || limits.admission.budget_share.is_some());
+    }
+
+    #[test]
+    fn a_handshake_with_a_bearer_token_is_not_silent() {
+        let limits = Limits::new(&shed_config(1, 0), true);
+        let peer: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let mut h = from("1.1.1.1");
+        h.insert(AUTHORIZATION, "Bearer x".parse().unwrap());
+        let _a = limits.admit(&h, peer).unwrap();
+        assert_eq!(limits.admit(&from("2.2.2.2"), peer).err(), Some(Refusal::Handshakes));
     }
 
     #[test]

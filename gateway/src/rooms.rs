@@ -16,14 +16,17 @@
 //!
 //! Concurrency: a `DashMap` from name to `Arc<Room>`; the map's shard guard is
 //! released before the room's own mutex is taken, and no lock is held across
-//! `.await`. Broadcasts never block: full outboxes overflow and their writers
+//! `.await`. A room's figures for `/metrics` are atomics beside its mutex
+//! ([`RoomCounters`]), written under the mutex and read without it, so a
+//! scrape ([`RoomIndex::top_rooms`]) takes no room lock and changes nothing. Broadcasts never block: full outboxes overflow and their writers
 //! close those connections as slow consumers.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -272,17 +275,79 @@ struct RoomState {
     dedup_order: VecDeque<(Instant, Box<str>)>,
     /// Removed from the index; a caller holding an old `Arc` must look again.
     dead: bool,
-    /// Messages fanned out on this node, and deliveries (members they were
-    /// queued for, notify members included), since the room's state exists.
-    messages: u64,
-    deliveries: u64,
-    /// `deliveries` at the last [`RoomIndex::top_rooms`] ranking.
-    ranked_at: u64,
+    /// The room's figures for `/metrics`, shared with its [`Room`].
+    stats: Arc<RoomCounters>,
+}
+
+/// Length of one ranking window of [`RoomIndex::top_rooms`], seconds.
+pub const RANK_WINDOW_SECS: u64 = 30;
+
+/// The current ranking window: whole [`RANK_WINDOW_SECS`] since the process
+/// started.
+fn rank_window() -> u64 {
+    static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+    START.elapsed().as_secs() / RANK_WINDOW_SECS
+}
+
+/// A room's figures for `/metrics`: written under the room's lock (one
+/// writer at a time), read by scrapes without it (each figure may be a moment
+/// older than another; never torn).
+#[derive(Debug, Default)]
+pub struct RoomCounters {
+    /// Local members, notify mode included.
+    members: AtomicUsize,
+    /// Messages fanned out on this node since the room's state exists.
+    messages: AtomicU64,
+    /// Deliveries (members a message was queued for, notify members included).
+    deliveries: AtomicU64,
+    /// The ranking window `window_deliveries` counts in, and the count of the
+    /// window before it (0 if the room was idle then).
+    window: AtomicU64,
+    window_deliveries: AtomicU64,
+    previous_window_deliveries: AtomicU64,
+}
+
+impl RoomCounters {
+    /// Counts one message fanned out to `delivered` members. Under the room's lock.
+    fn record(&self, delivered: usize) {
+        let delivered = delivered as u64;
+        self.messages.fetch_add(1, Ordering::Relaxed);
+        self.deliveries.fetch_add(delivered, Ordering::Relaxed);
+        let now = rank_window();
+        let w = self.window.load(Ordering::Relaxed);
+        if w != now {
+            let last = self.window_deliveries.load(Ordering::Relaxed);
+            let previous = if w + 1 == now { last } else { 0 };
+            self.previous_window_deliveries.store(previous, Ordering::Relaxed);
+            self.window_deliveries.store(0, Ordering::Relaxed);
+            self.window.store(now, Ordering::Relaxed);
+        }
+        self.window_deliveries.fetch_add(delivered, Ordering::Relaxed);
+    }
+
+    /// Deliveries in the current and the previous ranking window, as of `now`.
+    fn recent(&self, now: u64) -> u64 {
+        let w = self.window.load(Ordering::Relaxed);
+        let current = self.window_deliveries.load(Ordering::Relaxed);
+        if w == now {
+            current + self.previous_window_deliveries.load(Ordering::Relaxed)
+        } else if w + 1 == now {
+            current
+        } else {
+            0
+        }
+    }
 }
 
 impl RoomState {
     fn has_members(&self) -> bool {
         !self.members.is_empty() || !self.proto_members.is_empty() || !self.watchers.is_empty()
+    }
+
+    /// Publishes the member count to the room's counters after a change.
+    fn count_members(&self) {
+        let n = self.members.len() + self.proto_members.len() + self.watchers.len();
+        self.stats.members.store(n, Ordering::Relaxed);
     }
 
     fn new(mode: LogMode) -> Self {
@@ -304,9 +369,7 @@ impl RoomState {
             dedup: HashMap::new(),
             dedup_order: VecDeque::new(),
             dead: false,
-            messages: 0,
-            deliveries: 0,
-            ranked_at: 0,
+            stats: Arc::default(),
         }
     }
 
@@ -382,6 +445,8 @@ impl RoomState {
 
 struct Room {
     state: Mutex<RoomState>,
+    /// The same counters as `state.stats`, readable without the lock.
+    stats: Arc<RoomCounters>,
 }
 
 /// The outcome of a local publish.
@@ -418,7 +483,7 @@ pub struct RoomStat {
     pub members: usize,
     pub messages: u64,
     pub deliveries: u64,
-    /// Deliveries since the previous ranking.
+    /// Deliveries in the current and the previous ranking window.
     pub recent: u64,
 }
 
@@ -426,6 +491,58 @@ pub struct RoomStat {
 /// length first, so no two (user, key) pairs give the same text.
 pub fn dedup_key(sub: &str, key: &str) -> String {
     format!("{}:{sub}:{key}", sub.len())
+}
+
+impl RoomStat {
+    fn rank(&self) -> (u64, usize) {
+        (self.recent, self.members)
+    }
+}
+
+/// Ranks by (recent deliveries, members); the heap's top is the least.
+struct Ranked(RoomStat);
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.rank() == other.0.rank()
+    }
+}
+impl Eq for Ranked {}
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.0.rank().cmp(&self.0.rank())
+    }
+}
+
+/// The sums over every room not shown by name on `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OtherRooms {
+    pub rooms: usize,
+    pub members: usize,
+    pub messages: u64,
+    pub deliveries: u64,
+}
+
+impl OtherRooms {
+    fn add(&mut self, members: usize, messages: u64, deliveries: u64) {
+        self.rooms += 1;
+        self.members += members;
+        self.messages += messages;
+        self.deliveries += deliveries;
+    }
+}
+
+/// What `/metrics` shows of rooms: the top rooms by name, and the rest summed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoomMetrics {
+    /// Busiest first.
+    pub top: Vec<RoomStat>,
+    pub other: OtherRooms,
 }
 
 /// Per-node index from room to its state.
@@ -463,40 +580,53 @@ impl RoomIndex {
         self.len() == 0
     }
 
-    /// The `n` rooms with the most deliveries since the previous call (then
-    /// the most members), with their counters: what `/metrics` shows per
-    /// room, so the number of room series stays bounded by `n`. Rooms
-    /// without members or traffic are left out.
-    pub fn top_rooms(&self, n: usize) -> Vec<RoomStat> {
-        if n == 0 {
-            return Vec::new();
+    /// The at most `n` rooms that `shown` allows with the most deliveries in
+    /// the current and previous ranking window ([`RANK_WINDOW_SECS`] each,
+    /// so 30 to 60 s of traffic), then the most members, with their counters;
+    /// every other room (not allowed, idle, or below the top `n`) is summed in
+    /// [`RoomMetrics::other`], so series still add up to the node's rooms.
+    /// Rooms without members or recent traffic are never shown by name.
+    ///
+    /// Read-only and lock-free per room: it reads each room's atomics under
+    /// the map's shard read guards, clones only the names of the top `n`,
+    /// and changes nothing, so any number of scrapers see the same ranking.
+    pub fn top_rooms(&self, n: usize, shown: impl Fn(&str) -> bool) -> RoomMetrics {
+        let now = rank_window();
+        let mut out = RoomMetrics::default();
+        let mut heap = std::collections::BinaryHeap::with_capacity(n + 1);
+        for entry in &self.rooms {
+            let c = &entry.value().stats;
+            let members = c.members.load(Ordering::Relaxed);
+            let messages = c.messages.load(Ordering::Relaxed);
+            let deliveries = c.deliveries.load(Ordering::Relaxed);
+            let recent = c.recent(now);
+            let candidate = n > 0 && (members > 0 || recent > 0) && shown(entry.key().as_str());
+            // Only a room that beats the least of a full top is worth its name's clone.
+            let beats = heap.len() < n
+                || heap
+                    .peek()
+                    .is_some_and(|Ranked(least): &Ranked| (recent, members) > least.rank());
+            if !(candidate && beats) {
+                out.other.add(members, messages, deliveries);
+                continue;
+            }
+            heap.push(Ranked(RoomStat {
+                room: entry.key().clone(),
+                members,
+                messages,
+                deliveries,
+                recent,
+            }));
+            if heap.len() > n
+                && let Some(Ranked(out_of_top)) = heap.pop()
+            {
+                out.other
+                    .add(out_of_top.members, out_of_top.messages, out_of_top.deliveries);
+            }
         }
-        // The map's guards are released before any room lock is taken (a
-        // room being removed holds its lock while it takes the map's).
-        let rooms: Vec<(RoomId, Arc<Room>)> = self
-            .rooms
-            .iter()
-            .map(|e| (e.key().clone(), e.value().clone()))
-            .collect();
-        let mut stats: Vec<RoomStat> = rooms
-            .into_iter()
-            .filter_map(|(room, r)| {
-                let mut st = r.state.lock();
-                let recent = st.deliveries - st.ranked_at;
-                st.ranked_at = st.deliveries;
-                let members = st.members.len() + st.proto_members.len() + st.watchers.len();
-                (!st.dead && (members > 0 || recent > 0)).then(|| RoomStat {
-                    room,
-                    members,
-                    messages: st.messages,
-                    deliveries: st.deliveries,
-                    recent,
-                })
-            })
-            .collect();
-        stats.sort_unstable_by_key(|r| std::cmp::Reverse((r.recent, r.members)));
-        stats.truncate(n);
-        stats
+        out.top = heap.into_iter().map(|Ranked(r)| r).collect();
+        out.top.sort_unstable_by_key(|r| std::cmp::Reverse(r.rank()));
+        out
     }
 
     /// Local members of `room` (both modes).
@@ -520,8 +650,10 @@ impl RoomIndex {
         }
         let entry = self.rooms.entry(room.clone()).or_insert_with(|| {
             self.count.fetch_add(1, Ordering::Relaxed);
+            let state = RoomState::new(self.mode);
             Arc::new(Room {
-                state: Mutex::new(RoomState::new(self.mode)),
+                stats: state.stats.clone(),
+                state: Mutex::new(state),
             })
         });
         Ok(entry.clone())
@@ -588,6 +720,7 @@ impl RoomIndex {
                     None
                 }
             };
+            st.count_members();
             let at = st
                 .live
                 .then(|| (st.last_offset, since.map(|s| st.catchup(s, st.last_offset))));
@@ -628,6 +761,7 @@ impl RoomIndex {
         let mut st = r.state.lock();
         let was_member = st.members.remove(conn) | st.proto_members.remove(conn);
         let was_watcher = st.watchers.remove(&conn).is_some();
+        st.count_members();
         if st.dead || !(was_member || was_watcher) {
             return Transition::Unchanged;
         }
@@ -746,8 +880,7 @@ impl RoomIndex {
             w.bump(room, offset);
         }
         let delivered = delivered + st.watchers.len();
-        st.messages += 1;
-        st.deliveries += delivered as u64;
+        st.stats.record(delivered);
         (delivered, slow.len())
     }
 
@@ -795,8 +928,7 @@ impl RoomIndex {
                 w.bump(room, 0);
             }
             let delivered = self.broadcast(st, frame, &mut slow) + st.watchers.len();
-            st.messages += 1;
-            st.deliveries += delivered as u64;
+            st.stats.record(delivered);
             delivered
         })
         .unwrap_or(0)

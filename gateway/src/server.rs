@@ -380,7 +380,14 @@ async fn metrics_text(State(node): State<Arc<Node>>) -> Response {
     m.flusher_frames_total.absolute(flushed.frames);
     m.flusher_handoffs_total.absolute(flushed.handoffs);
     let mut text = metrics::prometheus().render();
-    metrics::render_rooms(&mut text, &node.rooms.top_rooms(node.cfg.room_metrics_top));
+    if node.cfg.room_metrics_top > 0 {
+        // Room names are user data (`dm:alice:bob`): only operator-listed
+        // patterns are shown by name, everything else is summed in `_other`.
+        let patterns = &node.cfg.room_metrics_rooms;
+        let shown = |room: &str| room != metrics::OTHER_ROOMS && patterns.iter().any(|p| p.matches(room));
+        let rooms = node.rooms.top_rooms(node.cfg.room_metrics_top, shown);
+        metrics::render_rooms(&mut text, &rooms);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -5,7 +5,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{Client, Ended, Refused, TestNode, refused, token, try_open, within};
@@ -434,4 +434,177 @@ async fn a_storm_of_5000_clients_against_1000_per_sec_all_connect_through_retrie
     assert!(hwm_mib < 512, "VmHWM {hwm_mib} MiB");
     // The node still serves after the storm.
     node.assert_serving().await;
+}
+
+/// One upgrade attempt from `xff` (X-Forwarded-For); `None` when refused or failed.
+async fn upgrade_from(url: &str, xff: &str) -> Option<Client> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert("x-forwarded-for", xff.parse().unwrap());
+    match tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(req)).await {
+        Ok(Ok((ws, _))) => Some(Client::from_ws(ws)),
+        _ => None,
+    }
+}
+
+/// A legitimate login from `xff`: one upgrade and `connect` at once.
+async fn login_from(url: &str, xff: &str, token: &str) -> bool {
+    match upgrade_from(url, xff).await {
+        Some(mut c) => c.connect(token).await.get("ok").is_some(),
+        None => false,
+    }
+}
+
+/// Keeps `n` upgrades from `xff` open without ever sending `connect`,
+/// reopening each as soon as the node closes it (4001) and retrying a
+/// refused one after 20 ms, until `stop` is set. Returns the upgrades the
+/// node accepted.
+fn silent_attacker(url: String, xff: &'static str, n: usize, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let (url, stop) = (url.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut accepted = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        match upgrade_from(&url, xff).await {
+                            Some(mut c) => {
+                                accepted += 1;
+                                let _ = c.closed().await;
+                            }
+                            None => tokio::time::sleep(Duration::from_millis(20)).await,
+                        }
+                    }
+                    accepted
+                })
+            })
+            .collect();
+        let mut accepted = 0;
+        for t in tasks {
+            accepted += t.await.unwrap();
+        }
+        accepted
+    })
+}
+
+/// Issue 18 item 3: 20 upgrades from one address that never send `connect`
+/// (reopened after each 4001) used to hold every slot of `--max-handshakes 20`,
+/// so logins from other addresses were refused with 503 nearly every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_handshakes_from_one_address_cannot_keep_other_addresses_out() {
+    const CAP: usize = 20;
+    const LOGINS: usize = 23;
+    let node = TestNode::with(|o| {
+        o.max_handshakes = Some(CAP);
+        o.auth_timeout_ms = Some(1_000);
+        o.trusted_proxy_header = Some("x-forwarded-for".into());
+    })
+    .await;
+    let url = node.url();
+    let stop = Arc::new(AtomicBool::new(false));
+    let attacker = silent_attacker(url.clone(), "203.0.113.66", CAP, stop.clone());
+    // Let the attacker fill the table.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(node.running.node.limits.handshakes_in_progress(), CAP);
+    let token = node.token("legit");
+    let mut ok = 0;
+    for i in 0..LOGINS {
+        if login_from(&url, &format!("198.51.100.{}", i + 1), &token).await {
+            ok += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let accepted = within(attacker).await.unwrap();
+    eprintln!("silent handshakes: legitimate logins {ok} of {LOGINS}; attacker upgrades accepted {accepted}");
+    assert!(ok >= LOGINS - 2, "legitimate logins succeeded {ok} of {LOGINS}");
+    assert!(node.running.node.limits.handshakes_peak() <= CAP);
+    node.assert_serving().await;
+}
+
+/// Issue 18 item 3: 60 upgrade requests/s from one address against
+/// `--connects-per-sec 20` used to spend the whole node budget, so logins
+/// from other addresses got 503 most of the time (4 of 32).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_flood_from_one_address_cannot_spend_the_whole_connection_budget() {
+    const LOGINS: usize = 32;
+    let node = TestNode::with(|o| {
+        o.connects_per_sec = Some(20);
+        o.trusted_proxy_header = Some("x-forwarded-for".into());
+    })
+    .await;
+    let url = node.url();
+    let stop = Arc::new(AtomicBool::new(false));
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let flood = {
+        let (url, stop, admitted) = (url.clone(), stop.clone(), admitted.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1_000 / 60));
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let (url, admitted) = (url.clone(), admitted.clone());
+                tokio::spawn(async move {
+                    if upgrade_from(&url, "203.0.113.77").await.is_some() {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        })
+    };
+    // Let the flood drain the budget's burst first.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let token = node.token("legit");
+    let started = std::time::Instant::now();
+    let mut ok = 0;
+    for i in 0..LOGINS {
+        if login_from(&url, &format!("198.51.100.{}", i + 1), &token).await {
+            ok += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let secs = started.elapsed().as_secs_f64() + 1.5;
+    stop.store(true, Ordering::Relaxed);
+    flood.await.unwrap();
+    let flooded = admitted.load(Ordering::Relaxed);
+    eprintln!(
+        "upgrade flood: legitimate logins {ok} of {LOGINS}; flood admitted {flooded} in {secs:.1} s ({:.1}/s)",
+        flooded as f64 / secs
+    );
+    assert!(ok >= LOGINS - 2, "legitimate logins succeeded {ok} of {LOGINS}");
+    node.assert_serving().await;
+}
+
+/// Issue 18 item 3: a full handshake table makes room for a newcomer by
+/// closing the handshake that has been silent longest (4001), instead of
+/// refusing the newcomer.
+#[tokio::test]
+async fn a_full_handshake_table_sheds_the_oldest_silent_handshake() {
+    let node = TestNode::with(|o| {
+        o.max_handshakes = Some(3);
+        o.auth_timeout_ms = Some(1_000);
+        o.trusted_proxy_header = Some("x-forwarded-for".into());
+    })
+    .await;
+    let url = node.url();
+    let mut silent = Vec::new();
+    for i in 0..3 {
+        silent.push(try_open(&url, Some(&format!("203.0.113.{}", i + 1))).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Silent for longer than a fifth of the auth timeout: may be shed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut newcomer = try_open(&url, Some("198.51.100.1")).await.expect("a place was made");
+    let r = newcomer.connect(&node.token("newcomer")).await;
+    assert!(r.get("ok").is_some(), "{r}");
+    // The oldest silent handshake was told why and closed with 4001.
+    let f = silent[0].next_frame().await;
+    assert_eq!(f["error"]["code"], "unauthorized", "{f}");
+    assert_eq!(silent[0].closed().await, Ended::Close(4001));
+    // The younger ones still wait (their own auth timeout is 1 s away).
+    for c in &mut silent[1..] {
+        assert!(c.push_within(Duration::from_millis(100)).await.is_none());
+    }
+    assert!(node.running.node.limits.handshakes_peak() <= 3);
+    let text = gateway::metrics::prometheus().render();
+    assert!(text.contains("gateway_handshakes_shed_total"), "{text}");
 }

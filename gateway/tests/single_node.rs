@@ -669,12 +669,14 @@ async fn every_message_reaches_every_member_under_concurrent_writers() {
 }
 
 /// `/metrics` shows per-room series for the busiest rooms only, so the number
-/// of room series is bounded by `--room-metrics-top`.
+/// of room series is bounded by `--room-metrics-top`; the rest are summed in
+/// `room="_other"`.
 #[tokio::test]
 async fn per_room_metrics_show_only_the_busiest_rooms() {
     let node = TestNode::with(|o| {
         o.no_rate_limits = Some(true);
         o.room_metrics_top = Some(2);
+        o.room_metrics_rooms = Some(vec!["busy-*".into(), "medium-*".into(), "quiet-*".into()]);
     })
     .await;
     let suffix = common::rand_suffix();
@@ -709,11 +711,55 @@ async fn per_room_metrics_show_only_the_busiest_rooms() {
     assert_eq!(series("gateway_room_deliveries_total", &rooms[1]), Some(6));
     assert_eq!(series("gateway_room_members", &rooms[2]), None, "only the top 2 rooms");
     let room_lines = text.lines().filter(|l| l.starts_with("gateway_room_members{")).count();
-    assert_eq!(room_lines, 2);
-    // Nothing happened since that scrape: the ranking falls back to members,
-    // and the counters stay where they were.
-    let (_, text) = common::http_get(&node.http("/metrics")).await;
-    assert!(text.contains(&format!("gateway_room_messages_total{{room=\"{}\"}} 5", rooms[0])));
-    assert!(text.contains(&format!("gateway_room_members{{room=\"{}\"}} 2", rooms[1])));
+    assert_eq!(room_lines, 3, "the top 2 and _other");
+    // The quiet room is summed in _other: sums over `room` still add up.
+    assert_eq!(series("gateway_room_members", "_other"), Some(1));
+    assert_eq!(series("gateway_room_deliveries_total", "_other"), Some(1));
+    // A scrape changes nothing: the next one (another Prometheus, say) sees the
+    // same ranking, by the traffic of the last 30-60 s, and the same counters.
+    let (_, again) = common::http_get(&node.http("/metrics")).await;
+    let rooms_of = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| l.starts_with("gateway_room_"))
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(rooms_of(&again), rooms_of(&text));
+    assert!(again.contains(&format!("gateway_room_messages_total{{room=\"{}\"}} 5", rooms[0])));
+    assert!(again.contains(&format!("gateway_room_members{{room=\"{}\"}} 2", rooms[1])));
     drop(members);
+}
+
+/// Issue 18 item 4: an anonymous `GET /metrics` on the client port listed
+/// `gateway_room_members{room="dm:alice:bob"}` with message and delivery
+/// counts. By default no room name reaches a label; the traffic is summed in
+/// `room="_other"`.
+#[tokio::test]
+async fn an_anonymous_metrics_scrape_does_not_reveal_private_room_names() {
+    let node = TestNode::with(|o| o.room_metrics_rooms = Some(vec!["general".into(), "team-*".into()])).await;
+    let dm = format!("dm:alice:bob{}", common::rand_suffix());
+    let mut alice = node.client("alice").await;
+    let mut bob = node.client("bob").await;
+    alice.subscribe(&[dm.as_str(), "general", "team-x"]).await;
+    bob.subscribe(&[dm.as_str()]).await;
+    for i in 0..3 {
+        assert!(alice.publish(&dm, json!(i)).await.get("ok").is_some());
+    }
+    assert!(alice.publish("team-x", json!("hi")).await.get("ok").is_some());
+    // Still served on the client port (the operator contract), with no
+    // credentials, but without the private room's name.
+    let (status, text) = common::http_get(&node.http("/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(!text.contains("dm:"), "{text}");
+    assert!(!text.contains("alice"), "{text}");
+    let series = |name: &str, room: &str| -> Option<u64> {
+        let prefix = format!("{name}{{room=\"{room}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+    };
+    // Operator-listed rooms are shown by name; the dm is in _other.
+    assert_eq!(series("gateway_room_messages_total", "team-x"), Some(1));
+    assert_eq!(series("gateway_room_members", "general"), Some(1));
+    assert_eq!(series("gateway_room_members", "_other"), Some(2));
+    assert_eq!(series("gateway_room_messages_total", "_other"), Some(3));
+    assert_eq!(series("gateway_room_deliveries_total", "_other"), Some(6));
 }
