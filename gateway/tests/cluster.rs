@@ -307,7 +307,7 @@ async fn while_nats_is_down_publishes_are_refused_and_missed_messages_arrive_aft
     let mut on_a = a.client("on-a").await;
     on_a.subscribe(&["outage"]).await;
     let mut on_b = b.client("on-b").await;
-    on_b.publish("outage", json!("before")).await;
+    publish_many(&mut on_b, "outage", 1, |_| json!("before")).await;
     assert_eq!(on_a.next_push().await["data"], "before");
 
     cluster.servers[0].kill();

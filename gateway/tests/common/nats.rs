@@ -93,7 +93,14 @@ impl Drop for Server {
 pub struct Cluster {
     pub servers: Vec<Server>,
     _dir: tempfile::TempDir,
+    /// Dropped after the servers (fields drop in order).
+    _slot: tokio::sync::SemaphorePermit<'static>,
 }
+
+/// Clusters running at once in one test binary. Each is 3 JetStream servers
+/// plus gateways; more than two at once on a 2-core machine made publishes
+/// time out (`unavailable`) while streams elected leaders.
+static CLUSTER_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 impl Cluster {
     pub async fn start(n: usize) -> Self {
@@ -106,19 +113,24 @@ impl Cluster {
         // A free port can be taken by another process's outgoing connection
         // before nats-server binds it; then that server exits. Start again on
         // new ports (bounded).
+        let mut slot = Some(CLUSTER_SLOTS.acquire().await.expect("never closed"));
         for attempt in 1..=4 {
-            let mut c = Self::spawn_all(n, sync_always);
+            let Some(permit) = slot.take() else { break };
+            let mut c = Self::spawn_all(n, sync_always, permit);
             tokio::time::sleep(Duration::from_millis(300)).await;
             if c.servers.iter_mut().all(Server::alive) {
                 c.wait_ready().await;
                 return c;
             }
             eprintln!("nats-server failed to start (attempt {attempt}); retrying on other ports");
+            let Cluster { servers, _dir, _slot } = c;
+            drop(servers);
+            slot = Some(_slot);
         }
         panic!("nats-server cluster did not start in 4 attempts");
     }
 
-    fn spawn_all(n: usize, sync_always: bool) -> Self {
+    fn spawn_all(n: usize, sync_always: bool, slot: tokio::sync::SemaphorePermit<'static>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(3 * n);
         let mut servers: Vec<Server> = (0..n)
@@ -163,7 +175,11 @@ impl Cluster {
         for s in &mut servers {
             s.spawn();
         }
-        Self { servers, _dir: dir }
+        Self {
+            servers,
+            _dir: dir,
+            _slot: slot,
+        }
     }
 
     /// Waits until every running server reports healthy JetStream.
