@@ -1,4 +1,4 @@
-//! An echo server on the gateway's own WebSocket framing (`gateway::ws`), for
+//! An echo server on the gateway's own WebSocket framing (`gateway::transport::ws`), for
 //! the Autobahn|Testsuite fuzzing client (`scripts/autobahn.sh`): every
 //! message comes back as it came (text as text, binary as binary), pings
 //! are answered, and the connection is closed with the code the framing
@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 
-use gateway::ws::{self, Frame, Incoming, ReadError, Reader};
+use gateway::transport::ws::{self, Frame, Incoming, ReadError, Reader};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 

@@ -5,28 +5,30 @@
 //! for every local member. Alone it is a complete chat server (the embedded
 //! bus); cluster mode joins nodes through NATS.
 //!
-//! Modules: [`config`] (flags, env, TOML), [`server`] (listener, router,
-//! shutdown), [`conn`] (connection task), [`rooms`] (room index and log),
-//! [`bus`] (how messages get offsets and reach nodes), [`auth`] (JWT),
-//! [`jwks`] (key sets fetched from URLs), [`tls`] (wss:// with certificate
-//! reload), [`protocol`] (JSON wire format), [`limits`] (rate limits and
-//! admission control), [`metrics`], [`error`].
+//! Modules, in their layer order (each uses only those before it;
+//! `tests/architecture.rs` checks it): [`model`] (ids), [`error`] (error and
+//! close codes), [`metrics`], [`transport`] (RFC 6455 framing, sockets, TLS),
+//! [`protocol`] (client commands and server frames, JSON and protobuf),
+//! [`rooms`] (room index, log, sequencer), [`broker`] (how messages get
+//! offsets and reach nodes: embedded or NATS), [`auth`] (JWT), [`limits`]
+//! (rate limits and admission), [`config`] (flags, env, TOML), [`node`] (the
+//! services of one process), [`conn`] (a connection's task and commands),
+//! [`http`] (router, listener, upgrade, shutdown).
 
 pub mod auth;
-pub mod bus;
+pub mod broker;
 pub mod config;
 pub mod conn;
 pub mod error;
+pub mod http;
 pub mod jwks;
 pub mod limits;
 pub mod metrics;
-pub mod protobuf;
+pub mod model;
+pub mod node;
 pub mod protocol;
 pub mod rooms;
-pub mod server;
-pub mod tcp;
-pub mod tls;
-pub mod ws;
+pub mod transport;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,7 +38,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use config::Config;
-pub use server::{DrainReport, Node, serve};
+pub use http::serve;
+pub use node::{DrainReport, Node};
 
 /// A node serving in the background (tests and embedding).
 pub struct Running {
@@ -65,7 +68,7 @@ impl Running {
     /// Binds `127.0.0.1:0` (with the production accept queue) and starts a
     /// node with `cfg`.
     pub async fn bind_local(cfg: Config) -> anyhow::Result<Self> {
-        let listener = server::listen(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let listener = http::listen(SocketAddr::from(([127, 0, 0, 1], 0)))?;
         let node = Node::new(cfg).await?;
         Ok(Self::start(node, listener)?)
     }

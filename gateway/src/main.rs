@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    gateway::tls::install_default_provider();
+    gateway::transport::tls::install_default_provider();
     let cli = Cli::parse();
     let config = cli
         .opts
@@ -92,7 +92,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     }
     let node = Node::new(config.clone()).await.context("starting the node")?;
     let listener =
-        gateway::server::listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
+        gateway::http::listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -112,7 +112,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         announce_dev_mode(&config, addr);
     }
     if let Some(l) = metrics_listener {
-        tokio::spawn(gateway::server::serve_metrics(node.clone(), l));
+        tokio::spawn(gateway::http::serve_metrics(node.clone(), l));
     }
     let report = gateway::serve(node, listener, shutdown_signal()).await;
     tracing::info!(clean = report.clean, conns = report.conns_at_start, elapsed = ?report.elapsed, "stopped");

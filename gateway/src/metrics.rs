@@ -11,7 +11,6 @@ use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::error::CloseReason;
-use crate::rooms::{RoomId, RoomMetrics, RoomStat};
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -136,53 +135,4 @@ pub fn jwks_refetch_limited() {
 /// Counts a TLS certificate reload by result.
 pub fn tls_reloaded(result: &'static str) {
     counter!("gateway_tls_reloads_total", "result" => result).increment(1);
-}
-
-/// The `room` label of the series summing every room not shown by name.
-pub const OTHER_ROOMS: &str = "_other";
-
-/// Appends the per-room series `RoomIndex::top_rooms` chose, in the
-/// Prometheus text format: one series per room shown by name (at most
-/// `--room-metrics-top`, only rooms matching `--room-metrics-rooms`), and one
-/// with `room="_other"` summing every other room, so the sum over `room` is the
-/// node's total. A room's counters are its own since its state was created on
-/// this node; `_other`'s move as rooms enter or leave the top or are dropped.
-/// Room names need no escaping (`A-Z a-z 0-9 _ - :`).
-pub fn render_rooms(out: &mut String, rooms: &RoomMetrics) {
-    use std::fmt::Write as _;
-    type Family = (&'static str, &'static str, &'static str, fn(&RoomStat) -> u64);
-    let families: [Family; 3] = [
-        (
-            "gateway_room_members",
-            "gauge",
-            "Local members of the room (rooms shown by name: the busiest allowed by --room-metrics-rooms; _other: the rest)",
-            |r| r.members as u64,
-        ),
-        (
-            "gateway_room_messages_total",
-            "counter",
-            "Messages fanned out in the room on this node",
-            |r| r.messages,
-        ),
-        (
-            "gateway_room_deliveries_total",
-            "counter",
-            "Deliveries (message x member) in the room on this node",
-            |r| r.deliveries,
-        ),
-    ];
-    let other = RoomStat {
-        room: RoomId::parse(OTHER_ROOMS).expect("a valid room name"),
-        members: rooms.other.members,
-        messages: rooms.other.messages,
-        deliveries: rooms.other.deliveries,
-        recent: 0,
-    };
-    for (name, kind, help, value) in families {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for r in rooms.top.iter().chain([&other]) {
-            let _ = writeln!(out, "{name}{{room=\"{}\"}} {}", r.room, value(r));
-        }
-    }
 }

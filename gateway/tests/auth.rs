@@ -748,7 +748,7 @@ fn self_signed() -> (String, String, rustls::pki_types::CertificateDer<'static>)
 async fn wss_open(addr: SocketAddr, root: &rustls::pki_types::CertificateDer<'static>) -> Result<Wss, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(gateway::tls::provider())
+    let config = rustls::ClientConfig::builder_with_provider(gateway::transport::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
@@ -810,7 +810,7 @@ impl WssClient {
 
 #[tokio::test]
 async fn wss_round_trip_and_a_certificate_swap_seen_by_new_connections_only() {
-    gateway::tls::install_default_provider();
+    gateway::transport::tls::install_default_provider();
     let dir = tempfile::tempdir().unwrap();
     let (cert_a, key_a, root_a) = self_signed();
     let cert_path = write_tmp(&dir, "tls.crt", &cert_a);

@@ -79,11 +79,6 @@ impl Frame {
         Self::encode(OP_BINARY, payload, true)
     }
 
-    /// This frame (JSON text) as the `gw.v1.proto` frame with the same content.
-    pub fn to_proto(&self) -> Self {
-        Self::encode(OP_BINARY, &crate::protobuf::server_frame(self.as_bytes()), self.reply)
-    }
-
     /// A ping control frame with an empty payload.
     pub fn ping() -> Self {
         Self::encode(OP_PING, &[], true)
@@ -98,7 +93,7 @@ impl Frame {
     pub fn close(code: u16, reason: &str) -> Self {
         let mut payload = Vec::with_capacity(2 + reason.len());
         payload.extend_from_slice(&code.to_be_bytes());
-        payload.extend_from_slice(crate::protocol::truncate(reason, MAX_CONTROL_PAYLOAD - 2).as_bytes());
+        payload.extend_from_slice(truncate_utf8(reason, MAX_CONTROL_PAYLOAD - 2).as_bytes());
         Self::encode(OP_CLOSE, &payload, true)
     }
 
@@ -142,6 +137,32 @@ impl Frame {
     pub fn wire(&self) -> &[u8] {
         &self.wire
     }
+}
+
+/// The `Sec-WebSocket-Accept` value for a client's `Sec-WebSocket-Key`
+/// (RFC 6455 section 4.2.2): base64 of the SHA-1 of the key followed by the
+/// protocol's GUID.
+pub fn accept_key(key: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha1::{Digest, Sha1};
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut h = Sha1::new();
+    h.update(key);
+    h.update(GUID);
+    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character
+/// boundary (a close reason must fit a control frame, RFC 6455 section 5.5).
+pub fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 impl fanout_tree::Weighted for Frame {
@@ -450,6 +471,24 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(io: &mut W, frame: Frame) -> io:
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn accept_key_matches_the_rfc_6455_example() {
+        // RFC 6455 section 1.3.
+        assert_eq!(
+            super::accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn close_reasons_are_cut_on_a_character_boundary() {
+        let reason = "é".repeat(100);
+        let cut = super::truncate_utf8(&reason, 123);
+        assert!(cut.len() <= 123 && cut.len().is_multiple_of(2));
+        let f = super::Frame::close(4009, &reason);
+        assert!(f.as_bytes().len() <= 125);
+    }
+
     use super::*;
     use tokio::io::AsyncWriteExt;
 

@@ -5,6 +5,8 @@
 //! writes straight into one `String` per frame; a message push is encoded once
 //! per node and shared by every member (see `rooms`).
 
+pub mod proto;
+
 use std::fmt::Write as _;
 
 use bytes::Bytes;
@@ -12,7 +14,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::{ErrorCode, ProtoError};
-use crate::rooms::RoomId;
+use crate::model::RoomId;
 
 /// One client command, validated.
 #[derive(Debug)]

@@ -3,7 +3,12 @@
 //!
 //! Owns local membership and the per-room log that serves `since` recovery and
 //! `history`. Does not own sockets (`conn` drains outboxes) or cross-node
-//! routing (`bus`).
+//! routing (`broker`).
+//!
+//! Files: `members` (member sets, notify-mode counts, the broadcast),
+//! `log` (the recent log: publish, de-duplication, catch-up, history),
+//! `sequencer` (cluster mode: ordering, gaps, repair bookkeeping), `stats`
+//! (figures for `/metrics`).
 //!
 //! Invariants:
 //! - A conn is in a room at most once; the first and last local member of a
@@ -21,144 +26,29 @@
 //! scrape ([`RoomIndex::top_rooms`]) takes no room lock and changes nothing. Broadcasts never block: full outboxes overflow and their writers
 //! close those connections as slow consumers.
 
-use std::cell::RefCell;
+mod log;
+mod members;
+mod sequencer;
+mod stats;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fmt;
 use std::sync::Arc;
-use std::sync::LazyLock;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use fanout_tree::{Flushers, MemberSet, Outbox, Weighted};
+use fanout_tree::{Flushers, MemberSet, Outbox};
 use parking_lot::Mutex;
 
-use crate::protocol;
-
-/// A validated room name: 1 to 128 characters from `A-Z a-z 0-9 _ - :`.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RoomId(Arc<str>);
-
-impl RoomId {
-    /// Longest room name, in characters.
-    pub const MAX_LEN: usize = 128;
-
-    /// Validates `name`. Wildcards and subject separators never pass, so a
-    /// room name is always safe to put in a bus subject.
-    pub fn parse(name: &str) -> Option<Self> {
-        let ok = !name.is_empty()
-            && name.len() <= Self::MAX_LEN
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b':');
-        ok.then(|| Self(Arc::from(name)))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for RoomId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
-    }
-}
-
-impl fmt::Display for RoomId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// A connection's id, unique within the node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub u64);
-
-pub use crate::ws::Frame;
+pub use crate::model::{ConnId, RoomId};
+pub use crate::transport::ws::Frame;
+pub use members::{Activity, Member};
+pub use stats::{
+    OTHER_ROOMS, OtherRooms, RANK_WINDOW_SECS, RoomCounters, RoomMetrics, RoomStat, render as render_metrics,
+};
 
 /// A connection's outbox.
 pub type ConnOutbox = Arc<Outbox<Frame>>;
-
-/// How a connection follows a room.
-#[derive(Clone, Copy)]
-pub enum Member<'a> {
-    /// Every message is pushed (`mode: full`).
-    Full(&'a ConnOutbox),
-    /// The same on `gw.v1.proto`.
-    FullProto(&'a ConnOutbox),
-    /// Only coalesced `activity` pushes (`mode: notify`, background rooms).
-    Notify(&'a Arc<Activity>),
-}
-
-/// Room -> (latest offset, messages counted).
-type PendingCounts = HashMap<RoomId, (u64, u64)>;
-
-/// A connection's pending `activity` counts for its notify-mode rooms. A
-/// message costs a notify member one map update; the connection's writer
-/// turns the counts into at most one `activity` push per room per interval.
-#[derive(Default)]
-pub struct Activity {
-    /// Room -> (latest offset, count), and when the first count arrived.
-    pending: Mutex<(PendingCounts, Option<tokio::time::Instant>)>,
-    ready: tokio::sync::Notify,
-}
-
-impl Activity {
-    /// Counts one message of `room` at `offset`.
-    pub fn bump(&self, room: &RoomId, offset: u64) {
-        let mut guard = self.pending.lock();
-        let (p, first_at) = &mut *guard;
-        let was_empty = p.is_empty();
-        if was_empty {
-            *first_at = Some(tokio::time::Instant::now());
-        }
-        match p.get_mut(room) {
-            Some(e) => {
-                e.0 = offset.max(e.0);
-                e.1 += 1;
-            }
-            None => {
-                p.insert(room.clone(), (offset, 1));
-            }
-        }
-        drop(guard);
-        if was_empty {
-            self.ready.notify_one();
-        }
-    }
-
-    /// Waits until some count is pending; returns when the first one arrived.
-    pub async fn pending(&self) -> tokio::time::Instant {
-        loop {
-            if let Some(at) = self.pending.lock().1 {
-                return at;
-            }
-            self.ready.notified().await;
-        }
-    }
-
-    /// Takes every pending count: (room, latest offset, messages since the last take).
-    pub fn take(&self) -> Vec<(RoomId, u64, u64)> {
-        let mut guard = self.pending.lock();
-        let (p, first_at) = &mut *guard;
-        *first_at = None;
-        let out = p.drain().map(|(room, (offset, count))| (room, offset, count)).collect();
-        if p.capacity() > 64 {
-            *p = HashMap::new();
-        }
-        out
-    }
-
-    /// Forgets the pending count of `room` (the connection left it).
-    pub fn forget(&self, room: &RoomId) {
-        let mut guard = self.pending.lock();
-        guard.0.remove(room);
-        if guard.0.is_empty() {
-            guard.1 = None;
-        }
-    }
-}
 
 /// The first/last local member transitions of a room; they drive the room's
 /// bus subscription.
@@ -279,66 +169,6 @@ struct RoomState {
     stats: Arc<RoomCounters>,
 }
 
-/// Length of one ranking window of [`RoomIndex::top_rooms`], seconds.
-pub const RANK_WINDOW_SECS: u64 = 30;
-
-/// The current ranking window: whole [`RANK_WINDOW_SECS`] since the process
-/// started.
-fn rank_window() -> u64 {
-    static START: LazyLock<Instant> = LazyLock::new(Instant::now);
-    START.elapsed().as_secs() / RANK_WINDOW_SECS
-}
-
-/// A room's figures for `/metrics`: written under the room's lock (one
-/// writer at a time), read by scrapes without it (each figure may be a moment
-/// older than another; never torn).
-#[derive(Debug, Default)]
-pub struct RoomCounters {
-    /// Local members, notify mode included.
-    members: AtomicUsize,
-    /// Messages fanned out on this node since the room's state exists.
-    messages: AtomicU64,
-    /// Deliveries (members a message was queued for, notify members included).
-    deliveries: AtomicU64,
-    /// The ranking window `window_deliveries` counts in, and the count of the
-    /// window before it (0 if the room was idle then).
-    window: AtomicU64,
-    window_deliveries: AtomicU64,
-    previous_window_deliveries: AtomicU64,
-}
-
-impl RoomCounters {
-    /// Counts one message fanned out to `delivered` members. Under the room's lock.
-    fn record(&self, delivered: usize) {
-        let delivered = delivered as u64;
-        self.messages.fetch_add(1, Ordering::Relaxed);
-        self.deliveries.fetch_add(delivered, Ordering::Relaxed);
-        let now = rank_window();
-        let w = self.window.load(Ordering::Relaxed);
-        if w != now {
-            let last = self.window_deliveries.load(Ordering::Relaxed);
-            let previous = if w + 1 == now { last } else { 0 };
-            self.previous_window_deliveries.store(previous, Ordering::Relaxed);
-            self.window_deliveries.store(0, Ordering::Relaxed);
-            self.window.store(now, Ordering::Relaxed);
-        }
-        self.window_deliveries.fetch_add(delivered, Ordering::Relaxed);
-    }
-
-    /// Deliveries in the current and the previous ranking window, as of `now`.
-    fn recent(&self, now: u64) -> u64 {
-        let w = self.window.load(Ordering::Relaxed);
-        let current = self.window_deliveries.load(Ordering::Relaxed);
-        if w == now {
-            current + self.previous_window_deliveries.load(Ordering::Relaxed)
-        } else if w + 1 == now {
-            current
-        } else {
-            0
-        }
-    }
-}
-
 impl RoomState {
     fn has_members(&self) -> bool {
         !self.members.is_empty() || !self.proto_members.is_empty() || !self.watchers.is_empty()
@@ -371,75 +201,6 @@ impl RoomState {
             dead: false,
             stats: Arc::default(),
         }
-    }
-
-    fn catchup(&self, since: u64, upto: u64) -> Catchup {
-        if since >= upto {
-            // Nothing missed, unless the client saw offsets this room never
-            // had here (e.g. an embedded node restarted): it must reload.
-            return Catchup::Frames {
-                frames: Vec::new(),
-                recovered: since == upto,
-            };
-        }
-        if since >= self.evicted_upto {
-            let start = self.log.partition_point(|e| e.offset <= since);
-            let frames = self
-                .log
-                .range(start..)
-                .take_while(|e| e.offset <= upto)
-                .map(|e| e.frame.clone())
-                .collect();
-            return Catchup::Frames {
-                frames,
-                recovered: true,
-            };
-        }
-        if since < self.gone_upto {
-            return Catchup::Frames {
-                frames: Vec::new(),
-                recovered: false,
-            };
-        }
-        Catchup::NeedsBackend
-    }
-
-    /// Whether the log holds every message the room still has.
-    fn complete(&self) -> bool {
-        self.gone_upto == self.evicted_upto
-    }
-
-    /// Puts `entries` (oldest first), read from the stream, in front of the
-    /// log as far as the caps allow. They must be every message of the room
-    /// in `(covers_from, read_upto]`; unless that range reaches the log's
-    /// start they are not contiguous with it and nothing is added.
-    fn prepend(&mut self, limits: &RoomLimits, covers_from: u64, entries: &[(u64, Frame)], read_upto: u64) {
-        let floor = self.evicted_upto;
-        if !self.live || read_upto < floor || covers_from >= floor {
-            return;
-        }
-        // Never claim what is known to be gone.
-        let mut start = covers_from.max(self.gone_upto);
-        for (offset, frame) in entries.iter().rev() {
-            if *offset > floor {
-                continue;
-            }
-            if *offset <= start {
-                break;
-            }
-            let fits =
-                self.log.len() < limits.history_size && self.log_bytes + frame.weight() <= limits.history_max_bytes;
-            if !fits {
-                start = *offset;
-                break;
-            }
-            self.log_bytes += frame.weight();
-            self.log.push_front(Entry {
-                offset: *offset,
-                frame: frame.clone(),
-            });
-        }
-        self.evicted_upto = start;
     }
 }
 
@@ -476,73 +237,10 @@ pub enum Delivered {
     NoRoom,
 }
 
-/// One room's figures for `/metrics` (see [`RoomIndex::top_rooms`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RoomStat {
-    pub room: RoomId,
-    pub members: usize,
-    pub messages: u64,
-    pub deliveries: u64,
-    /// Deliveries in the current and the previous ranking window.
-    pub recent: u64,
-}
-
 /// The de-duplication key of `key` published by user `sub`: the user's
 /// length first, so no two (user, key) pairs give the same text.
 pub fn dedup_key(sub: &str, key: &str) -> String {
     format!("{}:{sub}:{key}", sub.len())
-}
-
-impl RoomStat {
-    fn rank(&self) -> (u64, usize) {
-        (self.recent, self.members)
-    }
-}
-
-/// Ranks by (recent deliveries, members); the heap's top is the least.
-struct Ranked(RoomStat);
-
-impl PartialEq for Ranked {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.rank() == other.0.rank()
-    }
-}
-impl Eq for Ranked {}
-impl PartialOrd for Ranked {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Ranked {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        other.0.rank().cmp(&self.0.rank())
-    }
-}
-
-/// The sums over every room not shown by name on `/metrics`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct OtherRooms {
-    pub rooms: usize,
-    pub members: usize,
-    pub messages: u64,
-    pub deliveries: u64,
-}
-
-impl OtherRooms {
-    fn add(&mut self, members: usize, messages: u64, deliveries: u64) {
-        self.rooms += 1;
-        self.members += members;
-        self.messages += messages;
-        self.deliveries += deliveries;
-    }
-}
-
-/// What `/metrics` shows of rooms: the top rooms by name, and the rest summed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RoomMetrics {
-    /// Busiest first.
-    pub top: Vec<RoomStat>,
-    pub other: OtherRooms,
 }
 
 /// Per-node index from room to its state.
@@ -578,55 +276,6 @@ impl RoomIndex {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// The at most `n` rooms that `shown` allows with the most deliveries in
-    /// the current and previous ranking window ([`RANK_WINDOW_SECS`] each,
-    /// so 30 to 60 s of traffic), then the most members, with their counters;
-    /// every other room (not allowed, idle, or below the top `n`) is summed in
-    /// [`RoomMetrics::other`], so series still add up to the node's rooms.
-    /// Rooms without members or recent traffic are never shown by name.
-    ///
-    /// Read-only and lock-free per room: it reads each room's atomics under
-    /// the map's shard read guards, clones only the names of the top `n`,
-    /// and changes nothing, so any number of scrapers see the same ranking.
-    pub fn top_rooms(&self, n: usize, shown: impl Fn(&str) -> bool) -> RoomMetrics {
-        let now = rank_window();
-        let mut out = RoomMetrics::default();
-        let mut heap = std::collections::BinaryHeap::with_capacity(n + 1);
-        for entry in &self.rooms {
-            let c = &entry.value().stats;
-            let members = c.members.load(Ordering::Relaxed);
-            let messages = c.messages.load(Ordering::Relaxed);
-            let deliveries = c.deliveries.load(Ordering::Relaxed);
-            let recent = c.recent(now);
-            let candidate = n > 0 && (members > 0 || recent > 0) && shown(entry.key().as_str());
-            // Only a room that beats the least of a full top is worth its name's clone.
-            let beats = heap.len() < n
-                || heap
-                    .peek()
-                    .is_some_and(|Ranked(least): &Ranked| (recent, members) > least.rank());
-            if !(candidate && beats) {
-                out.other.add(members, messages, deliveries);
-                continue;
-            }
-            heap.push(Ranked(RoomStat {
-                room: entry.key().clone(),
-                members,
-                messages,
-                deliveries,
-                recent,
-            }));
-            if heap.len() > n
-                && let Some(Ranked(out_of_top)) = heap.pop()
-            {
-                out.other
-                    .add(out_of_top.members, out_of_top.messages, out_of_top.deliveries);
-            }
-        }
-        out.top = heap.into_iter().map(|Ranked(r)| r).collect();
-        out.top.sort_unstable_by_key(|r| std::cmp::Reverse(r.rank()));
-        out
     }
 
     /// Local members of `room` (both modes).
@@ -745,12 +394,6 @@ impl RoomIndex {
         self.with_existing(room, |st| st.live).unwrap_or(false)
     }
 
-    /// The messages of `room` in `(since, upto]` as far as this node has them.
-    pub fn catchup(&self, room: &RoomId, since: u64, upto: u64) -> Catchup {
-        self.with_existing(room, |st| st.catchup(since, upto))
-            .unwrap_or(Catchup::NeedsBackend)
-    }
-
     /// Removes `conn` from `room`. With the authoritative log an empty room
     /// without history is dropped at once; a cache is dropped by
     /// [`RoomIndex::forget_if_empty`] after the bus's linger.
@@ -805,395 +448,6 @@ impl RoomIndex {
             .collect()
     }
 
-    /// Stores a message published on this node (the embedded bus) by `from`
-    /// (`from_json` is the same `sub` as a JSON string literal): assigns the
-    /// next offset, remembers `key` for this user in this room, encodes the
-    /// push once, appends it to the log and offers it to every member.
-    #[allow(clippy::too_many_arguments)]
-    pub fn publish(
-        &self,
-        room: &RoomId,
-        from: &str,
-        from_json: &str,
-        data: &[u8],
-        key: Option<&str>,
-        ts_ms: u64,
-        now: Instant,
-    ) -> Result<Published, RoomError> {
-        // Keys are scoped to the user: clients number their keys alike, and
-        // one user must never suppress another's message by guessing a key.
-        let key = key.map(|k| dedup_key(from, k));
-        self.with_room(room, |st| {
-            self.expire_keys(st, now);
-            if let Some(offset) = key.as_deref().and_then(|k| st.dedup.get(k)) {
-                return Published {
-                    offset: *offset,
-                    fresh: false,
-                    delivered: 0,
-                    slow: 0,
-                };
-            }
-            let offset = st.last_offset + 1;
-            let frame = Frame::text(protocol::message_push(room, offset, ts_ms, from_json, data));
-            if let Some(k) = key.as_deref() {
-                let k: Box<str> = k.into();
-                st.dedup.insert(k.clone(), offset);
-                st.dedup_order.push_back((now, k));
-                if st.dedup_order.len() > self.limits.dedup_max_keys
-                    && let Some((_, old)) = st.dedup_order.pop_front()
-                {
-                    st.dedup.remove(&old);
-                }
-            }
-            let (delivered, slow) = self.append_and_broadcast(room, st, offset, frame);
-            Published {
-                offset,
-                fresh: true,
-                delivered,
-                slow,
-            }
-        })
-    }
-
-    fn expire_keys(&self, st: &mut RoomState, now: Instant) {
-        while let Some((at, _)) = st.dedup_order.front() {
-            if now.duration_since(*at) < self.limits.dedup_window {
-                break;
-            }
-            if let Some((_, k)) = st.dedup_order.pop_front() {
-                st.dedup.remove(&k);
-            }
-        }
-    }
-
-    fn append_and_broadcast(&self, room: &RoomId, st: &mut RoomState, offset: u64, frame: Frame) -> (usize, usize) {
-        st.last_offset = offset;
-        st.log_bytes += frame.weight();
-        st.log.push_back(Entry {
-            offset,
-            frame: frame.clone(),
-        });
-        self.trim(st);
-        let mut slow = Vec::new();
-        let delivered = self.broadcast(st, &frame, &mut slow);
-        for w in st.watchers.values() {
-            w.bump(room, offset);
-        }
-        let delivered = delivered + st.watchers.len();
-        st.stats.record(delivered);
-        (delivered, slow.len())
-    }
-
-    /// Offers `frame` to the room's members, encoded once per protocol, and
-    /// hands the outboxes that need writing to the flushers.
-    fn broadcast(&self, st: &RoomState, frame: &Frame, slow: &mut Vec<ConnId>) -> usize {
-        // One list per thread, reused: no allocation per message.
-        thread_local! {
-            static SCHEDULE: RefCell<Vec<Arc<Outbox<Frame>>>> = const { RefCell::new(Vec::new()) };
-        }
-        SCHEDULE.with_borrow_mut(|schedule| {
-            let mut delivered = st.members.broadcast(frame, slow, schedule);
-            if !st.proto_members.is_empty() {
-                delivered += st.proto_members.broadcast(&frame.to_proto(), slow, schedule);
-            }
-            self.flushers.schedule(schedule);
-            if schedule.capacity() > 1 << 16 {
-                *schedule = Vec::new();
-            }
-            delivered
-        })
-    }
-
-    fn trim(&self, st: &mut RoomState) {
-        while st.log.len() > self.limits.history_size
-            || (st.log_bytes > self.limits.history_max_bytes && st.log.len() > 1)
-        {
-            if let Some(old) = st.log.pop_front() {
-                st.log_bytes -= old.frame.weight();
-                st.evicted_upto = old.offset;
-                // Evicted from the authoritative log it is gone; evicted
-                // from a cache, the stream still has it.
-                if self.mode == LogMode::Authoritative {
-                    st.gone_upto = old.offset;
-                }
-            }
-        }
-    }
-
-    /// Broadcasts a frame that is not stored (ephemeral rooms).
-    pub fn broadcast_unstored(&self, room: &RoomId, frame: &Frame) -> usize {
-        self.with_existing(room, |st| {
-            let mut slow = Vec::new();
-            for w in st.watchers.values() {
-                w.bump(room, 0);
-            }
-            let delivered = self.broadcast(st, frame, &mut slow) + st.watchers.len();
-            st.stats.record(delivered);
-            delivered
-        })
-        .unwrap_or(0)
-    }
-
-    /// A message from the bus with its offset `seq`; `prev` is the previous
-    /// offset of the same room (0 if unknown).
-    pub fn deliver(&self, room: &RoomId, seq: u64, prev: u64, frame: Frame) -> Delivered {
-        self.with_existing(room, |st| {
-            if !st.live || st.repairing {
-                if st.live && seq <= st.last_offset {
-                    return Delivered::Duplicate;
-                }
-                self.buffer(st, seq, prev, frame);
-                return Delivered::Buffered;
-            }
-            if seq <= st.last_offset {
-                return Delivered::Duplicate;
-            }
-            // An unknown previous offset (0 while the room has messages) may
-            // hide a gap: read up to the message before this one to be sure.
-            let prev = if prev == 0 && st.last_offset > 0 { seq - 1 } else { prev };
-            if prev > st.last_offset {
-                let gap = Gap {
-                    after: st.last_offset,
-                    upto: prev,
-                };
-                self.buffer(st, seq, prev, frame);
-                st.repairing = true;
-                return Delivered::Gap(gap);
-            }
-            let (members, _) = self.append_and_broadcast(room, st, seq, frame);
-            Delivered::Applied { members }
-        })
-        .unwrap_or(Delivered::NoRoom)
-    }
-
-    fn buffer(&self, st: &mut RoomState, seq: u64, prev: u64, frame: Frame) {
-        st.pending.insert(seq, (prev, frame));
-        while st.pending.len() > self.limits.max_pending {
-            if let Some((dropped, _)) = st.pending.pop_first() {
-                st.pending_dropped = st.pending_dropped.max(dropped);
-            }
-        }
-    }
-
-    /// Applies buffered messages that now follow on; returns the next gap:
-    /// up to the previous offset of the first message still waiting, or, with
-    /// nothing waiting, up to a tail learnt from the stream or a publish ack.
-    fn drain_pending(&self, room: &RoomId, st: &mut RoomState) -> Option<Gap> {
-        while let Some(entry) = st.pending.first_entry() {
-            let seq = *entry.key();
-            let prev = entry.get().0;
-            if seq <= st.last_offset {
-                entry.remove();
-                continue;
-            }
-            let prev = if prev == 0 && st.last_offset > 0 { seq - 1 } else { prev };
-            if prev > st.last_offset {
-                st.repairing = true;
-                return Some(Gap {
-                    after: st.last_offset,
-                    upto: prev,
-                });
-            }
-            let (_, frame) = entry.remove();
-            self.append_and_broadcast(room, st, seq, frame);
-        }
-        if st.pending_dropped > st.last_offset {
-            st.repairing = true;
-            return Some(Gap {
-                after: st.last_offset,
-                upto: st.pending_dropped,
-            });
-        }
-        st.pending_dropped = 0;
-        st.repairing = false;
-        None
-    }
-
-    /// Messages of `room` up to `gone_upto` were lost for this node (the
-    /// stream dropped them before this node could read them): every local
-    /// member is closed as a slow consumer, so it reconnects with `since` and
-    /// learns `recovered:false`, and the cache restarts after the hole so it
-    /// never claims to cover it. Returns how many members were closed.
-    pub fn lost_messages(&self, room: &RoomId, gone_upto: u64) -> usize {
-        self.with_existing(room, |st| {
-            st.log.clear();
-            st.log_bytes = 0;
-            st.evicted_upto = gone_upto.max(st.evicted_upto);
-            st.gone_upto = st.evicted_upto;
-            st.members.abort_all() + st.proto_members.abort_all()
-        })
-        .unwrap_or(0)
-    }
-
-    /// Makes `room` live at offset `last` (cache mode): applies what was
-    /// buffered meanwhile. Returns a gap to fetch, if any.
-    pub fn go_live(&self, room: &RoomId, last: u64) -> Option<Gap> {
-        self.with_existing(room, |st| {
-            if st.live {
-                return None;
-            }
-            st.live = true;
-            st.live_from = last;
-            st.last_offset = last;
-            st.evicted_upto = last;
-            self.drain_pending(room, st)
-        })
-        .flatten()
-    }
-
-    /// Applies messages fetched for a gap (in offset order), then what was
-    /// buffered behind it. Returns the next gap, if any.
-    pub fn repaired(&self, room: &RoomId, fetched: Vec<(u64, Frame)>, upto: u64) -> Option<Gap> {
-        self.with_existing(room, |st| {
-            for (seq, frame) in fetched {
-                if seq > st.last_offset {
-                    self.append_and_broadcast(room, st, seq, frame);
-                }
-            }
-            // Whatever the gap held that the stream no longer has is skipped.
-            if upto > st.last_offset {
-                st.last_offset = upto;
-            }
-            self.drain_pending(room, st)
-        })
-        .flatten()
-    }
-
-    /// Asks for the messages up to `tail` (the stream's last offset, or one
-    /// acknowledged to a publisher here). Returns the gap to fetch now, or
-    /// `None` if there is none or a repair under way will reach `tail`.
-    pub fn request_repair(&self, room: &RoomId, tail: u64) -> Option<Gap> {
-        self.with_existing(room, |st| {
-            if tail <= st.last_offset {
-                return None;
-            }
-            if !st.live || st.repairing {
-                st.pending_dropped = st.pending_dropped.max(tail);
-                return None;
-            }
-            st.repairing = true;
-            Some(Gap {
-                after: st.last_offset,
-                upto: tail,
-            })
-        })
-        .flatten()
-    }
-
-    /// Ends a repair that could not run (the bus is down); the next message
-    /// or reconnect starts another.
-    pub fn repair_failed(&self, room: &RoomId) {
-        self.with_existing(room, |st| st.repairing = false);
-    }
-
-    /// Where the cache of `room` starts (cache mode, live): it holds every
-    /// message in `(start, last]`. Also returns the encoded bytes of its
-    /// messages in `(start, upto]`, what a catch-up to `upto` takes from it.
-    pub fn cache_start(&self, room: &RoomId, upto: u64) -> Option<(u64, usize)> {
-        self.with_existing(room, |st| {
-            st.live.then(|| {
-                let bytes = st
-                    .log
-                    .iter()
-                    .take_while(|e| e.offset <= upto)
-                    .map(|e| e.frame.weight())
-                    .sum();
-                (st.evicted_upto, bytes)
-            })
-        })
-        .flatten()
-    }
-
-    /// Puts messages read from the stream in front of the cache of `room`
-    /// (cache mode) as far as its message and byte caps allow. `entries`
-    /// (oldest first) must be every message of the room in
-    /// `(covers_from, read_upto]`: when the message at `covers_from` is still
-    /// stored nothing after it was dropped. Entries not contiguous with the
-    /// cache (the cache now starts above `read_upto`) are not added.
-    pub fn prepend(&self, room: &RoomId, covers_from: u64, entries: &[(u64, Frame)], read_upto: u64) {
-        self.with_existing(room, |st| st.prepend(&self.limits, covers_from, entries, read_upto));
-    }
-
-    /// Completes a catch-up of `room` for `since` up to `upto` with `read`,
-    /// every message of the room in `(since, read_upto]` read from the stream
-    /// (oldest first), and the cache: the read messages up to where the cache
-    /// starts, then the cache's. The read messages are also put in front of
-    /// the cache as far as its caps allow. `None` when the room is not live
-    /// and the read stops short of `upto`, or when the cache now starts above
-    /// `read_upto` (read on from there).
-    pub fn catchup_from_stream(
-        &self,
-        room: &RoomId,
-        since: u64,
-        upto: u64,
-        read: &[(u64, Frame)],
-        read_upto: u64,
-    ) -> Option<Vec<Frame>> {
-        let from_read = |end: u64| -> Vec<Frame> {
-            read.iter()
-                .filter(|(offset, _)| *offset > since && *offset <= end)
-                .map(|(_, frame)| frame.clone())
-                .collect()
-        };
-        // Outer `None`: no live cache; inner `None`: not contiguous.
-        let joined = self.with_existing(room, |st| {
-            if !st.live {
-                return None;
-            }
-            let floor = st.evicted_upto.min(upto);
-            if read_upto < floor {
-                return Some(None);
-            }
-            let mut frames = from_read(floor);
-            let start = st.log.partition_point(|e| e.offset <= floor.max(since));
-            frames.extend(
-                st.log
-                    .range(start..)
-                    .take_while(|e| e.offset <= upto)
-                    .map(|e| e.frame.clone()),
-            );
-            st.prepend(&self.limits, since, read, read_upto);
-            Some(Some(frames))
-        });
-        match joined.flatten() {
-            Some(frames) => frames,
-            // No cache: the read alone must reach `upto`.
-            None => (read_upto >= upto).then(|| from_read(upto)),
-        }
-    }
-
-    /// Up to `limit` messages older than `before` (all if `None`), oldest
-    /// first, and whether older ones remain.
-    pub fn history(&self, room: &RoomId, before: Option<u64>, limit: usize) -> HistoryPage {
-        let empty = HistoryPage::Frames {
-            frames: Vec::new(),
-            more: false,
-        };
-        let Some(page) = self.with_existing(room, |st| {
-            let end = match before {
-                Some(b) => st.log.partition_point(|e| e.offset < b),
-                None => st.log.len(),
-            };
-            let start = end.saturating_sub(limit);
-            let covered = st.complete() || end - start == limit;
-            if !covered {
-                return HistoryPage::NeedsBackend;
-            }
-            let frames = st.log.range(start..end).map(|e| e.frame.clone()).collect();
-            HistoryPage::Frames {
-                frames,
-                more: start > 0 || !st.complete(),
-            }
-        }) else {
-            return if self.mode == LogMode::Authoritative {
-                empty
-            } else {
-                HistoryPage::NeedsBackend
-            };
-        };
-        page
-    }
-
     /// The latest offset of `room` (0 if it has none).
     pub fn last_offset(&self, room: &RoomId) -> u64 {
         self.with_existing(room, |st| st.last_offset).unwrap_or(0)
@@ -1203,7 +457,8 @@ impl RoomIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fanout_tree::{Drained, OutboxLimits};
+    use crate::protocol;
+    use fanout_tree::{Drained, OutboxLimits, Weighted};
 
     fn limits(history: usize) -> RoomLimits {
         RoomLimits {

@@ -14,8 +14,9 @@ use proto::client::{self as pb, command::Op, server_frame::Body};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::{Command, Parsed, SubscribeEntry};
 use crate::error::{ErrorCode, ProtoError};
-use crate::protocol::{Command, Parsed, SubscribeEntry};
+use crate::transport::ws::Frame;
 
 /// Parses one binary frame. `data` of a publish is a zero-copy slice of it.
 pub fn parse(frame: &Bytes) -> Parsed {
@@ -144,6 +145,17 @@ struct RoomOut {
     recovered: Option<bool>,
     #[serde(default)]
     error: Option<ErrorOut>,
+}
+
+/// A JSON server frame as the `gw.v1.proto` frame with the same content (a
+/// reply stays a reply).
+pub fn to_proto(frame: &Frame) -> Frame {
+    let payload = server_frame(frame.as_bytes());
+    if frame.is_reply() {
+        Frame::binary_reply(&payload)
+    } else {
+        Frame::binary(&payload)
+    }
 }
 
 /// Transcodes one JSON server frame (reply or push) to an encoded
@@ -339,7 +351,7 @@ mod tests {
 
     #[test]
     fn every_kind_of_server_frame_transcodes() {
-        let room = crate::rooms::RoomId::parse("general").unwrap();
+        let room = crate::model::RoomId::parse("general").unwrap();
         let push = protocol::message_push(&room, 9, 1234, "\"alice\"", br#"{"t":1}"#);
         let f = decode(&server_frame(push.as_bytes()));
         assert_eq!(f.id, None);

@@ -1,0 +1,574 @@
+//! Cluster mode: rooms over NATS, durable rooms in JetStream.
+//!
+//! Subjects (prefix `gw` by default):
+//! - `gw.store.<p>.<room>`: a durable publish, stored in stream `GW_ROOMS_<p>`
+//!   where `p` is a hash of the room name modulo the partition count.
+//! - `gw.room.<room>`: the room's fan-out subject. Each stream republishes
+//!   every stored message there with its sequence (`Nats-Sequence`, the
+//!   offset) and the room's previous sequence (`Nats-Last-Sequence`).
+//!   Ephemeral rooms are published there directly, without storage.
+//!
+//! A node subscribes to `gw.room.<room>` only while the room has local
+//! members (plus a linger), so NATS carries one copy of each message per
+//! interested gateway; there is no wildcard subscription anywhere.
+//!
+//! Order and completeness: messages arrive in stream order; a message whose
+//! previous sequence is newer than the room's last offset reveals a gap, and
+//! the missing messages are read from the stream before later ones are
+//! applied. After a reconnect every live room is checked against the stream's
+//! last sequence the same way.
+//!
+//! Concurrency: one task per subscribed room feeds [`RoomIndex::deliver`];
+//! making a room live, backfilling its cache and repairing gaps are
+//! single-flight per room.
+
+mod read;
+mod repair;
+mod streams;
+
+pub use streams::check_stream;
+#[cfg(test)]
+use streams::stream_config;
+use streams::{ensure_stream, stream_name};
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, stream};
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use proto::Message as _;
+use proto::bus::Envelope;
+use tokio::sync::OnceCell;
+use tokio::task::AbortHandle;
+
+use super::{BusError, Fetched, Outgoing, now_ms};
+use crate::protocol;
+use crate::rooms::{Catchup, Delivered, Frame, Gap, Published, RoomId, RoomIndex};
+
+/// Settings of cluster mode.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub urls: Vec<String>,
+    /// Node name shown in NATS monitoring.
+    pub name: String,
+    /// Subject prefix (default `gw`); streams are named `<PREFIX>_ROOMS_<p>`.
+    pub prefix: String,
+    /// Number of room streams.
+    pub partitions: u32,
+    /// Stream replicas.
+    pub replicas: usize,
+    /// Messages kept per room (the per-subject limit of the streams).
+    pub history: i64,
+    /// Age after which stored messages expire; zero keeps them.
+    pub max_age: Duration,
+    /// Publish de-duplication window.
+    pub dedup_window: Duration,
+    /// Room-name prefixes of ephemeral rooms (no storage).
+    pub ephemeral_prefixes: Vec<String>,
+    /// How long a room stays subscribed after its last local member left.
+    pub linger: Duration,
+    /// How long a publish may wait for the stream's acknowledgement.
+    pub publish_timeout: Duration,
+    /// How long to wait for NATS at start.
+    pub connect_timeout: Duration,
+    /// Connect only to `urls`, never to servers the cluster announces.
+    pub ignore_discovered: bool,
+}
+
+/// Why cluster mode could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot connect to NATS at {urls}")]
+    Connect {
+        urls: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("JetStream request for stream {stream} failed")]
+    Stream {
+        stream: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "stream {stream} would lose messages the gateway promises to keep: {limit} ({detail}); fix or delete the stream, or change the gateway's settings"
+    )]
+    Unsafe {
+        stream: String,
+        limit: &'static str,
+        detail: String,
+    },
+}
+
+/// A room's link to NATS on this node.
+#[derive(Default)]
+struct RoomLink {
+    live: OnceCell<()>,
+    task: Mutex<Option<AbortHandle>>,
+    /// Catch-up reads of the room from its stream, one at a time: a join
+    /// storm reads once and the others find the messages in the cache.
+    reads: tokio::sync::Mutex<()>,
+}
+
+impl Drop for RoomLink {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.lock().take() {
+            task.abort();
+        }
+    }
+}
+
+/// The NATS bus.
+pub struct NatsBus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    rooms: Arc<RoomIndex>,
+    cfg: ClusterConfig,
+    streams: Vec<stream::Stream>,
+    /// The direct-get subject of each stream (`$JS.API.DIRECT.GET.<stream>`).
+    direct_get: Vec<String>,
+    links: DashMap<RoomId, Arc<RoomLink>>,
+    /// Offsets acknowledged to local publishers, not yet seen on the fan-out
+    /// subject: checked by the sweeper so a lost republish is repaired.
+    expected: DashMap<RoomId, (u64, Instant)>,
+    connected: AtomicBool,
+    /// The node's `gateway_deliveries_total` handle (no lookup per message).
+    deliveries: metrics::Counter,
+}
+
+/// When a room that just went live is checked against the stream's tail.
+const SETTLE_CHECKS: [Duration; 2] = [Duration::from_millis(250), Duration::from_secs(2)];
+const SEQ: &str = "Nats-Sequence";
+const LAST_SEQ: &str = "Nats-Last-Sequence";
+const MSG_ID: &str = "Nats-Msg-Id";
+const SUBJECT: &str = "Nats-Subject";
+const PENDING: &str = "Nats-Num-Pending";
+const EPHEMERAL: &str = "Gw-Ephemeral";
+/// Attempts to read a gap before giving up on the part the stream lacks.
+const REPAIR_ATTEMPTS: u32 = 30;
+/// Messages per fetch request when reading a room from its stream.
+const FETCH_BATCH: usize = 256;
+/// Messages asked for per direct-get batch request.
+const DIRECT_BATCH: usize = 256;
+/// How long a direct-get answer may take, per message.
+const DIRECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts of a catch-up read that stops short of a stored offset (a
+/// replica answering direct gets may lag the leader by a moment).
+const SHORT_READ_ATTEMPTS: u32 = 3;
+
+fn partition(room: &str, partitions: u32) -> u32 {
+    // FNV-1a: stable across processes and versions, unlike the std hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in room.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % u64::from(partitions.max(1))) as u32
+}
+
+/// Escapes `s` for a NATS header value (no CR/LF, no spaces) and for a
+/// part of a `/`-separated id: `%`, `/` and bytes outside printable ASCII
+/// become `%XX`.
+fn header_safe(s: &str, out: &mut String) {
+    for b in s.bytes() {
+        if (0x21..=0x7e).contains(&b) && b != b'%' && b != b'/' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+}
+
+/// The `Nats-Msg-Id` of a publish with `key` by `from` (the publisher's
+/// `sub`) in `room`: `<room>/<from>/<key>`, each part escaped, so keys of
+/// different users or rooms never collide in the stream's de-duplication.
+fn msg_id(room: &RoomId, from: &str, key: &str) -> String {
+    let mut id = String::with_capacity(room.as_str().len() + from.len() + key.len() + 2);
+    header_safe(room.as_str(), &mut id);
+    id.push('/');
+    header_safe(from, &mut id);
+    id.push('/');
+    header_safe(key, &mut id);
+    id
+}
+
+impl NatsBus {
+    /// Connects, checks or creates the room streams, and starts the
+    /// reconnect watcher and the delivery sweeper.
+    pub async fn start(
+        cfg: ClusterConfig,
+        rooms: Arc<RoomIndex>,
+        deliveries: metrics::Counter,
+    ) -> Result<Arc<Self>, ClusterError> {
+        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let mut opts = async_nats::ConnectOptions::new();
+        if cfg.ignore_discovered {
+            opts = opts.ignore_discovered_servers();
+        }
+        let opts = opts
+            .name(&cfg.name)
+            .connection_timeout(cfg.connect_timeout)
+            .request_timeout(Some(Duration::from_secs(5)))
+            .max_reconnects(None)
+            .event_callback(move |event| {
+                let tx = events_tx.clone();
+                async move {
+                    let _ = tx.send(event);
+                }
+            });
+        let urls = cfg.urls.join(",");
+        let client = opts
+            .connect(cfg.urls.as_slice())
+            .await
+            .map_err(|source| ClusterError::Connect { urls, source })?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(cfg.publish_timeout);
+        let mut streams = Vec::with_capacity(cfg.partitions as usize);
+        for p in 0..cfg.partitions {
+            streams.push(ensure_stream(&js, &cfg, p).await?);
+        }
+        let direct_get = (0..cfg.partitions)
+            .map(|p| format!("$JS.API.DIRECT.GET.{}", stream_name(&cfg, p)))
+            .collect();
+        let bus = Arc::new(Self {
+            client,
+            js,
+            rooms,
+            cfg,
+            streams,
+            direct_get,
+            links: DashMap::new(),
+            expected: DashMap::new(),
+            connected: AtomicBool::new(true),
+            deliveries,
+        });
+        let weak = Arc::downgrade(&bus);
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let Some(bus) = weak.upgrade() else { return };
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!("NATS connected");
+                        bus.connected.store(true, Ordering::Relaxed);
+                        let bus = bus.clone();
+                        tokio::spawn(async move { bus.resync_all().await });
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("NATS disconnected; durable publishes answer unavailable until it is back");
+                        bus.connected.store(false, Ordering::Relaxed);
+                    }
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            }
+        });
+        let weak = Arc::downgrade(&bus);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let Some(bus) = weak.upgrade() else { return };
+                bus.sweep_expected();
+            }
+        });
+        Ok(bus)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+            && self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    pub fn is_ephemeral(&self, room: &RoomId) -> bool {
+        self.cfg
+            .ephemeral_prefixes
+            .iter()
+            .any(|p| room.as_str().starts_with(p.as_str()))
+    }
+
+    fn store_subject(&self, room: &RoomId) -> String {
+        format!(
+            "{}.store.{}.{}",
+            self.cfg.prefix,
+            partition(room.as_str(), self.cfg.partitions),
+            room
+        )
+    }
+
+    fn fanout_subject(&self, room: &RoomId) -> String {
+        format!("{}.room.{}", self.cfg.prefix, room)
+    }
+
+    fn stream_of(&self, room: &RoomId) -> &stream::Stream {
+        &self.streams[partition(room.as_str(), self.cfg.partitions) as usize]
+    }
+
+    /// Publishes: durable rooms are acknowledged only once stored.
+    pub async fn publish(&self, msg: Outgoing<'_>) -> Result<Published, BusError> {
+        if !self.is_connected() {
+            return Err(BusError::Unavailable("not connected to NATS".into()));
+        }
+        let payload = Envelope {
+            from: msg.from.to_owned(),
+            ts_ms: now_ms(),
+            data: bytes::Bytes::copy_from_slice(msg.data),
+        }
+        .encode_to_vec();
+        if self.is_ephemeral(msg.room) {
+            let mut headers = HeaderMap::new();
+            headers.insert(EPHEMERAL, "1");
+            self.client
+                .publish_with_headers(self.fanout_subject(msg.room), headers, payload.into())
+                .await
+                .map_err(BusError::unavailable)?;
+            return Ok(Published {
+                offset: 0,
+                fresh: true,
+                delivered: 0,
+                slow: 0,
+            });
+        }
+        let mut headers = HeaderMap::new();
+        if let Some(key) = msg.key {
+            // De-duplication is per stream; scope the key to the room and
+            // the publisher.
+            headers.insert(MSG_ID, msg_id(msg.room, msg.from, key).as_str());
+        }
+        let ack = async {
+            let fut = self
+                .js
+                .publish_with_headers(self.store_subject(msg.room), headers, payload.into())
+                .await
+                .map_err(BusError::unavailable)?;
+            fut.await.map_err(BusError::unavailable)
+        };
+        let ack = tokio::time::timeout(self.cfg.publish_timeout, ack)
+            .await
+            .map_err(|_| BusError::Timeout)??;
+        if self.rooms.is_live(msg.room) {
+            self.expected
+                .entry(msg.room.clone())
+                .and_modify(|e| {
+                    if ack.sequence > e.0 {
+                        *e = (ack.sequence, Instant::now());
+                    }
+                })
+                .or_insert((ack.sequence, Instant::now()));
+        }
+        Ok(Published {
+            offset: ack.sequence,
+            fresh: !ack.duplicate,
+            delivered: 0,
+            slow: 0,
+        })
+    }
+
+    fn link(&self, room: &RoomId) -> Arc<RoomLink> {
+        self.links.entry(room.clone()).or_default().clone()
+    }
+
+    /// Subscribes to the room's fan-out subject and learns its last offset,
+    /// once per room however many joiners wait on it.
+    pub async fn ensure_live(self: &Arc<Self>, room: &RoomId) -> Result<(), BusError> {
+        let link = self.link(room);
+        link.live
+            .get_or_try_init(|| async {
+                let mut sub = self
+                    .client
+                    .subscribe(self.fanout_subject(room))
+                    .await
+                    .map_err(BusError::unavailable)?;
+                self.client.flush().await.map_err(BusError::unavailable)?;
+                let last = if self.is_ephemeral(room) {
+                    0
+                } else {
+                    self.last_seq_retrying(room).await?
+                };
+                let bus = Arc::downgrade(self);
+                let task_room = room.clone();
+                let task = tokio::spawn(async move {
+                    while let Some(msg) = sub.next().await {
+                        let Some(bus) = bus.upgrade() else { return };
+                        bus.on_message(&task_room, msg);
+                    }
+                });
+                *link.task.lock() = Some(task.abort_handle());
+                if let Some(gap) = self.rooms.go_live(room, last) {
+                    self.spawn_repair(room.clone(), gap);
+                }
+                if !self.is_ephemeral(room) {
+                    self.spawn_settle_check(room.clone());
+                }
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    fn on_message(self: &Arc<Self>, room: &RoomId, msg: async_nats::Message) {
+        let headers = msg.headers.as_ref();
+        let get = |name: &str| {
+            headers
+                .and_then(|h| h.get_last(name))
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+        };
+        let Ok(env) = Envelope::decode(msg.payload.as_ref()) else {
+            tracing::warn!(%room, "undecodable message on the fan-out subject");
+            return;
+        };
+        let Some(seq) = get(SEQ) else {
+            // Ephemeral: not stored, no offset.
+            let frame = encode(room, 0, &env);
+            self.rooms.broadcast_unstored(room, &frame);
+            return;
+        };
+        let prev = get(LAST_SEQ).unwrap_or(0);
+        if prev == 0 {
+            tracing::debug!(%room, seq, "message without a previous offset");
+        }
+        match self.rooms.deliver(room, seq, prev, encode(room, seq, &env)) {
+            Delivered::Gap(gap) => self.spawn_repair(room.clone(), gap),
+            Delivered::Applied { members } => {
+                self.deliveries.increment(members as u64);
+            }
+            Delivered::Duplicate | Delivered::Buffered | Delivered::NoRoom => {}
+        }
+    }
+
+    /// The last local member left: unsubscribe after the linger unless one
+    /// came back.
+    pub fn room_left(self: &Arc<Self>, room: &RoomId) {
+        let bus = Arc::downgrade(self);
+        let room = room.clone();
+        let linger = self.cfg.linger;
+        tokio::spawn(async move {
+            tokio::time::sleep(linger).await;
+            let Some(bus) = bus.upgrade() else { return };
+            if bus.rooms.forget_if_empty(&room) {
+                // Dropping the link aborts the room task, which drops the
+                // subscription (an UNSUB to NATS).
+                bus.links.remove(&room);
+                bus.expected.remove(&room);
+                tracing::debug!(%room, "room unsubscribed");
+            }
+        });
+    }
+
+    fn sweep_expected(self: &Arc<Self>) {
+        let now = Instant::now();
+        let mut due: Vec<(RoomId, u64)> = Vec::new();
+        self.expected.retain(|room, (seq, at)| {
+            let last = self.rooms.last_offset(room);
+            if last >= *seq || !self.rooms.is_live(room) {
+                return false;
+            }
+            if now.duration_since(*at) > Duration::from_millis(500) {
+                due.push((room.clone(), *seq));
+                return false;
+            }
+            true
+        });
+        for (room, seq) in due {
+            let bus = self.clone();
+            tokio::spawn(async move { bus.repair_to(room, seq).await });
+        }
+    }
+}
+
+/// Encodes the `message` push for a stored or ephemeral message.
+fn encode(room: &RoomId, offset: u64, env: &Envelope) -> Frame {
+    let from_json = protocol::json_string(&env.from);
+    Frame::text(protocol::message_push(room, offset, env.ts_ms, &from_json, &env.data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ClusterConfig {
+        ClusterConfig {
+            urls: vec![],
+            name: "t".into(),
+            prefix: "gw".into(),
+            partitions: 4,
+            replicas: 3,
+            history: 1000,
+            max_age: Duration::ZERO,
+            dedup_window: Duration::from_secs(120),
+            ephemeral_prefixes: vec![],
+            linger: Duration::from_secs(5),
+            publish_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            ignore_discovered: false,
+        }
+    }
+
+    #[test]
+    fn partitions_are_stable_and_spread() {
+        assert_eq!(partition("general", 8), partition("general", 8));
+        let mut seen = [0; 8];
+        for i in 0..800 {
+            seen[partition(&format!("room-{i}"), 8) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+    }
+
+    #[test]
+    fn our_own_stream_config_passes_the_check() {
+        let c = cfg();
+        check_stream("GW_ROOMS_0", &stream_config(&c, 0), &c).unwrap();
+    }
+
+    #[test]
+    fn lossy_streams_are_refused_naming_the_limit() {
+        let c = cfg();
+        type Change = Box<dyn Fn(&mut stream::Config)>;
+        let cases: Vec<(&str, Change)> = vec![
+            ("max_msgs", Box::new(|s| s.max_messages = 10_000)),
+            ("max_bytes", Box::new(|s| s.max_bytes = 64 << 20)),
+            ("max_msgs_per_subject", Box::new(|s| s.max_messages_per_subject = 100)),
+            ("max_age", Box::new(|s| s.max_age = Duration::from_secs(60))),
+            ("storage", Box::new(|s| s.storage = stream::StorageType::Memory)),
+            ("replicas", Box::new(|s| s.num_replicas = 1)),
+        ];
+        for (limit, change) in cases {
+            let mut s = stream_config(&c, 0);
+            change(&mut s);
+            let err = check_stream("GW_ROOMS_0", &s, &c).unwrap_err();
+            assert!(
+                matches!(err, ClusterError::Unsafe { limit: l, .. } if l == limit),
+                "{limit}: {err}"
+            );
+            assert!(err.to_string().contains(limit));
+        }
+        // Discard-new limits refuse publishes instead of dropping: accepted.
+        let mut s = stream_config(&c, 0);
+        s.max_bytes = 1 << 30;
+        s.discard = stream::DiscardPolicy::New;
+        check_stream("GW_ROOMS_0", &s, &c).unwrap();
+    }
+
+    #[test]
+    fn keys_are_header_safe() {
+        let mut out = String::new();
+        header_safe("a b\r\n%ü/", &mut out);
+        assert_eq!(out, "a%20b%0D%0A%25%C3%BC%2F");
+    }
+
+    #[test]
+    fn message_ids_are_scoped_to_room_user_and_key() {
+        let r = RoomId::parse("kr").unwrap();
+        assert_eq!(msg_id(&r, "alice", "c1-000001"), "kr/alice/c1-000001");
+        assert_ne!(msg_id(&r, "alice", "c1"), msg_id(&r, "bob", "c1"));
+        assert_ne!(
+            msg_id(&r, "alice", "c1"),
+            msg_id(&RoomId::parse("kr2").unwrap(), "alice", "c1")
+        );
+        // Separators inside a part cannot make two ids equal.
+        assert_ne!(msg_id(&r, "a/b", "c"), msg_id(&r, "a", "b/c"));
+        assert_eq!(msg_id(&r, "a/b", "c"), "kr/a%2Fb/c");
+    }
+}

@@ -1,0 +1,483 @@
+//! Reading a room's stored messages from its stream: gap reads (a pull
+//! consumer), and batched direct gets for `since` catch-up and `history`
+//! pages that read only what the client is owed.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{consumer, stream};
+use fanout_tree::Weighted;
+use futures_util::StreamExt;
+use proto::Message as _;
+use proto::bus::Envelope;
+
+use super::*;
+
+/// One message of a room read from its stream by a direct get.
+pub(super) struct Stored {
+    pub(super) seq: u64,
+    /// Messages of the room stored after this one (batch answers only).
+    pub(super) pending: Option<u64>,
+    pub(super) payload: bytes::Bytes,
+}
+
+/// How a forward read of a catch-up ended.
+pub(super) enum ReadEnd {
+    /// Every message up to the asked offset was read.
+    Reached,
+    /// Some message after `since` may be gone from the stream.
+    Lost,
+    /// The frames would pass the byte budget.
+    OverBudget,
+}
+
+/// A catch-up read from the stream in progress.
+pub(super) struct CatchupRead {
+    /// Whether the first answer proved that nothing after `since` is gone.
+    proved: bool,
+    /// Every message of the room in `(since, covered]` is in `read`.
+    covered: u64,
+    read: Vec<(u64, Frame)>,
+    bytes: usize,
+}
+
+impl NatsBus {
+    /// Messages of `room` with offsets in `[from, upto]`, oldest first, and
+    /// whether the read reached `upto` (saw it or a later message).
+    pub(super) async fn read(
+        &self,
+        room: &RoomId,
+        from: u64,
+        upto: u64,
+    ) -> Result<(Vec<(u64, Frame)>, bool), BusError> {
+        let mut out = Vec::new();
+        if from > upto {
+            return Ok((out, true));
+        }
+        let mut reached = false;
+        self.read_with(room, from.max(1), |seq, frame| {
+            if seq >= upto {
+                reached = true;
+            }
+            if seq > upto {
+                return false;
+            }
+            out.push((seq, frame));
+            seq < upto
+        })
+        .await?;
+        Ok((out, reached))
+    }
+
+    /// Streams the stored messages of `room` from offset `from` to `each`
+    /// until it returns false or the stream has no more.
+    pub(super) async fn read_with(
+        &self,
+        room: &RoomId,
+        from: u64,
+        mut each: impl FnMut(u64, Frame) -> bool,
+    ) -> Result<(), BusError> {
+        metrics::counter!("gateway_bus_reads_total").increment(1);
+        let stream = self.stream_of(room);
+        let consumer = stream
+            .create_consumer(consumer::pull::Config {
+                filter_subject: self.store_subject(room),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: from },
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
+                num_replicas: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(BusError::unavailable)?;
+        let name = consumer.cached_info().name.clone();
+        let mut delivered = 0u64;
+        let result = async {
+            loop {
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(FETCH_BATCH)
+                    .messages()
+                    .await
+                    .map_err(BusError::unavailable)?;
+                let mut got = 0;
+                let mut pending = 0;
+                while let Some(m) = batch.next().await {
+                    let m = m.map_err(BusError::Unavailable)?;
+                    let Ok(info) = m.info() else { continue };
+                    let (seq, left) = (info.stream_sequence, info.pending);
+                    // A fresh consumer numbers its deliveries 1, 2, 3...: a
+                    // jump means a delivery was lost between batches, so the
+                    // read is incomplete and the caller retries.
+                    delivered += 1;
+                    if info.consumer_sequence != delivered {
+                        return Err(BusError::Unavailable(
+                            format!(
+                                "read of {room} skipped deliveries {delivered}..{}",
+                                info.consumer_sequence
+                            )
+                            .into(),
+                        ));
+                    }
+                    got += 1;
+                    pending = left;
+                    let Ok(env) = Envelope::decode(m.payload.as_ref()) else {
+                        continue;
+                    };
+                    if !each(seq, encode(room, seq, &env)) {
+                        return Ok(());
+                    }
+                }
+                if got == 0 || pending == 0 {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        let _ = stream.delete_consumer(&name).await;
+        result
+    }
+
+    /// The body of a direct-get request for up to `batch` messages of `room`
+    /// from offset `from` on, stopping after about `max_bytes`.
+    pub(super) fn forward_request(&self, room: &RoomId, from: u64, batch: usize, max_bytes: usize) -> String {
+        serde_json::json!({
+            "seq": from,
+            "next_by_subj": self.store_subject(room),
+            "batch": batch,
+            "max_bytes": max_bytes.clamp(1, i64::MAX as usize),
+        })
+        .to_string()
+    }
+
+    /// Sends a direct-get request (`body`, JSON) to the stream of `room` and
+    /// hands the messages it answers, in order, to `each` until the end of
+    /// the batch, "not found", or `each` returns false. Only batch and
+    /// `multi_last` requests: they end with an end-of-batch status.
+    ///
+    /// Errors: NATS unreachable, no answer within [`DIRECT_TIMEOUT`], or an
+    /// error status.
+    pub(super) async fn direct(
+        &self,
+        room: &RoomId,
+        body: String,
+        mut each: impl FnMut(Stored) -> bool,
+    ) -> Result<(), BusError> {
+        metrics::counter!("gateway_bus_reads_total").increment(1);
+        let subject = self.store_subject(room);
+        let inbox = self.client.new_inbox();
+        // Dropping the subscription (an UNSUB) ends an answer read in part.
+        let mut sub = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(BusError::unavailable)?;
+        let target = &self.direct_get[partition(room.as_str(), self.cfg.partitions) as usize];
+        self.client
+            .publish_with_reply(target.clone(), inbox, body.into())
+            .await
+            .map_err(BusError::unavailable)?;
+        loop {
+            let msg = tokio::time::timeout(DIRECT_TIMEOUT, sub.next())
+                .await
+                .map_err(|_| BusError::Timeout)?
+                .ok_or_else(|| BusError::Unavailable("direct get: subscription ended".into()))?;
+            if let Some(status) = msg.status {
+                // 204: end of batch; 404: no (more) messages.
+                return match status.as_u16() {
+                    204 | 404 => Ok(()),
+                    code => Err(BusError::Unavailable(
+                        format!(
+                            "direct get of {room} answered {code} {}",
+                            msg.description.as_deref().unwrap_or("")
+                        )
+                        .into(),
+                    )),
+                };
+            }
+            let header = |name: &str| {
+                msg.headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str().to_owned())
+            };
+            let seq = header(SEQ).and_then(|v| v.parse::<u64>().ok());
+            let (Some(seq), true) = (seq, header(SUBJECT).as_deref() == Some(subject.as_str())) else {
+                return Err(BusError::Unavailable(
+                    format!("direct get of {room}: an answer without its sequence or subject").into(),
+                ));
+            };
+            let pending = header(PENDING).and_then(|v| v.parse::<u64>().ok());
+            if !each(Stored {
+                seq,
+                pending,
+                payload: msg.payload,
+            }) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Catch-up for a joiner whose `since` is older than this node's cache:
+    /// the messages of `room` in `(since, upto]`, oldest first. Only the part
+    /// the cache lacks is read from the stream (plus the message at `since`,
+    /// which proves that nothing after it is gone), and reading stops as soon
+    /// as the frames would pass `max_bytes` (encoded bytes): then, as when a
+    /// message after `since` may be gone, the answer is `recovered: false`
+    /// with no frames. `since` 0 (the client saw nothing) is recovered only
+    /// if the room never dropped a message. The messages read are put in
+    /// front of the cache as far as its caps allow, so the next joiner with
+    /// the same `since` reads nothing. One read at a time per room.
+    ///
+    /// Errors: the stream could not be read ([`BusError::Unavailable`],
+    /// [`BusError::Timeout`]).
+    pub async fn catchup(&self, room: &RoomId, since: u64, upto: u64, max_bytes: usize) -> Result<Fetched, BusError> {
+        let lost = Fetched {
+            frames: Vec::new(),
+            recovered: false,
+        };
+        if self.is_ephemeral(room) {
+            return Ok(lost);
+        }
+        let link = self.links.get(room).map(|l| l.clone());
+        let _one_at_a_time = match &link {
+            Some(l) => Some(l.reads.lock().await),
+            None => None,
+        };
+        // An earlier reader may have filled the cache meanwhile.
+        if let Catchup::Frames { frames, recovered } = self.rooms.catchup(room, since, upto) {
+            return Ok(Fetched { frames, recovered });
+        }
+        let mut st = CatchupRead {
+            proved: false,
+            covered: since,
+            read: Vec::new(),
+            bytes: 0,
+        };
+        // Live messages may push the cache's start up while this reads: then
+        // read on from where the last read stopped.
+        for _ in 0..4 {
+            let (start, cached) = self.rooms.cache_start(room, upto).unwrap_or((upto, 0));
+            let read_upto = start.min(upto);
+            let budget = max_bytes.saturating_sub(cached);
+            match self.read_forward(room, since, read_upto, budget, &mut st).await? {
+                ReadEnd::Reached => {}
+                ReadEnd::Lost | ReadEnd::OverBudget => return Ok(lost),
+            }
+            if let Some(frames) = self.rooms.catchup_from_stream(room, since, upto, &st.read, read_upto) {
+                let bytes: usize = frames.iter().map(Weighted::weight).sum();
+                if bytes > max_bytes {
+                    return Ok(lost);
+                }
+                return Ok(Fetched {
+                    frames,
+                    recovered: true,
+                });
+            }
+        }
+        Err(BusError::Unavailable(
+            format!("catch-up of {room}: the cache kept moving while it was read").into(),
+        ))
+    }
+
+    /// Reads the messages of `room` after `st.covered` up to `read_upto` into
+    /// `st`, within `budget` bytes of frames. The first answer (the stored
+    /// message at or after `since`) decides whether anything after `since`
+    /// may be gone.
+    pub(super) async fn read_forward(
+        &self,
+        room: &RoomId,
+        since: u64,
+        read_upto: u64,
+        budget: usize,
+        st: &mut CatchupRead,
+    ) -> Result<ReadEnd, BusError> {
+        let mut short_reads = 0;
+        while st.covered < read_upto {
+            let from = if st.proved { st.covered + 1 } else { since.max(1) };
+            let body = self.forward_request(room, from, DIRECT_BATCH, budget.saturating_sub(st.bytes));
+            let mut end = None;
+            let mut got = 0;
+            self.direct(room, body, |m| {
+                got += 1;
+                if !st.proved {
+                    // If the message at `since` is stored, so is everything
+                    // after it; and nothing lies between `since` and `since + 1`.
+                    let intact = if since == 0 {
+                        m.pending.is_some_and(|p| self.never_dropped(p + 1))
+                    } else {
+                        m.seq <= since.saturating_add(1)
+                    };
+                    if !intact {
+                        end = Some(ReadEnd::Lost);
+                        return false;
+                    }
+                    st.proved = true;
+                    if m.seq <= since {
+                        return true;
+                    }
+                }
+                if m.seq > read_upto {
+                    st.covered = read_upto;
+                    return false;
+                }
+                if let Ok(env) = Envelope::decode(m.payload.as_ref()) {
+                    let frame = encode(room, m.seq, &env);
+                    st.bytes += frame.weight();
+                    if st.bytes > budget {
+                        end = Some(ReadEnd::OverBudget);
+                        return false;
+                    }
+                    st.read.push((m.seq, frame));
+                }
+                st.covered = m.seq;
+                m.seq < read_upto
+            })
+            .await?;
+            if let Some(end) = end {
+                return Ok(end);
+            }
+            if got == 0 {
+                // Nothing at or after `since`: it is gone. Nothing after a
+                // proved `since` although `read_upto` was stored: a replica
+                // lags, or the messages left the stream meanwhile.
+                if !st.proved || short_reads >= SHORT_READ_ATTEMPTS {
+                    return Ok(ReadEnd::Lost);
+                }
+                short_reads += 1;
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(short_reads))).await;
+            }
+        }
+        Ok(ReadEnd::Reached)
+    }
+
+    /// The newest stored message of `room` at or below offset `n`. `n` may
+    /// lie past the stream's last sequence only if `first` (the first step
+    /// of a page: `before` comes from the client).
+    pub(super) async fn last_at_or_below(
+        &self,
+        room: &RoomId,
+        n: u64,
+        first: bool,
+    ) -> Result<Option<Stored>, BusError> {
+        if n == 0 {
+            return Ok(None);
+        }
+        let mut found = None;
+        if n < u64::MAX {
+            let body = serde_json::json!({ "multi_last": [self.store_subject(room)], "up_to_seq": n }).to_string();
+            self.direct(room, body, |m| {
+                found = Some(m);
+                false
+            })
+            .await?;
+            if found.is_some() || !first {
+                return Ok(found);
+            }
+        }
+        // Also "not found" when `n` is past the stream's last sequence: then
+        // the room's last message is the one.
+        match self
+            .stream_of(room)
+            .direct_get_last_for_subject(self.store_subject(room))
+            .await
+        {
+            Ok(m) if m.sequence <= n => Ok(Some(Stored {
+                seq: m.sequence,
+                pending: None,
+                payload: m.payload,
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BusError::unavailable(e)),
+        }
+    }
+
+    /// A history page beyond the cache: up to `limit` messages of `room`
+    /// older than `before` (the newest if `None`), oldest first, and whether
+    /// older ones remain. Reads exactly that page from the stream, newest
+    /// first, one message per request, plus one message to learn `more`; a
+    /// page that reaches the cache's start is put in front of the cache.
+    ///
+    /// Errors: the stream could not be read.
+    pub async fn history(
+        &self,
+        room: &RoomId,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<Frame>, bool), BusError> {
+        if self.is_ephemeral(room) {
+            return Ok((Vec::new(), false));
+        }
+        let upto = match before {
+            Some(0) => return Ok((Vec::new(), false)),
+            Some(b) => b - 1,
+            None => u64::MAX,
+        };
+        let mut page: Vec<(u64, Frame)> = Vec::new();
+        let mut below = upto;
+        let mut taken = 0;
+        let mut oldest = None;
+        // The message after a full page only answers `more`.
+        let older = loop {
+            let Some(m) = self.last_at_or_below(room, below, taken == 0).await? else {
+                break None;
+            };
+            if taken == limit {
+                break Some(m.seq);
+            }
+            taken += 1;
+            oldest = Some(m.seq);
+            if let Ok(env) = Envelope::decode(m.payload.as_ref()) {
+                page.push((m.seq, encode(room, m.seq, &env)));
+            }
+            below = m.seq.saturating_sub(1);
+        };
+        page.reverse();
+        if let (Some(oldest), Some(&(newest, _))) = (oldest, page.last()) {
+            // Nothing after a stored message is gone: the page holds every
+            // message of the room after the older one (or after the offset
+            // before its oldest, when none is older).
+            let covers_from = older.unwrap_or(oldest.saturating_sub(1));
+            self.rooms.prepend(room, covers_from, &page, newest);
+        }
+        Ok((page.into_iter().map(|(_, f)| f).collect(), older.is_some()))
+    }
+
+    /// The stream's last offset for `room` (0 if it has none).
+    pub(super) async fn last_seq(&self, room: &RoomId) -> Result<u64, BusError> {
+        match self
+            .stream_of(room)
+            .direct_get_last_for_subject(self.store_subject(room))
+            .await
+        {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(0),
+            Err(e) => Err(BusError::unavailable(e)),
+        }
+    }
+
+    /// [`Self::last_seq`], retried briefly: right after a leader change the
+    /// first request may fail.
+    pub(super) async fn last_seq_retrying(&self, room: &RoomId) -> Result<u64, BusError> {
+        let mut attempt = 0;
+        loop {
+            match self.last_seq(room).await {
+                Ok(seq) => return Ok(seq),
+                Err(e) if attempt >= 3 || !self.is_connected() => return Err(e),
+                Err(_) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+            }
+        }
+    }
+
+    /// Whether the message at `offset` of `room` is still in the stream.
+    pub(super) async fn still_stored(&self, room: &RoomId, offset: u64) -> bool {
+        match self.stream_of(room).direct_get(offset).await {
+            Ok(m) => m.subject.as_str() == self.store_subject(room),
+            Err(_) => false,
+        }
+    }
+}

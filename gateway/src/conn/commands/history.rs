@@ -1,0 +1,84 @@
+//! `history`: a page of a room's messages, bounded by the page size, the
+//! connection's outbox and its history byte budget.
+
+use std::fmt::Write as _;
+
+use tokio::time::Instant;
+
+use super::room_for;
+use crate::conn::bus_error;
+use crate::conn::session::Session;
+use crate::error::{CloseReason, ProtoError};
+use crate::model::RoomId;
+use crate::protocol;
+use crate::rooms::HistoryPage;
+
+impl Session<'_> {
+    pub(in crate::conn) async fn history(
+        &mut self,
+        id: Option<u32>,
+        name: &str,
+        limit: Option<u32>,
+        before: Option<u64>,
+    ) -> Result<(), CloseReason> {
+        let Some(room) = RoomId::parse(name) else {
+            return self.bad_frame(id, &ProtoError::bad_request("invalid room name"));
+        };
+        // Authorization first (see `publish`), then the limits.
+        let now = Instant::now();
+        let granted = self.identity().grants.can_subscribe(room.as_str())
+            || self.rooms.get(&room).is_some_and(|s| s.grant_holds(now));
+        if !granted {
+            return self.reply_err(id, &ProtoError::forbidden("the token does not grant this room"));
+        }
+        if let Err(r) = self.limits.check_history() {
+            return self.rate_limited(id, r);
+        }
+        // Without an `id` nobody would see the page: read nothing.
+        let Some(id) = id else {
+            return Ok(());
+        };
+        let limit = (limit.unwrap_or(50) as usize).min(self.node.cfg.history_page_max);
+        let (frames, more) = match self.node.rooms.history(&room, before, limit) {
+            HistoryPage::Frames { frames, more } => (frames, more),
+            HistoryPage::NeedsBackend => match self.node.bus.history(&room, before, limit).await {
+                Ok(page) => page,
+                Err(e) => return self.reply_err(Some(id), &bus_error(&e)),
+            },
+        };
+        // The page counts against the connection's one outbox bound and its
+        // history byte budget: keep the newest messages that fit (the client
+        // pages on with `before`), at least one.
+        let replay = self.limits.replay_available();
+        let fits = room_for(&self.outbox).1.min(replay);
+        let mut start = frames.len();
+        let mut size = 0;
+        while start > 0 {
+            let weight = frames[start - 1].as_bytes().len() + 1;
+            if size + weight > fits && start < frames.len() {
+                break;
+            }
+            size += weight;
+            start -= 1;
+        }
+        if size > replay {
+            // Not even the newest message fits the budget now.
+            let r = self.limits.replay_limited(size);
+            return self.rate_limited(Some(id), r);
+        }
+        self.limits.spend_replay(size);
+        let more = more || start > 0;
+        let mut body = String::with_capacity(size + 40);
+        body.push_str("{\"messages\":[");
+        for (i, f) in frames[start..].iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(std::str::from_utf8(f.as_bytes()).unwrap_or("null"));
+        }
+        let _ = write!(body, "],\"more\":{more}}}");
+        // Past the bound (the client does not read) this overflows the
+        // outbox: the connection is closed as a slow consumer.
+        self.send(protocol::ok_reply(id, &body))
+    }
+}

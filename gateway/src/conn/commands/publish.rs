@@ -1,0 +1,72 @@
+//! `publish`: authorization, then the limits, then the broker.
+
+use tokio::time::Instant;
+
+use crate::broker::Outgoing;
+use crate::conn::bus_error;
+use crate::conn::session::{MAX_KEY_LEN, Session};
+use crate::error::{CloseReason, ProtoError};
+use crate::model::RoomId;
+
+impl Session<'_> {
+    pub(in crate::conn) async fn publish(
+        &mut self,
+        id: Option<u32>,
+        name: &str,
+        data: &[u8],
+        key: Option<&str>,
+    ) -> Result<(), CloseReason> {
+        let Some(room) = RoomId::parse(name) else {
+            return self.bad_frame(id, &ProtoError::bad_request("invalid room name"));
+        };
+        // Authorization before any limiter: a command the token forbids
+        // must not spend a budget shared with other users (nor tell by the
+        // answer whether someone else just spent it).
+        let now = Instant::now();
+        let allowed = self.identity().grants.can_publish(room.as_str())
+            || self.rooms.get(&room).is_some_and(|s| s.may_publish(now));
+        if !allowed {
+            return self.reply_err(
+                id,
+                &ProtoError::forbidden("the token does not grant publishing to this room"),
+            );
+        }
+        if key.is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN) {
+            return self.reply_err(id, &ProtoError::bad_request("key must be 1 to 256 bytes"));
+        }
+        if let Err(r) = self
+            .node
+            .limits
+            .check_publish(&self.limits, &self.identity().sub, &room)
+        {
+            return self.rate_limited(id, r);
+        }
+        let started = std::time::Instant::now();
+        let node = self.node.clone();
+        let out = Outgoing {
+            room: &room,
+            from: &self.identity().sub,
+            from_json: &self.from_json,
+            data,
+            key,
+        };
+        let result = node.bus.publish(&node.rooms, out).await;
+        match result {
+            Ok(p) => {
+                let m = &node.metrics;
+                if p.fresh {
+                    m.published_total.increment(1);
+                    m.deliveries_total.increment(p.delivered as u64);
+                } else {
+                    m.deduplicated_total.increment(1);
+                }
+                m.publish_seconds.record(started.elapsed().as_secs_f64());
+                self.reply_ok(id, &format!("{{\"offset\":{}}}", p.offset))
+            }
+            Err(e) => {
+                tracing::debug!(%room, error = %e, "publish failed");
+                self.reply_err(id, &bus_error(&e))
+            }
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! `refresh`: a new connection token for the same user; rooms its grants no
+//! longer cover are left with an `unsubscribed` push.
+
+use crate::conn::session::Session;
+use crate::error::{CloseReason, ErrorCode, ProtoError};
+use crate::model::RoomId;
+use crate::protocol;
+
+impl Session<'_> {
+    pub(in crate::conn) async fn refresh(&mut self, id: Option<u32>, token: &str) -> Result<(), CloseReason> {
+        let identity = match self.node.verifier.verify_connect(token).await {
+            Ok(i) => i,
+            Err(e) => {
+                self.node.metrics.auth_failed(e.label());
+                return self.reply_err(id, &ProtoError::new(ErrorCode::Unauthorized, e.to_string()));
+            }
+        };
+        if identity.sub != self.identity().sub {
+            self.node.metrics.auth_failed("wrong_sub");
+            return self.reply_err(
+                id,
+                &ProtoError::new(ErrorCode::Unauthorized, "token is for another user"),
+            );
+        }
+        // Rooms the new grants no longer cover are left, with a push that says so.
+        let revoked: Vec<RoomId> = self
+            .rooms
+            .iter()
+            .filter(|(room, sub)| !sub.by_token && !identity.grants.can_subscribe(room.as_str()))
+            .map(|(room, _)| room.clone())
+            .collect();
+        for room in revoked {
+            self.drop_room(&room);
+            self.send(protocol::unsubscribed_push(
+                &room,
+                "the refreshed token does not grant this room",
+            ))?;
+        }
+        let expires_in = self.set_expiry(identity.exp);
+        self.identity = Some(identity);
+        let body = format!(
+            "{{\"expires_in\":{}}}",
+            expires_in.map_or_else(|| "null".to_string(), |s| s.to_string())
+        );
+        self.reply_ok(id, &body)
+    }
+}

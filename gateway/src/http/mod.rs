@@ -1,0 +1,116 @@
+//! The HTTP side of a node: the router (`/ws`, `/healthz`, `/readyz`,
+//! `/metrics`), the listener and the accept loop (`listener`), and the
+//! WebSocket upgrade (`upgrade`). `serve` runs a [`Node`] on a bound
+//! listener until shutdown and then drains it.
+//!
+//! Owns HTTP only: what a connection does is `conn`, the services are `node`.
+
+mod listener;
+mod upgrade;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+
+use crate::limits::Refusal;
+use crate::metrics;
+use crate::node::{DrainReport, Node, drain};
+use crate::rooms;
+pub use listener::listen;
+
+/// The JSON sub-protocol (the default).
+pub const PROTOCOL_JSON: &str = "gw.v1.json";
+/// The protobuf sub-protocol (binary frames, `proto/proto/client.proto`).
+pub const PROTOCOL_PROTO: &str = "gw.v1.proto";
+
+/// Serves the node on `listener` until `shutdown` resolves, then drains.
+pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> DrainReport {
+    let router = router(node.clone());
+    node.verifier.start(node.shutdown.clone());
+    if let Some(tls) = &node.tls {
+        tokio::spawn(crate::transport::tls::watch(
+            tls.clone(),
+            node.cfg.tls_reload,
+            node.shutdown.clone(),
+        ));
+    }
+    let accept = listener::accept_loop(node.clone(), listener, router);
+    tokio::select! {
+        () = accept => {}
+        () = shutdown => {}
+        () = node.limits.sweep_forever() => {}
+    }
+    drain(&node).await
+}
+
+/// The HTTP routes of a node.
+pub fn router(node: Arc<Node>) -> Router {
+    let mut r = Router::new()
+        .route("/ws", get(upgrade::ws_upgrade))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz));
+    if node.cfg.metrics_listen.is_none() {
+        r = r.route("/metrics", get(metrics_text));
+    }
+    r.with_state(node)
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    if node.is_ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    }
+}
+
+async fn metrics_text(State(node): State<Arc<Node>>) -> Response {
+    let m = &node.metrics;
+    m.conns_active.set(node.conns_active() as f64);
+    m.rooms_active.set(node.rooms.len() as f64);
+    // The flushers count in their own atomics (no metric call per write).
+    let flushed = node.rooms.flushers().stats();
+    m.flusher_writes_total.absolute(flushed.writes);
+    m.flusher_frames_total.absolute(flushed.frames);
+    m.flusher_handoffs_total.absolute(flushed.handoffs);
+    let mut text = metrics::prometheus().render();
+    if node.cfg.room_metrics_top > 0 {
+        // Room names are user data (`dm:alice:bob`): only operator-listed
+        // patterns are shown by name, everything else is summed in `_other`.
+        let patterns = &node.cfg.room_metrics_rooms;
+        let shown = |room: &str| room != rooms::OTHER_ROOMS && patterns.iter().any(|p| p.matches(room));
+        let rooms = node.rooms.top_rooms(node.cfg.room_metrics_top, shown);
+        rooms::render_metrics(&mut text, &rooms);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Serves `/metrics` alone (for `--metrics-listen`).
+pub async fn serve_metrics(node: Arc<Node>, listener: TcpListener) {
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .with_state(node.clone());
+    let token = node.shutdown.clone();
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await;
+}
+
+fn refuse(status: StatusCode, why: &'static str) -> Response {
+    (status, why).into_response()
+}
+
+/// A refusal before the upgrade: 503 or 429 with `Retry-After`; the
+/// connection is closed so a storm does not hold sockets open.
+fn refuse_admission(refusal: Refusal) -> Response {
+    let mut r = refuse(refusal.status(), refusal.text());
+    let h = r.headers_mut();
+    h.insert(header::RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()));
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}

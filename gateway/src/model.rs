@@ -1,0 +1,46 @@
+//! The gateway's vocabulary: the ids every layer shares.
+//!
+//! A leaf: depends on nothing else in the crate.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// A validated room name: 1 to 128 characters from `A-Z a-z 0-9 _ - :`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomId(Arc<str>);
+
+impl RoomId {
+    /// Longest room name, in characters.
+    pub const MAX_LEN: usize = 128;
+
+    /// Validates `name`. Wildcards and subject separators never pass, so a
+    /// room name is always safe to put in a bus subject.
+    pub fn parse(name: &str) -> Option<Self> {
+        let ok = !name.is_empty()
+            && name.len() <= Self::MAX_LEN
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b':');
+        ok.then(|| Self(Arc::from(name)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RoomId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for RoomId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A connection's id, unique within the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);

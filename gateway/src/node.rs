@@ -1,0 +1,225 @@
+//! The node: every service one gateway process runs (room index, broker,
+//! verifier, limits, metrics) and the task tracker and token its shutdown
+//! waits on. Built from a [`Config`] before anything is bound.
+//!
+//! Owns the services and their lifetimes. Does not own HTTP or sockets
+//! (`http`) nor what a connection does (`conn`).
+//!
+//! Shutdown, in order ([`drain`]): readiness goes 503; the node token is
+//! cancelled; every connection sends close 1012 within the drain spread;
+//! the tracker is awaited for at most the drain timeout.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Verifier;
+use crate::broker::{Bus, ClusterConfig, NatsBus};
+use crate::config::Config;
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::model::ConnId;
+use crate::rooms::{LogMode, RoomIndex, RoomLimits};
+use crate::transport::tls::Tls;
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("loading verification keys failed")]
+    Keys(#[from] crate::auth::KeyError),
+    #[error("cluster mode could not start")]
+    Cluster(#[from] crate::broker::nats::ClusterError),
+    #[error("loading the TLS certificate failed")]
+    Tls(#[from] crate::transport::tls::TlsError),
+}
+
+/// Shared state of one gateway node.
+pub struct Node {
+    pub cfg: Config,
+    pub rooms: Arc<RoomIndex>,
+    pub verifier: Verifier,
+    pub bus: Bus,
+    pub metrics: Metrics,
+    pub limits: Limits,
+    /// Present when serving `wss://`.
+    pub(crate) tls: Option<Arc<Tls>>,
+    pub(crate) conn_seq: AtomicU64,
+    pub(crate) conns: Arc<AtomicUsize>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) ready: AtomicBool,
+    pub(crate) peak_outbox_bytes: AtomicUsize,
+}
+
+/// Decrements the connection count when a connection ends.
+pub struct ConnCount(Arc<AtomicUsize>);
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Node {
+    /// Builds a node: loads keys and the TLS certificate, sizes the room
+    /// index and, in cluster mode, connects to NATS and checks the streams.
+    /// Binds nothing.
+    pub async fn new(cfg: Config) -> Result<Arc<Self>, StartError> {
+        let verifier = Verifier::from_config(&cfg)?;
+        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(Tls::load(cert, key)?)),
+            _ => None,
+        };
+        let mode = if cfg.nats.is_empty() {
+            LogMode::Authoritative
+        } else {
+            LogMode::Cache
+        };
+        let rooms = Arc::new(RoomIndex::new(
+            RoomLimits {
+                fanout_shards: cfg.fanout_shards,
+                history_size: cfg.history_size,
+                history_max_bytes: cfg.history_max_bytes,
+                dedup_window: cfg.dedup_window,
+                dedup_max_keys: cfg.dedup_max_keys,
+                max_rooms: cfg.max_rooms,
+                max_pending: 10_000,
+            },
+            mode,
+        ));
+        let metrics = Metrics::new();
+        let bus = if cfg.nats.is_empty() {
+            Bus::Embedded
+        } else {
+            let cluster = ClusterConfig {
+                urls: cfg.nats.clone(),
+                name: cfg.node_id.clone(),
+                prefix: cfg.nats_prefix.clone(),
+                partitions: cfg.nats_partitions,
+                replicas: cfg.nats_replicas,
+                history: cfg.history_size as i64,
+                max_age: cfg.room_max_age,
+                dedup_window: cfg.dedup_window,
+                ephemeral_prefixes: cfg.ephemeral_prefixes.clone(),
+                linger: cfg.room_linger,
+                publish_timeout: cfg.publish_timeout,
+                connect_timeout: cfg.nats_connect_timeout,
+                ignore_discovered: cfg.nats_ignore_discovered,
+            };
+            Bus::Nats(NatsBus::start(cluster, rooms.clone(), metrics.deliveries_total.clone()).await?)
+        };
+        let limits = Limits::new(&cfg.limits, !cfg.no_rate_limits);
+        // The flushers live as long as the runtime; they hold no node state.
+        for flusher in rooms.flushers().shards() {
+            let flusher = flusher.clone();
+            tokio::spawn(async move { flusher.run().await });
+        }
+        Ok(Arc::new(Self {
+            cfg,
+            rooms,
+            verifier,
+            bus,
+            metrics,
+            limits,
+            tls,
+            conn_seq: AtomicU64::new(1),
+            conns: Arc::new(AtomicUsize::new(0)),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            ready: AtomicBool::new(true),
+            peak_outbox_bytes: AtomicUsize::new(0),
+        }))
+    }
+
+    pub(crate) fn next_conn_id(&self) -> ConnId {
+        ConnId(self.conn_seq.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Counts a connection until the returned guard drops.
+    pub(crate) fn count_conn(&self) -> ConnCount {
+        self.conns.fetch_add(1, Ordering::Relaxed);
+        self.metrics.conns_total.increment(1);
+        ConnCount(self.conns.clone())
+    }
+
+    /// WebSocket connections open right now.
+    pub fn conns_active(&self) -> usize {
+        self.conns.load(Ordering::Relaxed)
+    }
+
+    /// Whether the node accepts new traffic: not draining, and (cluster
+    /// mode) connected to NATS.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && self.bus.is_connected()
+    }
+
+    /// Whether the node is draining.
+    pub fn is_draining(&self) -> bool {
+        !self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when the node starts draining.
+    pub async fn draining(&self) {
+        self.shutdown.cancelled().await;
+    }
+
+    pub(crate) fn record_outbox_peak(&self, bytes: usize) {
+        self.peak_outbox_bytes.fetch_max(bytes, Ordering::Relaxed);
+    }
+
+    /// Whether the node serves `wss://`.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Reloads the TLS certificate now if its files changed (e.g. on SIGHUP).
+    pub fn reload_tls(&self) {
+        if let Some(tls) = &self.tls {
+            crate::transport::tls::reload_logged(tls);
+        }
+    }
+
+    /// Highest number of bytes queued for any one closed connection.
+    pub fn peak_outbox_bytes(&self) -> usize {
+        self.peak_outbox_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// What a shutdown achieved.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainReport {
+    /// Connections open when the drain began.
+    pub conns_at_start: usize,
+    /// Whether every task ended within the drain timeout.
+    pub clean: bool,
+    pub elapsed: Duration,
+}
+
+pub(crate) async fn drain(node: &Node) -> DrainReport {
+    let started = Instant::now();
+    node.ready.store(false, Ordering::Relaxed);
+    let conns_at_start = node.conns_active();
+    tracing::info!(conns = conns_at_start, timeout = ?node.cfg.drain_timeout, "draining");
+    node.shutdown.cancel();
+    node.tracker.close();
+    let clean = tokio::time::timeout(node.cfg.drain_timeout, node.tracker.wait())
+        .await
+        .is_ok();
+    let report = DrainReport {
+        conns_at_start,
+        clean,
+        elapsed: started.elapsed(),
+    };
+    if clean {
+        tracing::info!(elapsed = ?report.elapsed, "drain complete");
+    } else {
+        tracing::warn!(
+            left = node.conns_active(),
+            "drain timed out with connections still open"
+        );
+    }
+    report
+}

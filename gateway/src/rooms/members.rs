@@ -1,0 +1,158 @@
+//! How a room's members follow it, and the broadcast that offers a message
+//! to all of them.
+//!
+//! Owns the member kinds ([`Member`]), the pending `activity` counts of
+//! notify-mode members ([`Activity`]) and the broadcast step of a room's
+//! state. Does not own the log (`log`) nor ordering (`sequencer`).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use fanout_tree::{Outbox, Weighted};
+use parking_lot::Mutex;
+
+use super::{ConnId, ConnOutbox, Entry, Frame, RoomIndex, RoomState};
+use crate::model::RoomId;
+
+/// How a connection follows a room.
+#[derive(Clone, Copy)]
+pub enum Member<'a> {
+    /// Every message is pushed (`mode: full`).
+    Full(&'a ConnOutbox),
+    /// The same on `gw.v1.proto`.
+    FullProto(&'a ConnOutbox),
+    /// Only coalesced `activity` pushes (`mode: notify`, background rooms).
+    Notify(&'a Arc<Activity>),
+}
+
+/// Room -> (latest offset, messages counted).
+type PendingCounts = HashMap<RoomId, (u64, u64)>;
+
+/// A connection's pending `activity` counts for its notify-mode rooms. A
+/// message costs a notify member one map update; the connection's writer
+/// turns the counts into at most one `activity` push per room per interval.
+#[derive(Default)]
+pub struct Activity {
+    /// Room -> (latest offset, count), and when the first count arrived.
+    pending: Mutex<(PendingCounts, Option<tokio::time::Instant>)>,
+    ready: tokio::sync::Notify,
+}
+
+impl Activity {
+    /// Counts one message of `room` at `offset`.
+    pub fn bump(&self, room: &RoomId, offset: u64) {
+        let mut guard = self.pending.lock();
+        let (p, first_at) = &mut *guard;
+        let was_empty = p.is_empty();
+        if was_empty {
+            *first_at = Some(tokio::time::Instant::now());
+        }
+        match p.get_mut(room) {
+            Some(e) => {
+                e.0 = offset.max(e.0);
+                e.1 += 1;
+            }
+            None => {
+                p.insert(room.clone(), (offset, 1));
+            }
+        }
+        drop(guard);
+        if was_empty {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Waits until some count is pending; returns when the first one arrived.
+    pub async fn pending(&self) -> tokio::time::Instant {
+        loop {
+            if let Some(at) = self.pending.lock().1 {
+                return at;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Takes every pending count: (room, latest offset, messages since the last take).
+    pub fn take(&self) -> Vec<(RoomId, u64, u64)> {
+        let mut guard = self.pending.lock();
+        let (p, first_at) = &mut *guard;
+        *first_at = None;
+        let out = p.drain().map(|(room, (offset, count))| (room, offset, count)).collect();
+        if p.capacity() > 64 {
+            *p = HashMap::new();
+        }
+        out
+    }
+
+    /// Forgets the pending count of `room` (the connection left it).
+    pub fn forget(&self, room: &RoomId) {
+        let mut guard = self.pending.lock();
+        guard.0.remove(room);
+        if guard.0.is_empty() {
+            guard.1 = None;
+        }
+    }
+}
+
+impl RoomIndex {
+    pub(super) fn append_and_broadcast(
+        &self,
+        room: &RoomId,
+        st: &mut RoomState,
+        offset: u64,
+        frame: Frame,
+    ) -> (usize, usize) {
+        st.last_offset = offset;
+        st.log_bytes += frame.weight();
+        st.log.push_back(Entry {
+            offset,
+            frame: frame.clone(),
+        });
+        self.trim(st);
+        let mut slow = Vec::new();
+        let delivered = self.broadcast(st, &frame, &mut slow);
+        for w in st.watchers.values() {
+            w.bump(room, offset);
+        }
+        let delivered = delivered + st.watchers.len();
+        st.stats.record(delivered);
+        (delivered, slow.len())
+    }
+
+    /// Offers `frame` to the room's members, encoded once per protocol, and
+    /// hands the outboxes that need writing to the flushers.
+    pub(super) fn broadcast(&self, st: &RoomState, frame: &Frame, slow: &mut Vec<ConnId>) -> usize {
+        // One list per thread, reused: no allocation per message.
+        thread_local! {
+            static SCHEDULE: RefCell<Vec<Arc<Outbox<Frame>>>> = const { RefCell::new(Vec::new()) };
+        }
+        SCHEDULE.with_borrow_mut(|schedule| {
+            let mut delivered = st.members.broadcast(frame, slow, schedule);
+            if !st.proto_members.is_empty() {
+                delivered += st
+                    .proto_members
+                    .broadcast(&crate::protocol::proto::to_proto(frame), slow, schedule);
+            }
+            self.flushers.schedule(schedule);
+            if schedule.capacity() > 1 << 16 {
+                *schedule = Vec::new();
+            }
+            delivered
+        })
+    }
+
+    /// Broadcasts a frame that is not stored (ephemeral rooms).
+    pub fn broadcast_unstored(&self, room: &RoomId, frame: &Frame) -> usize {
+        self.with_existing(room, |st| {
+            let mut slow = Vec::new();
+            for w in st.watchers.values() {
+                w.bump(room, 0);
+            }
+            let delivered = self.broadcast(st, frame, &mut slow) + st.watchers.len();
+            st.stats.record(delivered);
+            delivered
+        })
+        .unwrap_or(0)
+    }
+}
