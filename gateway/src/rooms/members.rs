@@ -24,6 +24,11 @@ pub enum Member<'a> {
     FullProto(&'a ConnOutbox),
     /// Only coalesced `activity` pushes (`mode: notify`, background rooms).
     Notify(&'a Arc<Activity>),
+    /// Holds the room (its state, its bus subscription) while the connection
+    /// waits on the broker before it really joins; receives nothing. Joining
+    /// again in another mode replaces it, under the same lock that reads the
+    /// joiner's offset and catch-up.
+    Joining,
 }
 
 /// Room -> (latest offset, messages counted).

@@ -31,7 +31,7 @@ mod members;
 mod sequencer;
 mod stats;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -141,6 +141,9 @@ struct RoomState {
     proto_members: MemberSet<ConnId, Frame>,
     /// Members in notify mode.
     watchers: HashMap<ConnId, Arc<Activity>>,
+    /// Connections that hold the room while they wait on the broker
+    /// ([`Member::Joining`]); they receive nothing.
+    joining: HashSet<ConnId>,
     log: VecDeque<Entry>,
     log_bytes: usize,
     last_offset: u64,
@@ -171,7 +174,15 @@ struct RoomState {
 
 impl RoomState {
     fn has_members(&self) -> bool {
-        !self.members.is_empty() || !self.proto_members.is_empty() || !self.watchers.is_empty()
+        !self.members.is_empty()
+            || !self.proto_members.is_empty()
+            || !self.watchers.is_empty()
+            || !self.joining.is_empty()
+    }
+
+    /// Removes `conn` from the connections holding the room while joining.
+    fn stop_joining(&mut self, conn: ConnId) -> bool {
+        self.joining.remove(&conn)
     }
 
     /// Publishes the member count to the room's counters after a change.
@@ -186,6 +197,7 @@ impl RoomState {
             members: MemberSet::default(),
             proto_members: MemberSet::default(),
             watchers: HashMap::new(),
+            joining: HashSet::new(),
             log: VecDeque::new(),
             log_bytes: 0,
             last_offset: 0,
@@ -351,17 +363,31 @@ impl RoomIndex {
             let first = !st.has_members();
             // One membership per connection: joining again may switch modes.
             let since = match member {
+                Member::Joining => {
+                    st.joining.insert(conn);
+                    return Joined {
+                        transition: if first {
+                            Transition::FirstLocal
+                        } else {
+                            Transition::Unchanged
+                        },
+                        at: None,
+                    };
+                }
                 Member::Full(outbox) => {
+                    st.stop_joining(conn);
                     st.watchers.remove(&conn);
                     st.members.insert(conn, outbox.clone());
                     since
                 }
                 Member::FullProto(outbox) => {
+                    st.stop_joining(conn);
                     st.watchers.remove(&conn);
                     st.proto_members.insert(conn, outbox.clone());
                     since
                 }
                 Member::Notify(activity) => {
+                    st.stop_joining(conn);
                     st.members.remove(conn);
                     st.proto_members.remove(conn);
                     st.watchers.insert(conn, activity.clone());
@@ -404,8 +430,9 @@ impl RoomIndex {
         let mut st = r.state.lock();
         let was_member = st.members.remove(conn) | st.proto_members.remove(conn);
         let was_watcher = st.watchers.remove(&conn).is_some();
+        let was_joining = st.stop_joining(conn);
         st.count_members();
-        if st.dead || !(was_member || was_watcher) {
+        if st.dead || !(was_member || was_watcher || was_joining) {
             return Transition::Unchanged;
         }
         if st.has_members() {

@@ -2,7 +2,7 @@
 //! its own, and queues the reply, then each room's catch-up, then live
 //! messages.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -11,39 +11,33 @@ use futures_util::StreamExt;
 
 use super::room_for;
 use crate::auth;
-use crate::broker::{BusError, Fetched};
+use crate::broker::{Bus, BusError, Fetched};
 use crate::conn::session::{RoomSub, Session};
 use crate::conn::{bus_error, room_error};
 use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::model::RoomId;
+use crate::node::Node;
 use crate::protocol::{self, SubscribeEntry, proto};
 use crate::rooms::{Catchup, Frame, Member};
 
 /// One room of a `subscribe` on its way through the phases.
 pub(in crate::conn) struct Slot {
     room: RoomId,
+    notify: bool,
     since: Option<u64>,
-    /// The offset the membership took effect at and the catch-up; `None`
-    /// until the room is live on this node.
-    at: Option<(u64, Option<Catchup>)>,
+    /// The grant the room is subscribed under.
+    sub: RoomSub,
+    /// Subscribed before this frame (a failure then leaves it as it was).
+    was_subscribed: bool,
+    /// Cluster mode: the catch-up read from the stream before the join,
+    /// `(since, upto]`, and `upto`.
+    prefetched: Option<(u64, Fetched)>,
 }
 
 /// What a `subscribe` may still queue as catch-up.
 pub(super) struct CatchupBudget {
     bytes: usize,
     frames: usize,
-}
-
-/// Bytes of the catch-ups of `slots` served from this node's cache.
-pub(super) fn cached_catchup_bytes(slots: &[Result<Slot, ProtoError>]) -> usize {
-    let bytes = |s: &Result<Slot, ProtoError>| match s.as_ref().ok()?.at.as_ref()?.1.as_ref()? {
-        Catchup::Frames {
-            frames,
-            recovered: true,
-        } => Some(frames.iter().map(Weighted::weight).sum::<usize>()),
-        _ => None,
-    };
-    slots.iter().filter_map(bytes).sum()
 }
 
 /// Appends `frames` to the catch-up if they fit the budget; otherwise the
@@ -68,9 +62,17 @@ pub(super) fn take_within(
 }
 
 impl Session<'_> {
-    /// Joins every room of one `subscribe` frame. The outbox is held from
-    /// the first join until the reply is queued, so the reply comes first,
-    /// then each room's catch-up, then live messages.
+    /// Joins every room of one `subscribe` frame, in three phases:
+    /// 1. every entry is checked (room name, mode, grant or room token, the
+    ///    rooms-per-connection cap), without waiting;
+    /// 2. cluster mode: what needs NATS (subscribing the room on this node,
+    ///    catching up with an offset the client saw elsewhere, reading a
+    ///    catch-up older than the node's cache) happens while the connection
+    ///    only holds the rooms ([`Member::Joining`]); its other rooms keep
+    ///    receiving their messages meanwhile;
+    /// 3. with the outbox held and no wait, every room is joined (the offset
+    ///    and the cached catch-up are read under the room's lock), and the
+    ///    reply, then each room's catch-up, then live messages are queued.
     pub(in crate::conn) async fn subscribe(
         &mut self,
         id: Option<u32>,
@@ -81,92 +83,18 @@ impl Session<'_> {
         }
         let started = std::time::Instant::now();
         let node = self.node.clone();
+        let mut slots = self.check_entries(&entries);
+        if !matches!(node.bus, Bus::Embedded) {
+            self.prepare_in_cluster(&mut slots).await;
+        }
+        // Phase 3: no await from here to the release.
         self.outbox.hold();
-        // Phase 1: check and register every room.
-        let mut slots: Vec<Result<Slot, ProtoError>> = Vec::with_capacity(entries.len());
-        for entry in &entries {
-            slots.push(self.join_one(entry).await);
-        }
-        // Phase 2 (cluster mode): rooms new to this node are subscribed on the
-        // bus, concurrently; each room once however many joiners wait.
-        let cold: Vec<(usize, RoomId)> = slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| match s {
-                Ok(s) if s.at.is_none() => Some((i, s.room.clone())),
-                _ => None,
-            })
-            .collect();
-        if !cold.is_empty() {
-            let results: Vec<(usize, Result<(), BusError>)> = futures_util::stream::iter(cold)
-                .map(|(i, room)| {
-                    let node = &node;
-                    async move { (i, node.bus.ensure_live(&room).await) }
-                })
-                .buffer_unordered(32)
-                .collect()
-                .await;
-            for (i, r) in results {
-                let slot = std::mem::replace(&mut slots[i], Err(ProtoError::bad_request("")));
-                slots[i] = match (slot, r) {
-                    (Ok(mut s), Ok(())) => {
-                        let upto = node.rooms.live_from(&s.room).unwrap_or(0);
-                        s.at = Some((upto, s.since.map(|since| node.rooms.catchup(&s.room, since, upto))));
-                        Ok(s)
-                    }
-                    (Ok(s), Err(e)) => {
-                        tracing::debug!(room = %s.room, error = %e, "room could not be made live");
-                        self.drop_room(&s.room);
-                        Err(bus_error(&e))
-                    }
-                    (Err(e), _) => Err(e),
-                };
-            }
-        }
-        // The catch-up budget: what one subscribe may replay, what the
-        // connection's history budget has left, and what its outbox can
-        // still take next to the reply.
         let reply_bytes: usize = entries
             .iter()
             .map(|e| e.room.as_deref().map_or(0, str::len) + 128)
             .sum();
-        let (free_frames, free_bytes) = room_for(&self.outbox);
-        let mut budget = CatchupBudget {
-            bytes: node
-                .cfg
-                .catchup_max_bytes
-                .min(self.limits.replay_available())
-                .min(free_bytes.saturating_sub(reply_bytes)),
-            frames: free_frames.saturating_sub(1),
-        };
+        let mut budget = self.catchup_budget(reply_bytes);
         let budget_bytes = budget.bytes;
-        // Phase 3: catch-up older than this node's cache, from the stream.
-        let backend: Vec<(usize, RoomId, u64, u64)> = slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| match s {
-                Ok(Slot {
-                    room,
-                    since,
-                    at: Some((upto, Some(Catchup::NeedsBackend))),
-                }) => Some((i, room.clone(), since.unwrap_or(0), *upto)),
-                _ => None,
-            })
-            .collect();
-        let mut fetched: HashMap<usize, Result<Fetched, BusError>> = HashMap::new();
-        if !backend.is_empty() {
-            // The budget left by the catch-ups served from the cache; each read caps at it.
-            let budget = budget.bytes.saturating_sub(cached_catchup_bytes(&slots));
-            fetched = futures_util::stream::iter(backend)
-                .map(|(i, room, since, upto)| {
-                    let node = &node;
-                    async move { (i, node.bus.catchup(&room, since, upto, budget).await) }
-                })
-                .buffer_unordered(16)
-                .collect()
-                .await;
-        }
-        // Phase 4: the reply, and the catch-up within the budget.
         let mut body = String::with_capacity(16 + entries.len() * 40);
         body.push_str("{\"rooms\":[");
         let mut catchup = Vec::new();
@@ -174,22 +102,7 @@ impl Session<'_> {
             if i > 0 {
                 body.push(',');
             }
-            let slot = slot.and_then(|s| {
-                let (offset, c) = s.at.unwrap_or((0, None));
-                let recovered = match c {
-                    None => None,
-                    Some(Catchup::Frames { frames, recovered }) => {
-                        Some(take_within(&mut catchup, frames, recovered, &mut budget))
-                    }
-                    Some(Catchup::NeedsBackend) => match fetched.remove(&i) {
-                        Some(Ok(f)) => Some(take_within(&mut catchup, f.frames, f.recovered, &mut budget)),
-                        Some(Err(e)) => return Err(bus_error(&e)),
-                        None => Some(false),
-                    },
-                };
-                Ok((s.room, offset, recovered))
-            });
-            match slot {
+            match slot.and_then(|s| self.join_checked(s, &mut catchup, &mut budget)) {
                 Ok((room, offset, recovered)) => {
                     let _ = write!(body, "{{\"room\":\"{room}\",\"offset\":{offset}");
                     if let Some(r) = recovered {
@@ -222,7 +135,44 @@ impl Session<'_> {
             .map_err(|_| CloseReason::SlowConsumer)
     }
 
-    pub(in crate::conn) async fn join_one(&mut self, entry: &SubscribeEntry) -> Result<Slot, ProtoError> {
+    /// What this frame may queue as catch-up: what one subscribe may replay,
+    /// what the connection's history budget has left, and what its outbox
+    /// can still take next to a reply of `reply_bytes`.
+    fn catchup_budget(&mut self, reply_bytes: usize) -> CatchupBudget {
+        let (free_frames, free_bytes) = room_for(&self.outbox);
+        CatchupBudget {
+            bytes: self
+                .node
+                .cfg
+                .catchup_max_bytes
+                .min(self.limits.replay_available())
+                .min(free_bytes.saturating_sub(reply_bytes)),
+            frames: free_frames.saturating_sub(1),
+        }
+    }
+
+    /// Phase 1: checks every entry of the frame; nothing is joined yet.
+    fn check_entries(&self, entries: &[SubscribeEntry]) -> Vec<Result<Slot, ProtoError>> {
+        let mut new_rooms: HashSet<RoomId> = HashSet::new();
+        entries
+            .iter()
+            .map(|entry| {
+                let slot = self.check_entry(entry)?;
+                if !slot.was_subscribed && !new_rooms.contains(&slot.room) {
+                    if self.rooms.len() + new_rooms.len() >= self.node.cfg.max_rooms_per_conn {
+                        return Err(ProtoError::new(
+                            ErrorCode::LimitExceeded,
+                            format!("at most {} rooms per connection", self.node.cfg.max_rooms_per_conn),
+                        ));
+                    }
+                    new_rooms.insert(slot.room.clone());
+                }
+                Ok(slot)
+            })
+            .collect()
+    }
+
+    fn check_entry(&self, entry: &SubscribeEntry) -> Result<Slot, ProtoError> {
         let name = entry.room.as_deref().unwrap_or("");
         let room = RoomId::parse(name).ok_or_else(|| ProtoError::bad_request("invalid room name"))?;
         let notify = match entry.mode.as_deref() {
@@ -249,39 +199,141 @@ impl Session<'_> {
         } else if !self.identity().grants.can_subscribe(room.as_str()) {
             return Err(ProtoError::forbidden("the token does not grant this room"));
         }
-        let already = self.rooms.contains_key(&room);
-        if !already && self.rooms.len() >= self.node.cfg.max_rooms_per_conn {
-            return Err(ProtoError::new(
-                ErrorCode::LimitExceeded,
-                format!("at most {} rooms per connection", self.node.cfg.max_rooms_per_conn),
-            ));
+        Ok(Slot {
+            was_subscribed: self.rooms.contains_key(&room),
+            room,
+            notify,
+            // Notify mode pushes no messages: `since` has nothing to replay.
+            since: if notify { None } else { entry.since },
+            sub,
+            prefetched: None,
+        })
+    }
+
+    /// Phase 2 (cluster mode): holds each room ([`Member::Joining`]), makes
+    /// it live on this node, brings it up to an offset the client saw on
+    /// another node, and reads a catch-up the node's cache no longer holds,
+    /// concurrently. The outbox is not held: the connection's other rooms
+    /// are delivered as usual while NATS answers (or does not).
+    async fn prepare_in_cluster(&mut self, slots: &mut [Result<Slot, ProtoError>]) {
+        let node = self.node.clone();
+        for s in slots.iter_mut().flatten() {
+            if let Err(e) = node.rooms.join(&s.room, self.id, Member::Joining, None) {
+                // Nothing joined: the slot fails in phase 3 the same way.
+                tracing::debug!(room = %s.room, error = %e, "room could not be held");
+                continue;
+            }
+            if !s.was_subscribed {
+                // Recorded now, so a connection that ends while it waits
+                // leaves the room (the session's drop).
+                self.set_room(&s.room, s.sub);
+            }
         }
-        // Notify mode pushes no messages: `since` has nothing to replay.
-        let since = if notify { None } else { entry.since };
-        if let Some(since) = since {
-            // The client may have seen newer messages on another node.
-            self.node.bus.sync_to(&room, since).await;
+        let budget = self.catchup_budget(0).bytes;
+        let work: Vec<(usize, RoomId, Option<u64>)> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().ok().map(|s| (i, s.room.clone(), s.since)))
+            .collect();
+        let results: Vec<(usize, Prepared)> = futures_util::stream::iter(work)
+            .map(|(i, room, since)| {
+                let node = &node;
+                async move { (i, prepare_room(node, &room, since, budget).await) }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        for (i, r) in results {
+            let Ok(slot) = &mut slots[i] else { continue };
+            match r {
+                Ok(prefetched) => slot.prefetched = prefetched,
+                Err(e) => {
+                    tracing::debug!(room = %slot.room, error = %e, "room could not be made live");
+                    if !slot.was_subscribed {
+                        self.drop_room(&slot.room);
+                    }
+                    slots[i] = Err(bus_error(&e));
+                }
+            }
         }
-        let member = if notify {
+    }
+
+    /// Phase 3, one room: joins it in its mode and takes its catch-up within
+    /// `budget`. Returns the room, the offset the membership took effect at
+    /// and `recovered` (when `since` was given).
+    fn join_checked(
+        &mut self,
+        s: Slot,
+        catchup: &mut Vec<Frame>,
+        budget: &mut CatchupBudget,
+    ) -> Result<(RoomId, u64, Option<bool>), ProtoError> {
+        let member = if s.notify {
             Member::Notify(self.activity.get_or_init(Arc::default))
         } else {
-            self.forget_activity(&room);
+            self.forget_activity(&s.room);
             if self.proto {
                 Member::FullProto(&self.outbox)
             } else {
                 Member::Full(&self.outbox)
             }
         };
-        let joined = self
-            .node
-            .rooms
-            .join(&room, self.id, member, since)
-            .map_err(room_error)?;
-        self.set_room(&room, sub);
-        Ok(Slot {
-            room,
-            since,
-            at: joined.at,
-        })
+        let joined = match self.node.rooms.join(&s.room, self.id, member, s.since) {
+            Ok(j) => j,
+            Err(e) => {
+                if !s.was_subscribed {
+                    self.drop_room(&s.room);
+                }
+                return Err(room_error(e));
+            }
+        };
+        let Some((offset, c)) = joined.at else {
+            // Not live: the broker could not make it live in phase 2.
+            if !s.was_subscribed {
+                self.drop_room(&s.room);
+            }
+            return Err(bus_error(&BusError::Timeout));
+        };
+        self.set_room(&s.room, s.sub);
+        let recovered = match c {
+            None => None,
+            Some(Catchup::Frames { frames, recovered }) => Some(take_within(catchup, frames, recovered, budget)),
+            // Older than the cache: what phase 2 read from the stream, then
+            // the cache from where that read ended up to the join.
+            Some(Catchup::NeedsBackend) => Some(match s.prefetched {
+                Some((upto, f)) if f.recovered => match self.node.rooms.catchup(&s.room, upto, offset) {
+                    Catchup::Frames {
+                        frames: tail,
+                        recovered: true,
+                    } => {
+                        let mut frames = f.frames;
+                        frames.extend(tail);
+                        take_within(catchup, frames, true, budget)
+                    }
+                    _ => false,
+                },
+                _ => false,
+            }),
+        };
+        Ok((s.room, offset, recovered))
+    }
+}
+
+/// What phase 2 made of one room: a catch-up read from the stream, if any.
+type Prepared = Result<Option<(u64, Fetched)>, BusError>;
+
+/// Phase 2 for one room (cluster mode): live on this node, synced up to
+/// `since`, and the catch-up the cache does not hold read from the stream
+/// within `budget` bytes, as `(upto, frames)`.
+async fn prepare_room(node: &Node, room: &RoomId, since: Option<u64>, budget: usize) -> Prepared {
+    node.bus.ensure_live(room).await?;
+    let Some(since) = since else {
+        return Ok(None);
+    };
+    // The client may have seen newer messages on another node.
+    node.bus.sync_to(room, since).await;
+    let upto = node.rooms.last_offset(room);
+    match node.rooms.catchup(room, since, upto) {
+        Catchup::NeedsBackend => Ok(Some((upto, node.bus.catchup(room, since, upto, budget).await?))),
+        Catchup::Frames { .. } => Ok(None),
     }
 }
