@@ -850,17 +850,17 @@ impl<'a> Session<'a> {
             })
             .collect();
         let mut fetched: HashMap<usize, Result<Fetched, BusError>> = HashMap::new();
-        if !backend.is_empty() {
-            // The budget left by the catch-ups served from the cache; each read caps at it.
-            let budget = budget.bytes.saturating_sub(cached_catchup_bytes(&slots));
-            fetched = futures_util::stream::iter(backend)
-                .map(|(i, room, since, upto)| {
-                    let node = &node;
-                    async move { (i, node.bus.catchup(&room, since, upto, budget).await) }
-                })
-                .buffer_unordered(16)
-                .collect()
-                .await;
+        // One read at a time, each capped by what the earlier ones left: a
+        // frame naming the same old room many times reads it once at most.
+        let mut read_left = budget.bytes.saturating_sub(cached_catchup_bytes(&slots));
+        let mut read_bytes = 0;
+        for (i, room, since, upto) in backend {
+            let r = node.bus.catchup(&room, since, upto, read_left).await;
+            if let Ok(f) = &r {
+                read_bytes += f.read_bytes;
+                read_left = read_left.saturating_sub(f.read_bytes);
+            }
+            fetched.insert(i, r);
         }
         // Phase 4: the reply, and the catch-up within the budget.
         let mut body = String::with_capacity(16 + entries.len() * 40);
@@ -906,7 +906,9 @@ impl<'a> Session<'a> {
             }
         }
         body.push_str("]}");
-        self.limits.spend_replay(budget_bytes - budget.bytes);
+        // Replayed bytes, or bytes read from the stream if more (a read
+        // whose room then did not fit still cost the node).
+        self.limits.spend_replay((budget_bytes - budget.bytes).max(read_bytes));
         let reply = id.map(|id| self.out(protocol::ok_reply(id, &body)));
         if self.proto {
             catchup = catchup.iter().map(Frame::to_proto).collect();
@@ -1005,6 +1007,9 @@ impl<'a> Session<'a> {
         }
         if key.is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN) {
             return self.reply_err(id, &ProtoError::bad_request("key must be 1 to 256 bytes"));
+        }
+        if let Err(e) = protocol::check_data(data) {
+            return self.bad_frame(id, &e);
         }
         if let Err(r) = self
             .node
