@@ -86,6 +86,8 @@ pub enum AuthError {
     RoomTokenAsConnect,
     #[error("not a room token")]
     NotRoomToken,
+    #[error("room token has no exp")]
+    MissingExpiry,
     #[error("no verification key is configured")]
     NoKeys,
 }
@@ -109,6 +111,7 @@ impl AuthError {
             Self::BadExpiry => "bad_exp",
             Self::RoomTokenAsConnect => "room_token_as_connect",
             Self::NotRoomToken => "not_room_token",
+            Self::MissingExpiry => "missing_exp",
             Self::NoKeys => "no_keys",
         }
     }
@@ -220,8 +223,9 @@ struct Claims {
     sub: Option<String>,
     #[serde(default)]
     exp: Option<u64>,
-    #[serde(default)]
-    room: Option<String>,
+    /// Present (even `null`) only in a room token.
+    #[serde(default, deserialize_with = "present_value")]
+    room: Option<Value>,
     #[serde(default, rename = "pub")]
     publish: Option<bool>,
     /// Everything else, where the rooms claim is looked up by path.
@@ -736,10 +740,15 @@ impl Verifier {
             Some(s) if s != sub => return Err(AuthError::WrongSub),
             Some(_) => {}
         }
-        match claims.room.as_deref() {
-            None => return Err(AuthError::NotRoomToken),
-            Some(r) if r != room => return Err(AuthError::WrongRoom),
-            Some(_) => {}
+        match &claims.room {
+            Some(Value::String(r)) if r == room => {}
+            Some(Value::String(_)) => return Err(AuthError::WrongRoom),
+            _ => return Err(AuthError::NotRoomToken),
+        }
+        // A room grant must end (the contract lists `exp` among a room
+        // token's claims): one without would outlive every refresh.
+        if claims.exp.is_none() {
+            return Err(AuthError::MissingExpiry);
         }
         check_exp(claims.exp)?;
         Ok(RoomGrant {
@@ -783,6 +792,11 @@ fn grants_from(v: &Value) -> Result<Grants, AuthError> {
         }),
         _ => Err(AuthError::BadGrants),
     }
+}
+
+/// Deserializes a present claim, `null` included, as `Some`.
+fn present_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 /// Refuses an `exp` no timer could hold (see [`MAX_EXP_SECS`]).
@@ -886,6 +900,22 @@ mod tests {
         assert_eq!(v.verify_room(&conn, "alice", "r").unwrap_err(), AuthError::NotRoomToken);
         assert!(v.verify_room(&room, "alice", "r").is_ok());
         assert!(v.verify_connect_now(&conn).is_ok());
+        // A `room` claim present but null is still a room token's shape.
+        let null_room = sign(json!({"sub":"alice","room":null,"exp":exp}), S);
+        assert_eq!(
+            v.verify_connect_now(&null_room).unwrap_err(),
+            AuthError::RoomTokenAsConnect
+        );
+        assert_eq!(
+            v.verify_room(&null_room, "alice", "r").unwrap_err(),
+            AuthError::NotRoomToken
+        );
+        // A room token without exp would be a grant that never ends.
+        let forever = sign(json!({"sub":"alice","room":"r"}), S);
+        assert_eq!(
+            v.verify_room(&forever, "alice", "r").unwrap_err(),
+            AuthError::MissingExpiry
+        );
     }
 
     #[test]

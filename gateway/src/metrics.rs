@@ -8,7 +8,7 @@
 use std::sync::OnceLock;
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::error::CloseReason;
 
@@ -22,6 +22,12 @@ pub fn prometheus() -> PrometheusHandle {
                 .set_buckets(&[
                     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                 ])
+                .expect("static buckets are valid")
+                // A count of rooms, not seconds.
+                .set_buckets_for_metric(
+                    Matcher::Full("gateway_subscribe_rooms".into()),
+                    &[1.0, 10.0, 50.0, 100.0, 500.0, 1_000.0, 2_000.0, 5_000.0],
+                )
                 .expect("static buckets are valid")
                 .build_recorder();
             let handle = recorder.handle();

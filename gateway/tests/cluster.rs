@@ -855,3 +855,58 @@ async fn since_before_the_stream_history_stays_unrecovered_after_a_live_message(
         assert_eq!(got, want, "{name}");
     }
 }
+
+/// Found by a black-box review of issue 18 item 1 (cluster): a `since` the
+/// node could not serve still read megabytes from NATS and threw them away,
+/// every time, charged to nothing: one entry older than the stream's history
+/// read a whole batch (1 MB) to answer `recovered:false`; a catch-up over the
+/// budget read up to the budget first; ten copies of the entry in one frame
+/// read ten budgets at once; a subscribe/unsubscribe loop read 280 MB in 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_for_a_since_the_node_cannot_serve_are_charged_and_bounded() {
+    const SIZE: usize = 4_000;
+    const BURST: usize = 100_000;
+    const RATE: u32 = 20_000;
+    let cluster = Cluster::start(3).await;
+    let a = gateway_with(&cluster, "gw-ub-a", None, 100).await;
+    let b = gateway_tuned(&cluster, "gw-ub-b", |o| {
+        o.history_size = Some(100);
+        o.no_rate_limits = Some(false);
+        o.catchup_max_bytes = Some(BURST);
+        o.replay_bytes_per_sec = Some(RATE);
+    })
+    .await;
+    let mut writer = a.client("writer").await;
+    let offsets = publish_many(&mut writer, "old", 150, |i| {
+        json!(format!("{i:05}{}", "z".repeat(SIZE)))
+    })
+    .await;
+    // The stream keeps the room's last 100: offsets[0..50] are gone.
+    let mut c = b.client("reader").await;
+    let start = read_from_nats(&cluster, "gw-ub-b").await;
+    let r = c
+        .request(json!({"op":"subscribe","rooms":[{"room":"old","since":offsets[0]}]}))
+        .await;
+    assert_eq!(r["ok"]["rooms"][0]["recovered"], false, "{r}");
+    let first = read_from_nats(&cluster, "gw-ub-b").await;
+    // Making the room live reads its last message; proving the loss one more.
+    assert!(
+        first.0 - start.0 < (4 * SIZE) as u64,
+        "{} bytes read",
+        first.0 - start.0
+    );
+    // A catch-up of 89 messages (356 KB) over the 100 KB budget, ten times
+    // in one frame, five frames.
+    let started = std::time::Instant::now();
+    let entries: Vec<Value> = (0..10).map(|_| json!({"room":"old","since":offsets[60]})).collect();
+    for _ in 0..5 {
+        let r = c.request(json!({"op":"subscribe","rooms":entries})).await;
+        let rooms = r["ok"]["rooms"].as_array().unwrap();
+        assert!(rooms.iter().all(|e| e["recovered"] == false), "{r}");
+        c.request(json!({"op":"unsubscribe","rooms":["old"]})).await;
+    }
+    let read = read_from_nats(&cluster, "gw-ub-b").await.0 - first.0;
+    let allowed = BURST as f64 + f64::from(RATE) * started.elapsed().as_secs_f64() + (20 * SIZE) as f64;
+    println!("5 frames x 10 unservable catch-ups read {read} bytes from NATS (allowed {allowed:.0})");
+    assert!((read as f64) <= allowed, "{read} bytes read, allowed {allowed:.0}");
+}

@@ -306,3 +306,52 @@ async fn notify_mode_activity_arrives_as_protobuf() {
     assert_eq!(activity.room, "bg");
     assert!(activity.count >= 1 && activity.offset >= 1, "{activity:?}");
 }
+
+/// Found by a black-box review: a message whose `data` is `null` reached
+/// `gw.v1.proto` members as an id-less `internal` error (the JSON frame was
+/// re-parsed and `null` read as "no data"), vanished from their catch-up and
+/// replaced their `history` reply. `data` is any JSON value, `null` included.
+#[tokio::test]
+async fn a_message_with_null_data_reaches_protobuf_members_live_in_catchup_and_history() {
+    let node = TestNode::with(|o| o.no_rate_limits = Some(true)).await;
+    let mut live = ProtoClient::connected(&node, "live").await;
+    assert!(matches!(
+        live.request(subscribe(&[("nul", None)])).await,
+        Body::SubscribeOk(_)
+    ));
+    let mut j = node.client("jay").await;
+    for data in [json!(1), json!(null), json!(3)] {
+        assert!(j.publish("nul", data).await["ok"]["offset"].as_u64().is_some());
+    }
+    let datas = |ms: &[pb::Message]| -> Vec<String> {
+        ms.iter().map(|m| String::from_utf8(m.data.to_vec()).unwrap()).collect()
+    };
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(live.next_message().await);
+    }
+    assert_eq!(datas(&got), ["1", "null", "3"]);
+    // Catch-up of a late joiner.
+    let mut late = ProtoClient::connected(&node, "late").await;
+    assert!(matches!(
+        late.request(subscribe(&[("nul", Some(0))])).await,
+        Body::SubscribeOk(_)
+    ));
+    let mut caught = Vec::new();
+    for _ in 0..3 {
+        caught.push(late.next_message().await);
+    }
+    assert_eq!(datas(&caught), ["1", "null", "3"]);
+    // A history page, answered with its id.
+    match late
+        .request(Op::History(pb::History {
+            room: "nul".into(),
+            limit: Some(10),
+            before: None,
+        }))
+        .await
+    {
+        Body::HistoryOk(h) => assert_eq!(datas(&h.messages), ["1", "null", "3"]),
+        other => panic!("{other:?}"),
+    }
+}

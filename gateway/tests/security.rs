@@ -271,3 +271,39 @@ async fn a_client_that_waits_retry_after_ms_as_told_is_never_closed() {
     }
     assert_eq!(closed, Some(Some(4008)));
 }
+
+/// Found by a black-box review: `data` 3,000 levels deep, `1e999999` and a
+/// lone surrogate `"\ud800"` were accepted and relayed byte for byte: a
+/// Python client's `json.loads` then failed on every history page of the
+/// room, and JavaScript read the number as Infinity. `data` must be a value
+/// every client can read (I-JSON, nesting at most 64).
+#[tokio::test]
+async fn data_no_client_could_read_is_refused_and_never_relayed() {
+    let node = TestNode::start().await;
+    let mut member = node.client("member").await;
+    member.subscribe(&["r"]).await;
+    let mut c = node.client("sender").await;
+    let deep = format!("{}{}", "[".repeat(3_000), "]".repeat(3_000));
+    for data in [deep.as_str(), "1e999999", r#""\ud800""#, r#"{"a":"\udc00x"}"#] {
+        c.send_text(format!(r#"{{"id":7,"op":"publish","room":"r","data":{data}}}"#))
+            .await;
+        let r = c.reply(7).await;
+        assert_eq!(
+            r["error"]["code"],
+            "bad_request",
+            "{}: {r}",
+            &data[..data.len().min(20)]
+        );
+    }
+    assert!(member.push_within(Duration::from_millis(300)).await.is_none());
+    let h = member.request(json!({"op":"history","room":"r"})).await;
+    assert_eq!(h["ok"]["messages"], json!([]), "{h}");
+    // Ordinary values still pass.
+    assert!(
+        c.publish("r", json!({"text":"😀","n":1.5e300}))
+            .await
+            .get("ok")
+            .is_some()
+    );
+    assert_eq!(member.next_push().await["data"]["text"], "😀");
+}

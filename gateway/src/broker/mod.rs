@@ -55,6 +55,9 @@ pub struct Fetched {
     pub frames: Vec<Frame>,
     /// False when some messages after `since` are gone from the stream.
     pub recovered: bool,
+    /// Bytes read from the stream for this answer, kept or not: what the
+    /// read cost, charged to the connection's history byte budget.
+    pub read_bytes: usize,
 }
 
 /// The bus of this node.

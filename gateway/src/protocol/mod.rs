@@ -87,7 +87,9 @@ struct Raw<'a> {
     before: Option<u64>,
 }
 
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+/// Deserializes a present value, `null` included, as `Some` (serde turns a
+/// `null` into `None` for an `Option` otherwise).
+pub(crate) fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue>::deserialize(d).map(Some)
 }
 
@@ -203,6 +205,55 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
+/// Deepest nesting of arrays and objects accepted in `data`.
+pub const MAX_DATA_DEPTH: usize = 64;
+
+/// Checks a publish's `data` (JSON text) is a value every client can read:
+/// JSON that parses into a value (no number outside the range of a double,
+/// no unpaired UTF-16 surrogate escape, RFC 7493 I-JSON) nested at most
+/// [`MAX_DATA_DEPTH`] deep. The gateway relays `data` byte for byte to
+/// every member, so a value that breaks one client's parser would break it
+/// for everybody in the room.
+///
+/// # Errors
+/// `bad_request` naming the rule that failed.
+pub fn check_data(data: &[u8]) -> Result<(), ProtoError> {
+    if nesting(data) > MAX_DATA_DEPTH {
+        return Err(ProtoError::bad_request(format!(
+            "data is nested deeper than {MAX_DATA_DEPTH} levels"
+        )));
+    }
+    serde_json::from_slice::<serde_json::Value>(data)
+        .map(|_| ())
+        .map_err(|e| ProtoError::bad_request(format!("data is not interoperable JSON: {e}")))
+}
+
+/// The deepest nesting of `[` and `{` in JSON text, outside strings.
+fn nesting(text: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in text {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// `s` as a JSON string literal.
 pub fn json_string(s: &str) -> String {
     serde_json::to_string(s).expect("a str always serializes")
@@ -284,6 +335,26 @@ pub const PONG: &str = "{\"op\":\"pong\"}";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_every_client_can_read_is_accepted_and_the_rest_refused() {
+        for ok in [
+            &b"null"[..],
+            b"0",
+            b"\"\\ud83d\\ude00\"",
+            b"{\"a\":[1,2,{\"b\":\"]]]\"}]}",
+            b"1e308",
+        ] {
+            assert!(check_data(ok).is_ok(), "{}", String::from_utf8_lossy(ok));
+        }
+        let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
+        let bad: [&[u8]; 4] = [b"1e999999", b"\"\\ud800\"", b"[1,", deep.as_bytes()];
+        for b in bad {
+            let e = check_data(b).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{}", String::from_utf8_lossy(b));
+        }
+        assert!(check_data(format!("{}{}", "[".repeat(64), "]".repeat(64)).as_bytes()).is_ok());
+    }
 
     fn p(s: &str) -> Parsed {
         parse(&Bytes::copy_from_slice(s.as_bytes()))

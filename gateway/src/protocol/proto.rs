@@ -93,7 +93,8 @@ struct Out<'a> {
     ts: Option<u64>,
     #[serde(default)]
     from: Option<String>,
-    #[serde(default, borrow)]
+    /// `Some` for every present value, `null` included.
+    #[serde(default, borrow, deserialize_with = "crate::protocol::present")]
     data: Option<&'a RawValue>,
     #[serde(default)]
     count: Option<u64>,

@@ -38,6 +38,8 @@ pub(super) struct CatchupRead {
     covered: u64,
     read: Vec<(u64, Frame)>,
     bytes: usize,
+    /// Payload bytes received from the stream, kept or not.
+    read_bytes: usize,
 }
 
 impl NatsBus {
@@ -232,12 +234,13 @@ impl NatsBus {
     /// Errors: the stream could not be read ([`BusError::Unavailable`],
     /// [`BusError::Timeout`]).
     pub async fn catchup(&self, room: &RoomId, since: u64, upto: u64, max_bytes: usize) -> Result<Fetched, BusError> {
-        let lost = Fetched {
+        let lost = |read_bytes| Fetched {
             frames: Vec::new(),
             recovered: false,
+            read_bytes,
         };
         if self.is_ephemeral(room) {
-            return Ok(lost);
+            return Ok(lost(0));
         }
         let link = self.links.get(room).map(|l| l.clone());
         let _one_at_a_time = match &link {
@@ -246,13 +249,22 @@ impl NatsBus {
         };
         // An earlier reader may have filled the cache meanwhile.
         if let Catchup::Frames { frames, recovered } = self.rooms.catchup(room, since, upto) {
-            return Ok(Fetched { frames, recovered });
+            return Ok(Fetched {
+                frames,
+                recovered,
+                read_bytes: 0,
+            });
+        }
+        if max_bytes == 0 {
+            // Nothing could be replayed: read nothing.
+            return Ok(lost(0));
         }
         let mut st = CatchupRead {
             proved: false,
             covered: since,
             read: Vec::new(),
             bytes: 0,
+            read_bytes: 0,
         };
         // Live messages may push the cache's start up while this reads: then
         // read on from where the last read stopped.
@@ -262,16 +274,17 @@ impl NatsBus {
             let budget = max_bytes.saturating_sub(cached);
             match self.read_forward(room, since, read_upto, budget, &mut st).await? {
                 ReadEnd::Reached => {}
-                ReadEnd::Lost | ReadEnd::OverBudget => return Ok(lost),
+                ReadEnd::Lost | ReadEnd::OverBudget => return Ok(lost(st.read_bytes)),
             }
             if let Some(frames) = self.rooms.catchup_from_stream(room, since, upto, &st.read, read_upto) {
                 let bytes: usize = frames.iter().map(Weighted::weight).sum();
                 if bytes > max_bytes {
-                    return Ok(lost);
+                    return Ok(lost(st.read_bytes));
                 }
                 return Ok(Fetched {
                     frames,
                     recovered: true,
+                    read_bytes: st.read_bytes,
                 });
             }
         }
@@ -295,11 +308,16 @@ impl NatsBus {
         let mut short_reads = 0;
         while st.covered < read_upto {
             let from = if st.proved { st.covered + 1 } else { since.max(1) };
-            let body = self.forward_request(room, from, DIRECT_BATCH, budget.saturating_sub(st.bytes));
+            // Until the first answer proves nothing after `since` is gone,
+            // ask for one message: a `since` older than the stream's history
+            // then costs one message, not a batch.
+            let batch = if st.proved { DIRECT_BATCH } else { 1 };
+            let body = self.forward_request(room, from, batch, budget.saturating_sub(st.bytes));
             let mut end = None;
             let mut got = 0;
             self.direct(room, body, |m| {
                 got += 1;
+                st.read_bytes += m.payload.len();
                 if !st.proved {
                     // If the message at `since` is stored, so is everything
                     // after it; and nothing lies between `since` and `since + 1`.

@@ -34,6 +34,9 @@ impl Session<'_> {
         if key.is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN) {
             return self.reply_err(id, &ProtoError::bad_request("key must be 1 to 256 bytes"));
         }
+        if let Err(e) = crate::protocol::check_data(data) {
+            return self.bad_frame(id, &e);
+        }
         if let Err(r) = self
             .node
             .limits

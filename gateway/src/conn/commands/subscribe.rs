@@ -84,8 +84,10 @@ impl Session<'_> {
         let started = std::time::Instant::now();
         let node = self.node.clone();
         let mut slots = self.check_entries(&entries);
+        // Bytes read from the stream in phase 2, already charged.
+        let mut charged = 0;
         if !matches!(node.bus, Bus::Embedded) {
-            self.prepare_in_cluster(&mut slots).await;
+            charged = self.prepare_in_cluster(&mut slots).await;
         }
         // Phase 3: no await from here to the release.
         self.outbox.hold();
@@ -123,7 +125,8 @@ impl Session<'_> {
             }
         }
         body.push_str("]}");
-        self.limits.spend_replay(budget_bytes - budget.bytes);
+        self.limits
+            .spend_replay((budget_bytes - budget.bytes).saturating_sub(charged));
         let reply = id.map(|id| self.out(protocol::ok_reply(id, &body)));
         if self.proto {
             catchup = catchup.iter().map(proto::to_proto).collect();
@@ -215,7 +218,9 @@ impl Session<'_> {
     /// another node, and reads a catch-up the node's cache no longer holds,
     /// concurrently. The outbox is not held: the connection's other rooms
     /// are delivered as usual while NATS answers (or does not).
-    async fn prepare_in_cluster(&mut self, slots: &mut [Result<Slot, ProtoError>]) {
+    /// Returns the bytes it read from the stream (charged to the history
+    /// budget).
+    async fn prepare_in_cluster(&mut self, slots: &mut [Result<Slot, ProtoError>]) -> usize {
         let node = self.node.clone();
         for s in slots.iter_mut().flatten() {
             if let Err(e) = node.rooms.join(&s.room, self.id, Member::Joining, None) {
@@ -229,7 +234,6 @@ impl Session<'_> {
                 self.set_room(&s.room, s.sub);
             }
         }
-        let budget = self.catchup_budget(0).bytes;
         let work: Vec<(usize, RoomId, Option<u64>)> = slots
             .iter()
             .enumerate()
@@ -238,13 +242,31 @@ impl Session<'_> {
         let results: Vec<(usize, Prepared)> = futures_util::stream::iter(work)
             .map(|(i, room, since)| {
                 let node = &node;
-                async move { (i, prepare_room(node, &room, since, budget).await) }
+                async move { (i, prepare_room(node, &room, since).await) }
             })
             .buffer_unordered(32)
             .collect()
             .await;
+        // Catch-ups older than the cache: one read at a time, each capped by
+        // what the earlier ones left (a frame naming the same old room many
+        // times reads it once at most); bytes read from NATS are charged to
+        // the connection's history budget even when nothing fits.
+        let mut read_left = self.catchup_budget(0).bytes;
+        let mut read_bytes = 0;
         for (i, r) in results {
             let Ok(slot) = &mut slots[i] else { continue };
+            let r = match (r, slot.since) {
+                (Ok(Some(upto)), Some(since)) => match node.bus.catchup(&slot.room, since, upto, read_left).await {
+                    Ok(f) => {
+                        read_bytes += f.read_bytes;
+                        read_left = read_left.saturating_sub(f.read_bytes);
+                        Ok(Some((upto, f)))
+                    }
+                    Err(e) => Err(e),
+                },
+                (Ok(_), _) => Ok(None),
+                (Err(e), _) => Err(e),
+            };
             match r {
                 Ok(prefetched) => slot.prefetched = prefetched,
                 Err(e) => {
@@ -256,6 +278,8 @@ impl Session<'_> {
                 }
             }
         }
+        self.limits.spend_replay(read_bytes);
+        read_bytes
     }
 
     /// Phase 3, one room: joins it in its mode and takes its catch-up within
@@ -318,13 +342,13 @@ impl Session<'_> {
     }
 }
 
-/// What phase 2 made of one room: a catch-up read from the stream, if any.
-type Prepared = Result<Option<(u64, Fetched)>, BusError>;
+/// What phase 2 made of one room: its last offset when the catch-up for
+/// `since` lies (partly) before the cache and must be read from the stream.
+type Prepared = Result<Option<u64>, BusError>;
 
-/// Phase 2 for one room (cluster mode): live on this node, synced up to
-/// `since`, and the catch-up the cache does not hold read from the stream
-/// within `budget` bytes, as `(upto, frames)`.
-async fn prepare_room(node: &Node, room: &RoomId, since: Option<u64>, budget: usize) -> Prepared {
+/// Phase 2 for one room (cluster mode): live on this node and synced up to
+/// `since`.
+async fn prepare_room(node: &Node, room: &RoomId, since: Option<u64>) -> Prepared {
     node.bus.ensure_live(room).await?;
     let Some(since) = since else {
         return Ok(None);
@@ -333,7 +357,7 @@ async fn prepare_room(node: &Node, room: &RoomId, since: Option<u64>, budget: us
     node.bus.sync_to(room, since).await;
     let upto = node.rooms.last_offset(room);
     match node.rooms.catchup(room, since, upto) {
-        Catchup::NeedsBackend => Ok(Some((upto, node.bus.catchup(room, since, upto, budget).await?))),
+        Catchup::NeedsBackend => Ok(Some(upto)),
         Catchup::Frames { .. } => Ok(None),
     }
 }
