@@ -15,7 +15,8 @@ use axum::http::HeaderName;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
-use crate::auth::Pattern;
+use crate::auth::jwks::SourceOptions;
+use crate::auth::{Grants, KeyError, Pattern, Verifier, VerifyOptions};
 use crate::limits::{self, LimitConfig, Rate};
 use crate::rooms::RoomId;
 
@@ -809,6 +810,46 @@ impl Config {
             log: o.log.unwrap_or_else(|| "info".to_string()),
         })
     }
+}
+
+/// The verifier described by the configuration: options, secret, PEM keys,
+/// `--jwks` and `--jwt-issuer-keys`. Reads files now; JWKS URLs are fetched
+/// once [`Verifier::start`] runs (or on first use).
+///
+/// Lives here, not in `auth`, so that `auth` never depends on `config`.
+pub fn verifier(cfg: &Config) -> Result<Verifier, KeyError> {
+    let mut v = Verifier::new(VerifyOptions {
+        leeway_secs: cfg.jwt_leeway.as_secs(),
+        issuers: cfg.jwt_issuers.clone(),
+        audiences: cfg.jwt_audiences.clone(),
+        default_grants: Grants {
+            subscribe: cfg.default_rooms.iter().map(|p| Pattern::new(p)).collect(),
+            publish: cfg.default_pub.iter().map(|p| Pattern::new(p)).collect(),
+        },
+        rooms_claim: cfg.jwt_rooms_claim.split('.').map(String::from).collect(),
+        jwks: SourceOptions {
+            refresh: cfg.jwks_refresh,
+            refetch_min: cfg.jwks_refetch_min,
+            ..SourceOptions::default()
+        },
+    });
+    if let Some(secret) = &cfg.jwt_secret {
+        v.add_secret(secret.as_bytes())?;
+    }
+    for path in &cfg.jwt_public_keys {
+        v.add_public_key_file(path)?;
+    }
+    if let Some(jwks) = &cfg.jwks {
+        v.add_jwks(jwks, None)?;
+    }
+    for entry in &cfg.jwt_issuer_keys {
+        let (issuer, source) = entry
+            .split_once('=')
+            .filter(|(i, s)| !i.is_empty() && !s.is_empty())
+            .ok_or_else(|| KeyError::IssuerKeys { entry: entry.clone() })?;
+        v.add_jwks(source, Some(issuer))?;
+    }
+    Ok(v)
 }
 
 /// Per-room publish limits of one room namespace (TOML `[room_limits.NAME]`).

@@ -7,8 +7,8 @@
 //!
 //! Modules: [`config`] (flags, env, TOML), [`server`] (listener, router,
 //! shutdown), [`conn`] (connection task), [`rooms`] (room index and log),
-//! [`bus`] (how messages get offsets and reach nodes), [`auth`] (JWT),
-//! [`jwks`] (key sets fetched from URLs), [`tls`] (wss:// with certificate
+//! [`bus`] (how messages get offsets and reach nodes), [`auth`] (JWT; its
+//! `auth::jwks` fetches key sets from URLs), [`tls`] (wss:// with certificate
 //! reload), [`protocol`] (JSON wire format), [`limits`] (rate limits and
 //! admission control), [`metrics`], [`error`].
 
@@ -17,7 +17,6 @@ pub mod bus;
 pub mod config;
 pub mod conn;
 pub mod error;
-pub mod jwks;
 pub mod limits;
 pub mod metrics;
 pub mod protobuf;
