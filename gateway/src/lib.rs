@@ -10,7 +10,7 @@
 //! close codes), [`metrics`], [`transport`] (RFC 6455 framing, sockets, TLS),
 //! [`protocol`] (client commands and server frames, JSON and protobuf),
 //! [`rooms`] (room index, log, sequencer), [`broker`] (how messages get
-//! offsets and reach nodes: embedded or NATS), [`auth`] (JWT), [`limits`]
+//! offsets and reach nodes: embedded or NATS), [`auth`] (JWT; `auth::jwks` fetches key sets from URLs), [`limits`]
 //! (rate limits and admission), [`config`] (flags, env, TOML), [`node`] (the
 //! services of one process), [`conn`] (a connection's task and commands),
 //! [`http`] (router, listener, upgrade, shutdown).
@@ -21,7 +21,6 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod http;
-pub mod jwks;
 pub mod limits;
 pub mod metrics;
 pub mod model;

@@ -68,7 +68,7 @@ impl Node {
     /// index and, in cluster mode, connects to NATS and checks the streams.
     /// Binds nothing.
     pub async fn new(cfg: Config) -> Result<Arc<Self>, StartError> {
-        let verifier = Verifier::from_config(&cfg)?;
+        let verifier = crate::config::verifier(&cfg)?;
         let tls = match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(cert), Some(key)) => Some(Arc::new(Tls::load(cert, key)?)),
             _ => None,

@@ -20,6 +20,7 @@
 
 mod commands;
 mod session;
+mod shared;
 mod writer;
 
 use std::collections::VecDeque;
@@ -32,13 +33,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{sleep, timeout};
 
 use crate::auth::Identity;
-use crate::broker::BusError;
-use crate::error::{CloseReason, ErrorCode, ProtoError};
+use crate::error::CloseReason;
 use crate::limits::Admit;
-use crate::model::{ConnId, RoomId};
 use crate::node::Node;
-use crate::rooms::{ConnOutbox, Frame, RoomError, Transition};
-use crate::transport::ws::{self, Incoming, ReadError, Reader};
+use crate::rooms::{ConnOutbox, Frame};
+use crate::transport::ws::{self, Incoming, Reader};
 use session::Session;
 use writer::{WriterTimes, write_loop};
 
@@ -200,40 +199,10 @@ async fn finish<R, W>(
 
 impl<'a> Session<'a> {}
 
-/// Leaves `room`; the last local member tells the bus.
-fn leave(node: &Node, room: &RoomId, conn: ConnId) {
-    if node.rooms.leave(room, conn) == Transition::LastLocal {
-        node.bus.room_left(room);
-    }
-}
-
-fn bus_error(e: &BusError) -> ProtoError {
-    match e {
-        BusError::Room(r) => room_error(*r),
-        BusError::Unavailable(_) | BusError::Timeout => {
-            ProtoError::new(ErrorCode::Unavailable, "the message bus is unavailable; retry")
-        }
-    }
-}
-
-fn room_error(e: RoomError) -> ProtoError {
-    match e {
-        RoomError::TooManyRooms => ProtoError::new(ErrorCode::LimitExceeded, "the node holds too many rooms"),
-    }
-}
-
-fn read_error_reason(e: &ReadError) -> CloseReason {
-    match e {
-        ReadError::TooLarge => CloseReason::TooLarge,
-        ReadError::BadUtf8 => CloseReason::BadPayload,
-        ReadError::Protocol(_) => CloseReason::ProtocolError,
-        ReadError::Eof | ReadError::Io(_) => CloseReason::ClientGone,
-    }
-}
-
 #[cfg(test)]
 mod size_tests {
     use super::*;
+    use crate::model::{ConnId, RoomId};
     use crate::rooms::Member;
     use session::RoomSub;
 

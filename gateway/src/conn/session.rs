@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::io::AsyncRead;
 use tokio::time::Instant;
 
-use super::{leave, read_error_reason};
+use super::shared::{leave, read_error_reason};
 use crate::auth::{self, Identity};
 use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::limits::{Admit, ConnLimits, RateLimited, Strikes};

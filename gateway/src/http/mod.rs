@@ -13,21 +13,16 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 
-use crate::limits::Refusal;
 use crate::metrics;
 use crate::node::{DrainReport, Node, drain};
 use crate::rooms;
 pub use listener::listen;
-
-/// The JSON sub-protocol (the default).
-pub const PROTOCOL_JSON: &str = "gw.v1.json";
-/// The protobuf sub-protocol (binary frames, `proto/proto/client.proto`).
-pub const PROTOCOL_PROTO: &str = "gw.v1.proto";
+pub use upgrade::{PROTOCOL_JSON, PROTOCOL_PROTO};
 
 /// Serves the node on `listener` until `shutdown` resolves, then drains.
 pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> DrainReport {
@@ -99,18 +94,4 @@ pub async fn serve_metrics(node: Arc<Node>, listener: TcpListener) {
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { token.cancelled().await })
         .await;
-}
-
-fn refuse(status: StatusCode, why: &'static str) -> Response {
-    (status, why).into_response()
-}
-
-/// A refusal before the upgrade: 503 or 429 with `Retry-After`; the
-/// connection is closed so a storm does not hold sockets open.
-fn refuse_admission(refusal: Refusal) -> Response {
-    let mut r = refuse(refusal.status(), refusal.text());
-    let h = r.headers_mut();
-    h.insert(header::RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()));
-    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    r
 }

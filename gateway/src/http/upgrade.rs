@@ -13,12 +13,32 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::{PROTOCOL_JSON, PROTOCOL_PROTO, refuse, refuse_admission};
 use crate::auth::Identity;
 use crate::config::Config;
 use crate::conn;
+use crate::limits::Refusal;
 use crate::node::Node;
 use crate::transport::tcp::SharedTcp;
+
+/// The JSON sub-protocol (the default).
+pub const PROTOCOL_JSON: &str = "gw.v1.json";
+
+/// The protobuf sub-protocol (binary frames, `proto/proto/client.proto`).
+pub const PROTOCOL_PROTO: &str = "gw.v1.proto";
+
+fn refuse(status: StatusCode, why: &'static str) -> Response {
+    (status, why).into_response()
+}
+
+/// A refusal before the upgrade: 503 or 429 with `Retry-After`; the
+/// connection is closed so a storm does not hold sockets open.
+fn refuse_admission(refusal: Refusal) -> Response {
+    let mut r = refuse(refusal.status(), refusal.text());
+    let h = r.headers_mut();
+    h.insert(header::RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()));
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
 
 pub(super) fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers

@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 use tokio::time::Instant;
 
 use super::room_for;
-use crate::conn::bus_error;
 use crate::conn::session::Session;
+use crate::conn::shared::bus_error;
 use crate::error::{CloseReason, ProtoError};
 use crate::model::RoomId;
 use crate::protocol;

@@ -3,8 +3,8 @@
 use tokio::time::Instant;
 
 use crate::broker::Outgoing;
-use crate::conn::bus_error;
 use crate::conn::session::{MAX_KEY_LEN, Session};
+use crate::conn::shared::bus_error;
 use crate::error::{CloseReason, ProtoError};
 use crate::model::RoomId;
 

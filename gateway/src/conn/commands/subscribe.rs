@@ -13,7 +13,7 @@ use super::room_for;
 use crate::auth;
 use crate::broker::{Bus, BusError, Fetched};
 use crate::conn::session::{RoomSub, Session};
-use crate::conn::{bus_error, room_error};
+use crate::conn::shared::{bus_error, room_error};
 use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::model::RoomId;
 use crate::node::Node;

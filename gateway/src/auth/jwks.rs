@@ -1,10 +1,14 @@
 //! JWKS URLs: key sets fetched over HTTP(S), e.g. a Keycloak realm's
 //! `/protocol/openid-connect/certs`.
 //!
-//! Owns fetching and holding one URL's keys; what a key may verify is decided
-//! in `auth`. A source is fetched when the node starts, again on its refresh
-//! interval, and when a token names a `kid` the source does not hold (key
-//! rotation is then picked up on first use of the new key).
+//! Owns fetching and holding one URL's keys (moved here from `src/jwks.rs`).
+//! Does not own what a key may verify (decided in `auth`) nor what a key is
+//! or how a JWKS document is read (`auth::keys`, the leaf both build on; this
+//! module never uses `auth` itself).
+//!
+//! A source is fetched when the node starts, again on its refresh interval,
+//! and when a token names a `kid` the source does not hold (key rotation is
+//! then picked up on first use of the new key).
 //!
 //! Invariants: at most one fetch per source is in flight (single-flight); a
 //! fetch for an unknown `kid` starts at most once per `refetch_min` (once a
@@ -31,7 +35,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{KeyError, VerifyKey, parse_jwks};
+use crate::auth::keys::{KeyError, VerifyKey, parse_jwks};
 
 /// How a JWKS URL is fetched.
 #[derive(Debug, Clone)]

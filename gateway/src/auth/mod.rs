@@ -1,10 +1,19 @@
 //! Local JWT verification: connection tokens, room tokens and room grants.
 //!
-//! Owns the verification keys and the rules of `docs/protocol.md#tokens`. Every
-//! node verifies with keys it already holds: no call-out per connect, so a
-//! reconnect storm costs CPU on the gateways and nothing elsewhere. Keys come
-//! from HS secrets, PEM public keys, JWKS files and JWKS URLs ([`crate::jwks`]
-//! fetches those; this module only reads the key sets it publishes).
+//! Owns the [`Verifier`] and the rules of `docs/protocol.md#tokens`: which
+//! held key may verify a token, which claims are required, and what a
+//! verified token grants ([`Identity`], [`RoomGrant`]). Every node verifies
+//! with keys it already holds: no call-out per connect, so a reconnect storm
+//! costs CPU on the gateways and nothing elsewhere.
+//!
+//! Submodules, each a leaf this file builds on (none of them uses this file):
+//! - [`keys`]: a verification key, [`KeyError`], reading JWKS documents;
+//! - [`jwks`]: fetching and holding the key sets of JWKS URLs;
+//! - [`grants`]: room patterns and the grants of a rooms claim;
+//! - [`mint`]: `exp` clock arithmetic and minting HS256 tokens.
+//!
+//! Does not own the configuration: `config::verifier` builds a [`Verifier`]
+//! from a `Config`, so this module never depends on `config`.
 //!
 //! Invariants:
 //! - a token's `alg` must belong to the family of the key that verifies it (an
@@ -21,35 +30,34 @@
 //! clone an `Arc`. Only [`Verifier::prepare`] (and so `verify_connect`) may
 //! wait, and only for the single in-flight fetch of a JWKS URL.
 
+pub mod grants;
+pub mod jwks;
+pub mod keys;
+pub mod mint;
+
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use base64::Engine as _;
-use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
-use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
-use serde::{Deserialize, Serialize};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation, errors::ErrorKind};
+use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::Config;
-use crate::jwks::{JwksSource, SourceOptions};
+pub use crate::auth::grants::{Grants, Pattern};
+use crate::auth::grants::{claim_at, grants_from};
+use crate::auth::jwks::{JwksSource, SourceOptions};
+pub(crate) use crate::auth::keys::parse_jwks;
+pub use crate::auth::keys::{KeyError, MIN_HMAC_SECRET_BYTES, VerifyKey};
+pub use crate::auth::mint::{MAX_TIMER, MintClaims, MintRooms, deadline, mint_hs256, now_secs, until};
 
 /// Longest token accepted, in bytes; anything longer is refused before parsing.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
-
-/// Shortest HS256/384/512 secret accepted, in bytes: RFC 7518 section 3.2
-/// requires a key at least as long as the hash output (256 bits for HS256).
-/// Shorter secrets fall to brute force from a single token.
-pub const MIN_HMAC_SECRET_BYTES: usize = 32;
 
 /// Latest `exp` accepted, seconds since the epoch (9999-12-31T23:59:59Z).
 /// Later values are refused as [`AuthError::BadExpiry`] rather than turned
 /// into timers that overflow.
 pub const MAX_EXP_SECS: u64 = 253_402_300_799;
-
-/// Longest time a grant timer is armed for; a later expiry is re-checked then.
-pub const MAX_TIMER: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Why a token was refused. The label is what metrics count.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -117,90 +125,6 @@ impl AuthError {
     }
 }
 
-/// Why the key configuration could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    #[error("cannot read {path}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path} is not an RSA, EC or Ed25519 public key in PEM")]
-    Pem { path: String },
-    #[error("{path} is not a JWKS document")]
-    Jwks {
-        path: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("{path} holds no usable signing key")]
-    NoUsableKey { path: String },
-    #[error("{url} is not an http:// or https:// URL")]
-    Url { url: String },
-    #[error("cannot build the HTTPS client for JWKS URLs")]
-    HttpClient(#[source] std::io::Error),
-    #[error("{entry:?} is not ISSUER=FILE_OR_URL")]
-    IssuerKeys { entry: String },
-    #[error("the JWT secret is empty")]
-    EmptySecret,
-    #[error("the JWT secret has {len} bytes; HS256 needs at least {MIN_HMAC_SECRET_BYTES} (RFC 7518 section 3.2)")]
-    WeakSecret { len: usize },
-}
-
-/// A room-name pattern: `*` matches any run of room characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pattern(Box<str>);
-
-impl Pattern {
-    pub fn new(p: &str) -> Self {
-        Self(p.into())
-    }
-
-    pub fn matches(&self, room: &str) -> bool {
-        glob(self.0.as_bytes(), room.as_bytes())
-    }
-}
-
-fn glob(p: &[u8], s: &[u8]) -> bool {
-    // Iterative wildcard match with backtracking to the last `*`.
-    let (mut pi, mut si) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while si < s.len() {
-        if pi < p.len() && p[pi] == b'*' {
-            star = Some((pi, si));
-            pi += 1;
-        } else if pi < p.len() && p[pi] == s[si] {
-            pi += 1;
-            si += 1;
-        } else if let Some((sp, ss)) = star {
-            pi = sp + 1;
-            si = ss + 1;
-            star = Some((sp, ss + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == b'*')
-}
-
-/// What a connection may do with rooms.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Grants {
-    pub subscribe: Vec<Pattern>,
-    pub publish: Vec<Pattern>,
-}
-
-impl Grants {
-    pub fn can_subscribe(&self, room: &str) -> bool {
-        self.subscribe.iter().any(|p| p.matches(room))
-    }
-
-    pub fn can_publish(&self, room: &str) -> bool {
-        self.publish.iter().any(|p| p.matches(room))
-    }
-}
-
 /// A verified connection token.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -231,73 +155,6 @@ struct Claims {
     /// Everything else, where the rooms claim is looked up by path.
     #[serde(flatten)]
     rest: serde_json::Map<String, Value>,
-}
-
-/// One verification key, pinned to an algorithm family (and to one algorithm
-/// when its JWK says so), optionally bound to an issuer.
-pub struct VerifyKey {
-    pub(crate) issuer: Option<Arc<str>>,
-    pub(crate) kid: Option<String>,
-    pub(crate) family: AlgorithmFamily,
-    pub(crate) alg: Option<Algorithm>,
-    pub(crate) key: DecodingKey,
-}
-
-impl VerifyKey {
-    fn accepts(&self, alg: Algorithm, iss: Option<&str>) -> bool {
-        self.family == alg.family()
-            && self.alg.is_none_or(|a| a == alg)
-            && self.issuer.as_deref().is_none_or(|i| Some(i) == iss)
-    }
-}
-
-/// Reads a JWKS document. Keys meant for encryption (`use: enc`, as Keycloak
-/// publishes next to its signing keys) and keys of algorithms this node does
-/// not verify are skipped, not errors.
-pub(crate) fn parse_jwks(bytes: &[u8], issuer: Option<&Arc<str>>) -> Result<Vec<VerifyKey>, serde_json::Error> {
-    #[derive(Deserialize)]
-    struct Set {
-        keys: Vec<Value>,
-    }
-    let set: Set = serde_json::from_slice(bytes)?;
-    let mut keys = Vec::with_capacity(set.keys.len());
-    for raw in set.keys {
-        if raw.get("use").and_then(Value::as_str).is_some_and(|u| u != "sig") {
-            continue;
-        }
-        let Ok(jwk) = serde_json::from_value::<Jwk>(raw) else {
-            continue;
-        };
-        // A symmetric JWK is an HMAC secret: the same floor as --jwt-secret.
-        if let AlgorithmParameters::OctetKey(k) = &jwk.algorithm
-            && b64(&k.value).map_or(0, |v| v.len()) < MIN_HMAC_SECRET_BYTES
-        {
-            tracing::warn!(kid = ?jwk.common.key_id, "skipping a JWKS HMAC key shorter than 32 bytes");
-            continue;
-        }
-        let alg = match jwk.common.key_algorithm {
-            None => None,
-            Some(a) => match Algorithm::try_from(a) {
-                Ok(a) => Some(a),
-                Err(_) => continue,
-            },
-        };
-        let Ok(key) = DecodingKey::from_jwk(&jwk) else {
-            continue;
-        };
-        let family = key.family();
-        if alg.is_some_and(|a| a.family() != family) {
-            continue;
-        }
-        keys.push(VerifyKey {
-            issuer: issuer.cloned(),
-            kid: jwk.common.key_id.clone(),
-            family,
-            alg,
-            key,
-        });
-    }
-    Ok(keys)
 }
 
 /// Verification settings beyond the keys.
@@ -351,9 +208,7 @@ struct RawIss {
 }
 
 fn b64(part: &str) -> Result<Vec<u8>, AuthError> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(part.trim_end_matches('='))
-        .map_err(|_| AuthError::Malformed)
+    keys::b64(part).map_err(|_| AuthError::Malformed)
 }
 
 impl<'a> Unverified<'a> {
@@ -411,44 +266,6 @@ impl Verifier {
             bound: false,
             opts,
         }
-    }
-
-    /// The verifier described by the configuration: options, secret, PEM
-    /// keys, `--jwks` and `--jwt-issuer-keys`. Reads files now; JWKS URLs are
-    /// fetched once [`Verifier::start`] runs (or on first use).
-    pub fn from_config(cfg: &Config) -> Result<Self, KeyError> {
-        let mut v = Verifier::new(VerifyOptions {
-            leeway_secs: cfg.jwt_leeway.as_secs(),
-            issuers: cfg.jwt_issuers.clone(),
-            audiences: cfg.jwt_audiences.clone(),
-            default_grants: Grants {
-                subscribe: cfg.default_rooms.iter().map(|p| Pattern::new(p)).collect(),
-                publish: cfg.default_pub.iter().map(|p| Pattern::new(p)).collect(),
-            },
-            rooms_claim: cfg.jwt_rooms_claim.split('.').map(String::from).collect(),
-            jwks: SourceOptions {
-                refresh: cfg.jwks_refresh,
-                refetch_min: cfg.jwks_refetch_min,
-                ..SourceOptions::default()
-            },
-        });
-        if let Some(secret) = &cfg.jwt_secret {
-            v.add_secret(secret.as_bytes())?;
-        }
-        for path in &cfg.jwt_public_keys {
-            v.add_public_key_file(path)?;
-        }
-        if let Some(jwks) = &cfg.jwks {
-            v.add_jwks(jwks, None)?;
-        }
-        for entry in &cfg.jwt_issuer_keys {
-            let (issuer, source) = entry
-                .split_once('=')
-                .filter(|(i, s)| !i.is_empty() && !s.is_empty())
-                .ok_or_else(|| KeyError::IssuerKeys { entry: entry.clone() })?;
-            v.add_jwks(source, Some(issuer))?;
-        }
-        Ok(v)
     }
 
     /// The clock leeway applied to `exp` and `nbf`: a grant ends this long
@@ -721,7 +538,7 @@ impl Verifier {
         let sub = claims.sub.filter(|s| !s.is_empty()).ok_or(AuthError::MissingSub)?;
         let grants = match claim_at(&claims.rest, &self.opts.rooms_claim) {
             None | Some(Value::Null) => self.opts.default_grants.clone(),
-            Some(v) => grants_from(v)?,
+            Some(v) => grants_from(v).map_err(|_| AuthError::BadGrants)?,
         };
         Ok(Identity {
             sub,
@@ -758,42 +575,6 @@ impl Verifier {
     }
 }
 
-/// The value at a dotted claim path (`realm_access.chat_rooms`).
-fn claim_at<'a>(claims: &'a serde_json::Map<String, Value>, path: &[String]) -> Option<&'a Value> {
-    let (first, rest) = path.split_first()?;
-    let mut v = claims.get(first)?;
-    for seg in rest {
-        v = v.get(seg)?;
-    }
-    Some(v)
-}
-
-/// Grants from a rooms claim: `{"sub":[...],"pub":[...]}`, or a plain list of
-/// patterns, which grants subscribing only.
-fn grants_from(v: &Value) -> Result<Grants, AuthError> {
-    fn patterns(v: Option<&Value>) -> Result<Vec<Pattern>, AuthError> {
-        match v {
-            None | Some(Value::Null) => Ok(Vec::new()),
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|p| p.as_str().map(Pattern::new).ok_or(AuthError::BadGrants))
-                .collect(),
-            Some(_) => Err(AuthError::BadGrants),
-        }
-    }
-    match v {
-        Value::Object(o) => Ok(Grants {
-            subscribe: patterns(o.get("sub"))?,
-            publish: patterns(o.get("pub"))?,
-        }),
-        Value::Array(_) => Ok(Grants {
-            subscribe: patterns(Some(v))?,
-            publish: Vec::new(),
-        }),
-        _ => Err(AuthError::BadGrants),
-    }
-}
-
 /// Deserializes a present claim, `null` included, as `Some`.
 fn present_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     Value::deserialize(d).map(Some)
@@ -807,72 +588,10 @@ fn check_exp(exp: Option<u64>) -> Result<(), AuthError> {
     }
 }
 
-/// Time left until `exp` (seconds since the epoch) plus `leeway`: zero when
-/// past, at most [`MAX_TIMER`]. Never overflows, whatever `exp` is.
-pub fn until(exp: u64, leeway: Duration) -> Duration {
-    UNIX_EPOCH
-        .checked_add(Duration::from_secs(exp))
-        .and_then(|at| at.checked_add(leeway))
-        .map_or(MAX_TIMER, |at| {
-            at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO)
-        })
-        .min(MAX_TIMER)
-}
-
-/// The instant `exp` (seconds since the epoch) plus `leeway` is reached on
-/// the monotonic clock, at most [`MAX_TIMER`] from now.
-pub fn deadline(exp: u64, leeway: Duration) -> tokio::time::Instant {
-    tokio::time::Instant::now() + until(exp, leeway)
-}
-
-/// Seconds since the Unix epoch.
-pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// Claims of a connection token minted by `gateway token`.
-#[derive(Debug, Serialize)]
-pub struct MintClaims<'a> {
-    pub sub: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exp: Option<u64>,
-    pub iat: u64,
-    pub rooms: MintRooms,
-}
-
-/// The `rooms` claim of a minted token.
-#[derive(Debug, Serialize)]
-pub struct MintRooms {
-    pub sub: Vec<String>,
-    #[serde(rename = "pub")]
-    pub publish: Vec<String>,
-}
-
-/// Signs an HS256 connection token.
-pub fn mint_hs256(
-    secret: &[u8],
-    sub: &str,
-    rooms: Vec<String>,
-    publish: Vec<String>,
-    ttl_secs: Option<u64>,
-) -> Result<String, jsonwebtoken::errors::Error> {
-    let now = now_secs();
-    let claims = MintClaims {
-        sub,
-        exp: ttl_secs.map(|t| now + t),
-        iat: now,
-        rooms: MintRooms { sub: rooms, publish },
-    };
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
     use serde_json::json;
 
     const S: &[u8] = b"s3cret-s3cret-s3cret-s3cret-0123";
@@ -957,15 +676,6 @@ mod tests {
         });
         v.add_secret(S).unwrap();
         v
-    }
-
-    #[test]
-    fn patterns() {
-        let p = Pattern::new("team-*");
-        assert!(p.matches("team-7") && p.matches("team-") && !p.matches("team") && !p.matches("xteam-1"));
-        assert!(Pattern::new("*").matches("anything:at_all"));
-        assert!(Pattern::new("a*b*c").matches("aXXbYYc") && !Pattern::new("a*b*c").matches("aXXbYY"));
-        assert!(Pattern::new("general").matches("general") && !Pattern::new("general").matches("general2"));
     }
 
     #[test]
