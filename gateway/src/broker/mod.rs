@@ -143,6 +143,17 @@ impl Bus {
         }
     }
 
+    /// Closes the bus at the end of a drain, after its tasks were stopped
+    /// (cluster mode: drains the NATS connection, which sends the UNSUBs of
+    /// every room and ends the connection's tasks). True if it closed
+    /// within `within`.
+    pub async fn close(&self, within: std::time::Duration) -> bool {
+        match self {
+            Bus::Embedded => true,
+            Bus::Nats(n) => n.close(within).await,
+        }
+    }
+
     /// Whether `room` is ephemeral (no storage, no history).
     pub fn is_ephemeral(&self, room: &RoomId) -> bool {
         match self {
