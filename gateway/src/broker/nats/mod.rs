@@ -56,7 +56,7 @@ use tokio_util::task::TaskTracker;
 
 use linger::{LINGER_QUEUE, Linger, linger_pool};
 
-use super::{BusError, Fetched, Outgoing, now_ms};
+use super::{BusError, Fetched, Outgoing, UnavailableKind, now_ms};
 use crate::protocol;
 use crate::rooms::{Catchup, Delivered, Frame, Gap, Published, RoomId, RoomIndex};
 
@@ -396,7 +396,7 @@ impl NatsBus {
     /// Publishes: durable rooms are acknowledged only once stored.
     pub async fn publish(&self, msg: Outgoing<'_>) -> Result<Published, BusError> {
         if !self.is_connected() {
-            return Err(BusError::Unavailable("not connected to NATS".into()));
+            return Err(BusError::unavailable(UnavailableKind::NotConnected));
         }
         let payload = Envelope {
             from: msg.from.to_owned(),
@@ -410,7 +410,7 @@ impl NatsBus {
             self.client
                 .publish_with_headers(self.fanout_subject(msg.room), headers, payload.into())
                 .await
-                .map_err(BusError::unavailable)?;
+                .map_err(BusError::nats(UnavailableKind::Publish))?;
             return Ok(Published {
                 offset: 0,
                 fresh: true,
@@ -429,8 +429,8 @@ impl NatsBus {
                 .js
                 .publish_with_headers(self.store_subject(msg.room), headers, payload.into())
                 .await
-                .map_err(BusError::unavailable)?;
-            fut.await.map_err(BusError::unavailable)
+                .map_err(BusError::nats(UnavailableKind::Publish))?;
+            fut.await.map_err(BusError::nats(UnavailableKind::Publish))
         };
         let ack = tokio::time::timeout(self.cfg.publish_timeout, ack)
             .await
@@ -467,8 +467,11 @@ impl NatsBus {
                     .client
                     .subscribe(self.fanout_subject(room))
                     .await
-                    .map_err(BusError::unavailable)?;
-                self.client.flush().await.map_err(BusError::unavailable)?;
+                    .map_err(BusError::nats(UnavailableKind::Subscribe))?;
+                self.client
+                    .flush()
+                    .await
+                    .map_err(BusError::nats(UnavailableKind::Flush))?;
                 let last = if self.is_ephemeral(room) {
                     0
                 } else {
