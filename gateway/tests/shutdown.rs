@@ -46,6 +46,41 @@ fn dead_jwks_url() -> String {
     format!("http://127.0.0.1:{port}/certs")
 }
 
+/// A JWKS endpoint on plain threads (no task in the node's runtime) that
+/// keeps connections open, so the refresher's HTTP client pools one.
+fn jwks_url() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut head = Vec::new();
+                loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                    while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        head.drain(..end + 4);
+                        let body = r#"{"keys":[]}"#;
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if conn.write_all(reply.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}/certs")
+}
+
 /// Shuts `node` down and checks that nothing of it is left running.
 async fn shutdown_leaves_no_task(node: TestNode) {
     let handle: Arc<gateway::Node> = node.running.node.clone();
@@ -116,7 +151,8 @@ fn after_shutdown_no_task_of_a_tls_node_is_left_running() {
             o.tls_cert = Some(cert);
             o.tls_key = Some(key);
             o.tls_reload_ms = Some(50);
-            o.jwks = Some(dead_jwks_url());
+            o.jwks = Some(jwks_url());
+            o.jwks_refetch_min_secs = Some(1);
         })
         .await;
         // A task of the embedding program (main's SIGHUP handler) that would
