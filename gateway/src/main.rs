@@ -106,13 +106,13 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     tracing::info!(node = %config.node_id, %addr, bus = node.bus.kind(), "gateway listening on {scheme}://{addr}/ws");
     #[cfg(unix)]
     if node.is_tls() {
-        tokio::spawn(reload_tls_on_sighup(node.clone()));
+        node.spawn_service(reload_tls_on_sighup(node.clone()));
     }
     if dev_mode {
         announce_dev_mode(&config, addr);
     }
     if let Some(l) = metrics_listener {
-        tokio::spawn(gateway::http::serve_metrics(node.clone(), l));
+        node.spawn_service(gateway::http::serve_metrics(node.clone(), l));
     }
     let report = gateway::serve(node, listener, shutdown_signal()).await;
     tracing::info!(clean = report.clean, conns = report.conns_at_start, elapsed = ?report.elapsed, "stopped");

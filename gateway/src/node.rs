@@ -5,13 +5,27 @@
 //! Owns the services and their lifetimes. Does not own HTTP or sockets
 //! (`http`) nor what a connection does (`conn`).
 //!
+//! Tasks: every task the node starts runs on one of two trackers.
+//! - `tracker`: connections and the work of requests; they end when the
+//!   node token (`shutdown`) is cancelled.
+//! - `services`: the background tasks that serve those connections (the
+//!   flushers, the broker's tasks, the linger pool, the JWKS refresher, the
+//!   TLS watcher, the rate-limit sweep); they end when `services_stop` is
+//!   cancelled, which happens only once the connections ended, so a draining
+//!   connection still gets its room's messages written.
+//!
 //! Shutdown, in order ([`drain`]): readiness goes 503; the node token is
-//! cancelled; every connection sends close 1012 within the drain spread;
-//! the tracker is awaited for at most the drain timeout.
+//! cancelled (the listener stops accepting; every connection sends close
+//! 1012 within the drain spread); the connection tracker is awaited until
+//! the drain deadline; then the services are stopped (the broker leaves its
+//! subjects) and awaited for at most [`SERVICES_GRACE`]; the NATS connection
+//! is drained. The report says whether every task ended in time.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use std::future::Future;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -50,6 +64,10 @@ pub struct Node {
     pub(crate) conns: Arc<AtomicUsize>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tracker: TaskTracker,
+    /// The background tasks (see the module doc), stopped after the
+    /// connections by `services_stop`.
+    pub(crate) services: TaskTracker,
+    pub(crate) services_stop: CancellationToken,
     pub(crate) ready: AtomicBool,
     pub(crate) peak_outbox_bytes: AtomicUsize,
 }
@@ -91,6 +109,8 @@ impl Node {
             mode,
         ));
         let metrics = Metrics::new();
+        let services = TaskTracker::new();
+        let services_stop = CancellationToken::new();
         let bus = if cfg.nats.is_empty() {
             Bus::Embedded
         } else {
@@ -109,13 +129,22 @@ impl Node {
                 connect_timeout: cfg.nats_connect_timeout,
                 ignore_discovered: cfg.nats_ignore_discovered,
             };
-            Bus::Nats(NatsBus::start(cluster, rooms.clone(), metrics.deliveries_total.clone()).await?)
+            Bus::Nats(
+                NatsBus::start(
+                    cluster,
+                    rooms.clone(),
+                    metrics.deliveries_total.clone(),
+                    services.clone(),
+                    services_stop.clone(),
+                )
+                .await?,
+            )
         };
         let limits = Limits::new(&cfg.limits, !cfg.no_rate_limits);
-        // The flushers live as long as the runtime; they hold no node state.
+        // The flushers write until the connections have ended.
         for flusher in rooms.flushers().shards() {
             let flusher = flusher.clone();
-            tokio::spawn(async move { flusher.run().await });
+            spawn_until(&services, &services_stop, async move { flusher.run().await });
         }
         Ok(Arc::new(Self {
             cfg,
@@ -129,9 +158,47 @@ impl Node {
             conns: Arc::new(AtomicUsize::new(0)),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            services,
+            services_stop,
             ready: AtomicBool::new(true),
             peak_outbox_bytes: AtomicUsize::new(0),
         }))
+    }
+
+    /// Starts the background services that need a running server: the JWKS
+    /// refresher, the TLS watcher and the rate-limit sweep (in its own task,
+    /// so a sweep over many keys never pauses accepts). Call once, from
+    /// `serve`.
+    pub(crate) fn start_services(self: &Arc<Self>) {
+        for source in self.verifier.remote_sources() {
+            // Not raced against the token: the loop checks it between
+            // fetches, so a fetch in flight finishes (bounded by its
+            // timeout) and no detached fetch outlives the task.
+            self.services
+                .spawn(source.clone().refresh_loop(self.services_stop.clone()));
+        }
+        if let Some(tls) = &self.tls {
+            self.services.spawn(crate::transport::tls::watch(
+                tls.clone(),
+                self.cfg.tls_reload,
+                self.services_stop.clone(),
+            ));
+        }
+        let node = self.clone();
+        self.spawn_service(async move { node.limits.sweep_forever().await });
+    }
+
+    /// Runs `task` as a background service of this node: it is tracked and
+    /// dropped when the services stop, after the connections ended (see
+    /// the module doc). For tasks of the embedding program (a SIGHUP
+    /// handler, a second listener) that must not outlive the node's drain.
+    pub fn spawn_service(&self, task: impl Future<Output = ()> + Send + 'static) {
+        spawn_until(&self.services, &self.services_stop, task);
+    }
+
+    /// Tasks of this node still running (connections and services).
+    pub fn tasks_alive(&self) -> usize {
+        self.tracker.len() + self.services.len()
     }
 
     pub(crate) fn next_conn_id(&self) -> ConnId {
@@ -188,13 +255,32 @@ impl Node {
     }
 }
 
+/// Runs `task` on `tracker` until it ends or `stop` is cancelled.
+fn spawn_until(tracker: &TaskTracker, stop: &CancellationToken, task: impl Future<Output = ()> + Send + 'static) {
+    let stop = stop.clone();
+    tracker.spawn(async move {
+        tokio::select! {
+            () = task => {}
+            () = stop.cancelled() => {}
+        }
+    });
+}
+
+/// How long the background services (and the NATS connection) may take to
+/// end once the connections have: they end at their token, so this is a
+/// bound, not a wait. A drain takes at most the drain timeout plus this.
+pub const SERVICES_GRACE: Duration = Duration::from_secs(2);
+
 /// What a shutdown achieved.
 #[derive(Debug, Clone, Copy)]
 pub struct DrainReport {
     /// Connections open when the drain began.
     pub conns_at_start: usize,
-    /// Whether every task ended within the drain timeout.
+    /// Whether every task of the node ended in time: connections within the
+    /// drain timeout, then background services (flushers, broker, watchers)
+    /// and the NATS connection within [`SERVICES_GRACE`].
     pub clean: bool,
+    /// How long the drain took.
     pub elapsed: Duration,
 }
 
@@ -205,21 +291,34 @@ pub(crate) async fn drain(node: &Node) -> DrainReport {
     tracing::info!(conns = conns_at_start, timeout = ?node.cfg.drain_timeout, "draining");
     node.shutdown.cancel();
     node.tracker.close();
-    let clean = tokio::time::timeout(node.cfg.drain_timeout, node.tracker.wait())
+    let conns_ended = tokio::time::timeout(node.cfg.drain_timeout, node.tracker.wait())
         .await
         .is_ok();
-    let report = DrainReport {
-        conns_at_start,
-        clean,
-        elapsed: started.elapsed(),
-    };
-    if clean {
-        tracing::info!(elapsed = ?report.elapsed, "drain complete");
-    } else {
+    if !conns_ended {
         tracing::warn!(
             left = node.conns_active(),
             "drain timed out with connections still open"
         );
+    }
+    // The connections are gone: leave the bus subjects and stop the rest.
+    node.services_stop.cancel();
+    node.services.close();
+    let services_ended = tokio::time::timeout(SERVICES_GRACE, node.services.wait()).await.is_ok();
+    let bus_closed = node.bus.close(SERVICES_GRACE).await;
+    if !services_ended || !bus_closed {
+        tracing::warn!(
+            tasks = node.services.len(),
+            bus_closed,
+            "background tasks did not end in time"
+        );
+    }
+    let report = DrainReport {
+        conns_at_start,
+        clean: conns_ended && services_ended && bus_closed,
+        elapsed: started.elapsed(),
+    };
+    if report.clean {
+        tracing::info!(elapsed = ?report.elapsed, "drain complete");
     }
     report
 }

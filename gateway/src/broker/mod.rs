@@ -38,15 +38,86 @@ pub enum BusError {
     #[error("room state limit reached")]
     Room(#[source] RoomError),
     #[error("the message bus is unavailable")]
-    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Unavailable(#[source] Unavailable),
     #[error("the message bus did not answer in time")]
     Timeout,
 }
 
 impl BusError {
-    pub(crate) fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> Self {
-        Self::Unavailable(Box::new(e))
+    /// An [`Unavailable`] of `kind` without an underlying error.
+    pub(crate) fn unavailable(kind: UnavailableKind) -> Self {
+        Self::Unavailable(Unavailable { kind, source: None })
     }
+
+    /// Maps an error of the NATS client to an [`Unavailable`] of `kind`.
+    pub(crate) fn nats<E>(kind: UnavailableKind) -> impl FnOnce(E) -> Self
+    where
+        E: Into<async_nats::Error>,
+    {
+        move |e| {
+            Self::Unavailable(Unavailable {
+                kind,
+                source: Some(e.into()),
+            })
+        }
+    }
+}
+
+/// The bus could not serve a request: what failed (the kind, matchable) and
+/// the NATS client's error when there is one (async-nats' `Error<Kind>`
+/// pattern, without strings built to carry the reason).
+#[derive(Debug, thiserror::Error)]
+#[error("{kind}")]
+pub struct Unavailable {
+    kind: UnavailableKind,
+    #[source]
+    source: Option<async_nats::Error>,
+}
+
+impl Unavailable {
+    /// What failed.
+    pub fn kind(&self) -> UnavailableKind {
+        self.kind
+    }
+}
+
+/// What part of a bus operation failed. Every kind is answered to clients
+/// the same way ("unavailable; retry"); the kinds are for logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UnavailableKind {
+    /// The node is not connected to NATS now.
+    #[error("not connected to NATS")]
+    NotConnected,
+    /// Sending a publish, or its acknowledgement, failed.
+    #[error("publish failed")]
+    Publish,
+    /// Subscribing to a subject failed.
+    #[error("subscribe failed")]
+    Subscribe,
+    /// Flushing the connection failed.
+    #[error("flush failed")]
+    Flush,
+    /// Creating a read consumer or fetching from it failed.
+    #[error("reading the stream failed")]
+    Read,
+    /// A read consumer skipped deliveries: the read is incomplete.
+    #[error("a stream read skipped deliveries")]
+    SkippedDeliveries,
+    /// A direct get request failed.
+    #[error("direct get failed")]
+    DirectGet,
+    /// A direct get answered an unexpected status.
+    #[error("direct get answered status {0}")]
+    DirectGetStatus(u16),
+    /// A direct get answer lacked its sequence or subject.
+    #[error("a direct get answer lacked its sequence or subject")]
+    DirectGetMalformed,
+    /// The inbox of a direct get ended before the answer did.
+    #[error("the direct get inbox ended early")]
+    DirectGetEnded,
+    /// A catch-up read found the room's cache moving on every attempt.
+    #[error("the room's cache kept moving while it was read")]
+    CacheMoving,
 }
 
 /// Messages read from the stream for a catch-up.
@@ -146,6 +217,17 @@ impl Bus {
         }
     }
 
+    /// Closes the bus at the end of a drain, after its tasks were stopped
+    /// (cluster mode: drains the NATS connection, which sends the UNSUBs of
+    /// every room and ends the connection's tasks). True if it closed
+    /// within `within`.
+    pub async fn close(&self, within: std::time::Duration) -> bool {
+        match self {
+            Bus::Embedded => true,
+            Bus::Nats(n) => n.close(within).await,
+        }
+    }
+
     /// Whether `room` is ephemeral (no storage, no history).
     pub fn is_ephemeral(&self, room: &RoomId) -> bool {
         match self {
@@ -168,4 +250,26 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn bus_errors_keep_their_kind_and_the_nats_error() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = BusError::nats(UnavailableKind::Publish)(refused);
+        let BusError::Unavailable(u) = &e else { panic!("{e:?}") };
+        assert_eq!(u.kind(), UnavailableKind::Publish);
+        let io = u.source().and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(
+            io.map(std::io::Error::kind),
+            Some(std::io::ErrorKind::ConnectionRefused)
+        );
+        let status = BusError::unavailable(UnavailableKind::DirectGetStatus(503));
+        assert_eq!(status.source().unwrap().to_string(), "direct get answered status 503");
+    }
 }

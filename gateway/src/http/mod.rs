@@ -27,19 +27,11 @@ pub use upgrade::{PROTOCOL_JSON, PROTOCOL_PROTO};
 /// Serves the node on `listener` until `shutdown` resolves, then drains.
 pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> DrainReport {
     let router = router(node.clone());
-    node.verifier.start(node.shutdown.clone());
-    if let Some(tls) = &node.tls {
-        tokio::spawn(crate::transport::tls::watch(
-            tls.clone(),
-            node.cfg.tls_reload,
-            node.shutdown.clone(),
-        ));
-    }
+    node.start_services();
     let accept = listener::accept_loop(node.clone(), listener, router);
     tokio::select! {
         () = accept => {}
         () = shutdown => {}
-        () = node.limits.sweep_forever() => {}
     }
     drain(&node).await
 }

@@ -21,7 +21,14 @@
 //! Concurrency: one task per subscribed room feeds [`RoomIndex::deliver`];
 //! making a room live, backfilling its cache and repairing gaps are
 //! single-flight per room.
+//!
+//! Tasks: every task of the bus (the connection watcher, the delivery
+//! sweeper, room subscribers, repairs, settle checks, resyncs and the linger
+//! pool) is spawned on the tracker given to [`NatsBus::start`] and ends when
+//! its token is cancelled; [`NatsBus::close`] then drains the NATS
+//! connection. Delayed unsubscribes go through one bounded pool (`linger`).
 
+mod linger;
 mod read;
 mod repair;
 mod streams;
@@ -42,10 +49,14 @@ use futures_util::StreamExt;
 use parking_lot::Mutex;
 use proto::Message as _;
 use proto::bus::Envelope;
-use tokio::sync::OnceCell;
+use tokio::sync::{Notify, OnceCell};
 use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::{BusError, Fetched, Outgoing, now_ms};
+use linger::{LINGER_QUEUE, Linger, linger_pool};
+
+use super::{BusError, Fetched, Outgoing, UnavailableKind, now_ms};
 use crate::protocol;
 use crate::rooms::{Catchup, Delivered, Frame, Gap, Published, RoomId, RoomIndex};
 
@@ -135,9 +146,48 @@ pub struct NatsBus {
     /// Offsets acknowledged to local publishers, not yet seen on the fan-out
     /// subject: checked by the sweeper so a lost republish is repaired.
     expected: DashMap<RoomId, (u64, Instant)>,
-    connected: AtomicBool,
+    link_state: Arc<LinkState>,
+    /// Delayed unsubscribes (one bounded pool, not a task per room).
+    linger: Linger,
+    /// Where every task of the bus runs; `stop` ends them all.
+    tasks: TaskTracker,
+    stop: CancellationToken,
     /// The node's `gateway_deliveries_total` handle (no lookup per message).
     deliveries: metrics::Counter,
+}
+
+/// The connection state, written by the NATS event callback: transitions
+/// are coalesced into a flag and a wake-up, so no queue of events can grow.
+#[derive(Default)]
+struct LinkState {
+    connected: AtomicBool,
+    /// Woken on each (re)connect; a wake-up while a resync runs is kept
+    /// (one permit), so the rooms are checked again once it ends.
+    reconnected: Notify,
+    /// Cancelled when the connection is closed for good (after a drain).
+    closed: CancellationToken,
+}
+
+impl LinkState {
+    fn on_event(&self, event: async_nats::Event) {
+        match event {
+            async_nats::Event::Connected => {
+                tracing::info!("NATS connected");
+                self.connected.store(true, Ordering::Relaxed);
+                self.reconnected.notify_one();
+            }
+            async_nats::Event::Disconnected => {
+                tracing::warn!("NATS disconnected; durable publishes answer unavailable until it is back");
+                self.connected.store(false, Ordering::Relaxed);
+            }
+            async_nats::Event::Closed => {
+                tracing::debug!("NATS connection closed");
+                self.connected.store(false, Ordering::Relaxed);
+                self.closed.cancel();
+            }
+            other => tracing::debug!(event = %other, "NATS event"),
+        }
+    }
 }
 
 /// When a room that just went live is checked against the stream's tail.
@@ -198,13 +248,22 @@ fn msg_id(room: &RoomId, from: &str, key: &str) -> String {
 
 impl NatsBus {
     /// Connects, checks or creates the room streams, and starts the
-    /// reconnect watcher and the delivery sweeper.
+    /// reconnect watcher, the delivery sweeper and the linger pool. Every
+    /// task of the bus, now and later, runs on `tasks` and ends once `stop`
+    /// is cancelled.
     pub async fn start(
         cfg: ClusterConfig,
         rooms: Arc<RoomIndex>,
         deliveries: metrics::Counter,
+        tasks: TaskTracker,
+        stop: CancellationToken,
     ) -> Result<Arc<Self>, ClusterError> {
-        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let link_state = Arc::new(LinkState {
+            connected: AtomicBool::new(true),
+            reconnected: Notify::new(),
+            closed: CancellationToken::new(),
+        });
+        let events = link_state.clone();
         let mut opts = async_nats::ConnectOptions::new();
         if cfg.ignore_discovered {
             opts = opts.ignore_discovered_servers();
@@ -215,10 +274,8 @@ impl NatsBus {
             .request_timeout(Some(Duration::from_secs(5)))
             .max_reconnects(None)
             .event_callback(move |event| {
-                let tx = events_tx.clone();
-                async move {
-                    let _ = tx.send(event);
-                }
+                events.on_event(event);
+                async {}
             });
         let urls = cfg.urls.join(",");
         let client = opts
@@ -234,6 +291,7 @@ impl NatsBus {
         let direct_get = (0..cfg.partitions)
             .map(|p| format!("$JS.API.DIRECT.GET.{}", stream_name(&cfg, p)))
             .collect();
+        let (linger, pool) = linger_pool(cfg.linger, LINGER_QUEUE);
         let bus = Arc::new(Self {
             client,
             js,
@@ -243,30 +301,25 @@ impl NatsBus {
             direct_get,
             links: DashMap::new(),
             expected: DashMap::new(),
-            connected: AtomicBool::new(true),
+            link_state,
+            linger,
+            tasks,
+            stop,
             deliveries,
         });
+        // Resyncs run one at a time in this task; reconnects during one are
+        // coalesced into one more pass.
         let weak = Arc::downgrade(&bus);
-        tokio::spawn(async move {
-            while let Some(event) = events.recv().await {
+        let state = bus.link_state.clone();
+        bus.spawn(async move {
+            loop {
+                state.reconnected.notified().await;
                 let Some(bus) = weak.upgrade() else { return };
-                match event {
-                    async_nats::Event::Connected => {
-                        tracing::info!("NATS connected");
-                        bus.connected.store(true, Ordering::Relaxed);
-                        let bus = bus.clone();
-                        tokio::spawn(async move { bus.resync_all().await });
-                    }
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("NATS disconnected; durable publishes answer unavailable until it is back");
-                        bus.connected.store(false, Ordering::Relaxed);
-                    }
-                    other => tracing::debug!(event = %other, "NATS event"),
-                }
+                bus.resync_all().await;
             }
         });
         let weak = Arc::downgrade(&bus);
-        tokio::spawn(async move {
+        bus.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             loop {
                 tick.tick().await;
@@ -274,11 +327,45 @@ impl NatsBus {
                 bus.sweep_expected();
             }
         });
+        let weak = Arc::downgrade(&bus);
+        bus.spawn(pool.run(bus.stop.clone(), move |room| {
+            if let Some(bus) = weak.upgrade() {
+                bus.unsubscribe_if_empty(&room);
+            }
+        }));
         Ok(bus)
     }
 
+    /// Runs `task` on the bus's tracker until it ends or the bus stops.
+    /// Nothing is started once the bus is stopping.
+    pub(super) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        if self.stop.is_cancelled() {
+            return;
+        }
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+
+    /// Closes the NATS connection after the bus's tasks ended: the
+    /// subscriptions they dropped are sent (UNSUB) and the connection's own
+    /// tasks end. Waits at most `within`.
+    pub async fn close(&self, within: Duration) -> bool {
+        self.stop.cancel();
+        let drained = async {
+            if self.client.drain().await.is_ok() {
+                self.link_state.closed.cancelled().await;
+            }
+        };
+        tokio::time::timeout(within, drained).await.is_ok()
+    }
+
     pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
+        self.link_state.connected.load(Ordering::Relaxed)
             && self.client.connection_state() == async_nats::connection::State::Connected
     }
 
@@ -309,7 +396,7 @@ impl NatsBus {
     /// Publishes: durable rooms are acknowledged only once stored.
     pub async fn publish(&self, msg: Outgoing<'_>) -> Result<Published, BusError> {
         if !self.is_connected() {
-            return Err(BusError::Unavailable("not connected to NATS".into()));
+            return Err(BusError::unavailable(UnavailableKind::NotConnected));
         }
         let payload = Envelope {
             from: msg.from.to_owned(),
@@ -323,7 +410,7 @@ impl NatsBus {
             self.client
                 .publish_with_headers(self.fanout_subject(msg.room), headers, payload.into())
                 .await
-                .map_err(BusError::unavailable)?;
+                .map_err(BusError::nats(UnavailableKind::Publish))?;
             return Ok(Published {
                 offset: 0,
                 fresh: true,
@@ -342,8 +429,8 @@ impl NatsBus {
                 .js
                 .publish_with_headers(self.store_subject(msg.room), headers, payload.into())
                 .await
-                .map_err(BusError::unavailable)?;
-            fut.await.map_err(BusError::unavailable)
+                .map_err(BusError::nats(UnavailableKind::Publish))?;
+            fut.await.map_err(BusError::nats(UnavailableKind::Publish))
         };
         let ack = tokio::time::timeout(self.cfg.publish_timeout, ack)
             .await
@@ -380,8 +467,11 @@ impl NatsBus {
                     .client
                     .subscribe(self.fanout_subject(room))
                     .await
-                    .map_err(BusError::unavailable)?;
-                self.client.flush().await.map_err(BusError::unavailable)?;
+                    .map_err(BusError::nats(UnavailableKind::Subscribe))?;
+                self.client
+                    .flush()
+                    .await
+                    .map_err(BusError::nats(UnavailableKind::Flush))?;
                 let last = if self.is_ephemeral(room) {
                     0
                 } else {
@@ -389,8 +479,15 @@ impl NatsBus {
                 };
                 let bus = Arc::downgrade(self);
                 let task_room = room.clone();
-                let task = tokio::spawn(async move {
-                    while let Some(msg) = sub.next().await {
+                let stop = self.stop.clone();
+                let task = self.tasks.spawn(async move {
+                    // Ends at stop, dropping the subscription (an UNSUB).
+                    loop {
+                        let msg = tokio::select! {
+                            msg = sub.next() => msg,
+                            () = stop.cancelled() => return,
+                        };
+                        let Some(msg) = msg else { return };
                         let Some(bus) = bus.upgrade() else { return };
                         bus.on_message(&task_room, msg);
                     }
@@ -440,21 +537,28 @@ impl NatsBus {
 
     /// The last local member left: unsubscribe after the linger unless one
     /// came back.
+    ///
+    /// The linger pool is bounded. When it is full (tens of thousands of
+    /// rooms left within moments, faster than its task takes them) the room
+    /// is unsubscribed at once if still empty: memory stays bounded and the
+    /// subscription state stays right; the price is a resubscribe if a
+    /// member comes back. Keeping the room instead would leave a
+    /// subscription nobody removes.
     pub fn room_left(self: &Arc<Self>, room: &RoomId) {
-        let bus = Arc::downgrade(self);
-        let room = room.clone();
-        let linger = self.cfg.linger;
-        tokio::spawn(async move {
-            tokio::time::sleep(linger).await;
-            let Some(bus) = bus.upgrade() else { return };
-            if bus.rooms.forget_if_empty(&room) {
-                // Dropping the link aborts the room task, which drops the
-                // subscription (an UNSUB to NATS).
-                bus.links.remove(&room);
-                bus.expected.remove(&room);
-                tracing::debug!(%room, "room unsubscribed");
-            }
-        });
+        if !self.linger.schedule(room.clone()) {
+            tracing::debug!(%room, "linger pool full; unsubscribing now");
+            self.unsubscribe_if_empty(room);
+        }
+    }
+
+    fn unsubscribe_if_empty(&self, room: &RoomId) {
+        if self.rooms.forget_if_empty(room) {
+            // Dropping the link aborts the room task, which drops the
+            // subscription (an UNSUB to NATS).
+            self.links.remove(room);
+            self.expected.remove(room);
+            tracing::debug!(%room, "room unsubscribed");
+        }
     }
 
     fn sweep_expected(self: &Arc<Self>) {
@@ -473,7 +577,7 @@ impl NatsBus {
         });
         for (room, seq) in due {
             let bus = self.clone();
-            tokio::spawn(async move { bus.repair_to(room, seq).await });
+            self.spawn(async move { bus.repair_to(room, seq).await });
         }
     }
 }

@@ -91,7 +91,7 @@ impl NatsBus {
                 ..Default::default()
             })
             .await
-            .map_err(BusError::unavailable)?;
+            .map_err(BusError::nats(UnavailableKind::Read))?;
         let name = consumer.cached_info().name.clone();
         let mut delivered = 0u64;
         let result = async {
@@ -101,11 +101,11 @@ impl NatsBus {
                     .max_messages(FETCH_BATCH)
                     .messages()
                     .await
-                    .map_err(BusError::unavailable)?;
+                    .map_err(BusError::nats(UnavailableKind::Read))?;
                 let mut got = 0;
                 let mut pending = 0;
                 while let Some(m) = batch.next().await {
-                    let m = m.map_err(BusError::Unavailable)?;
+                    let m = m.map_err(BusError::nats(UnavailableKind::Read))?;
                     let Ok(info) = m.info() else { continue };
                     let (seq, left) = (info.stream_sequence, info.pending);
                     // A fresh consumer numbers its deliveries 1, 2, 3...: a
@@ -113,13 +113,8 @@ impl NatsBus {
                     // read is incomplete and the caller retries.
                     delivered += 1;
                     if info.consumer_sequence != delivered {
-                        return Err(BusError::Unavailable(
-                            format!(
-                                "read of {room} skipped deliveries {delivered}..{}",
-                                info.consumer_sequence
-                            )
-                            .into(),
-                        ));
+                        tracing::debug!(%room, delivered, next = info.consumer_sequence, "stream read skipped deliveries");
+                        return Err(BusError::unavailable(UnavailableKind::SkippedDeliveries));
                     }
                     got += 1;
                     pending = left;
@@ -173,28 +168,25 @@ impl NatsBus {
             .client
             .subscribe(inbox.clone())
             .await
-            .map_err(BusError::unavailable)?;
+            .map_err(BusError::nats(UnavailableKind::Subscribe))?;
         let target = &self.direct_get[partition(room.as_str(), self.cfg.partitions) as usize];
         self.client
             .publish_with_reply(target.clone(), inbox, body.into())
             .await
-            .map_err(BusError::unavailable)?;
+            .map_err(BusError::nats(UnavailableKind::DirectGet))?;
         loop {
             let msg = tokio::time::timeout(DIRECT_TIMEOUT, sub.next())
                 .await
                 .map_err(|_| BusError::Timeout)?
-                .ok_or_else(|| BusError::Unavailable("direct get: subscription ended".into()))?;
+                .ok_or(BusError::unavailable(UnavailableKind::DirectGetEnded))?;
             if let Some(status) = msg.status {
                 // 204: end of batch; 404: no (more) messages.
                 return match status.as_u16() {
                     204 | 404 => Ok(()),
-                    code => Err(BusError::Unavailable(
-                        format!(
-                            "direct get of {room} answered {code} {}",
-                            msg.description.as_deref().unwrap_or("")
-                        )
-                        .into(),
-                    )),
+                    code => {
+                        tracing::debug!(%room, code, description = msg.description.as_deref().unwrap_or(""), "direct get failed");
+                        Err(BusError::unavailable(UnavailableKind::DirectGetStatus(code)))
+                    }
                 };
             }
             let header = |name: &str| {
@@ -205,9 +197,7 @@ impl NatsBus {
             };
             let seq = header(SEQ).and_then(|v| v.parse::<u64>().ok());
             let (Some(seq), true) = (seq, header(SUBJECT).as_deref() == Some(subject.as_str())) else {
-                return Err(BusError::Unavailable(
-                    format!("direct get of {room}: an answer without its sequence or subject").into(),
-                ));
+                return Err(BusError::unavailable(UnavailableKind::DirectGetMalformed));
             };
             let pending = header(PENDING).and_then(|v| v.parse::<u64>().ok());
             if !each(Stored {
@@ -288,9 +278,7 @@ impl NatsBus {
                 });
             }
         }
-        Err(BusError::Unavailable(
-            format!("catch-up of {room}: the cache kept moving while it was read").into(),
-        ))
+        Err(BusError::unavailable(UnavailableKind::CacheMoving))
     }
 
     /// Reads the messages of `room` after `st.covered` up to `read_upto` into
@@ -407,7 +395,7 @@ impl NatsBus {
             })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(BusError::unavailable(e)),
+            Err(e) => Err(BusError::nats(UnavailableKind::DirectGet)(e)),
         }
     }
 
@@ -471,7 +459,7 @@ impl NatsBus {
         {
             Ok(m) => Ok(m.sequence),
             Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(0),
-            Err(e) => Err(BusError::unavailable(e)),
+            Err(e) => Err(BusError::nats(UnavailableKind::DirectGet)(e)),
         }
     }
 

@@ -12,7 +12,7 @@ use super::*;
 impl NatsBus {
     pub(super) fn spawn_repair(self: &Arc<Self>, room: RoomId, gap: Gap) {
         let bus = self.clone();
-        tokio::spawn(async move { bus.repair(room, gap).await });
+        self.spawn(async move { bus.repair(room, gap).await });
     }
 
     /// Reads the messages of a gap from the stream and applies them, then
@@ -167,7 +167,7 @@ impl NatsBus {
     /// gap. So the stream's tail is checked again shortly after going live.
     pub(super) fn spawn_settle_check(self: &Arc<Self>, room: RoomId) {
         let bus = Arc::downgrade(self);
-        tokio::spawn(async move {
+        self.spawn(async move {
             for wait in SETTLE_CHECKS {
                 tokio::time::sleep(wait).await;
                 let Some(bus) = bus.upgrade() else { return };
