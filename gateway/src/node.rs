@@ -176,6 +176,13 @@ impl Node {
             // timeout) and no detached fetch outlives the task.
             self.services
                 .spawn(source.clone().refresh_loop(self.services_stop.clone()));
+            // Its fetches run in tasks of its own: end them with the services.
+            let (source, stop) = (source.clone(), self.services_stop.clone());
+            self.services.spawn(async move {
+                stop.cancelled().await;
+                source.tasks().close();
+                source.tasks().wait().await;
+            });
         }
         if let Some(tls) = &self.tls {
             self.services.spawn(crate::transport::tls::watch(

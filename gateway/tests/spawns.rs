@@ -12,19 +12,6 @@ const ALLOWED: &[(&str, usize, &str)] = &[
     // `Running::start`: the serve task itself, which the caller awaits in
     // `Running::shutdown`.
     ("lib.rs", 1, "the serve task, awaited by Running::shutdown"),
-    // `JwksSource::fetch_now` and `refetch` spawn the fetch so that a
-    // cancelled caller never cuts it in half; `fetch_now` awaits it, and the
-    // node runs `refresh_loop` on its services tracker. `refetch` waits at
-    // most `wait`. To move onto the tracker with the auth split.
-    (
-        "jwks.rs",
-        2,
-        "fetches awaited by their caller (auth split: move onto the tracker)",
-    ),
-    // `Verifier::start`: no longer called by the node (which spawns the
-    // refresh loops on its tracker); to be removed or given a tracker by the
-    // auth split.
-    ("auth.rs", 1, "Verifier::start, unused by the node"),
 ];
 
 const SPAWNS: &[&str] = &["tokio::spawn(", "task::spawn(", "spawn_blocking(", "thread::spawn("];

@@ -101,6 +101,10 @@ pub struct JwksSource {
     /// a connect racing the start-up fetch does not use up the budget that
     /// the first key rotation needs.
     last_unloaded: Mutex<Option<Instant>>,
+    /// The fetches, each in its own task so that a cancelled caller never
+    /// cuts one in half; the node closes and awaits it at shutdown
+    /// ([`JwksSource::tasks`]).
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// Least time between unknown-`kid` fetches while no fetch has succeeded yet.
@@ -137,6 +141,7 @@ impl JwksSource {
             attempts: AtomicU64::new(0),
             last_refetch: Mutex::new(None),
             last_unloaded: Mutex::new(None),
+            tasks: tokio_util::task::TaskTracker::new(),
         })
     }
 
@@ -176,13 +181,19 @@ impl JwksSource {
         }
     }
 
+    /// The fetches this source runs: close and await it to end them all.
+    pub fn tasks(&self) -> &tokio_util::task::TaskTracker {
+        &self.tasks
+    }
+
     /// Fetches now, after any fetch in flight, regardless of the unknown-kid
     /// rate limit (start-up, routine refresh, operators). True on success.
     pub async fn fetch_now(self: &Arc<Self>) -> bool {
         let guard = self.fetch_lock.clone().lock_owned().await;
         let me = self.clone();
         // In its own task so that a cancelled caller never cuts a fetch in half.
-        tokio::spawn(async move { me.fetch_held(guard, "refresh").await })
+        self.tasks
+            .spawn(async move { me.fetch_held(guard, "refresh").await })
             .await
             .unwrap_or(false)
     }
@@ -212,7 +223,10 @@ impl JwksSource {
                 *last = Some(Instant::now());
             }
             let me = self.clone();
-            let _ = tokio::spawn(async move { me.fetch_held(guard, "unknown_kid").await }).await;
+            let _ = self
+                .tasks
+                .spawn(async move { me.fetch_held(guard, "unknown_kid").await })
+                .await;
         };
         let _ = timeout(self.opts.wait, work).await;
     }

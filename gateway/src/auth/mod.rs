@@ -284,14 +284,6 @@ impl Verifier {
         &self.remote
     }
 
-    /// Fetches every JWKS URL now and then on its refresh interval, until
-    /// `stop` is cancelled. Call once per node, inside the runtime.
-    pub fn start(&self, stop: tokio_util::sync::CancellationToken) {
-        for source in &self.remote {
-            tokio::spawn(source.clone().refresh_loop(stop.clone()));
-        }
-    }
-
     /// Adds an HMAC secret (HS256/384/512) of at least
     /// [`MIN_HMAC_SECRET_BYTES`] bytes.
     ///
