@@ -37,6 +37,7 @@ use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::limits::Admit;
 use crate::model::{ConnId, RoomId};
 use crate::node::Node;
+use crate::protocol::Codec;
 use crate::rooms::{ConnOutbox, Frame, RoomError, Transition};
 use crate::transport::ws::{self, Incoming, ReadError, Reader};
 use session::Session;
@@ -117,7 +118,7 @@ pub async fn run<R, W>(
         let times = WriterTimes {
             write_timeout: cfg.write_timeout,
             activity_interval: cfg.activity_interval,
-            proto,
+            codec: if proto { Codec::Proto } else { Codec::Json },
         };
         let writing = write_loop(&mut writer, &outbox, &activity, &mut batch, times);
         let drain = async {

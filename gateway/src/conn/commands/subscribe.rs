@@ -3,7 +3,6 @@
 //! messages.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use fanout_tree::Weighted;
@@ -16,8 +15,8 @@ use crate::conn::session::{RoomSub, Session};
 use crate::conn::{bus_error, room_error};
 use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::model::RoomId;
-use crate::protocol::{self, SubscribeEntry, proto};
-use crate::rooms::{Catchup, Frame, Member};
+use crate::protocol::{self, ReplyBody, ServerMsg, SharedMessage, SubscribeEntry, SubscribeResult};
+use crate::rooms::{Catchup, Member};
 
 /// One room of a `subscribe` on its way through the phases.
 pub(in crate::conn) struct Slot {
@@ -37,33 +36,33 @@ pub(super) struct CatchupBudget {
 /// Bytes of the catch-ups of `slots` served from this node's cache.
 pub(super) fn cached_catchup_bytes(slots: &[Result<Slot, ProtoError>]) -> usize {
     let bytes = |s: &Result<Slot, ProtoError>| match s.as_ref().ok()?.at.as_ref()?.1.as_ref()? {
-        Catchup::Frames {
-            frames,
+        Catchup::Messages {
+            messages,
             recovered: true,
-        } => Some(frames.iter().map(Weighted::weight).sum::<usize>()),
+        } => Some(messages.iter().map(Weighted::weight).sum::<usize>()),
         _ => None,
     };
     slots.iter().filter_map(bytes).sum()
 }
 
-/// Appends `frames` to the catch-up if they fit the budget; otherwise the
+/// Appends `messages` to the catch-up if they fit the budget; otherwise the
 /// room is reported as not recovered and the client reloads its history.
 pub(super) fn take_within(
-    catchup: &mut Vec<Frame>,
-    frames: Vec<Frame>,
+    catchup: &mut Vec<SharedMessage>,
+    messages: Vec<SharedMessage>,
     recovered: bool,
     budget: &mut CatchupBudget,
 ) -> bool {
     if !recovered {
         return false;
     }
-    let bytes: usize = frames.iter().map(Weighted::weight).sum();
-    if bytes > budget.bytes || frames.len() > budget.frames {
+    let bytes: usize = messages.iter().map(Weighted::weight).sum();
+    if bytes > budget.bytes || messages.len() > budget.frames {
         return false;
     }
     budget.bytes -= bytes;
-    budget.frames -= frames.len();
-    catchup.extend(frames);
+    budget.frames -= messages.len();
+    catchup.extend(messages);
     true
 }
 
@@ -167,58 +166,50 @@ impl Session<'_> {
                 .await;
         }
         // Phase 4: the reply, and the catch-up within the budget.
-        let mut body = String::with_capacity(16 + entries.len() * 40);
-        body.push_str("{\"rooms\":[");
+        let mut results = Vec::with_capacity(slots.len());
         let mut catchup = Vec::new();
         for (i, slot) in slots.into_iter().enumerate() {
-            if i > 0 {
-                body.push(',');
-            }
             let slot = slot.and_then(|s| {
                 let (offset, c) = s.at.unwrap_or((0, None));
                 let recovered = match c {
                     None => None,
-                    Some(Catchup::Frames { frames, recovered }) => {
-                        Some(take_within(&mut catchup, frames, recovered, &mut budget))
+                    Some(Catchup::Messages { messages, recovered }) => {
+                        Some(take_within(&mut catchup, messages, recovered, &mut budget))
                     }
                     Some(Catchup::NeedsBackend) => match fetched.remove(&i) {
-                        Some(Ok(f)) => Some(take_within(&mut catchup, f.frames, f.recovered, &mut budget)),
+                        Some(Ok(f)) => Some(take_within(&mut catchup, f.messages, f.recovered, &mut budget)),
                         Some(Err(e)) => return Err(bus_error(&e)),
                         None => Some(false),
                     },
                 };
                 Ok((s.room, offset, recovered))
             });
-            match slot {
-                Ok((room, offset, recovered)) => {
-                    let _ = write!(body, "{{\"room\":\"{room}\",\"offset\":{offset}");
-                    if let Some(r) = recovered {
-                        let _ = write!(body, ",\"recovered\":{r}");
-                    }
-                    body.push('}');
-                }
-                Err(err) => {
-                    let name = entries[i].room.as_deref().unwrap_or("");
-                    let _ = write!(
-                        body,
-                        "{{\"room\":{},\"error\":",
-                        protocol::json_string(protocol::truncate(name, 200))
-                    );
-                    protocol::write_error(&mut body, &err);
-                    body.push('}');
-                }
-            }
+            results.push(match slot {
+                Ok((room, offset, recovered)) => SubscribeResult::Joined {
+                    room,
+                    offset,
+                    recovered,
+                },
+                Err(error) => SubscribeResult::Failed {
+                    room: protocol::truncate(entries[i].room.as_deref().unwrap_or(""), 200),
+                    error,
+                },
+            });
         }
-        body.push_str("]}");
         self.limits.spend_replay(budget_bytes - budget.bytes);
-        let reply = id.map(|id| self.out(protocol::ok_reply(id, &body)));
-        if self.proto {
-            catchup = catchup.iter().map(proto::to_proto).collect();
-        }
+        // Encoded in the connection's codec; the catch-up pushes are the
+        // room's own frames (a protobuf one made once per message per node).
+        let codec = self.codec();
+        let reply = id.map(|id| {
+            codec.encode(&ServerMsg::Reply {
+                id,
+                ok: ReplyBody::Subscribe { rooms: results },
+            })
+        });
         node.metrics.subscribe_rooms.record(entries.len() as f64);
         tracing::trace!(conn = self.id.0, rooms = entries.len(), elapsed = ?started.elapsed(), "subscribe");
         self.outbox
-            .release(reply, catchup)
+            .release(reply, catchup.iter().map(|m| m.frame(codec).clone()))
             .map_err(|_| CloseReason::SlowConsumer)
     }
 
