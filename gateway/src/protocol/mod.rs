@@ -595,6 +595,15 @@ mod tests {
         assert_eq!(kinds.len(), 11, "every ServerFrame body kind is covered");
     }
 
+    /// What a room's log pays per message beside the frames' bytes (the
+    /// `Arc` adds two counters): the typed fields, the JSON frame and the
+    /// slot of the protobuf one.
+    #[test]
+    fn a_stored_message_stays_small() {
+        let size = std::mem::size_of::<Encoded>();
+        assert!(size <= 176, "{size} bytes");
+    }
+
     #[test]
     fn a_stored_message_keeps_its_data_once_and_encodes_protobuf_once() {
         let data = Bytes::from(r#"{"text":"hi"}"#.to_string());

@@ -16,7 +16,7 @@ use crate::conn::{bus_error, room_error};
 use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::model::RoomId;
 use crate::protocol::{self, ReplyBody, ServerMsg, SharedMessage, SubscribeEntry, SubscribeResult};
-use crate::rooms::{Catchup, Member};
+use crate::rooms::{Catchup, Frame, Member};
 
 /// One room of a `subscribe` on its way through the phases.
 pub(in crate::conn) struct Slot {
@@ -198,7 +198,8 @@ impl Session<'_> {
         }
         self.limits.spend_replay(budget_bytes - budget.bytes);
         // Encoded in the connection's codec; the catch-up pushes are the
-        // room's own frames (a protobuf one made once per message per node).
+        // room's own frames (a protobuf one made at most once per message per
+        // node), resolved here rather than under the outbox's lock.
         let codec = self.codec();
         let reply = id.map(|id| {
             codec.encode(&ServerMsg::Reply {
@@ -206,10 +207,11 @@ impl Session<'_> {
                 ok: ReplyBody::Subscribe { rooms: results },
             })
         });
+        let catchup: Vec<Frame> = catchup.iter().map(|m| m.frame(codec).clone()).collect();
         node.metrics.subscribe_rooms.record(entries.len() as f64);
         tracing::trace!(conn = self.id.0, rooms = entries.len(), elapsed = ?started.elapsed(), "subscribe");
         self.outbox
-            .release(reply, catchup.iter().map(|m| m.frame(codec).clone()))
+            .release(reply, catchup)
             .map_err(|_| CloseReason::SlowConsumer)
     }
 
