@@ -44,3 +44,25 @@ impl fmt::Display for RoomId {
 /// A connection's id, unique within the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
+
+/// One stored room message, typed: what every codec encodes a `message`
+/// push (and a `history` entry) from.
+///
+/// Shape on the wire: `{"op":"message","room":..,"offset":..,"ts":..,
+/// "from":..,"data":<JSON value>}` in `gw.v1.json`, `Message` of
+/// `proto/proto/client.proto` in `gw.v1.proto`.
+///
+/// Sources: a publish on this node (`rooms`, embedded broker) or the NATS
+/// envelope of a stored or ephemeral message (`broker::nats`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub room: RoomId,
+    /// The room's offset (0 for an ephemeral message, which has none).
+    pub offset: u64,
+    /// When the publishing node accepted it, milliseconds since the Unix epoch.
+    pub ts: u64,
+    /// The publisher's `sub`, set by the server.
+    pub from: String,
+    /// The client's JSON value as UTF-8 text, never re-encoded.
+    pub data: bytes::Bytes,
+}

@@ -69,6 +69,15 @@ const LAYERS: &[&str] = &[
     "http",
 ];
 
+/// File cycles allowed on purpose, each the exact set of files in it, with
+/// the reason. Everything else in one cycle fails.
+const ALLOWED_CYCLES: &[(&[&str], &str)] = &[(
+    &["protocol", "protocol::json", "protocol::proto"],
+    "the two codecs encode the typed messages protocol/mod.rs defines, and \
+     its SharedMessage caches a message's frame per codec (made by them); \
+     both stay inside `protocol`, below every other layer",
+)];
+
 /// Longest non-test part of a source file, in lines.
 const MAX_LINES: usize = 800;
 
@@ -508,6 +517,13 @@ fn cycles(edges: &[Edge]) -> Vec<String> {
     let mut problems = Vec::new();
     for scc in sccs.into_iter().filter(|c| c.len() > 1) {
         let members: BTreeSet<usize> = scc.iter().copied().collect();
+        let files: BTreeSet<&str> = members.iter().map(|&n| nodes[n]).collect();
+        if ALLOWED_CYCLES
+            .iter()
+            .any(|(allowed, _)| allowed.iter().copied().collect::<BTreeSet<&str>>() == files)
+        {
+            continue;
+        }
         let mut named: Vec<String> = Vec::new();
         for &n in &members {
             for (to, e) in &graph[nodes[n]] {

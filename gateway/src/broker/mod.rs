@@ -14,7 +14,9 @@ pub mod nats;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::rooms::{Frame, Published, RoomError, RoomId, RoomIndex};
+use bytes::Bytes;
+
+use crate::rooms::{Published, RoomError, RoomId, RoomIndex, SharedMessage};
 
 pub use nats::{ClusterConfig, NatsBus};
 
@@ -24,10 +26,8 @@ pub struct Outgoing<'a> {
     pub room: &'a RoomId,
     /// The publisher's `sub`.
     pub from: &'a str,
-    /// The publisher's `sub` as a JSON string literal.
-    pub from_json: &'a str,
-    /// The `data` value, JSON text.
-    pub data: &'a [u8],
+    /// The `data` value, JSON text (shared, not copied, by the embedded bus).
+    pub data: &'a Bytes,
     /// The idempotency key.
     pub key: Option<&'a str>,
 }
@@ -123,7 +123,8 @@ pub enum UnavailableKind {
 /// Messages read from the stream for a catch-up.
 #[derive(Debug, Default)]
 pub struct Fetched {
-    pub frames: Vec<Frame>,
+    /// Oldest first.
+    pub messages: Vec<SharedMessage>,
     /// False when some messages after `since` are gone from the stream.
     pub recovered: bool,
     /// Bytes read from the stream for this answer, kept or not: what the
@@ -146,15 +147,7 @@ impl Bus {
     pub async fn publish(&self, rooms: &RoomIndex, msg: Outgoing<'_>) -> Result<Published, BusError> {
         match self {
             Bus::Embedded => rooms
-                .publish(
-                    msg.room,
-                    msg.from,
-                    msg.from_json,
-                    msg.data,
-                    msg.key,
-                    now_ms(),
-                    Instant::now(),
-                )
+                .publish(msg.room, msg.from, msg.data, msg.key, now_ms(), Instant::now())
                 .map_err(BusError::Room),
             Bus::Nats(n) => n.publish(msg).await,
         }
@@ -188,7 +181,7 @@ impl Bus {
     /// joiner whose `since` is older than this node's cache. Reading stops
     /// once their encoded frames would pass `max_bytes`: then, as when some
     /// message after `since` is gone, `recovered` is false and there are no
-    /// frames. See [`NatsBus::catchup`].
+    /// messages. See [`NatsBus::catchup`].
     pub async fn catchup(&self, room: &RoomId, since: u64, upto: u64, max_bytes: usize) -> Result<Fetched, BusError> {
         match self {
             Bus::Embedded => Ok(Fetched::default()),
@@ -202,7 +195,7 @@ impl Bus {
         room: &RoomId,
         before: Option<u64>,
         limit: usize,
-    ) -> Result<(Vec<Frame>, bool), BusError> {
+    ) -> Result<(Vec<SharedMessage>, bool), BusError> {
         match self {
             Bus::Embedded => Ok((Vec::new(), false)),
             Bus::Nats(n) => n.history(room, before, limit).await,

@@ -36,6 +36,7 @@ use crate::auth::Identity;
 use crate::error::CloseReason;
 use crate::limits::Admit;
 use crate::node::Node;
+use crate::protocol::Codec;
 use crate::rooms::{ConnOutbox, Frame};
 use crate::transport::ws::{self, Incoming, Reader};
 use session::Session;
@@ -116,7 +117,7 @@ pub async fn run<R, W>(
         let times = WriterTimes {
             write_timeout: cfg.write_timeout,
             activity_interval: cfg.activity_interval,
-            proto,
+            codec: if proto { Codec::Proto } else { Codec::Json },
         };
         let writing = write_loop(&mut writer, &outbox, &activity, &mut batch, times);
         let drain = async {

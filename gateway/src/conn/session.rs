@@ -17,7 +17,7 @@ use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::limits::{Admit, ConnLimits, RateLimited, Strikes};
 use crate::model::{ConnId, RoomId};
 use crate::node::Node;
-use crate::protocol::{self, Command, proto};
+use crate::protocol::{Codec, Command, Parsed, ReplyBody, ServerMsg};
 use crate::rooms::{Activity, ConnOutbox, Frame};
 use crate::transport::ws::{Incoming, Reader};
 
@@ -67,12 +67,11 @@ pub(super) struct Session<'a> {
     /// Pending `activity` counts of this connection's notify-mode rooms.
     pub(super) activity: &'a OnceLock<Arc<Activity>>,
     pub(super) identity: Option<Identity>,
-    /// Speaks `gw.v1.proto` (binary frames) instead of `gw.v1.json`.
+    /// Speaks `gw.v1.proto` (binary frames) instead of `gw.v1.json`; see
+    /// [`Session::codec`].
     pub(super) proto: bool,
     /// A pre-authenticated connection may still send `connect` first.
     pub(super) connect_allowed: bool,
-    /// `sub` as a JSON string literal, encoded once for every message push.
-    pub(super) from_json: String,
     pub(super) rooms: HashMap<RoomId, RoomSub>,
     /// Room-token grants by expiry: the reader's deadline includes the first.
     /// Boxed on first use: most connections hold no room token, and an idle
@@ -111,7 +110,6 @@ impl<'a> Session<'a> {
             identity: None,
             proto: false,
             connect_allowed: false,
-            from_json: String::new(),
             rooms: HashMap::new(),
             grant_expiry: None,
             expires_at: None,
@@ -187,32 +185,28 @@ impl<'a> Session<'a> {
                 continue;
             }
             self.drop_room(&room);
-            self.send(protocol::unsubscribed_push(&room, "the room token expired"))?;
+            let error = ProtoError::forbidden("the room token expired");
+            self.send(&ServerMsg::Unsubscribed {
+                room: &room,
+                error: &error,
+            })?;
         }
         Ok(())
     }
 
-    /// Queues a reply (or a push of this connection's own); a full outbox
-    /// ends the connection as slow.
-    pub(super) fn send(&self, text: String) -> Result<(), CloseReason> {
-        self.push(self.out(text))
+    /// The sub-protocol this connection speaks.
+    pub(super) fn codec(&self) -> Codec {
+        if self.proto { Codec::Proto } else { Codec::Json }
     }
 
-    /// A frame built as JSON, in this connection's sub-protocol.
-    pub(super) fn out(&self, text: String) -> Frame {
-        if self.proto {
-            Frame::binary_reply(&proto::server_frame(text.as_bytes()))
-        } else {
-            Frame::reply(text)
-        }
+    /// Queues a reply (or a push of this connection's own), encoded in the
+    /// connection's codec; a full outbox ends the connection as slow.
+    pub(super) fn send(&self, msg: &ServerMsg<'_>) -> Result<(), CloseReason> {
+        self.push(self.codec().encode(msg))
     }
 
-    pub(super) fn parse(&self, frame: &Bytes) -> protocol::Parsed {
-        if self.proto {
-            proto::parse(frame)
-        } else {
-            protocol::parse(frame)
-        }
+    pub(super) fn parse(&self, frame: &Bytes) -> Parsed {
+        self.codec().parse(frame)
     }
 
     pub(super) fn push(&self, frame: Frame) -> Result<(), CloseReason> {
@@ -220,12 +214,13 @@ impl<'a> Session<'a> {
     }
 
     pub(super) fn reply_err(&self, id: Option<u32>, err: &ProtoError) -> Result<(), CloseReason> {
-        self.send(protocol::error_reply(id, err))
+        self.send(&ServerMsg::Error { id, error: err })
     }
 
-    pub(super) fn reply_ok(&self, id: Option<u32>, body: &str) -> Result<(), CloseReason> {
+    /// Answers a command that carried an `id` (one without gets no reply).
+    pub(super) fn reply_ok(&self, id: Option<u32>, ok: ReplyBody<'_>) -> Result<(), CloseReason> {
         match id {
-            Some(id) => self.send(protocol::ok_reply(id, body)),
+            Some(id) => self.send(&ServerMsg::Reply { id, ok }),
             None => Ok(()),
         }
     }
@@ -417,19 +412,18 @@ impl<'a> Session<'a> {
     }
 
     pub(super) fn accept(&mut self, identity: Identity, id: Option<u32>) -> Result<(), CloseReason> {
-        self.from_json = protocol::json_string(&identity.sub);
         let expires_in = self.set_expiry(identity.exp);
+        self.identity = Some(identity);
+        let client = self.client_id();
         // `max_frame_bytes` (an extension): a client splits a `subscribe`
         // that would not fit one frame.
-        let body = format!(
-            "{{\"client\":{},\"node\":{},\"expires_in\":{},\"max_frame_bytes\":{}}}",
-            protocol::json_string(&self.client_id()),
-            protocol::json_string(&self.node.cfg.node_id),
-            expires_in.map_or_else(|| "null".to_string(), |s| s.to_string()),
-            self.node.cfg.max_frame_bytes
-        );
-        self.identity = Some(identity);
-        self.reply_ok(id, &body)
+        let ok = ReplyBody::Connect {
+            client: &client,
+            node: &self.node.cfg.node_id,
+            expires_in,
+            max_frame_bytes: self.node.cfg.max_frame_bytes as u64,
+        };
+        self.reply_ok(id, ok)
     }
 
     pub(super) fn client_id(&self) -> String {
@@ -472,8 +466,8 @@ impl<'a> Session<'a> {
             Command::History { room, limit, before } => Box::pin(self.history(id, &room, limit, before)).await,
             Command::Refresh { token } => Box::pin(self.refresh(id, &token)).await,
             Command::Ping => {
-                self.send(protocol::PONG.to_string())?;
-                self.reply_ok(id, "{}")
+                self.send(&ServerMsg::Pong)?;
+                self.reply_ok(id, ReplyBody::Empty)
             }
         }
     }

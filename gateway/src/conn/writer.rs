@@ -12,7 +12,7 @@ use tokio::io::AsyncWrite;
 use tokio::time::{Instant, sleep, sleep_until};
 
 use crate::error::CloseReason;
-use crate::protocol;
+use crate::protocol::{Codec, ServerMsg};
 use crate::rooms::{Activity, ConnOutbox, Frame};
 use crate::transport::ws;
 
@@ -28,8 +28,8 @@ pub(super) struct WriterTimes {
     pub(super) write_timeout: Duration,
     /// At most one `activity` push per room per this interval.
     pub(super) activity_interval: Duration,
-    /// The connection speaks `gw.v1.proto`.
-    pub(super) proto: bool,
+    /// The connection's sub-protocol (for its `activity` pushes).
+    pub(super) codec: Codec,
 }
 
 /// The only writer of the socket: drains the outbox in batches, one
@@ -47,7 +47,7 @@ where
     let WriterTimes {
         write_timeout,
         activity_interval,
-        proto,
+        codec,
     } = times;
     let mut last_write: Option<Instant> = None;
     // Notify-mode counts are flushed one interval after the first message of
@@ -94,8 +94,12 @@ where
                 // flusher) writes these too, in order. A full outbox shows up
                 // as overflowed on the next drain.
                 for (room, offset, count) in a.take() {
-                    let push = Frame::text(protocol::activity_push(&room, offset, count));
-                    let _ = outbox.try_push(if proto { protocol::proto::to_proto(&push) } else { push });
+                    let push = ServerMsg::Activity {
+                        room: &room,
+                        offset,
+                        count,
+                    };
+                    let _ = outbox.try_push(codec.encode(&push));
                 }
                 continue;
             },

@@ -1,22 +1,35 @@
-//! The JSON client protocol (`gw.v1.json`): parsing commands and encoding
-//! replies and pushes.
+//! The client protocol: commands in, typed server messages out, and the two
+//! codecs that carry them (`gw.v1.json` in [`json`], `gw.v1.proto` in
+//! [`proto`]).
 //!
-//! Owns the wire format only; what a command does lives in `conn`. Encoding
-//! writes straight into one `String` per frame; a message push is encoded once
-//! per node and shared by every member (see `rooms`).
+//! Owns the wire format only; what a command does lives in `conn`.
+//!
+//! Every server frame starts as one typed [`ServerMsg`] and each codec encodes
+//! it straight from that value: no codec parses text another one built. A room
+//! message is a [`SharedMessage`]: its JSON frame is made once when it is
+//! stored, its protobuf frame at most once, on first use, and both are shared
+//! by reference count by the room's log, every member of that codec, catch-up
+//! and history pages.
+//!
+//! Concurrency: a [`SharedMessage`] is immutable but for its protobuf frame,
+//! set once through a `OnceLock` (whoever needs it first encodes it, under the
+//! room's lock during a broadcast; later readers take no lock).
 
+pub mod json;
 pub mod proto;
 
-use std::fmt::Write as _;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use fanout_tree::Weighted;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
-use crate::error::{ErrorCode, ProtoError};
-use crate::model::RoomId;
+use crate::error::ProtoError;
+use crate::model::{Message, RoomId};
+use crate::transport::ws::Frame;
 
-/// One client command, validated.
+/// One client command, validated (from either codec's parser).
 #[derive(Debug)]
 pub enum Command {
     Connect {
@@ -58,142 +71,187 @@ pub struct SubscribeEntry {
 }
 
 /// A parsed frame: the command's `id` (if any) and the command or why it is bad.
+/// Made by [`json::parse`] and [`proto::parse`] alike.
 #[derive(Debug)]
 pub struct Parsed {
     pub id: Option<u32>,
     pub command: Result<Command, ProtoError>,
 }
 
-#[derive(Deserialize)]
-struct Raw<'a> {
-    #[serde(default)]
-    op: Option<String>,
-    #[serde(default)]
-    id: Option<u32>,
-    #[serde(default)]
-    token: Option<String>,
-    #[serde(default, borrow)]
-    rooms: Option<&'a RawValue>,
-    #[serde(default)]
-    room: Option<String>,
-    /// `Some` for every present value, `null` included ("any JSON value").
-    #[serde(default, borrow, deserialize_with = "present")]
-    data: Option<&'a RawValue>,
-    #[serde(default)]
-    key: Option<String>,
-    #[serde(default)]
-    limit: Option<u32>,
-    #[serde(default)]
-    before: Option<u64>,
+/// The sub-protocol a connection speaks, chosen at the upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Codec {
+    /// `gw.v1.json`: text frames (the default).
+    #[default]
+    Json,
+    /// `gw.v1.proto`: binary frames of `proto/proto/client.proto`.
+    Proto,
 }
 
-/// Deserializes a present value, `null` included, as `Some` (serde turns a
-/// `null` into `None` for an `Option` otherwise).
-pub(crate) fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(d).map(Some)
-}
-
-/// A `subscribe` entry: an object, or (leniently) just the room name.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum EntryForm {
-    Object(SubscribeEntry),
-    Name(String),
-}
-
-#[derive(Deserialize)]
-struct IdProbe {
-    #[serde(default)]
-    id: Option<u32>,
-}
-
-/// Parses one text frame. `frame` is the frame's bytes; `data` of a publish is
-/// returned as a zero-copy slice of it.
-pub fn parse(frame: &Bytes) -> Parsed {
-    let text = match std::str::from_utf8(frame) {
-        Ok(t) => t,
-        Err(_) => return bad(None, "frame is not UTF-8"),
-    };
-    let raw: Raw<'_> = match serde_json::from_str(text) {
-        Ok(r) => r,
-        Err(e) => {
-            // Keep the id of a well-formed object with one bad field, so the
-            // client can match the error to its command.
-            let id = serde_json::from_str::<IdProbe>(text).ok().and_then(|p| p.id);
-            let msg = if e.is_data() {
-                format!("invalid field: {e}")
-            } else {
-                format!("malformed JSON: {e}")
-            };
-            return bad(id, msg);
+impl Codec {
+    /// Parses one client frame of this codec.
+    pub fn parse(self, frame: &Bytes) -> Parsed {
+        match self {
+            Codec::Json => json::parse(frame),
+            Codec::Proto => proto::parse(frame),
         }
-    };
-    let id = raw.id;
-    let command = match raw.op.as_deref() {
-        None => Err(ProtoError::bad_request("missing op")),
-        Some("connect") => raw
-            .token
-            .map(|token| Command::Connect { token })
-            .ok_or_else(|| ProtoError::new(ErrorCode::Unauthorized, "connect needs a token")),
-        Some("refresh") => raw
-            .token
-            .map(|token| Command::Refresh { token })
-            .ok_or_else(|| ProtoError::bad_request("refresh needs a token")),
-        Some("subscribe") => match raw.rooms {
-            None => Err(ProtoError::bad_request("subscribe needs rooms")),
-            Some(r) => serde_json::from_str::<Vec<EntryForm>>(r.get())
-                .map(|forms| Command::Subscribe {
-                    rooms: forms
-                        .into_iter()
-                        .map(|f| match f {
-                            EntryForm::Object(e) => e,
-                            EntryForm::Name(room) => SubscribeEntry {
-                                room: Some(room),
-                                since: None,
-                                mode: None,
-                                token: None,
-                            },
-                        })
-                        .collect(),
-                })
-                .map_err(|e| ProtoError::bad_request(format!("rooms: {e}"))),
-        },
-        Some("unsubscribe") => match raw.rooms {
-            None => Err(ProtoError::bad_request("unsubscribe needs rooms")),
-            Some(r) => serde_json::from_str::<Vec<String>>(r.get())
-                .map(|rooms| Command::Unsubscribe { rooms })
-                .map_err(|e| ProtoError::bad_request(format!("rooms: {e}"))),
-        },
-        Some("publish") => match (raw.room, raw.data) {
-            (Some(room), Some(data)) => Ok(Command::Publish {
-                room,
-                data: frame.slice_ref(data.get().as_bytes()),
-                key: raw.key,
-            }),
-            (None, _) => Err(ProtoError::bad_request("publish needs room")),
-            (_, None) => Err(ProtoError::bad_request("publish needs data")),
-        },
-        Some("history") => match raw.room {
-            Some(room) => Ok(Command::History {
-                room,
-                limit: raw.limit,
-                before: raw.before,
-            }),
-            None => Err(ProtoError::bad_request("history needs room")),
-        },
-        Some("ping") => Ok(Command::Ping),
-        Some(other) => Err(ProtoError::bad_request(format!(
-            "unknown op {}",
-            json_string(truncate(other, 32))
-        ))),
-    };
-    Parsed { id, command }
+    }
+
+    /// Encodes `msg` as one frame of this codec: replies and the
+    /// connection's own pushes (`pong`, `unsubscribed`) are written without
+    /// coalescing, room pushes (`message`, `activity`) may wait out the
+    /// writer's short window.
+    pub fn encode(self, msg: &ServerMsg<'_>) -> Frame {
+        match self {
+            Codec::Json => json::encode(msg),
+            Codec::Proto => proto::encode(msg),
+        }
+    }
 }
 
-fn bad(id: Option<u32>, msg: impl Into<std::borrow::Cow<'static, str>>) -> Parsed {
-    Parsed {
-        id,
-        command: Err(ProtoError::bad_request(msg)),
+/// One server frame, typed: a reply to a command or a push. Both codecs
+/// encode it field for field (`docs/protocol.md`, `proto/proto/client.proto`).
+#[derive(Debug)]
+pub enum ServerMsg<'a> {
+    /// `{"id":N,"ok":{..}}`: a command succeeded. Source: `conn::commands`.
+    Reply { id: u32, ok: ReplyBody<'a> },
+    /// `{"id":N,"error":{..}}`, or `{"error":{..}}` for a frame without a
+    /// (readable) id. Source: any command, the reader, authentication.
+    Error { id: Option<u32>, error: &'a ProtoError },
+    /// `{"op":"message",..}`: a room message. Rooms push the frames of a
+    /// [`SharedMessage`] instead of encoding this per member.
+    Message(&'a Message),
+    /// `{"op":"activity","room":..,"offset":..,"count":..}`: `count` messages
+    /// of a notify-mode room since the previous push, the latest at `offset`.
+    /// Source: the connection's writer.
+    Activity { room: &'a RoomId, offset: u64, count: u64 },
+    /// `{"op":"pong"}`: the answer to `ping`.
+    Pong,
+    /// `{"op":"unsubscribed","room":..,"error":{..}}`: the server ended the
+    /// subscription (an expired room token, a refresh that no longer grants
+    /// the room).
+    Unsubscribed { room: &'a RoomId, error: &'a ProtoError },
+}
+
+impl ServerMsg<'_> {
+    /// A push that a room causes (not an answer to this connection's own
+    /// frames): written with the writer's coalescing.
+    pub fn is_room_push(&self) -> bool {
+        matches!(self, ServerMsg::Message(_) | ServerMsg::Activity { .. })
+    }
+}
+
+/// The `ok` body of a reply, one variant per command.
+#[derive(Debug)]
+pub enum ReplyBody<'a> {
+    /// `{"client":..,"node":..,"expires_in":<seconds or null>,"max_frame_bytes":..}`.
+    Connect {
+        client: &'a str,
+        node: &'a str,
+        expires_in: Option<u64>,
+        max_frame_bytes: u64,
+    },
+    /// `{"rooms":[..]}`, one entry per room of the command, in its order.
+    Subscribe { rooms: Vec<SubscribeResult<'a>> },
+    /// `{"offset":N}`.
+    Publish { offset: u64 },
+    /// `{"messages":[<message objects, oldest first>],"more":bool}`; the
+    /// messages' frames are the ones the room already made.
+    History { messages: &'a [SharedMessage], more: bool },
+    /// `{"expires_in":<seconds or null>}`.
+    Refresh { expires_in: Option<u64> },
+    /// `{}` (`unsubscribe`, `ping`).
+    Empty,
+}
+
+/// One room of a `subscribe` reply.
+#[derive(Debug)]
+pub enum SubscribeResult<'a> {
+    /// `{"room":..,"offset":N[,"recovered":bool]}`: `recovered` only when
+    /// the entry asked for catch-up (`since`).
+    Joined {
+        room: RoomId,
+        offset: u64,
+        recovered: Option<bool>,
+    },
+    /// `{"room":..,"error":{..}}`: `room` is the name as the client sent it
+    /// (the caller cuts it to a sane length).
+    Failed { room: &'a str, error: ProtoError },
+}
+
+/// A room message with its frame per codec, each made at most once per node
+/// and shared by the room's log, every member of that codec, catch-up and
+/// history. Cloning is a reference-count increment.
+///
+/// The JSON frame is made by [`SharedMessage::new`]; the protobuf frame on
+/// the first [`SharedMessage::frame`] for [`Codec::Proto`] (most rooms have
+/// no protobuf member and never pay for it). The message's `data` is kept
+/// as a slice of the JSON frame, so its bytes are stored once.
+#[derive(Clone)]
+pub struct SharedMessage(Arc<Encoded>);
+
+struct Encoded {
+    msg: Message,
+    json: Frame,
+    proto: OnceLock<Frame>,
+}
+
+impl SharedMessage {
+    /// Stores `msg`, encoding its JSON `message` push now.
+    pub fn new(mut msg: Message) -> Self {
+        let json = json::encode(&ServerMsg::Message(&msg));
+        // The push ends with `data` verbatim and the closing brace: keep
+        // `data` as that slice of the frame (not when it was written as `null`).
+        let payload = json.payload();
+        let end = payload.len().saturating_sub(1);
+        if let Some(start) = end.checked_sub(msg.data.len())
+            && payload[start..end] == msg.data[..]
+        {
+            msg.data = payload.slice(start..end);
+        }
+        Self(Arc::new(Encoded {
+            msg,
+            json,
+            proto: OnceLock::new(),
+        }))
+    }
+
+    /// The typed message.
+    pub fn message(&self) -> &Message {
+        &self.0.msg
+    }
+
+    /// The room's offset of this message.
+    pub fn offset(&self) -> u64 {
+        self.0.msg.offset
+    }
+
+    /// The `message` push in `codec`, encoded at most once per node.
+    pub fn frame(&self, codec: Codec) -> &Frame {
+        match codec {
+            Codec::Json => &self.0.json,
+            Codec::Proto => self
+                .0
+                .proto
+                .get_or_init(|| proto::encode(&ServerMsg::Message(&self.0.msg))),
+        }
+    }
+}
+
+/// What the message counts against a room's log and a catch-up budget: the
+/// bytes of its JSON frame (the one always made).
+impl Weighted for SharedMessage {
+    fn weight(&self) -> usize {
+        self.0.json.weight()
+    }
+}
+
+impl fmt::Debug for SharedMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedMessage")
+            .field("msg", &self.0.msg)
+            .field("proto_encoded", &self.0.proto.get().is_some())
+            .finish()
     }
 }
 
@@ -203,6 +261,11 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
         Some((i, _)) => &s[..i],
         None => s,
     }
+}
+
+/// `s` as a JSON string literal.
+pub fn json_string(s: &str) -> String {
+    serde_json::to_string(s).expect("a str always serializes")
 }
 
 /// Deepest nesting of arrays and objects accepted in `data`.
@@ -254,87 +317,14 @@ fn nesting(text: &[u8]) -> usize {
     max
 }
 
-/// `s` as a JSON string literal.
-pub fn json_string(s: &str) -> String {
-    serde_json::to_string(s).expect("a str always serializes")
-}
-
-/// `{"id":N,"ok":` + body + `}`; `body` is a JSON object.
-pub fn ok_reply(id: u32, body: &str) -> String {
-    let mut out = String::with_capacity(body.len() + 24);
-    let _ = write!(out, "{{\"id\":{id},\"ok\":{body}}}");
-    out
-}
-
-/// An error reply, or an error frame without `id` for commands that had none.
-pub fn error_reply(id: Option<u32>, err: &ProtoError) -> String {
-    let mut out = String::with_capacity(96 + err.message.len());
-    out.push('{');
-    if let Some(id) = id {
-        let _ = write!(out, "\"id\":{id},");
-    }
-    out.push_str("\"error\":");
-    write_error(&mut out, err);
-    out.push('}');
-    out
-}
-
-/// `{"code":..,"message":..[,"retry_after_ms":..]}`
-pub fn write_error(out: &mut String, err: &ProtoError) {
-    let _ = write!(
-        out,
-        "{{\"code\":\"{}\",\"message\":{}",
-        err.code.as_str(),
-        json_string(&err.message)
-    );
-    if let Some(ms) = err.retry_after_ms {
-        let _ = write!(out, ",\"retry_after_ms\":{ms}");
-    }
-    out.push('}');
-}
-
-/// The `message` push, encoded once per node for every member.
-pub fn message_push(room: &RoomId, offset: u64, ts_ms: u64, from_json: &str, data: &[u8]) -> String {
-    let data = std::str::from_utf8(data).unwrap_or("null");
-    let mut out = String::with_capacity(64 + room.as_str().len() + from_json.len() + data.len());
-    let _ = write!(
-        out,
-        "{{\"op\":\"message\",\"room\":\"{}\",\"offset\":{offset},\"ts\":{ts_ms},\"from\":{from_json},\"data\":{data}}}",
-        room.as_str()
-    );
-    out
-}
-
-/// The `unsubscribed` push: the server ended the subscription to `room`
-/// (an expired room token, a refreshed token that no longer grants it), with
-/// error `forbidden` and `why` as its message.
-pub fn unsubscribed_push(room: &RoomId, why: &'static str) -> String {
-    let mut out = String::with_capacity(96 + room.as_str().len() + why.len());
-    let _ = write!(
-        out,
-        "{{\"op\":\"unsubscribed\",\"room\":\"{}\",\"error\":",
-        room.as_str()
-    );
-    write_error(&mut out, &ProtoError::forbidden(why));
-    out.push('}');
-    out
-}
-
-/// The `activity` push of a notify-mode room: `count` messages since the
-/// previous one, the latest at `offset`.
-pub fn activity_push(room: &RoomId, offset: u64, count: u64) -> String {
-    format!(
-        "{{\"op\":\"activity\",\"room\":\"{}\",\"offset\":{offset},\"count\":{count}}}",
-        room.as_str()
-    )
-}
-
-/// The `pong` push.
-pub const PONG: &str = "{\"op\":\"pong\"}";
-
 #[cfg(test)]
 mod tests {
+    use ::proto::Message as _;
+    use ::proto::client::{self as pb, server_frame::Body};
+    use serde_json::{Value, json};
+
     use super::*;
+    use crate::error::ErrorCode;
 
     #[test]
     fn data_every_client_can_read_is_accepted_and_the_rest_refused() {
@@ -356,98 +346,359 @@ mod tests {
         assert!(check_data(format!("{}{}", "[".repeat(64), "]".repeat(64)).as_bytes()).is_ok());
     }
 
-    fn p(s: &str) -> Parsed {
-        parse(&Bytes::copy_from_slice(s.as_bytes()))
+    fn room(s: &str) -> RoomId {
+        RoomId::parse(s).unwrap()
     }
 
-    #[test]
-    fn publish_data_is_a_slice_of_the_frame() {
-        let parsed =
-            p(r#"{"id":4,"op":"publish","room":"general","data":{"text":"hi","n":[1,2]},"key":"k1","extra":true}"#);
-        assert_eq!(parsed.id, Some(4));
-        match parsed.command.unwrap() {
-            Command::Publish { room, data, key } => {
-                assert_eq!(room, "general");
-                assert_eq!(&data[..], br#"{"text":"hi","n":[1,2]}"#);
-                assert_eq!(key.as_deref(), Some("k1"));
-            }
-            other => panic!("{other:?}"),
+    fn message(offset: u64, data: &'static str) -> Message {
+        Message {
+            room: room("general"),
+            offset,
+            ts: 1_764_201_234_567,
+            from: "al\"ice".into(),
+            data: Bytes::from_static(data.as_bytes()),
         }
     }
 
-    #[test]
-    fn null_data_is_a_value_and_missing_data_is_an_error() {
-        match p(r#"{"id":1,"op":"publish","room":"r","data":null}"#).command.unwrap() {
-            Command::Publish { data, .. } => assert_eq!(&data[..], b"null"),
-            other => panic!("{other:?}"),
-        }
-        assert!(p(r#"{"id":1,"op":"publish","room":"r"}"#).command.is_err());
+    /// Both encodings of one typed value.
+    fn both(msg: &ServerMsg<'_>) -> (Value, pb::ServerFrame) {
+        let json = Codec::Json.encode(msg);
+        let proto = Codec::Proto.encode(msg);
+        assert_eq!(json.is_reply(), !msg.is_room_push());
+        assert_eq!(proto.is_reply(), json.is_reply());
+        (
+            serde_json::from_slice(json.as_bytes()).unwrap(),
+            pb::ServerFrame::decode(proto.as_bytes()).unwrap(),
+        )
     }
 
-    #[test]
-    fn subscribe_entries_may_be_plain_names() {
-        match p(r#"{"id":2,"op":"subscribe","rooms":["a",{"room":"b","since":1}]}"#)
-            .command
-            .unwrap()
-        {
-            Command::Subscribe { rooms } => {
-                assert_eq!(rooms[0].room.as_deref(), Some("a"));
-                assert_eq!(rooms[1].since, Some(1));
-            }
-            other => panic!("{other:?}"),
+    fn pb_error(code: &str, message: &str, retry_after_ms: Option<u64>) -> pb::Error {
+        pb::Error {
+            code: code.into(),
+            message: message.into(),
+            retry_after_ms,
         }
     }
 
-    #[test]
-    fn malformed_json_is_bad_request_without_id() {
-        let parsed = p("{not json");
-        assert_eq!(parsed.id, None);
-        assert_eq!(parsed.command.unwrap_err().code, ErrorCode::BadRequest);
+    fn pb_message(m: &Message) -> pb::Message {
+        pb::Message {
+            room: m.room.as_str().into(),
+            offset: m.offset,
+            ts: m.ts,
+            from: m.from.clone(),
+            data: m.data.clone(),
+        }
+    }
+
+    fn message_json(m: &Message) -> Value {
+        json!({
+            "op": "message",
+            "room": m.room.as_str(),
+            "offset": m.offset,
+            "ts": m.ts,
+            "from": m.from,
+            "data": serde_json::from_slice::<Value>(&m.data).unwrap(),
+        })
     }
 
     #[test]
-    fn a_bad_field_keeps_the_id() {
-        let parsed = p(r#"{"id":9,"op":"history","room":"r","limit":"ten"}"#);
-        assert_eq!(parsed.id, Some(9));
-        assert_eq!(parsed.command.unwrap_err().code, ErrorCode::BadRequest);
+    fn every_server_message_round_trips_through_both_codecs() {
+        let general = room("general");
+        let msg = message(131, r#"{"text":"hi","n":[1,2]}"#);
+        let limited = ProtoError::rate_limited(250);
+        let forbidden = ProtoError::forbidden("the refreshed token does not grant this room");
+        let history = [
+            SharedMessage::new(message(7, "1")),
+            SharedMessage::new(message(9, r#""x""#)),
+        ];
+        let cases: Vec<(ServerMsg<'_>, Value, pb::ServerFrame)> = vec![
+            (
+                ServerMsg::Reply {
+                    id: 1,
+                    ok: ReplyBody::Connect {
+                        client: "n1-2a",
+                        node: "n1",
+                        expires_in: Some(300),
+                        max_frame_bytes: 1 << 20,
+                    },
+                },
+                json!({"id": 1, "ok": {"client": "n1-2a", "node": "n1", "expires_in": 300, "max_frame_bytes": 1 << 20}}),
+                pb::ServerFrame {
+                    id: Some(1),
+                    body: Some(Body::ConnectOk(pb::ConnectOk {
+                        client: "n1-2a".into(),
+                        node: "n1".into(),
+                        expires_in: Some(300),
+                        max_frame_bytes: Some(1 << 20),
+                    })),
+                },
+            ),
+            (
+                ServerMsg::Reply {
+                    id: 1,
+                    ok: ReplyBody::Connect {
+                        client: "n1-2a",
+                        node: "n1",
+                        expires_in: None,
+                        max_frame_bytes: 64,
+                    },
+                },
+                json!({"id": 1, "ok": {"client": "n1-2a", "node": "n1", "expires_in": null, "max_frame_bytes": 64}}),
+                pb::ServerFrame {
+                    id: Some(1),
+                    body: Some(Body::ConnectOk(pb::ConnectOk {
+                        client: "n1-2a".into(),
+                        node: "n1".into(),
+                        expires_in: None,
+                        max_frame_bytes: Some(64),
+                    })),
+                },
+            ),
+            (
+                ServerMsg::Reply {
+                    id: 2,
+                    ok: ReplyBody::Subscribe {
+                        rooms: vec![
+                            SubscribeResult::Joined {
+                                room: general.clone(),
+                                offset: 130,
+                                recovered: Some(true),
+                            },
+                            SubscribeResult::Joined {
+                                room: room("random"),
+                                offset: 7,
+                                recovered: None,
+                            },
+                            SubscribeResult::Failed {
+                                room: "team-7",
+                                error: ProtoError::forbidden("no"),
+                            },
+                        ],
+                    },
+                },
+                json!({"id": 2, "ok": {"rooms": [
+                    {"room": "general", "offset": 130, "recovered": true},
+                    {"room": "random", "offset": 7},
+                    {"room": "team-7", "error": {"code": "forbidden", "message": "no"}},
+                ]}}),
+                pb::ServerFrame {
+                    id: Some(2),
+                    body: Some(Body::SubscribeOk(pb::SubscribeOk {
+                        rooms: vec![
+                            pb::SubscribeResult {
+                                room: "general".into(),
+                                offset: 130,
+                                recovered: Some(true),
+                                error: None,
+                            },
+                            pb::SubscribeResult {
+                                room: "random".into(),
+                                offset: 7,
+                                recovered: None,
+                                error: None,
+                            },
+                            pb::SubscribeResult {
+                                room: "team-7".into(),
+                                offset: 0,
+                                recovered: None,
+                                error: Some(pb_error("forbidden", "no", None)),
+                            },
+                        ],
+                    })),
+                },
+            ),
+            (
+                ServerMsg::Reply {
+                    id: 4,
+                    ok: ReplyBody::Publish { offset: 131 },
+                },
+                json!({"id": 4, "ok": {"offset": 131}}),
+                pb::ServerFrame {
+                    id: Some(4),
+                    body: Some(Body::PublishOk(pb::PublishOk { offset: 131 })),
+                },
+            ),
+            (
+                ServerMsg::Reply {
+                    id: 5,
+                    ok: ReplyBody::History {
+                        messages: &history,
+                        more: true,
+                    },
+                },
+                json!({"id": 5, "ok": {"messages": [
+                    message_json(history[0].message()),
+                    message_json(history[1].message()),
+                ], "more": true}}),
+                pb::ServerFrame {
+                    id: Some(5),
+                    body: Some(Body::HistoryOk(pb::HistoryOk {
+                        messages: history.iter().map(|m| pb_message(m.message())).collect(),
+                        more: true,
+                    })),
+                },
+            ),
+            (
+                ServerMsg::Reply {
+                    id: 5,
+                    ok: ReplyBody::History {
+                        messages: &[],
+                        more: false,
+                    },
+                },
+                json!({"id": 5, "ok": {"messages": [], "more": false}}),
+                pb::ServerFrame {
+                    id: Some(5),
+                    body: Some(Body::HistoryOk(pb::HistoryOk::default())),
+                },
+            ),
+            (
+                ServerMsg::Reply {
+                    id: 6,
+                    ok: ReplyBody::Refresh { expires_in: Some(300) },
+                },
+                json!({"id": 6, "ok": {"expires_in": 300}}),
+                pb::ServerFrame {
+                    id: Some(6),
+                    body: Some(Body::RefreshOk(pb::RefreshOk { expires_in: Some(300) })),
+                },
+            ),
+            (
+                ServerMsg::Reply {
+                    id: 6,
+                    ok: ReplyBody::Refresh { expires_in: None },
+                },
+                json!({"id": 6, "ok": {"expires_in": null}}),
+                pb::ServerFrame {
+                    id: Some(6),
+                    body: Some(Body::RefreshOk(pb::RefreshOk { expires_in: None })),
+                },
+            ),
+            (
+                ServerMsg::Reply {
+                    id: 3,
+                    ok: ReplyBody::Empty,
+                },
+                json!({"id": 3, "ok": {}}),
+                pb::ServerFrame {
+                    id: Some(3),
+                    body: Some(Body::Ok(pb::Empty {})),
+                },
+            ),
+            (
+                ServerMsg::Error {
+                    id: Some(8),
+                    error: &limited,
+                },
+                json!({"id": 8, "error": {"code": "rate_limited", "message": "rate limit exceeded", "retry_after_ms": 250}}),
+                pb::ServerFrame {
+                    id: Some(8),
+                    body: Some(Body::Error(pb_error("rate_limited", "rate limit exceeded", Some(250)))),
+                },
+            ),
+            (
+                ServerMsg::Error {
+                    id: None,
+                    error: &forbidden,
+                },
+                json!({"error": {"code": "forbidden", "message": forbidden.message}}),
+                pb::ServerFrame {
+                    id: None,
+                    body: Some(Body::Error(pb_error("forbidden", &forbidden.message, None))),
+                },
+            ),
+            (
+                ServerMsg::Message(&msg),
+                message_json(&msg),
+                pb::ServerFrame {
+                    id: None,
+                    body: Some(Body::Message(pb_message(&msg))),
+                },
+            ),
+            (
+                ServerMsg::Activity {
+                    room: &general,
+                    offset: 140,
+                    count: 12,
+                },
+                json!({"op": "activity", "room": "general", "offset": 140, "count": 12}),
+                pb::ServerFrame {
+                    id: None,
+                    body: Some(Body::Activity(pb::Activity {
+                        room: "general".into(),
+                        offset: 140,
+                        count: 12,
+                    })),
+                },
+            ),
+            (
+                ServerMsg::Pong,
+                json!({"op": "pong"}),
+                pb::ServerFrame {
+                    id: None,
+                    body: Some(Body::Pong(pb::Empty {})),
+                },
+            ),
+            (
+                ServerMsg::Unsubscribed {
+                    room: &general,
+                    error: &forbidden,
+                },
+                json!({"op": "unsubscribed", "room": "general", "error": {"code": "forbidden", "message": forbidden.message}}),
+                pb::ServerFrame {
+                    id: None,
+                    body: Some(Body::Unsubscribed(pb::Unsubscribed {
+                        room: "general".into(),
+                        error: Some(pb_error("forbidden", &forbidden.message, None)),
+                    })),
+                },
+            ),
+        ];
+        let mut kinds = std::collections::HashSet::new();
+        for (msg, want_json, want_proto) in &cases {
+            let (json, proto) = both(msg);
+            assert_eq!(&json, want_json, "{msg:?}");
+            assert_eq!(&proto, want_proto, "{msg:?}");
+            kinds.insert(std::mem::discriminant(&proto.body.unwrap()));
+        }
+        assert_eq!(kinds.len(), 11, "every ServerFrame body kind is covered");
+    }
+
+    /// What a room's log pays per message beside the frames' bytes (the
+    /// `Arc` adds two counters): the typed fields, the JSON frame and the
+    /// slot of the protobuf one.
+    #[test]
+    fn a_stored_message_stays_small() {
+        let size = std::mem::size_of::<Encoded>();
+        assert!(size <= 176, "{size} bytes");
     }
 
     #[test]
-    fn unknown_op_is_bad_request() {
-        let parsed = p(r#"{"id":1,"op":"explode"}"#);
-        let err = parsed.command.unwrap_err();
-        assert_eq!(err.code, ErrorCode::BadRequest);
-        assert!(err.message.contains("explode"));
-    }
-
-    #[test]
-    fn subscribe_entries_parse() {
-        let parsed = p(
-            r#"{"id":2,"op":"subscribe","rooms":[{"room":"a","since":3},{"room":"b","mode":"notify"},{"room":"c","token":"t"}]}"#,
+    fn a_stored_message_keeps_its_data_once_and_encodes_protobuf_once() {
+        let data = Bytes::from(r#"{"text":"hi"}"#.to_string());
+        let stored = SharedMessage::new(Message {
+            data: data.clone(),
+            ..message(3, "")
+        });
+        let json = stored.frame(Codec::Json);
+        assert_eq!(&stored.message().data[..], &data[..]);
+        assert!(
+            json.as_bytes().as_ptr_range().contains(&stored.message().data.as_ptr()),
+            "data is a slice of the JSON frame"
         );
-        match parsed.command.unwrap() {
-            Command::Subscribe { rooms } => {
-                assert_eq!(rooms.len(), 3);
-                assert_eq!(rooms[0].since, Some(3));
-                assert_eq!(rooms[1].mode.as_deref(), Some("notify"));
-                assert_eq!(rooms[2].token.as_deref(), Some("t"));
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn replies_encode() {
-        assert_eq!(ok_reply(3, "{}"), r#"{"id":3,"ok":{}}"#);
-        let err = ProtoError::rate_limited(250);
-        assert_eq!(
-            error_reply(Some(1), &err),
-            r#"{"id":1,"error":{"code":"rate_limited","message":"rate limit exceeded","retry_after_ms":250}}"#
-        );
-        let push = message_push(&RoomId::parse("g").unwrap(), 7, 11, "\"al\\\"ice\"", b"[1]");
-        let v: serde_json::Value = serde_json::from_str(&push).unwrap();
-        assert_eq!(v["from"], "al\"ice");
-        assert_eq!(v["offset"], 7);
-        assert_eq!(v["data"][0], 1);
+        let before = proto::tests::message_encodes();
+        let first = stored.frame(Codec::Proto).as_bytes().as_ptr();
+        let copy = stored.clone();
+        assert_eq!(copy.frame(Codec::Proto).as_bytes().as_ptr(), first);
+        assert_eq!(proto::tests::message_encodes(), before + 1);
+        // Data that is not UTF-8 is written as `null` and kept as it came.
+        let odd = SharedMessage::new(Message {
+            data: Bytes::from_static(b"\xff"),
+            ..message(4, "")
+        });
+        let v: Value = serde_json::from_slice(odd.frame(Codec::Json).as_bytes()).unwrap();
+        assert_eq!(v["data"], Value::Null);
+        assert_eq!(&odd.message().data[..], b"\xff");
+        assert_eq!(ErrorCode::Forbidden.as_str(), "forbidden");
     }
 }

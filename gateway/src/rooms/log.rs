@@ -9,38 +9,40 @@ use std::time::Instant;
 
 use fanout_tree::Weighted;
 
+use bytes::Bytes;
+
 use super::{
-    Catchup, Entry, Frame, HistoryPage, LogMode, Published, RoomError, RoomIndex, RoomLimits, RoomState, dedup_key,
+    Catchup, Entry, HistoryPage, LogMode, Published, RoomError, RoomIndex, RoomLimits, RoomState, SharedMessage,
+    dedup_key,
 };
-use crate::model::RoomId;
-use crate::protocol;
+use crate::model::{Message, RoomId};
 
 impl RoomState {
     pub(super) fn catchup(&self, since: u64, upto: u64) -> Catchup {
         if since >= upto {
             // Nothing missed, unless the client saw offsets this room never
             // had here (e.g. an embedded node restarted): it must reload.
-            return Catchup::Frames {
-                frames: Vec::new(),
+            return Catchup::Messages {
+                messages: Vec::new(),
                 recovered: since == upto,
             };
         }
         if since >= self.evicted_upto {
             let start = self.log.partition_point(|e| e.offset <= since);
-            let frames = self
+            let messages = self
                 .log
                 .range(start..)
                 .take_while(|e| e.offset <= upto)
-                .map(|e| e.frame.clone())
+                .map(|e| e.msg.clone())
                 .collect();
-            return Catchup::Frames {
-                frames,
+            return Catchup::Messages {
+                messages,
                 recovered: true,
             };
         }
         if since < self.gone_upto {
-            return Catchup::Frames {
-                frames: Vec::new(),
+            return Catchup::Messages {
+                messages: Vec::new(),
                 recovered: false,
             };
         }
@@ -56,14 +58,20 @@ impl RoomState {
     /// log as far as the caps allow. They must be every message of the room
     /// in `(covers_from, read_upto]`; unless that range reaches the log's
     /// start they are not contiguous with it and nothing is added.
-    pub(super) fn prepend(&mut self, limits: &RoomLimits, covers_from: u64, entries: &[(u64, Frame)], read_upto: u64) {
+    pub(super) fn prepend(
+        &mut self,
+        limits: &RoomLimits,
+        covers_from: u64,
+        entries: &[(u64, SharedMessage)],
+        read_upto: u64,
+    ) {
         let floor = self.evicted_upto;
         if !self.live || read_upto < floor || covers_from >= floor {
             return;
         }
         // Never claim what is known to be gone.
         let mut start = covers_from.max(self.gone_upto);
-        for (offset, frame) in entries.iter().rev() {
+        for (offset, msg) in entries.iter().rev() {
             if *offset > floor {
                 continue;
             }
@@ -71,15 +79,15 @@ impl RoomState {
                 break;
             }
             let fits =
-                self.log.len() < limits.history_size && self.log_bytes + frame.weight() <= limits.history_max_bytes;
+                self.log.len() < limits.history_size && self.log_bytes + msg.weight() <= limits.history_max_bytes;
             if !fits {
                 start = *offset;
                 break;
             }
-            self.log_bytes += frame.weight();
+            self.log_bytes += msg.weight();
             self.log.push_front(Entry {
                 offset: *offset,
-                frame: frame.clone(),
+                msg: msg.clone(),
             });
         }
         self.evicted_upto = start;
@@ -93,17 +101,15 @@ impl RoomIndex {
             .unwrap_or(Catchup::NeedsBackend)
     }
 
-    /// Stores a message published on this node (the embedded bus) by `from`
-    /// (`from_json` is the same `sub` as a JSON string literal): assigns the
-    /// next offset, remembers `key` for this user in this room, encodes the
-    /// push once, appends it to the log and offers it to every member.
-    #[allow(clippy::too_many_arguments)]
+    /// Stores a message published on this node (the embedded bus) by `from`:
+    /// assigns the next offset, remembers `key` for this user in this room,
+    /// stores the message once (its JSON push encoded now), appends it to the
+    /// log and offers it to every member.
     pub fn publish(
         &self,
         room: &RoomId,
         from: &str,
-        from_json: &str,
-        data: &[u8],
+        data: &Bytes,
         key: Option<&str>,
         ts_ms: u64,
         now: Instant,
@@ -122,7 +128,13 @@ impl RoomIndex {
                 };
             }
             let offset = st.last_offset + 1;
-            let frame = Frame::text(protocol::message_push(room, offset, ts_ms, from_json, data));
+            let msg = SharedMessage::new(Message {
+                room: room.clone(),
+                offset,
+                ts: ts_ms,
+                from: from.to_owned(),
+                data: data.clone(),
+            });
             if let Some(k) = key.as_deref() {
                 let k: Box<str> = k.into();
                 st.dedup.insert(k.clone(), offset);
@@ -133,7 +145,7 @@ impl RoomIndex {
                     st.dedup.remove(&old);
                 }
             }
-            let (delivered, slow) = self.append_and_broadcast(room, st, offset, frame);
+            let (delivered, slow) = self.append_and_broadcast(room, st, offset, msg);
             Published {
                 offset,
                 fresh: true,
@@ -159,7 +171,7 @@ impl RoomIndex {
             || (st.log_bytes > self.limits.history_max_bytes && st.log.len() > 1)
         {
             if let Some(old) = st.log.pop_front() {
-                st.log_bytes -= old.frame.weight();
+                st.log_bytes -= old.msg.weight();
                 st.evicted_upto = old.offset;
                 // Evicted from the authoritative log it is gone; evicted
                 // from a cache, the stream still has it.
@@ -180,7 +192,7 @@ impl RoomIndex {
                     .log
                     .iter()
                     .take_while(|e| e.offset <= upto)
-                    .map(|e| e.frame.weight())
+                    .map(|e| e.msg.weight())
                     .sum();
                 (st.evicted_upto, bytes)
             })
@@ -194,7 +206,7 @@ impl RoomIndex {
     /// `(covers_from, read_upto]`: when the message at `covers_from` is still
     /// stored nothing after it was dropped. Entries not contiguous with the
     /// cache (the cache now starts above `read_upto`) are not added.
-    pub fn prepend(&self, room: &RoomId, covers_from: u64, entries: &[(u64, Frame)], read_upto: u64) {
+    pub fn prepend(&self, room: &RoomId, covers_from: u64, entries: &[(u64, SharedMessage)], read_upto: u64) {
         self.with_existing(room, |st| st.prepend(&self.limits, covers_from, entries, read_upto));
     }
 
@@ -210,13 +222,13 @@ impl RoomIndex {
         room: &RoomId,
         since: u64,
         upto: u64,
-        read: &[(u64, Frame)],
+        read: &[(u64, SharedMessage)],
         read_upto: u64,
-    ) -> Option<Vec<Frame>> {
-        let from_read = |end: u64| -> Vec<Frame> {
+    ) -> Option<Vec<SharedMessage>> {
+        let from_read = |end: u64| -> Vec<SharedMessage> {
             read.iter()
                 .filter(|(offset, _)| *offset > since && *offset <= end)
-                .map(|(_, frame)| frame.clone())
+                .map(|(_, msg)| msg.clone())
                 .collect()
         };
         // Outer `None`: no live cache; inner `None`: not contiguous.
@@ -228,19 +240,19 @@ impl RoomIndex {
             if read_upto < floor {
                 return Some(None);
             }
-            let mut frames = from_read(floor);
+            let mut messages = from_read(floor);
             let start = st.log.partition_point(|e| e.offset <= floor.max(since));
-            frames.extend(
+            messages.extend(
                 st.log
                     .range(start..)
                     .take_while(|e| e.offset <= upto)
-                    .map(|e| e.frame.clone()),
+                    .map(|e| e.msg.clone()),
             );
             st.prepend(&self.limits, since, read, read_upto);
-            Some(Some(frames))
+            Some(Some(messages))
         });
         match joined.flatten() {
-            Some(frames) => frames,
+            Some(messages) => messages,
             // No cache: the read alone must reach `upto`.
             None => (read_upto >= upto).then(|| from_read(upto)),
         }
@@ -249,8 +261,8 @@ impl RoomIndex {
     /// Up to `limit` messages older than `before` (all if `None`), oldest
     /// first, and whether older ones remain.
     pub fn history(&self, room: &RoomId, before: Option<u64>, limit: usize) -> HistoryPage {
-        let empty = HistoryPage::Frames {
-            frames: Vec::new(),
+        let empty = HistoryPage::Messages {
+            messages: Vec::new(),
             more: false,
         };
         let Some(page) = self.with_existing(room, |st| {
@@ -263,9 +275,9 @@ impl RoomIndex {
             if !covered {
                 return HistoryPage::NeedsBackend;
             }
-            let frames = st.log.range(start..end).map(|e| e.frame.clone()).collect();
-            HistoryPage::Frames {
-                frames,
+            let messages = st.log.range(start..end).map(|e| e.msg.clone()).collect();
+            HistoryPage::Messages {
+                messages,
                 more: start > 0 || !st.complete(),
             }
         }) else {

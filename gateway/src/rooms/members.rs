@@ -12,8 +12,9 @@ use std::sync::Arc;
 use fanout_tree::{Outbox, Weighted};
 use parking_lot::Mutex;
 
-use super::{ConnId, ConnOutbox, Entry, Frame, RoomIndex, RoomState};
+use super::{ConnId, ConnOutbox, Entry, Frame, RoomIndex, RoomState, SharedMessage};
 use crate::model::RoomId;
+use crate::protocol::Codec;
 
 /// How a connection follows a room.
 #[derive(Clone, Copy)]
@@ -106,17 +107,17 @@ impl RoomIndex {
         room: &RoomId,
         st: &mut RoomState,
         offset: u64,
-        frame: Frame,
+        msg: SharedMessage,
     ) -> (usize, usize) {
         st.last_offset = offset;
-        st.log_bytes += frame.weight();
+        st.log_bytes += msg.weight();
         st.log.push_back(Entry {
             offset,
-            frame: frame.clone(),
+            msg: msg.clone(),
         });
         self.trim(st);
         let mut slow = Vec::new();
-        let delivered = self.broadcast(st, &frame, &mut slow);
+        let delivered = self.broadcast(st, &msg, &mut slow);
         for w in st.watchers.values() {
             w.bump(room, offset);
         }
@@ -125,19 +126,22 @@ impl RoomIndex {
         (delivered, slow.len())
     }
 
-    /// Offers `frame` to the room's members, encoded once per protocol, and
-    /// hands the outboxes that need writing to the flushers.
-    pub(super) fn broadcast(&self, st: &RoomState, frame: &Frame, slow: &mut Vec<ConnId>) -> usize {
+    /// Offers `msg` to the room's members, each codec's frame shared by all
+    /// of its members (the protobuf one made on the first broadcast that has
+    /// protobuf members), and hands the outboxes that need writing to the
+    /// flushers.
+    pub(super) fn broadcast(&self, st: &RoomState, msg: &SharedMessage, slow: &mut Vec<ConnId>) -> usize {
         // One list per thread, reused: no allocation per message.
         thread_local! {
             static SCHEDULE: RefCell<Vec<Arc<Outbox<Frame>>>> = const { RefCell::new(Vec::new()) };
         }
         SCHEDULE.with_borrow_mut(|schedule| {
-            let mut delivered = st.members.broadcast(frame, slow, schedule);
+            let mut delivered = 0;
+            if !st.members.is_empty() {
+                delivered += st.members.broadcast(msg.frame(Codec::Json), slow, schedule);
+            }
             if !st.proto_members.is_empty() {
-                delivered += st
-                    .proto_members
-                    .broadcast(&crate::protocol::proto::to_proto(frame), slow, schedule);
+                delivered += st.proto_members.broadcast(msg.frame(Codec::Proto), slow, schedule);
             }
             self.flushers.schedule(schedule);
             if schedule.capacity() > 1 << 16 {
@@ -147,14 +151,14 @@ impl RoomIndex {
         })
     }
 
-    /// Broadcasts a frame that is not stored (ephemeral rooms).
-    pub fn broadcast_unstored(&self, room: &RoomId, frame: &Frame) -> usize {
+    /// Broadcasts a message that is not stored (ephemeral rooms).
+    pub fn broadcast_unstored(&self, room: &RoomId, msg: &SharedMessage) -> usize {
         self.with_existing(room, |st| {
             let mut slow = Vec::new();
             for w in st.watchers.values() {
                 w.bump(room, 0);
             }
-            let delivered = self.broadcast(st, frame, &mut slow) + st.watchers.len();
+            let delivered = self.broadcast(st, msg, &mut slow) + st.watchers.len();
             st.stats.record(delivered);
             delivered
         })

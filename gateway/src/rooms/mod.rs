@@ -17,7 +17,9 @@
 //!   appended to the log and offered to members under the room's lock, and a
 //!   joiner's catch-up is read under that same lock, so catch-up and live
 //!   messages neither overlap nor leave a gap.
-//! - A message push is encoded once; every member and the log share its bytes.
+//! - A message is stored once ([`SharedMessage`]): its push is encoded at
+//!   most once per codec, and the log, every member of that codec, catch-up
+//!   and history share those bytes.
 //!
 //! Concurrency: a `DashMap` from name to `Arc<Room>`; the map's shard guard is
 //! released before the room's own mutex is taken, and no lock is held across
@@ -41,6 +43,7 @@ use fanout_tree::{Flushers, MemberSet, Outbox};
 use parking_lot::Mutex;
 
 pub use crate::model::{ConnId, RoomId};
+pub use crate::protocol::SharedMessage;
 pub use crate::transport::ws::Frame;
 pub use members::{Activity, Member};
 pub use stats::{
@@ -64,7 +67,7 @@ pub enum Transition {
 pub struct RoomLimits {
     /// Messages kept per room for `since` and `history`.
     pub history_size: usize,
-    /// Bytes of encoded frames kept per room.
+    /// Bytes of encoded (JSON) frames kept per room.
     pub history_max_bytes: usize,
     /// How long a publish `key` is remembered (embedded bus).
     pub dedup_window: Duration,
@@ -101,8 +104,12 @@ pub struct Joined {
 /// The messages a joiner with `since` missed.
 #[derive(Debug)]
 pub enum Catchup {
-    /// Served from the log; `recovered` is false when some are gone for good.
-    Frames { frames: Vec<Frame>, recovered: bool },
+    /// Served from the log, oldest first; `recovered` is false when some
+    /// are gone for good.
+    Messages {
+        messages: Vec<SharedMessage>,
+        recovered: bool,
+    },
     /// Older than this node's cache: read the stream (then try again).
     NeedsBackend,
 }
@@ -117,7 +124,11 @@ pub struct Gap {
 /// A page of `history`.
 #[derive(Debug)]
 pub enum HistoryPage {
-    Frames { frames: Vec<Frame>, more: bool },
+    /// Oldest first; `more` when older messages remain.
+    Messages {
+        messages: Vec<SharedMessage>,
+        more: bool,
+    },
     NeedsBackend,
 }
 
@@ -128,16 +139,17 @@ pub enum RoomError {
     TooManyRooms,
 }
 
-/// A stored message: its offset and the encoded push.
+/// A stored message and its offset (kept beside it for the log's binary
+/// searches).
 #[derive(Debug, Clone)]
 struct Entry {
     offset: u64,
-    frame: Frame,
+    msg: SharedMessage,
 }
 
 struct RoomState {
     members: MemberSet<ConnId, Frame>,
-    /// Members on `gw.v1.proto`: each message is transcoded once for all of them.
+    /// Members on `gw.v1.proto`: each message is encoded once for all of them.
     proto_members: MemberSet<ConnId, Frame>,
     /// Members in notify mode.
     watchers: HashMap<ConnId, Arc<Activity>>,
@@ -158,8 +170,8 @@ struct RoomState {
     live: bool,
     /// The offset the room went live at.
     live_from: u64,
-    /// Messages that arrived ahead of a gap or before going live: seq -> (previous seq of the room, frame).
-    pending: BTreeMap<u64, (u64, Frame)>,
+    /// Messages that arrived ahead of a gap or before going live: seq -> (previous seq of the room, message).
+    pending: BTreeMap<u64, (u64, SharedMessage)>,
     /// Highest offset dropped from `pending` for lack of room; the repair fetches it.
     pending_dropped: u64,
     /// A repair (gap fetch) is under way.
@@ -484,7 +496,9 @@ impl RoomIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol;
+    use crate::model::Message;
+    use crate::protocol::{Codec, proto};
+    use bytes::Bytes;
     use fanout_tree::{Drained, OutboxLimits, Weighted};
 
     fn limits(history: usize) -> RoomLimits {
@@ -520,17 +534,27 @@ mod tests {
         v["offset"].as_u64().unwrap()
     }
 
-    fn offsets(frames: &[Frame]) -> Vec<u64> {
-        frames.iter().map(offset_of).collect()
+    fn offsets(messages: &[SharedMessage]) -> Vec<u64> {
+        messages.iter().map(SharedMessage::offset).collect()
     }
 
-    fn frame(seq: u64) -> Frame {
-        Frame::text(protocol::message_push(&room("r"), seq, 0, "\"a\"", b"1"))
+    fn data(d: &'static [u8]) -> Bytes {
+        Bytes::from_static(d)
+    }
+
+    fn frame(seq: u64) -> SharedMessage {
+        SharedMessage::new(Message {
+            room: room("r"),
+            offset: seq,
+            ts: 0,
+            from: "a".into(),
+            data: data(b"1"),
+        })
     }
 
     fn catchup(j: &Joined) -> (Vec<u64>, bool) {
         match &j.at {
-            Some((_, Some(Catchup::Frames { frames, recovered }))) => (offsets(frames), *recovered),
+            Some((_, Some(Catchup::Messages { messages, recovered }))) => (offsets(messages), *recovered),
             other => panic!("{other:?}"),
         }
     }
@@ -579,7 +603,7 @@ mod tests {
         let r = room("r");
         let now = Instant::now();
         for _ in 0..8 {
-            idx.publish(&r, "a", "\"a\"", b"1", None, 0, now).unwrap();
+            idx.publish(&r, "a", &data(b"1"), None, 0, now).unwrap();
         }
         let ob = outbox();
         let j = idx.join(&r, ConnId(1), Member::Full(&ob), Some(5)).unwrap();
@@ -594,7 +618,7 @@ mod tests {
         // A since from the future (the log was reset) is not recovered.
         let j = idx.join(&r, ConnId(4), Member::Full(&ob), Some(99)).unwrap();
         assert_eq!(catchup(&j), (vec![], false));
-        idx.publish(&r, "a", "\"a\"", b"2", None, 0, now).unwrap();
+        idx.publish(&r, "a", &data(b"2"), None, 0, now).unwrap();
         assert_eq!(
             drained(&ob).await,
             vec![9, 9, 9, 9],
@@ -607,12 +631,12 @@ mod tests {
         let idx = index(100);
         let r = room("r");
         let now = Instant::now();
-        let a = idx.publish(&r, "a", "\"a\"", b"1", Some("k"), 0, now).unwrap();
-        let b = idx.publish(&r, "a", "\"a\"", b"1", Some("k"), 0, now).unwrap();
+        let a = idx.publish(&r, "a", &data(b"1"), Some("k"), 0, now).unwrap();
+        let b = idx.publish(&r, "a", &data(b"1"), Some("k"), 0, now).unwrap();
         assert_eq!(a.offset, b.offset);
         assert!(a.fresh && !b.fresh);
         let later = now + Duration::from_secs(61);
-        let c = idx.publish(&r, "a", "\"a\"", b"1", Some("k"), 0, later).unwrap();
+        let c = idx.publish(&r, "a", &data(b"1"), Some("k"), 0, later).unwrap();
         assert!(c.fresh, "the window expired");
         assert_eq!(idx.last_offset(&r), 2);
     }
@@ -623,24 +647,22 @@ mod tests {
         let r = room("kr");
         let now = Instant::now();
         let alice = idx
-            .publish(&r, "alice", "\"alice\"", b"1", Some("c1-000001"), 0, now)
+            .publish(&r, "alice", &data(b"1"), Some("c1-000001"), 0, now)
             .unwrap();
-        let bob = idx
-            .publish(&r, "bob", "\"bob\"", b"2", Some("c1-000001"), 0, now)
-            .unwrap();
+        let bob = idx.publish(&r, "bob", &data(b"2"), Some("c1-000001"), 0, now).unwrap();
         assert!(alice.fresh && bob.fresh);
         assert_ne!(alice.offset, bob.offset);
         // Names that would run together without the length prefix.
         assert_ne!(dedup_key("a:b", "c"), dedup_key("a", "b:c"));
         let retry = idx
-            .publish(&r, "alice", "\"alice\"", b"1", Some("c1-000001"), 0, now)
+            .publish(&r, "alice", &data(b"1"), Some("c1-000001"), 0, now)
             .unwrap();
         assert_eq!((retry.offset, retry.fresh), (alice.offset, false));
     }
 
     fn page(p: HistoryPage) -> (Vec<u64>, bool) {
         match p {
-            HistoryPage::Frames { frames, more } => (offsets(&frames), more),
+            HistoryPage::Messages { messages, more } => (offsets(&messages), more),
             HistoryPage::NeedsBackend => panic!("needs backend"),
         }
     }
@@ -650,7 +672,7 @@ mod tests {
         let idx = index(100);
         let r = room("r");
         for _ in 0..7 {
-            idx.publish(&r, "a", "\"a\"", b"1", None, 0, Instant::now()).unwrap();
+            idx.publish(&r, "a", &data(b"1"), None, 0, Instant::now()).unwrap();
         }
         assert_eq!(page(idx.history(&r, None, 3)), (vec![5, 6, 7], true));
         assert_eq!(page(idx.history(&r, Some(5), 3)), (vec![2, 3, 4], true));
@@ -662,11 +684,11 @@ mod tests {
     fn room_count_is_capped() {
         let idx = index(10);
         for i in 0..10 {
-            idx.publish(&room(&format!("r{i}")), "a", "\"a\"", b"1", None, 0, Instant::now())
+            idx.publish(&room(&format!("r{i}")), "a", &data(b"1"), None, 0, Instant::now())
                 .unwrap();
         }
         assert_eq!(
-            idx.publish(&room("r10"), "a", "\"a\"", b"1", None, 0, Instant::now()),
+            idx.publish(&room("r10"), "a", &data(b"1"), None, 0, Instant::now()),
             Err(RoomError::TooManyRooms)
         );
     }
@@ -754,23 +776,23 @@ mod tests {
         assert_eq!(idx.lost_messages(&r, 6), 1);
         idx.repaired(&r, vec![(7, frame(7))], 7);
         match idx.catchup(&r, 1, 7) {
-            Catchup::Frames { recovered, .. } => assert!(!recovered, "2..=6 are gone"),
+            Catchup::Messages { recovered, .. } => assert!(!recovered, "2..=6 are gone"),
             Catchup::NeedsBackend => panic!("the hole is known to be gone"),
         }
         match idx.catchup(&r, 6, 7) {
-            Catchup::Frames { frames, recovered } => assert_eq!((offsets(&frames), recovered), (vec![7], true)),
+            Catchup::Messages { messages, recovered } => assert_eq!((offsets(&messages), recovered), (vec![7], true)),
             Catchup::NeedsBackend => panic!(),
         }
     }
 
     fn frames(c: Catchup) -> (Vec<u64>, bool) {
         match c {
-            Catchup::Frames { frames, recovered } => (offsets(&frames), recovered),
+            Catchup::Messages { messages, recovered } => (offsets(&messages), recovered),
             Catchup::NeedsBackend => panic!("needs backend"),
         }
     }
 
-    fn entries(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, Frame)> {
+    fn entries(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, SharedMessage)> {
         range.map(|s| (s, frame(s))).collect()
     }
 
@@ -889,5 +911,92 @@ mod tests {
         idx.deliver(&r, 3, 0, frame(3));
         assert_eq!(frames(idx.catchup(&r, 0, 3)), (vec![3], true));
         assert_eq!(page(idx.history(&r, None, 5)), (vec![3], false));
+    }
+
+    /// Issue 11: a room message is encoded to protobuf once per node: the
+    /// frame every protobuf member receives is the one catch-up and history
+    /// reuse, and a room without protobuf members never encodes one.
+    #[tokio::test]
+    async fn a_message_is_encoded_to_protobuf_once_for_members_catchup_and_history() {
+        use crate::protocol::{ReplyBody, ServerMsg};
+        use ::proto::Message as _;
+        use ::proto::client::{ServerFrame, server_frame::Body};
+
+        let idx = index(100);
+        let r = room("r");
+        let json_member = outbox();
+        idx.join(&r, ConnId(100), Member::Full(&json_member), None).unwrap();
+        let before = proto::tests::message_encodes();
+        idx.publish(&r, "bob", &data(b"0"), None, 1, Instant::now()).unwrap();
+        assert_eq!(
+            proto::tests::message_encodes(),
+            before,
+            "no protobuf member: no protobuf frame"
+        );
+
+        let members: Vec<ConnOutbox> = (0..5).map(|_| outbox()).collect();
+        for (i, ob) in members.iter().enumerate() {
+            idx.join(&r, ConnId(i as u64), Member::FullProto(ob), None).unwrap();
+        }
+        idx.publish(&r, "alice", &data(br#"{"t":1}"#), None, 7, Instant::now())
+            .unwrap();
+        assert_eq!(
+            proto::tests::message_encodes(),
+            before + 1,
+            "once for every protobuf member"
+        );
+        let mut shared = std::collections::HashSet::new();
+        for ob in &members {
+            let mut out = VecDeque::new();
+            assert_eq!(ob.drain(&mut out).await, Drained::Frames);
+            assert_eq!(out.len(), 1);
+            shared.insert(out[0].wire().as_ptr());
+        }
+        assert_eq!(shared.len(), 1, "every protobuf member holds the same bytes");
+        let shared = *shared.iter().next().unwrap();
+
+        // A protobuf joiner's catch-up pushes that same frame.
+        let joiner = outbox();
+        let j = idx.join(&r, ConnId(50), Member::FullProto(&joiner), Some(1)).unwrap();
+        let Some((
+            2,
+            Some(Catchup::Messages {
+                messages,
+                recovered: true,
+            }),
+        )) = j.at
+        else {
+            panic!("{:?}", j.at);
+        };
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].frame(Codec::Proto).wire().as_ptr(), shared);
+
+        // A history page for a protobuf client reuses each message's encoding.
+        let HistoryPage::Messages { messages: page, more } = idx.history(&r, None, 10) else {
+            panic!("needs backend");
+        };
+        let reply = Codec::Proto.encode(&ServerMsg::Reply {
+            id: 9,
+            ok: ReplyBody::History { messages: &page, more },
+        });
+        let after_alice = proto::tests::message_encodes();
+        assert_eq!(after_alice, before + 2, "the older message once, for the page");
+        let frame = ServerFrame::decode(reply.as_bytes()).unwrap();
+        let Some(Body::HistoryOk(h)) = frame.body else {
+            panic!("{frame:?}");
+        };
+        let got: Vec<(u64, &str, &[u8])> = h
+            .messages
+            .iter()
+            .map(|m| (m.offset, m.from.as_str(), &m.data[..]))
+            .collect();
+        assert_eq!(got, vec![(1, "bob", &b"0"[..]), (2, "alice", &br#"{"t":1}"#[..])]);
+        // Again: nothing is encoded anew.
+        Codec::Proto.encode(&ServerMsg::Reply {
+            id: 10,
+            ok: ReplyBody::History { messages: &page, more },
+        });
+        idx.join(&r, ConnId(51), Member::FullProto(&joiner), Some(0)).unwrap();
+        assert_eq!(proto::tests::message_encodes(), after_alice);
     }
 }

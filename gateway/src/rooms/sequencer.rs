@@ -3,19 +3,19 @@
 //! of a gap or before the room is live, and tells the broker which gap to
 //! read. The broker reads; the sequencer only decides.
 
-use super::{Delivered, Frame, Gap, RoomIndex, RoomState};
+use super::{Delivered, Gap, RoomIndex, RoomState, SharedMessage};
 use crate::model::RoomId;
 
 impl RoomIndex {
     /// A message from the bus with its offset `seq`; `prev` is the previous
     /// offset of the same room (0 if unknown).
-    pub fn deliver(&self, room: &RoomId, seq: u64, prev: u64, frame: Frame) -> Delivered {
+    pub fn deliver(&self, room: &RoomId, seq: u64, prev: u64, msg: SharedMessage) -> Delivered {
         self.with_existing(room, |st| {
             if !st.live || st.repairing {
                 if st.live && seq <= st.last_offset {
                     return Delivered::Duplicate;
                 }
-                self.buffer(st, seq, prev, frame);
+                self.buffer(st, seq, prev, msg);
                 return Delivered::Buffered;
             }
             if seq <= st.last_offset {
@@ -29,18 +29,18 @@ impl RoomIndex {
                     after: st.last_offset,
                     upto: prev,
                 };
-                self.buffer(st, seq, prev, frame);
+                self.buffer(st, seq, prev, msg);
                 st.repairing = true;
                 return Delivered::Gap(gap);
             }
-            let (members, _) = self.append_and_broadcast(room, st, seq, frame);
+            let (members, _) = self.append_and_broadcast(room, st, seq, msg);
             Delivered::Applied { members }
         })
         .unwrap_or(Delivered::NoRoom)
     }
 
-    pub(super) fn buffer(&self, st: &mut RoomState, seq: u64, prev: u64, frame: Frame) {
-        st.pending.insert(seq, (prev, frame));
+    pub(super) fn buffer(&self, st: &mut RoomState, seq: u64, prev: u64, msg: SharedMessage) {
+        st.pending.insert(seq, (prev, msg));
         while st.pending.len() > self.limits.max_pending {
             if let Some((dropped, _)) = st.pending.pop_first() {
                 st.pending_dropped = st.pending_dropped.max(dropped);
@@ -67,8 +67,8 @@ impl RoomIndex {
                     upto: prev,
                 });
             }
-            let (_, frame) = entry.remove();
-            self.append_and_broadcast(room, st, seq, frame);
+            let (_, msg) = entry.remove();
+            self.append_and_broadcast(room, st, seq, msg);
         }
         if st.pending_dropped > st.last_offset {
             st.repairing = true;
@@ -116,11 +116,11 @@ impl RoomIndex {
 
     /// Applies messages fetched for a gap (in offset order), then what was
     /// buffered behind it. Returns the next gap, if any.
-    pub fn repaired(&self, room: &RoomId, fetched: Vec<(u64, Frame)>, upto: u64) -> Option<Gap> {
+    pub fn repaired(&self, room: &RoomId, fetched: Vec<(u64, SharedMessage)>, upto: u64) -> Option<Gap> {
         self.with_existing(room, |st| {
-            for (seq, frame) in fetched {
+            for (seq, msg) in fetched {
                 if seq > st.last_offset {
-                    self.append_and_broadcast(room, st, seq, frame);
+                    self.append_and_broadcast(room, st, seq, msg);
                 }
             }
             // Whatever the gap held that the stream no longer has is skipped.

@@ -133,6 +133,12 @@ impl Frame {
         &self.wire[usize::from(self.header)..]
     }
 
+    /// The payload as shared bytes (no copy): lets a caller keep a part of
+    /// it without storing those bytes twice.
+    pub fn payload(&self) -> Bytes {
+        self.wire.slice(usize::from(self.header)..)
+    }
+
     /// The encoded frame as it goes on the wire.
     pub fn wire(&self) -> &[u8] {
         &self.wire

@@ -57,8 +57,8 @@ use tokio_util::task::TaskTracker;
 use linger::{LINGER_QUEUE, Linger, linger_pool};
 
 use super::{BusError, Fetched, Outgoing, UnavailableKind, now_ms};
-use crate::protocol;
-use crate::rooms::{Catchup, Delivered, Frame, Gap, Published, RoomId, RoomIndex};
+use crate::model::Message;
+use crate::rooms::{Catchup, Delivered, Gap, Published, RoomId, RoomIndex, SharedMessage};
 
 /// Settings of cluster mode.
 #[derive(Debug, Clone)]
@@ -518,8 +518,8 @@ impl NatsBus {
         };
         let Some(seq) = get(SEQ) else {
             // Ephemeral: not stored, no offset.
-            let frame = encode(room, 0, &env);
-            self.rooms.broadcast_unstored(room, &frame);
+            let msg = encode(room, 0, &env);
+            self.rooms.broadcast_unstored(room, &msg);
             return;
         };
         let prev = get(LAST_SEQ).unwrap_or(0);
@@ -582,10 +582,16 @@ impl NatsBus {
     }
 }
 
-/// Encodes the `message` push for a stored or ephemeral message.
-fn encode(room: &RoomId, offset: u64, env: &Envelope) -> Frame {
-    let from_json = protocol::json_string(&env.from);
-    Frame::text(protocol::message_push(room, offset, env.ts_ms, &from_json, &env.data))
+/// The typed message of an envelope read or received for `room` at
+/// `offset` (0: ephemeral), stored once with its JSON push encoded.
+fn encode(room: &RoomId, offset: u64, env: &Envelope) -> SharedMessage {
+    SharedMessage::new(Message {
+        room: room.clone(),
+        offset,
+        ts: env.ts_ms,
+        from: env.from.clone(),
+        data: env.data.clone(),
+    })
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub(super) struct CatchupRead {
     proved: bool,
     /// Every message of the room in `(since, covered]` is in `read`.
     covered: u64,
-    read: Vec<(u64, Frame)>,
+    read: Vec<(u64, SharedMessage)>,
     bytes: usize,
     /// Payload bytes received from the stream, kept or not.
     read_bytes: usize,
@@ -50,20 +50,20 @@ impl NatsBus {
         room: &RoomId,
         from: u64,
         upto: u64,
-    ) -> Result<(Vec<(u64, Frame)>, bool), BusError> {
+    ) -> Result<(Vec<(u64, SharedMessage)>, bool), BusError> {
         let mut out = Vec::new();
         if from > upto {
             return Ok((out, true));
         }
         let mut reached = false;
-        self.read_with(room, from.max(1), |seq, frame| {
+        self.read_with(room, from.max(1), |seq, msg| {
             if seq >= upto {
                 reached = true;
             }
             if seq > upto {
                 return false;
             }
-            out.push((seq, frame));
+            out.push((seq, msg));
             seq < upto
         })
         .await?;
@@ -76,7 +76,7 @@ impl NatsBus {
         &self,
         room: &RoomId,
         from: u64,
-        mut each: impl FnMut(u64, Frame) -> bool,
+        mut each: impl FnMut(u64, SharedMessage) -> bool,
     ) -> Result<(), BusError> {
         metrics::counter!("gateway_bus_reads_total").increment(1);
         let stream = self.stream_of(room);
@@ -216,7 +216,7 @@ impl NatsBus {
     /// which proves that nothing after it is gone), and reading stops as soon
     /// as the frames would pass `max_bytes` (encoded bytes): then, as when a
     /// message after `since` may be gone, the answer is `recovered: false`
-    /// with no frames. `since` 0 (the client saw nothing) is recovered only
+    /// with no messages. `since` 0 (the client saw nothing) is recovered only
     /// if the room never dropped a message. The messages read are put in
     /// front of the cache as far as its caps allow, so the next joiner with
     /// the same `since` reads nothing. One read at a time per room.
@@ -225,7 +225,7 @@ impl NatsBus {
     /// [`BusError::Timeout`]).
     pub async fn catchup(&self, room: &RoomId, since: u64, upto: u64, max_bytes: usize) -> Result<Fetched, BusError> {
         let lost = |read_bytes| Fetched {
-            frames: Vec::new(),
+            messages: Vec::new(),
             recovered: false,
             read_bytes,
         };
@@ -238,9 +238,9 @@ impl NatsBus {
             None => None,
         };
         // An earlier reader may have filled the cache meanwhile.
-        if let Catchup::Frames { frames, recovered } = self.rooms.catchup(room, since, upto) {
+        if let Catchup::Messages { messages, recovered } = self.rooms.catchup(room, since, upto) {
             return Ok(Fetched {
-                frames,
+                messages,
                 recovered,
                 read_bytes: 0,
             });
@@ -266,13 +266,13 @@ impl NatsBus {
                 ReadEnd::Reached => {}
                 ReadEnd::Lost | ReadEnd::OverBudget => return Ok(lost(st.read_bytes)),
             }
-            if let Some(frames) = self.rooms.catchup_from_stream(room, since, upto, &st.read, read_upto) {
-                let bytes: usize = frames.iter().map(Weighted::weight).sum();
+            if let Some(messages) = self.rooms.catchup_from_stream(room, since, upto, &st.read, read_upto) {
+                let bytes: usize = messages.iter().map(Weighted::weight).sum();
                 if bytes > max_bytes {
                     return Ok(lost(st.read_bytes));
                 }
                 return Ok(Fetched {
-                    frames,
+                    messages,
                     recovered: true,
                     read_bytes: st.read_bytes,
                 });
@@ -328,13 +328,13 @@ impl NatsBus {
                     return false;
                 }
                 if let Ok(env) = Envelope::decode(m.payload.as_ref()) {
-                    let frame = encode(room, m.seq, &env);
-                    st.bytes += frame.weight();
+                    let msg = encode(room, m.seq, &env);
+                    st.bytes += msg.weight();
                     if st.bytes > budget {
                         end = Some(ReadEnd::OverBudget);
                         return false;
                     }
-                    st.read.push((m.seq, frame));
+                    st.read.push((m.seq, msg));
                 }
                 st.covered = m.seq;
                 m.seq < read_upto
@@ -411,7 +411,7 @@ impl NatsBus {
         room: &RoomId,
         before: Option<u64>,
         limit: usize,
-    ) -> Result<(Vec<Frame>, bool), BusError> {
+    ) -> Result<(Vec<SharedMessage>, bool), BusError> {
         if self.is_ephemeral(room) {
             return Ok((Vec::new(), false));
         }
@@ -420,7 +420,7 @@ impl NatsBus {
             Some(b) => b - 1,
             None => u64::MAX,
         };
-        let mut page: Vec<(u64, Frame)> = Vec::new();
+        let mut page: Vec<(u64, SharedMessage)> = Vec::new();
         let mut below = upto;
         let mut taken = 0;
         let mut oldest = None;

@@ -1,8 +1,6 @@
 //! `history`: a page of a room's messages, bounded by the page size, the
 //! connection's outbox and its history byte budget.
 
-use std::fmt::Write as _;
-
 use tokio::time::Instant;
 
 use super::room_for;
@@ -10,7 +8,7 @@ use crate::conn::session::Session;
 use crate::conn::shared::bus_error;
 use crate::error::{CloseReason, ProtoError};
 use crate::model::RoomId;
-use crate::protocol;
+use crate::protocol::{Codec, ReplyBody, ServerMsg};
 use crate::rooms::HistoryPage;
 
 impl Session<'_> {
@@ -39,8 +37,8 @@ impl Session<'_> {
             return Ok(());
         };
         let limit = (limit.unwrap_or(50) as usize).min(self.node.cfg.history_page_max);
-        let (frames, more) = match self.node.rooms.history(&room, before, limit) {
-            HistoryPage::Frames { frames, more } => (frames, more),
+        let (messages, more) = match self.node.rooms.history(&room, before, limit) {
+            HistoryPage::Messages { messages, more } => (messages, more),
             HistoryPage::NeedsBackend => match self.node.bus.history(&room, before, limit).await {
                 Ok(page) => page,
                 Err(e) => return self.reply_err(Some(id), &bus_error(&e)),
@@ -48,14 +46,15 @@ impl Session<'_> {
         };
         // The page counts against the connection's one outbox bound and its
         // history byte budget: keep the newest messages that fit (the client
-        // pages on with `before`), at least one.
+        // pages on with `before`), at least one. Sizes are those of the
+        // JSON pushes, whichever codec the page goes out in.
         let replay = self.limits.replay_available();
         let fits = room_for(&self.outbox).1.min(replay);
-        let mut start = frames.len();
+        let mut start = messages.len();
         let mut size = 0;
         while start > 0 {
-            let weight = frames[start - 1].as_bytes().len() + 1;
-            if size + weight > fits && start < frames.len() {
+            let weight = messages[start - 1].frame(Codec::Json).as_bytes().len() + 1;
+            if size + weight > fits && start < messages.len() {
                 break;
             }
             size += weight;
@@ -68,17 +67,14 @@ impl Session<'_> {
         }
         self.limits.spend_replay(size);
         let more = more || start > 0;
-        let mut body = String::with_capacity(size + 40);
-        body.push_str("{\"messages\":[");
-        for (i, f) in frames[start..].iter().enumerate() {
-            if i > 0 {
-                body.push(',');
-            }
-            body.push_str(std::str::from_utf8(f.as_bytes()).unwrap_or("null"));
-        }
-        let _ = write!(body, "],\"more\":{more}}}");
         // Past the bound (the client does not read) this overflows the
         // outbox: the connection is closed as a slow consumer.
-        self.send(protocol::ok_reply(id, &body))
+        self.send(&ServerMsg::Reply {
+            id,
+            ok: ReplyBody::History {
+                messages: &messages[start..],
+                more,
+            },
+        })
     }
 }

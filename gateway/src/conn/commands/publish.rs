@@ -1,5 +1,6 @@
 //! `publish`: authorization, then the limits, then the broker.
 
+use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::broker::Outgoing;
@@ -7,13 +8,14 @@ use crate::conn::session::{MAX_KEY_LEN, Session};
 use crate::conn::shared::bus_error;
 use crate::error::{CloseReason, ProtoError};
 use crate::model::RoomId;
+use crate::protocol::ReplyBody;
 
 impl Session<'_> {
     pub(in crate::conn) async fn publish(
         &mut self,
         id: Option<u32>,
         name: &str,
-        data: &[u8],
+        data: &Bytes,
         key: Option<&str>,
     ) -> Result<(), CloseReason> {
         let Some(room) = RoomId::parse(name) else {
@@ -49,7 +51,6 @@ impl Session<'_> {
         let out = Outgoing {
             room: &room,
             from: &self.identity().sub,
-            from_json: &self.from_json,
             data,
             key,
         };
@@ -64,7 +65,7 @@ impl Session<'_> {
                     m.deduplicated_total.increment(1);
                 }
                 m.publish_seconds.record(started.elapsed().as_secs_f64());
-                self.reply_ok(id, &format!("{{\"offset\":{}}}", p.offset))
+                self.reply_ok(id, ReplyBody::Publish { offset: p.offset })
             }
             Err(e) => {
                 tracing::debug!(%room, error = %e, "publish failed");

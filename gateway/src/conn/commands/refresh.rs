@@ -4,7 +4,7 @@
 use crate::conn::session::Session;
 use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::model::RoomId;
-use crate::protocol;
+use crate::protocol::{ReplyBody, ServerMsg};
 
 impl Session<'_> {
     pub(in crate::conn) async fn refresh(&mut self, id: Option<u32>, token: &str) -> Result<(), CloseReason> {
@@ -31,17 +31,14 @@ impl Session<'_> {
             .collect();
         for room in revoked {
             self.drop_room(&room);
-            self.send(protocol::unsubscribed_push(
-                &room,
-                "the refreshed token does not grant this room",
-            ))?;
+            let error = ProtoError::forbidden("the refreshed token does not grant this room");
+            self.send(&ServerMsg::Unsubscribed {
+                room: &room,
+                error: &error,
+            })?;
         }
         let expires_in = self.set_expiry(identity.exp);
         self.identity = Some(identity);
-        let body = format!(
-            "{{\"expires_in\":{}}}",
-            expires_in.map_or_else(|| "null".to_string(), |s| s.to_string())
-        );
-        self.reply_ok(id, &body)
+        self.reply_ok(id, ReplyBody::Refresh { expires_in })
     }
 }

@@ -3,7 +3,6 @@
 //! messages.
 
 use std::collections::HashSet;
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use fanout_tree::Weighted;
@@ -17,7 +16,7 @@ use crate::conn::shared::{bus_error, room_error};
 use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::model::RoomId;
 use crate::node::Node;
-use crate::protocol::{self, SubscribeEntry, proto};
+use crate::protocol::{self, ReplyBody, ServerMsg, SharedMessage, SubscribeEntry, SubscribeResult};
 use crate::rooms::{Catchup, Frame, Member};
 
 /// One room of a `subscribe` on its way through the phases.
@@ -40,24 +39,24 @@ pub(super) struct CatchupBudget {
     frames: usize,
 }
 
-/// Appends `frames` to the catch-up if they fit the budget; otherwise the
+/// Appends `messages` to the catch-up if they fit the budget; otherwise the
 /// room is reported as not recovered and the client reloads its history.
 pub(super) fn take_within(
-    catchup: &mut Vec<Frame>,
-    frames: Vec<Frame>,
+    catchup: &mut Vec<SharedMessage>,
+    messages: Vec<SharedMessage>,
     recovered: bool,
     budget: &mut CatchupBudget,
 ) -> bool {
     if !recovered {
         return false;
     }
-    let bytes: usize = frames.iter().map(Weighted::weight).sum();
-    if bytes > budget.bytes || frames.len() > budget.frames {
+    let bytes: usize = messages.iter().map(Weighted::weight).sum();
+    if bytes > budget.bytes || messages.len() > budget.frames {
         return false;
     }
     budget.bytes -= bytes;
-    budget.frames -= frames.len();
-    catchup.extend(frames);
+    budget.frames -= messages.len();
+    catchup.extend(messages);
     true
 }
 
@@ -97,40 +96,36 @@ impl Session<'_> {
             .sum();
         let mut budget = self.catchup_budget(reply_bytes);
         let budget_bytes = budget.bytes;
-        let mut body = String::with_capacity(16 + entries.len() * 40);
-        body.push_str("{\"rooms\":[");
+        let mut results = Vec::with_capacity(slots.len());
         let mut catchup = Vec::new();
         for (i, slot) in slots.into_iter().enumerate() {
-            if i > 0 {
-                body.push(',');
-            }
-            match slot.and_then(|s| self.join_checked(s, &mut catchup, &mut budget)) {
-                Ok((room, offset, recovered)) => {
-                    let _ = write!(body, "{{\"room\":\"{room}\",\"offset\":{offset}");
-                    if let Some(r) = recovered {
-                        let _ = write!(body, ",\"recovered\":{r}");
-                    }
-                    body.push('}');
-                }
-                Err(err) => {
-                    let name = entries[i].room.as_deref().unwrap_or("");
-                    let _ = write!(
-                        body,
-                        "{{\"room\":{},\"error\":",
-                        protocol::json_string(protocol::truncate(name, 200))
-                    );
-                    protocol::write_error(&mut body, &err);
-                    body.push('}');
-                }
-            }
+            results.push(
+                match slot.and_then(|s| self.join_checked(s, &mut catchup, &mut budget)) {
+                    Ok((room, offset, recovered)) => SubscribeResult::Joined {
+                        room,
+                        offset,
+                        recovered,
+                    },
+                    Err(error) => SubscribeResult::Failed {
+                        room: protocol::truncate(entries[i].room.as_deref().unwrap_or(""), 200),
+                        error,
+                    },
+                },
+            );
         }
-        body.push_str("]}");
         self.limits
             .spend_replay((budget_bytes - budget.bytes).saturating_sub(charged));
-        let reply = id.map(|id| self.out(protocol::ok_reply(id, &body)));
-        if self.proto {
-            catchup = catchup.iter().map(proto::to_proto).collect();
-        }
+        // Encoded in the connection's codec; the catch-up pushes are the
+        // room's own frames (a protobuf one made at most once per message per
+        // node), resolved here rather than under the outbox's lock.
+        let codec = self.codec();
+        let reply = id.map(|id| {
+            codec.encode(&ServerMsg::Reply {
+                id,
+                ok: ReplyBody::Subscribe { rooms: results },
+            })
+        });
+        let catchup: Vec<Frame> = catchup.iter().map(|m| m.frame(codec).clone()).collect();
         node.metrics.subscribe_rooms.record(entries.len() as f64);
         tracing::trace!(conn = self.id.0, rooms = entries.len(), elapsed = ?started.elapsed(), "subscribe");
         self.outbox
@@ -288,7 +283,7 @@ impl Session<'_> {
     fn join_checked(
         &mut self,
         s: Slot,
-        catchup: &mut Vec<Frame>,
+        catchup: &mut Vec<SharedMessage>,
         budget: &mut CatchupBudget,
     ) -> Result<(RoomId, u64, Option<bool>), ProtoError> {
         let member = if s.notify {
@@ -320,18 +315,18 @@ impl Session<'_> {
         self.set_room(&s.room, s.sub);
         let recovered = match c {
             None => None,
-            Some(Catchup::Frames { frames, recovered }) => Some(take_within(catchup, frames, recovered, budget)),
+            Some(Catchup::Messages { messages, recovered }) => Some(take_within(catchup, messages, recovered, budget)),
             // Older than the cache: what phase 2 read from the stream, then
             // the cache from where that read ended up to the join.
             Some(Catchup::NeedsBackend) => Some(match s.prefetched {
                 Some((upto, f)) if f.recovered => match self.node.rooms.catchup(&s.room, upto, offset) {
-                    Catchup::Frames {
-                        frames: tail,
+                    Catchup::Messages {
+                        messages: tail,
                         recovered: true,
                     } => {
-                        let mut frames = f.frames;
-                        frames.extend(tail);
-                        take_within(catchup, frames, true, budget)
+                        let mut messages = f.messages;
+                        messages.extend(tail);
+                        take_within(catchup, messages, true, budget)
                     }
                     _ => false,
                 },
@@ -358,6 +353,6 @@ async fn prepare_room(node: &Node, room: &RoomId, since: Option<u64>) -> Prepare
     let upto = node.rooms.last_offset(room);
     match node.rooms.catchup(room, since, upto) {
         Catchup::NeedsBackend => Ok(Some(upto)),
-        Catchup::Frames { .. } => Ok(None),
+        Catchup::Messages { .. } => Ok(None),
     }
 }

@@ -4,6 +4,7 @@
 use crate::conn::session::Session;
 use crate::error::CloseReason;
 use crate::model::RoomId;
+use crate::protocol::ReplyBody;
 
 impl Session<'_> {
     pub(in crate::conn) fn unsubscribe(&mut self, id: Option<u32>, rooms: Vec<String>) -> Result<(), CloseReason> {
@@ -12,6 +13,6 @@ impl Session<'_> {
                 self.drop_room(&room);
             }
         }
-        self.reply_ok(id, "{}")
+        self.reply_ok(id, ReplyBody::Empty)
     }
 }
