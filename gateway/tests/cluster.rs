@@ -910,3 +910,148 @@ async fn reads_for_a_since_the_node_cannot_serve_are_charged_and_bounded() {
     println!("5 frames x 10 unservable catch-ups read {read} bytes from NATS (allowed {allowed:.0})");
     assert!((read as f64) <= allowed, "{read} bytes read, allowed {allowed:.0}");
 }
+
+/// Which server holds each room stream (`GW_ROOMS_<p>`, R1: its leader).
+async fn stream_hosts(cluster: &Cluster, partitions: u32) -> Vec<String> {
+    let client = async_nats::connect(cluster.servers[0].url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut hosts = Vec::new();
+    for p in 0..partitions {
+        let mut s = js.get_stream(format!("GW_ROOMS_{p}")).await.unwrap();
+        let info = s.info().await.unwrap();
+        hosts.push(info.cluster.as_ref().and_then(|c| c.leader.clone()).unwrap_or_default());
+    }
+    hosts
+}
+
+/// Issue 11: `subscribe` held the connection's whole outbox while it waited
+/// on NATS (making rooms live, stream reads), so a slow NATS delayed every
+/// message of the connection's other rooms and could close a healthy,
+/// reading client with 4009. Here the server holding the new rooms' streams
+/// is stopped (SIGSTOP) for 3 s while a client subscribes to 200 new rooms;
+/// the same client is in a busy room (ephemeral: core NATS between two
+/// servers that keep running): its messages keep arriving, in order, during
+/// the stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nats_stall_during_a_200_room_subscribe_does_not_hold_up_the_other_rooms() {
+    const PARTITIONS: u32 = 8;
+    let cluster = Cluster::start(3).await;
+    let start = |url: String, name: &'static str| {
+        TestNode::with(move |o| {
+            o.nats = Some(url);
+            o.nats_replicas = Some(1);
+            o.nats_partitions = Some(PARTITIONS);
+            o.node_id = Some(name.into());
+            o.no_rate_limits = Some(true);
+            o.nats_ignore_discovered = Some(true);
+            o.ephemeral_prefixes = Some(vec!["busy:".into()]);
+        })
+    };
+    let a = start(cluster.servers[0].url(), "gw-stall-a").await;
+    let hosts = stream_hosts(&cluster, PARTITIONS).await;
+    // The server to stop: not A's own, holding at least one partition.
+    let stalled = (1..3)
+        .find(|&i| hosts.iter().any(|h| *h == cluster.servers[i].name))
+        .expect("n2 or n3 holds a partition");
+    let other = 3 - stalled;
+    let b = start(cluster.servers[other].url(), "gw-stall-b").await;
+    let on = |room: &str| hosts[gateway::broker::nats::partition(room, PARTITIONS) as usize].clone();
+    let stalled_name = cluster.servers[stalled].name.clone();
+    let busy = "busy:room".to_string();
+    let new_rooms: Vec<String> = (0..100_000)
+        .map(|i| format!("cold-{i}"))
+        .filter(|r| on(r) == stalled_name)
+        .take(200)
+        .collect();
+    assert_eq!(new_rooms.len(), 200);
+    let mut c = a.client("member").await;
+    c.subscribe(&[&busy]).await;
+    // A steady publisher on B (its NATS server keeps running).
+    let mut publisher = b.client("publisher").await;
+    // Core NATS is at most once and B's interest may still be spreading:
+    // resend until the first one arrives.
+    loop {
+        publisher.publish(&busy, json!("warm")).await;
+        if c.push_within(Duration::from_millis(300)).await.is_some() {
+            break;
+        }
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pubs = {
+        let (busy, stop) = (busy.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut offsets = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && offsets.len() < 1_000 {
+                let r = publisher.publish(&busy, json!(offsets.len())).await;
+                assert!(r.get("ok").is_some(), "B publishes: {r}");
+                offsets.push(offsets.len() as u64);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            offsets
+        })
+    };
+    cluster.servers[stalled].pause();
+    let stalled_at = std::time::Instant::now();
+    let entries: Vec<Value> = new_rooms.iter().map(|r| json!({"room": r})).collect();
+    c.send_json(&json!({"id": 77, "op": "subscribe", "rooms": entries}))
+        .await;
+    let mut during = Vec::new();
+    let mut got = Vec::new();
+    let mut resumed = false;
+    let reply = loop {
+        if !resumed && stalled_at.elapsed() >= Duration::from_secs(3) {
+            cluster.servers[stalled].resume();
+            resumed = true;
+        }
+        let f = match tokio::time::timeout(Duration::from_millis(200), c.next_frame()).await {
+            Ok(f) => f,
+            Err(_) => continue,
+        };
+        if f["id"] == 77 {
+            break f;
+        }
+        if f["room"] == busy.as_str()
+            && let Some(o) = f["data"].as_u64()
+        {
+            if !resumed {
+                during.push(o);
+            }
+            got.push(o);
+        }
+    };
+    if !resumed {
+        cluster.servers[stalled].resume();
+    }
+    println!(
+        "during the 3 s stall: {} messages of the busy room delivered; subscribe answered after {:?}",
+        during.len(),
+        stalled_at.elapsed()
+    );
+    assert!(
+        reply["ok"]["rooms"].as_array().is_some_and(|r| r.len() == 200),
+        "{reply}"
+    );
+    assert!(
+        during.len() >= 20,
+        "the busy room stalled with the subscribe: {during:?}"
+    );
+    // Everything published arrives once, in order; the client was not closed.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let published = within(pubs).await.unwrap();
+    while got.len() < published.len() {
+        let m = c.next_push().await;
+        if m["room"] == busy.as_str()
+            && let Some(o) = m["data"].as_u64()
+        {
+            got.push(o);
+        }
+    }
+    assert_eq!(got, published);
+    c.send_json(&json!({"op":"ping"})).await;
+    loop {
+        let p = c.next_push().await;
+        if p["op"] == "pong" {
+            break;
+        }
+    }
+}

@@ -73,6 +73,22 @@ impl Server {
         }
     }
 
+    /// SIGSTOP: the server stops answering anything, its sockets stay open.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Server::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = Command::new("kill").args([sig, &pid]).status().expect("kill runs");
+        assert!(ok.success(), "kill {sig} {pid}");
+    }
+
     /// Whether the process is still up (it exits at once if a port is taken).
     fn alive(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))

@@ -210,7 +210,10 @@ const DIRECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// replica answering direct gets may lag the leader by a moment).
 const SHORT_READ_ATTEMPTS: u32 = 3;
 
-fn partition(room: &str, partitions: u32) -> u32 {
+/// The stream partition of `room` among `partitions`: FNV-1a of the name,
+/// stable across processes and versions (every node and tool computes the
+/// same), `0..partitions`.
+pub fn partition(room: &str, partitions: u32) -> u32 {
     // FNV-1a: stable across processes and versions, unlike the std hasher.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in room.as_bytes() {
