@@ -947,14 +947,16 @@ async fn a_nats_stall_during_a_200_room_subscribe_does_not_hold_up_the_other_roo
             o.ephemeral_prefixes = Some(vec!["busy:".into()]);
         })
     };
-    let a = start(cluster.servers[0].url(), "gw-stall-a").await;
+    // Creates the streams (R1: each partition on one server), then goes.
+    start(cluster.servers[0].url(), "gw-stall-setup").await.shutdown().await;
     let hosts = stream_hosts(&cluster, PARTITIONS).await;
-    // The server to stop: not A's own, holding at least one partition.
-    let stalled = (1..3)
-        .find(|&i| hosts.iter().any(|h| *h == cluster.servers[i].name))
-        .expect("n2 or n3 holds a partition");
-    let other = 3 - stalled;
-    let b = start(cluster.servers[other].url(), "gw-stall-b").await;
+    // Stop the server holding the most partitions; A and B use the others.
+    let stalled = (0..3)
+        .max_by_key(|&i| hosts.iter().filter(|h| **h == cluster.servers[i].name).count())
+        .unwrap();
+    let (ia, ib) = ((stalled + 1) % 3, (stalled + 2) % 3);
+    let a = start(cluster.servers[ia].url(), "gw-stall-a").await;
+    let b = start(cluster.servers[ib].url(), "gw-stall-b").await;
     let on = |room: &str| hosts[gateway::broker::nats::partition(room, PARTITIONS) as usize].clone();
     let stalled_name = cluster.servers[stalled].name.clone();
     let busy = "busy:room".to_string();
