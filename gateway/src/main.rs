@@ -30,6 +30,9 @@ fn main() -> ExitCode {
         return token(&config, args);
     }
     init_logs(&config);
+    for w in &config.warnings {
+        tracing::warn!("configuration: {w}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

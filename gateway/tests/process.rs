@@ -246,3 +246,26 @@ fn configuration_doc_lists_every_option() {
         }
     }
 }
+
+/// Issue 11: a flag that silently does nothing misleads an operator. Options
+/// that apply only in cluster mode are reported at start when given without
+/// `--nats`, and so are the reserved tree options.
+#[test]
+fn options_without_effect_are_reported_at_start() {
+    let p = spawn(&[
+        "--jwt-secret",
+        common::SECRET,
+        "--nats-partitions",
+        "4",
+        "--room-linger-ms",
+        "100",
+        "--tree-threshold",
+        "5000",
+    ]);
+    // Warnings come before the listening line, which `spawn` waited for.
+    let log = p.stderr.join("");
+    for name in ["nats_partitions", "room_linger_ms", "tree_threshold"] {
+        assert!(log.contains(name), "{name} not reported: {log}");
+    }
+    assert!(!log.contains("tree_degree"), "{log}");
+}

@@ -221,14 +221,6 @@ impl Bus {
         }
     }
 
-    /// Whether `room` is ephemeral (no storage, no history).
-    pub fn is_ephemeral(&self, room: &RoomId) -> bool {
-        match self {
-            Bus::Embedded => false,
-            Bus::Nats(n) => n.is_ephemeral(room),
-        }
-    }
-
     /// A label for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -114,10 +114,14 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Allow upgrades without Origin. Default true.
     pub allow_no_origin: bool,
-    /// Default 10,000 members.
+    /// Default 10,000 members. Reserved: read by nothing yet.
     pub tree_threshold: usize,
-    /// Default 16.
+    /// Default 16. Reserved: read by nothing yet.
     pub tree_degree: usize,
+    /// What the operator should know about the options given: settings that
+    /// have no effect in this configuration (cluster-only options without
+    /// `--nats`, the reserved tree options). Logged at start.
+    pub warnings: Vec<String>,
     /// Flushers; default one per CPU core.
     pub fanout_shards: usize,
     /// Most rooms shown by name on /metrics. Default 20.

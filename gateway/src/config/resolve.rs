@@ -52,6 +52,7 @@ impl Config {
             }
             room_metrics_rooms.push(Pattern::new(p));
         }
+        let warnings = warnings(&o);
         let node_id = match o.node_id {
             Some(id) if id.is_empty() || id.len() > 64 => {
                 return Err(invalid("node_id", "must be 1 to 64 characters"));
@@ -122,6 +123,7 @@ impl Config {
             drain_spread: ms(o.drain_spread_ms, 2_000),
             log_format,
             log: o.log.unwrap_or_else(|| "info".to_string()),
+            warnings,
         })
     }
 }
@@ -453,4 +455,40 @@ fn resolve_limits(o: &Opts) -> Result<LimitConfig, ConfigError> {
         trusted_proxy_header: header,
         max_keys: positive("rate_limit_max_keys", o.rate_limit_max_keys, 100_000)?,
     })
+}
+
+/// Options given that have no effect in this configuration.
+fn warnings(o: &Opts) -> Vec<String> {
+    let mut out = Vec::new();
+    if o.nats.as_deref().is_none_or(|n| n.trim().is_empty()) {
+        let cluster_only = [
+            ("nats_prefix", o.nats_prefix.is_some()),
+            ("nats_partitions", o.nats_partitions.is_some()),
+            ("nats_replicas", o.nats_replicas.is_some()),
+            ("room_max_age_secs", o.room_max_age_secs.is_some()),
+            ("ephemeral_prefixes", o.ephemeral_prefixes.is_some()),
+            ("room_linger_ms", o.room_linger_ms.is_some()),
+            ("publish_timeout_ms", o.publish_timeout_ms.is_some()),
+            ("nats_connect_timeout_ms", o.nats_connect_timeout_ms.is_some()),
+            ("nats_ignore_discovered", o.nats_ignore_discovered.is_some()),
+        ];
+        for (name, given) in cluster_only {
+            if given {
+                out.push(format!(
+                    "{name} applies only in cluster mode (--nats); it has no effect here"
+                ));
+            }
+        }
+    }
+    for (name, given) in [
+        ("tree_threshold", o.tree_threshold.is_some()),
+        ("tree_degree", o.tree_degree.is_some()),
+    ] {
+        if given {
+            out.push(format!(
+                "{name} is reserved for the tiered fan-out, which is not built yet: it has no effect"
+            ));
+        }
+    }
+    out
 }

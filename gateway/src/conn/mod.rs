@@ -254,6 +254,13 @@ mod size_tests {
                 proto: false,
             },
         );
+        // Every subscribed room of a connection holds one (a user in 2,000
+        // rooms, 100K users): as small as the room id's neighbour allows.
+        assert!(
+            std::mem::size_of::<RoomSub>() <= 8,
+            "{}",
+            std::mem::size_of::<RoomSub>()
+        );
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 2048, "conn::run future is {size} bytes");
         // 560 before the room-token timers (8 bytes) and the history byte

@@ -45,11 +45,33 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
 }
 
 /// A `subscribe` entry: an object, or (leniently) just the room name.
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// Deserialized by hand: serde's untagged enums buffer every entry before
+/// trying each form, which was a visible part of a 2,000-room login.
 enum EntryForm {
     Object(SubscribeEntry),
     Name(String),
+}
+
+impl<'de> Deserialize<'de> for EntryForm {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Form;
+        impl<'de> serde::de::Visitor<'de> for Form {
+            type Value = EntryForm;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a room name or a {\"room\":...} object")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<EntryForm, E> {
+                Ok(EntryForm::Name(v.to_owned()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<EntryForm, A::Error> {
+                SubscribeEntry::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(EntryForm::Object)
+            }
+        }
+        d.deserialize_any(Form)
+    }
 }
 
 #[derive(Deserialize)]

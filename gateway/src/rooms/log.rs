@@ -124,7 +124,6 @@ impl RoomIndex {
                     offset: *offset,
                     fresh: false,
                     delivered: 0,
-                    slow: 0,
                 };
             }
             let offset = st.last_offset + 1;
@@ -145,12 +144,11 @@ impl RoomIndex {
                     st.dedup.remove(&old);
                 }
             }
-            let (delivered, slow) = self.append_and_broadcast(room, st, offset, msg);
+            let delivered = self.append_and_broadcast(room, st, offset, msg);
             Published {
                 offset,
                 fresh: true,
                 delivered,
-                slow,
             }
         })
     }

@@ -108,7 +108,7 @@ impl RoomIndex {
         st: &mut RoomState,
         offset: u64,
         msg: SharedMessage,
-    ) -> (usize, usize) {
+    ) -> usize {
         st.last_offset = offset;
         st.log_bytes += msg.weight();
         st.log.push_back(Entry {
@@ -123,7 +123,7 @@ impl RoomIndex {
         }
         let delivered = delivered + st.watchers.len();
         st.stats.record(delivered);
-        (delivered, slow.len())
+        delivered
     }
 
     /// Offers `msg` to the room's members, each codec's frame shared by all

@@ -33,7 +33,7 @@ impl RoomIndex {
                 st.repairing = true;
                 return Delivered::Gap(gap);
             }
-            let (members, _) = self.append_and_broadcast(room, st, seq, msg);
+            let members = self.append_and_broadcast(room, st, seq, msg);
             Delivered::Applied { members }
         })
         .unwrap_or(Delivered::NoRoom)

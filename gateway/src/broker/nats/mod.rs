@@ -418,7 +418,6 @@ impl NatsBus {
                 offset: 0,
                 fresh: true,
                 delivered: 0,
-                slow: 0,
             });
         }
         let mut headers = HeaderMap::new();
@@ -452,7 +451,6 @@ impl NatsBus {
             offset: ack.sequence,
             fresh: !ack.duplicate,
             delivered: 0,
-            slow: 0,
         })
     }
 

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use super::room_for;
 use crate::auth;
 use crate::broker::{Bus, BusError, Fetched};
-use crate::conn::session::{RoomSub, Session};
+use crate::conn::session::{GrantEnd, RoomSub, Session};
 use crate::conn::shared::{bus_error, room_error};
 use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::model::RoomId;
@@ -192,7 +192,9 @@ impl Session<'_> {
             sub = RoomSub {
                 by_token: true,
                 token_pub: grant.publish,
-                expires: grant.exp.map(|exp| auth::deadline(exp, self.node.verifier.leeway())),
+                expires: grant
+                    .exp
+                    .map(|exp| GrantEnd::at(auth::deadline(exp, self.node.verifier.leeway()))),
             };
         } else if !self.identity().grants.can_subscribe(room.as_str()) {
             return Err(ProtoError::forbidden("the token does not grant this room"));
