@@ -608,3 +608,66 @@ async fn a_full_handshake_table_sheds_the_oldest_silent_handshake() {
     let text = gateway::metrics::prometheus().render();
     assert!(text.contains("gateway_handshakes_shed_total"), "{text}");
 }
+
+/// The share flags change behaviour: with `--addr-max-handshakes 1` an
+/// address already holding a place cannot shed another's (503), one holding
+/// none can; `--handshake-shed-after-ms` sets how long a handshake must have
+/// been silent to be shed.
+#[tokio::test]
+async fn the_handshake_share_and_shed_delay_flags_decide_who_gets_a_full_tables_place() {
+    let node = TestNode::with(|o| {
+        o.max_handshakes = Some(2);
+        o.addr_max_handshakes = Some(1);
+        o.handshake_shed_after_ms = Some(150);
+        o.auth_timeout_ms = Some(5_000);
+        o.trusted_proxy_header = Some("x-forwarded-for".into());
+    })
+    .await;
+    let url = node.url();
+    let _a = try_open(&url, Some("203.0.113.1")).await.unwrap();
+    let _b = try_open(&url, Some("203.0.113.2")).await.unwrap();
+    // Full, and nobody silent for 150 ms yet: refused.
+    assert_eq!(
+        try_open(&url, Some("198.51.100.9")).await.err().map(|r| r.status),
+        Some(503)
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // 203.0.113.1 holds its share (1): it may not shed the other's place.
+    assert_eq!(
+        try_open(&url, Some("203.0.113.1")).await.err().map(|r| r.status),
+        Some(503)
+    );
+    // An address holding none may.
+    assert!(try_open(&url, Some("198.51.100.9")).await.is_ok());
+}
+
+/// The budget share flags change behaviour: with `--addr-budget-per-sec 1`
+/// and `--addr-budget-burst 1` an address past its share only gets what the
+/// node budget holds above its reserve (half the burst), and another address
+/// still gets in from the reserve.
+#[tokio::test]
+async fn the_budget_share_flags_keep_a_reserve_for_other_addresses() {
+    let node = TestNode::with(|o| {
+        o.connects_per_sec = Some(1);
+        o.connects_burst = Some(10);
+        o.addr_budget_per_sec = Some(1);
+        o.addr_budget_burst = Some(1);
+        o.trusted_proxy_header = Some("x-forwarded-for".into());
+    })
+    .await;
+    let url = node.url();
+    let mut admitted = 0;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        if let Ok(c) = try_open(&url, Some("203.0.113.7")).await {
+            admitted += 1;
+            clients.push(c);
+        }
+    }
+    // Its share (1) plus what lies above the reserve (10 - 5).
+    assert!(admitted <= 6, "one address took {admitted} of a burst of 10");
+    assert!(
+        try_open(&url, Some("198.51.100.3")).await.is_ok(),
+        "the reserve let another address in"
+    );
+}
