@@ -17,17 +17,9 @@ async fn gateway(cluster: &Cluster, name: &str, urls: Option<String>) -> TestNod
 
 async fn gateway_with(cluster: &Cluster, name: &str, urls: Option<String>, history: usize) -> TestNode {
     let urls = urls.unwrap_or_else(|| cluster.urls());
-    let replicas = cluster.servers.len().min(3);
-    let name = name.to_string();
-    TestNode::with(move |o| {
+    gateway_tuned(cluster, name, move |o| {
         o.nats = Some(urls);
-        o.nats_replicas = Some(replicas);
-        o.node_id = Some(name);
-        o.room_linger_ms = Some(300);
-        o.nats_partitions = Some(4);
         o.history_size = Some(history);
-        // These tests are about the bus; rate limits have their own tests.
-        o.no_rate_limits = Some(true);
         o.ephemeral_prefixes = Some(vec!["typing:".into()]);
     })
     .await
@@ -527,7 +519,8 @@ async fn a_node_that_fell_behind_the_stream_history_resets_its_members() {
     assert_eq!(again.next_push().await["offset"], live);
 }
 
-/// A gateway of the test cluster with `tune` applied to its options.
+/// A gateway of the test cluster with `tune` applied to its options. These
+/// tests are about the bus: rate limits are off (they have their own tests).
 async fn gateway_tuned(cluster: &Cluster, name: &str, tune: impl FnOnce(&mut gateway::config::Opts)) -> TestNode {
     let urls = cluster.urls();
     let replicas = cluster.servers.len().min(3);
