@@ -2,7 +2,7 @@
 use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let b = bytes::Bytes::copy_from_slice(data);
-    let _ = gateway::protocol::parse(&b);
+    let _ = gateway::protocol::json::parse(&b);
     let _ = gateway::protocol::proto::parse(&b);
-    let _ = gateway::protocol::proto::server_frame(data);
+    let _ = gateway::protocol::check_data(data);
 });
