@@ -1033,3 +1033,23 @@ async fn the_binary_serves_wss_and_reloads_the_certificate_on_sighup() {
         "the connection made before the reload goes on: {r}"
     );
 }
+
+/// `--jwks-refresh-secs`: a JWKS URL is fetched again on that interval
+/// without any token asking for it.
+#[tokio::test]
+async fn jwks_refresh_secs_sets_the_routine_refetch_interval() {
+    let k1 = rsa("rsa_a");
+    let server = JwksServer::start(jwks(&[jwk(&k1, Algorithm::RS256, "k1", true)])).await;
+    let url = server.url.clone();
+    let node = TestNode::with(|o| {
+        o.jwt_secret = None;
+        o.jwks = Some(url);
+        o.jwks_refresh_secs = Some(1);
+    })
+    .await;
+    assert_accepted(&node, &sign_with(Algorithm::RS256, Some("k1"), &k1, &claims("a")), "k1").await;
+    let first = server.hits();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let later = server.hits();
+    assert!(later >= first + 2, "{first} fetches, then {later} 2.5 s later");
+}

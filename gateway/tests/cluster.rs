@@ -1050,3 +1050,59 @@ async fn a_nats_stall_during_a_200_room_subscribe_does_not_hold_up_the_other_roo
         }
     }
 }
+
+/// `--nats-prefix` and `--room-max-age-secs` shape the streams the node
+/// creates: `<PREFIX>_ROOMS_<p>` on `<prefix>.store.<p>.*`, keeping messages
+/// for that age.
+#[tokio::test]
+async fn nats_prefix_and_room_max_age_shape_the_room_streams() {
+    let cluster = Cluster::start(1).await;
+    let g = gateway_tuned(&cluster, "gw-prefix", |o| {
+        o.nats_prefix = Some("chat".into());
+        o.room_max_age_secs = Some(3_600);
+    })
+    .await;
+    let mut c = g.client("alice").await;
+    publish_many(&mut c, "aged", 1, |_| json!("x")).await;
+    let client = async_nats::connect(cluster.servers[0].url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut s = js.get_stream("CHAT_ROOMS_0").await.unwrap();
+    let info = s.info().await.unwrap();
+    assert_eq!(info.config.subjects, vec!["chat.store.0.*".to_string()]);
+    assert_eq!(info.config.max_age, Duration::from_secs(3_600));
+}
+
+/// `--nats-connect-timeout-ms`: how long a node waits for NATS at start
+/// before it gives up (nothing listens on the port here).
+#[tokio::test]
+async fn nats_connect_timeout_ms_bounds_the_wait_for_nats_at_start() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let mut opts = common::test_opts();
+    opts.nats = Some(format!("nats://127.0.0.1:{port}"));
+    opts.nats_connect_timeout_ms = Some(500);
+    let cfg = gateway::Config::resolve(opts).unwrap();
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), gateway::Node::new(cfg)).await;
+    assert!(matches!(r, Ok(Err(_))), "the start failed in time");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+}
+
+/// `--publish-timeout-ms`: a durable publish waits that long for the
+/// stream's acknowledgement, then answers `unavailable` (the server is
+/// stopped with SIGSTOP, so the connection stays up but nothing answers).
+#[tokio::test]
+async fn publish_timeout_ms_bounds_the_wait_for_an_acknowledgement() {
+    let cluster = Cluster::start(1).await;
+    let g = gateway_tuned(&cluster, "gw-pubto", |o| o.publish_timeout_ms = Some(300)).await;
+    let mut c = g.client("alice").await;
+    publish_many(&mut c, "slow", 1, |_| json!("before")).await;
+    cluster.servers[0].pause();
+    let started = std::time::Instant::now();
+    let r = c.publish("slow", json!("during")).await;
+    let took = started.elapsed();
+    cluster.servers[0].resume();
+    assert_eq!(r["error"]["code"], "unavailable", "{r}");
+    assert!(took < Duration::from_secs(3), "answered after {took:?}");
+}
