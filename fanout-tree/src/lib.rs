@@ -13,5 +13,5 @@ pub mod group;
 pub mod outbox;
 
 pub use flush::{FlushStats, Flusher, Flushers};
-pub use group::MemberSet;
+pub use group::{MemberSet, Slot};
 pub use outbox::{DirectWrite, Drained, Flushed, Outbox, OutboxLimits, PushError, Pushed, Weighted, Wire};

@@ -16,15 +16,28 @@ impl RoomId {
     /// Validates `name`. Wildcards and subject separators never pass, so a
     /// room name is always safe to put in a bus subject.
     pub fn parse(name: &str) -> Option<Self> {
-        let ok = !name.is_empty()
+        Self::is_valid(name).then(|| Self(Arc::from(name)))
+    }
+
+    /// Whether `name` is a valid room name (what [`RoomId::parse`] checks),
+    /// without allocating.
+    pub fn is_valid(name: &str) -> bool {
+        !name.is_empty()
             && name.len() <= Self::MAX_LEN
             && name
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b':');
-        ok.then(|| Self(Arc::from(name)))
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b':')
     }
 
     pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Lets maps keyed by `RoomId` be searched by name (hashing and equality
+/// are those of the name).
+impl std::borrow::Borrow<str> for RoomId {
+    fn borrow(&self) -> &str {
         &self.0
     }
 }

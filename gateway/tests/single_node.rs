@@ -589,6 +589,37 @@ async fn notify_mode_pushes_coalesced_activity_instead_of_messages() {
 }
 
 #[tokio::test]
+async fn one_room_named_twice_in_a_frame_ends_in_the_last_mode_only() {
+    let node = TestNode::with(|o| o.activity_interval_ms = Some(100)).await;
+    let mut bg = node.client("twice").await;
+    let r = bg
+        .request(json!({"op":"subscribe","rooms":[{"room":"dup"},{"room":"dup","mode":"notify"}]}))
+        .await;
+    assert_eq!(r["ok"]["rooms"].as_array().unwrap().len(), 2, "{r}");
+    let mut p = node.client("poster").await;
+    let offset = p.publish("dup", json!("hi")).await["ok"]["offset"].as_u64().unwrap();
+    // Notify mode only: an activity push, never the message itself.
+    assert_eq!(
+        bg.next_push().await,
+        json!({"op":"activity","room":"dup","offset":offset,"count":1})
+    );
+    assert!(bg.push_within(Duration::from_millis(300)).await.is_none());
+    // And the other way round, then leaving: nothing is left behind.
+    bg.request(json!({"op":"subscribe","rooms":[{"room":"dup","mode":"notify"},{"room":"dup"}]}))
+        .await;
+    p.publish("dup", json!("full")).await;
+    let m = bg.next_push().await;
+    assert_eq!((m["op"].as_str(), m["data"].as_str()), (Some("message"), Some("full")));
+    assert!(
+        bg.push_within(Duration::from_millis(300)).await.is_none(),
+        "one membership"
+    );
+    bg.request(json!({"op":"unsubscribe","rooms":["dup"]})).await;
+    p.publish("dup", json!("gone")).await;
+    assert!(bg.push_within(Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test]
 async fn a_silent_connection_is_closed_after_the_idle_timeout() {
     let node = TestNode::with(|o| o.idle_timeout_ms = Some(400)).await;
     let mut silent = node.client("silent").await;

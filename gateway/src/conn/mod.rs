@@ -220,11 +220,17 @@ mod size_tests {
             let activity = OnceLock::new();
             let outbox: ConnOutbox = Arc::new(Outbox::new(OutboxLimits::default()));
             let mut s = Session::new(task_node.clone(), ConnId(7), outbox.clone(), &activity, Admit::none());
-            task_node
+            let joined = task_node
                 .rooms
-                .join(&task_room, ConnId(7), Member::Full(&outbox), None)
+                .join(&task_room, ConnId(7), Member::Full(&outbox), None, None)
                 .unwrap();
-            s.set_room(&task_room, RoomSub::BY_CONNECTION);
+            s.set_room(
+                &task_room,
+                RoomSub {
+                    member: joined.slot,
+                    ..RoomSub::BY_CONNECTION
+                },
+            );
             assert_eq!(task_node.rooms.members(&task_room), 1);
             panic!("a bug in a command handler");
         })

@@ -7,12 +7,12 @@ use crate::broker::BusError;
 use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::model::{ConnId, RoomId};
 use crate::node::Node;
-use crate::rooms::{RoomError, Transition};
+use crate::rooms::{MemberSlot, RoomError, Transition};
 use crate::transport::ws::ReadError;
 
 /// Leaves `room`; the last local member tells the bus.
-pub(super) fn leave(node: &Node, room: &RoomId, conn: ConnId) {
-    if node.rooms.leave(room, conn) == Transition::LastLocal {
+pub(super) fn leave(node: &Node, room: &RoomId, conn: ConnId, held: Option<MemberSlot>) {
+    if node.rooms.leave(room, conn, held) == Transition::LastLocal {
         node.bus.room_left(room);
     }
 }

@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use fanout_tree::Slot;
 use fanout_tree::{Outbox, Weighted};
 use parking_lot::Mutex;
 
@@ -30,6 +31,43 @@ pub enum Member<'a> {
     /// again in another mode replaces it, under the same lock that reads the
     /// joiner's offset and catch-up.
     Joining,
+}
+
+/// Where a connection's full membership sits in a room: the slot in the
+/// room's member set of its codec (the top bit marks `gw.v1.proto`). The
+/// connection keeps it per room and hands it back to leave or switch modes,
+/// so a room needs no index from connection to member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberSlot(std::num::NonZeroU32);
+
+impl MemberSlot {
+    const PROTO: u32 = 1 << 31;
+
+    /// The slot plus one (so an `Option<MemberSlot>` is 4 bytes), with the
+    /// codec's bit.
+    fn new(slot: Slot, proto: bool) -> Self {
+        let raw = (slot.get() + 1) & !Self::PROTO;
+        let raw = if proto { raw | Self::PROTO } else { raw };
+        Self(std::num::NonZeroU32::new(raw).unwrap_or(std::num::NonZeroU32::MIN))
+    }
+
+    pub(super) fn json(slot: Slot) -> Self {
+        Self::new(slot, false)
+    }
+
+    pub(super) fn proto(slot: Slot) -> Self {
+        Self::new(slot, true)
+    }
+
+    /// Whether the slot is in the `gw.v1.proto` member set.
+    pub(super) fn is_proto(self) -> bool {
+        self.0.get() & Self::PROTO != 0
+    }
+
+    /// The slot within its member set.
+    pub(super) fn slot(self) -> Slot {
+        Slot::from_raw((self.0.get() & !Self::PROTO) - 1)
+    }
 }
 
 /// Room -> (latest offset, messages counted).

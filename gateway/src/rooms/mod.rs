@@ -45,7 +45,7 @@ use parking_lot::Mutex;
 pub use crate::model::{ConnId, RoomId};
 pub use crate::protocol::SharedMessage;
 pub use crate::transport::ws::Frame;
-pub use members::{Activity, Member};
+pub use members::{Activity, Member, MemberSlot};
 pub use stats::{
     OTHER_ROOMS, OtherRooms, RANK_WINDOW_SECS, RoomCounters, RoomMetrics, RoomStat, render as render_metrics,
 };
@@ -95,6 +95,9 @@ pub enum LogMode {
 #[derive(Debug)]
 pub struct Joined {
     pub transition: Transition,
+    /// The full membership's slot (keep it to leave or switch modes); `None`
+    /// in notify mode and while joining.
+    pub slot: Option<MemberSlot>,
     /// The room's latest offset when the membership took effect, and the
     /// catch-up for `since`; `None` while the room is not live yet (then ask
     /// [`RoomIndex::live_from`] once the bus made it live).
@@ -152,7 +155,7 @@ struct RoomState {
     /// Members on `gw.v1.proto`: each message is encoded once for all of them.
     proto_members: MemberSet<ConnId, Frame>,
     /// Members in notify mode.
-    watchers: HashMap<ConnId, Arc<Activity>>,
+    watchers: HashMap<ConnId, Arc<Activity>, foldhash::fast::RandomState>,
     /// Connections that hold the room while they wait on the broker
     /// ([`Member::Joining`]); they receive nothing.
     joining: HashSet<ConnId, foldhash::fast::RandomState>,
@@ -194,7 +197,43 @@ impl RoomState {
 
     /// Removes `conn` from the connections holding the room while joining.
     fn stop_joining(&mut self, conn: ConnId) -> bool {
-        self.joining.remove(&conn)
+        !self.joining.is_empty() && self.joining.remove(&conn)
+    }
+
+    /// Removes `conn`'s full membership at `held`; false if it was not there.
+    fn stop_full(&mut self, conn: ConnId, held: Option<MemberSlot>) -> bool {
+        match held {
+            Some(m) if m.is_proto() => self.proto_members.remove(m.slot(), conn),
+            Some(m) => self.members.remove(m.slot(), conn),
+            None => false,
+        }
+    }
+
+    /// Adds `conn` as a full member (of `proto`'s set) unless `held` is
+    /// already its slot there; returns its slot.
+    fn start_full(&mut self, conn: ConnId, outbox: &ConnOutbox, proto: bool, held: Option<MemberSlot>) -> MemberSlot {
+        match held {
+            Some(m) if m.is_proto() == proto => {
+                let set = if proto { &self.proto_members } else { &self.members };
+                if set.holds(m.slot(), conn) {
+                    return m;
+                }
+            }
+            Some(m) => {
+                self.stop_full(conn, Some(m));
+            }
+            None => {}
+        }
+        if proto {
+            MemberSlot::proto(self.proto_members.insert(conn, outbox.clone()))
+        } else {
+            MemberSlot::json(self.members.insert(conn, outbox.clone()))
+        }
+    }
+
+    /// Removes `conn` from the room's notify-mode members.
+    fn stop_watching(&mut self, conn: ConnId) -> bool {
+        !self.watchers.is_empty() && self.watchers.remove(&conn).is_some()
     }
 
     /// Publishes the member count to the room's counters after a change.
@@ -208,7 +247,7 @@ impl RoomState {
         Self {
             members: MemberSet::default(),
             proto_members: MemberSet::default(),
-            watchers: HashMap::new(),
+            watchers: HashMap::default(),
             joining: HashSet::default(),
             log: VecDeque::new(),
             log_bytes: 0,
@@ -227,6 +266,9 @@ impl RoomState {
         }
     }
 }
+
+/// A room's state as found by [`RoomIndex::intern`].
+pub struct RoomRef(Arc<Room>);
 
 struct Room {
     state: Mutex<RoomState>,
@@ -310,6 +352,20 @@ impl RoomIndex {
         })
     }
 
+    /// The room named `name` if the name is valid, sharing the name of the
+    /// room's state when the node has one (a connection's rooms then cost
+    /// no allocation of their own; a 2,000-room login made 2,000), and that
+    /// state, so that [`RoomIndex::join_found`] need not look it up again.
+    pub fn intern(&self, name: &str) -> Option<(RoomId, Option<RoomRef>)> {
+        if !RoomId::is_valid(name) {
+            return None;
+        }
+        match self.rooms.get(name) {
+            Some(e) => Some((e.key().clone(), Some(RoomRef(e.value().clone())))),
+            None => RoomId::parse(name).map(|r| (r, None)),
+        }
+    }
+
     fn get(&self, room: &RoomId) -> Option<Arc<Room>> {
         self.rooms.get(room).map(|r| r.clone())
     }
@@ -333,7 +389,23 @@ impl RoomIndex {
     }
 
     /// Runs `f` on the live state of `room`, creating it if needed.
-    fn with_room<R>(&self, room: &RoomId, mut f: impl FnMut(&mut RoomState) -> R) -> Result<R, RoomError> {
+    fn with_room<R>(&self, room: &RoomId, f: impl FnMut(&mut RoomState) -> R) -> Result<R, RoomError> {
+        self.with_room_found(None, room, f)
+    }
+
+    /// [`RoomIndex::with_room`], starting from state found earlier.
+    fn with_room_found<R>(
+        &self,
+        found: Option<&RoomRef>,
+        room: &RoomId,
+        mut f: impl FnMut(&mut RoomState) -> R,
+    ) -> Result<R, RoomError> {
+        if let Some(RoomRef(r)) = found {
+            let mut st = r.state.lock();
+            if !st.dead {
+                return Ok(f(&mut st));
+            }
+        }
         loop {
             let r = self.get_or_create(room)?;
             let mut st = r.state.lock();
@@ -361,64 +433,69 @@ impl RoomIndex {
         self.count.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Adds `conn` to `room`. If the room is live, the returned offset is the
-    /// one the membership took effect at and, with `since`, the catch-up up
-    /// to it is read under the same lock: no gap, no overlap with live pushes.
+    /// Adds `conn` to `room`; `held` is the slot of the full membership the
+    /// connection already has there, if any (from an earlier [`Joined`]). If
+    /// the room is live, the returned offset is the one the membership took
+    /// effect at and, with `since`, the catch-up up to it is read under the
+    /// same lock: no gap, no overlap with live pushes.
     pub fn join(
         &self,
         room: &RoomId,
         conn: ConnId,
         member: Member<'_>,
         since: Option<u64>,
+        held: Option<MemberSlot>,
     ) -> Result<Joined, RoomError> {
-        self.with_room(room, |st| {
+        self.join_found(None, room, conn, member, since, held)
+    }
+
+    /// [`RoomIndex::join`] with the state [`RoomIndex::intern`] found (a
+    /// room removed since then is looked up again).
+    pub fn join_found(
+        &self,
+        found: Option<&RoomRef>,
+        room: &RoomId,
+        conn: ConnId,
+        member: Member<'_>,
+        since: Option<u64>,
+        held: Option<MemberSlot>,
+    ) -> Result<Joined, RoomError> {
+        self.with_room_found(found, room, |st| {
             let first = !st.has_members();
+            let transition = if first {
+                Transition::FirstLocal
+            } else {
+                Transition::Unchanged
+            };
             // One membership per connection: joining again may switch modes.
-            let since = match member {
+            let (since, slot) = match member {
                 Member::Joining => {
                     st.joining.insert(conn);
                     return Joined {
-                        transition: if first {
-                            Transition::FirstLocal
-                        } else {
-                            Transition::Unchanged
-                        },
+                        transition,
+                        slot: held,
                         at: None,
                     };
                 }
-                Member::Full(outbox) => {
+                Member::Full(outbox) | Member::FullProto(outbox) => {
                     st.stop_joining(conn);
-                    st.watchers.remove(&conn);
-                    st.members.insert(conn, outbox.clone());
-                    since
-                }
-                Member::FullProto(outbox) => {
-                    st.stop_joining(conn);
-                    st.watchers.remove(&conn);
-                    st.proto_members.insert(conn, outbox.clone());
-                    since
+                    st.stop_watching(conn);
+                    let proto = matches!(member, Member::FullProto(_));
+                    (since, Some(st.start_full(conn, outbox, proto, held)))
                 }
                 Member::Notify(activity) => {
                     st.stop_joining(conn);
-                    st.members.remove(conn);
-                    st.proto_members.remove(conn);
+                    st.stop_full(conn, held);
                     st.watchers.insert(conn, activity.clone());
                     // Notify mode pushes no messages, so there is no catch-up.
-                    None
+                    (None, None)
                 }
             };
             st.count_members();
             let at = st
                 .live
                 .then(|| (st.last_offset, since.map(|s| st.catchup(s, st.last_offset))));
-            Joined {
-                transition: if first {
-                    Transition::FirstLocal
-                } else {
-                    Transition::Unchanged
-                },
-                at,
-            }
+            Joined { transition, slot, at }
         })
     }
 
@@ -432,16 +509,17 @@ impl RoomIndex {
         self.with_existing(room, |st| st.live).unwrap_or(false)
     }
 
-    /// Removes `conn` from `room`. With the authoritative log an empty room
-    /// without history is dropped at once; a cache is dropped by
-    /// [`RoomIndex::forget_if_empty`] after the bus's linger.
-    pub fn leave(&self, room: &RoomId, conn: ConnId) -> Transition {
+    /// Removes `conn` from `room` (`held`: its full membership's slot, if
+    /// any). With the authoritative log an empty room without history is
+    /// dropped at once; a cache is dropped by [`RoomIndex::forget_if_empty`]
+    /// after the bus's linger.
+    pub fn leave(&self, room: &RoomId, conn: ConnId, held: Option<MemberSlot>) -> Transition {
         let Some(r) = self.get(room) else {
             return Transition::Unchanged;
         };
         let mut st = r.state.lock();
-        let was_member = st.members.remove(conn) | st.proto_members.remove(conn);
-        let was_watcher = st.watchers.remove(&conn).is_some();
+        let was_member = st.stop_full(conn, held);
+        let was_watcher = st.stop_watching(conn);
         let was_joining = st.stop_joining(conn);
         st.count_members();
         if st.dead || !(was_member || was_watcher || was_joining) {
@@ -583,17 +661,17 @@ mod tests {
         let idx = index(10);
         let r = room("r");
         let (a, b) = (outbox(), outbox());
-        assert_eq!(
-            idx.join(&r, ConnId(1), Member::Full(&a), None).unwrap().transition,
-            Transition::FirstLocal
-        );
-        assert_eq!(
-            idx.join(&r, ConnId(2), Member::Full(&b), None).unwrap().transition,
-            Transition::Unchanged
-        );
-        assert_eq!(idx.leave(&r, ConnId(1)), Transition::Unchanged);
-        assert_eq!(idx.leave(&r, ConnId(1)), Transition::Unchanged);
-        assert_eq!(idx.leave(&r, ConnId(2)), Transition::LastLocal);
+        let ja = idx.join(&r, ConnId(1), Member::Full(&a), None, None).unwrap();
+        assert_eq!(ja.transition, Transition::FirstLocal);
+        let jb = idx.join(&r, ConnId(2), Member::Full(&b), None, None).unwrap();
+        assert_eq!(jb.transition, Transition::Unchanged);
+        // Joining again with the slot held keeps the one membership.
+        let again = idx.join(&r, ConnId(1), Member::Full(&a), None, ja.slot).unwrap();
+        assert_eq!(again.slot, ja.slot);
+        assert_eq!(idx.members(&r), 2);
+        assert_eq!(idx.leave(&r, ConnId(1), ja.slot), Transition::Unchanged);
+        assert_eq!(idx.leave(&r, ConnId(1), ja.slot), Transition::Unchanged);
+        assert_eq!(idx.leave(&r, ConnId(2), jb.slot), Transition::LastLocal);
         assert!(idx.is_empty(), "an empty room with no log is dropped");
     }
 
@@ -606,17 +684,17 @@ mod tests {
             idx.publish(&r, "a", &data(b"1"), None, 0, now).unwrap();
         }
         let ob = outbox();
-        let j = idx.join(&r, ConnId(1), Member::Full(&ob), Some(5)).unwrap();
+        let j = idx.join(&r, ConnId(1), Member::Full(&ob), Some(5), None).unwrap();
         assert_eq!(j.at.as_ref().unwrap().0, 8);
         assert_eq!(catchup(&j), (vec![6, 7, 8], true));
         // Offsets 1..=3 were evicted: since 2 cannot be served.
-        let j = idx.join(&r, ConnId(2), Member::Full(&ob), Some(2)).unwrap();
+        let j = idx.join(&r, ConnId(2), Member::Full(&ob), Some(2), None).unwrap();
         assert_eq!(catchup(&j), (vec![], false));
         // since 3: 4..=8 are all there.
-        let j = idx.join(&r, ConnId(3), Member::Full(&ob), Some(3)).unwrap();
+        let j = idx.join(&r, ConnId(3), Member::Full(&ob), Some(3), None).unwrap();
         assert_eq!(catchup(&j), (vec![4, 5, 6, 7, 8], true));
         // A since from the future (the log was reset) is not recovered.
-        let j = idx.join(&r, ConnId(4), Member::Full(&ob), Some(99)).unwrap();
+        let j = idx.join(&r, ConnId(4), Member::Full(&ob), Some(99), None).unwrap();
         assert_eq!(catchup(&j), (vec![], false));
         idx.publish(&r, "a", &data(b"2"), None, 0, now).unwrap();
         assert_eq!(
@@ -698,7 +776,7 @@ mod tests {
         let idx = cache(100);
         let r = room("r");
         let ob = outbox();
-        let j = idx.join(&r, ConnId(1), Member::Full(&ob), Some(3)).unwrap();
+        let j = idx.join(&r, ConnId(1), Member::Full(&ob), Some(3), None).unwrap();
         assert!(j.at.is_none(), "not live yet");
         assert_eq!(idx.deliver(&r, 12, 10, frame(12)), Delivered::Buffered);
         assert_eq!(idx.deliver(&r, 9, 5, frame(9)), Delivered::Buffered);
@@ -717,7 +795,7 @@ mod tests {
         let idx = cache(100);
         let r = room("r");
         let ob = outbox();
-        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
+        idx.join(&r, ConnId(1), Member::Full(&ob), None, None).unwrap();
         idx.go_live(&r, 10);
         assert_eq!(
             idx.deliver(&r, 20, 15, frame(20)),
@@ -735,7 +813,7 @@ mod tests {
         let idx = cache(100);
         let r = room("r");
         let ob = outbox();
-        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
+        idx.join(&r, ConnId(1), Member::Full(&ob), None, None).unwrap();
         idx.go_live(&r, 1);
         assert!(matches!(idx.deliver(&r, 3, 2, frame(3)), Delivered::Gap(_)));
         for seq in 4..12 {
@@ -754,7 +832,7 @@ mod tests {
         let idx = cache(100);
         let r = room("r");
         let ob = outbox();
-        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
+        idx.join(&r, ConnId(1), Member::Full(&ob), None, None).unwrap();
         assert_eq!(idx.request_repair(&r, 5), None, "not live yet: remembered for later");
         assert_eq!(idx.go_live(&r, 2), Some(Gap { after: 2, upto: 5 }));
         assert_eq!(idx.request_repair(&r, 9), None, "a repair is under way");
@@ -770,7 +848,7 @@ mod tests {
         let idx = cache(100);
         let r = room("r");
         let ob = outbox();
-        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
+        idx.join(&r, ConnId(1), Member::Full(&ob), None, None).unwrap();
         idx.go_live(&r, 0);
         idx.deliver(&r, 1, 0, frame(1));
         assert_eq!(idx.lost_messages(&r, 6), 1);
@@ -801,7 +879,7 @@ mod tests {
         let idx = cache(100);
         let r = room("r");
         let ob = outbox();
-        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
+        let joined = idx.join(&r, ConnId(1), Member::Full(&ob), None, None).unwrap();
         idx.go_live(&r, 10);
         idx.deliver(&r, 11, 10, frame(11));
         assert!(matches!(idx.history(&r, None, 5), HistoryPage::NeedsBackend));
@@ -821,7 +899,7 @@ mod tests {
         assert_eq!(idx.cache_start(&r, 11), Some((3, bytes)));
         // The cache is dropped only without members.
         assert!(!idx.forget_if_empty(&r));
-        idx.leave(&r, ConnId(1));
+        idx.leave(&r, ConnId(1), joined.slot);
         assert!(idx.forget_if_empty(&r));
         assert_eq!(idx.deliver(&r, 12, 11, frame(12)), Delivered::NoRoom);
     }
@@ -832,7 +910,7 @@ mod tests {
         let ob = outbox();
         // Message cap: 5.
         let idx = cache(5);
-        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
+        idx.join(&r, ConnId(1), Member::Full(&ob), None, None).unwrap();
         idx.go_live(&r, 20);
         idx.deliver(&r, 21, 20, frame(21));
         idx.deliver(&r, 22, 21, frame(22));
@@ -844,7 +922,7 @@ mod tests {
         let mut l = limits(1000);
         l.history_max_bytes = 3 * frame(10).weight();
         let idx = RoomIndex::new(l, LogMode::Cache);
-        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
+        idx.join(&r, ConnId(1), Member::Full(&ob), None, None).unwrap();
         idx.go_live(&r, 20);
         idx.deliver(&r, 21, 20, frame(21));
         let got = idx.catchup_from_stream(&r, 9, 21, &entries(10..=20), 20).unwrap();
@@ -874,7 +952,7 @@ mod tests {
         let mut l = limits(1000);
         l.history_max_bytes = 250 * frame(1000).weight();
         let idx = RoomIndex::new(l, LogMode::Cache);
-        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
+        idx.join(&r, ConnId(1), Member::Full(&ob), None, None).unwrap();
         idx.go_live(&r, 1030);
         assert!(matches!(idx.catchup(&r, 1, 1030), Catchup::NeedsBackend));
         // The stream's messages after 731 fill the cache up to its byte cap.
@@ -906,7 +984,7 @@ mod tests {
         let idx = cache(100);
         let r = room("r");
         let ob = outbox();
-        idx.join(&r, ConnId(1), Member::Full(&ob), None).unwrap();
+        idx.join(&r, ConnId(1), Member::Full(&ob), None, None).unwrap();
         idx.go_live(&r, 0);
         idx.deliver(&r, 3, 0, frame(3));
         assert_eq!(frames(idx.catchup(&r, 0, 3)), (vec![3], true));
@@ -925,7 +1003,8 @@ mod tests {
         let idx = index(100);
         let r = room("r");
         let json_member = outbox();
-        idx.join(&r, ConnId(100), Member::Full(&json_member), None).unwrap();
+        idx.join(&r, ConnId(100), Member::Full(&json_member), None, None)
+            .unwrap();
         let before = proto::tests::message_encodes();
         idx.publish(&r, "bob", &data(b"0"), None, 1, Instant::now()).unwrap();
         assert_eq!(
@@ -936,7 +1015,8 @@ mod tests {
 
         let members: Vec<ConnOutbox> = (0..5).map(|_| outbox()).collect();
         for (i, ob) in members.iter().enumerate() {
-            idx.join(&r, ConnId(i as u64), Member::FullProto(ob), None).unwrap();
+            idx.join(&r, ConnId(i as u64), Member::FullProto(ob), None, None)
+                .unwrap();
         }
         idx.publish(&r, "alice", &data(br#"{"t":1}"#), None, 7, Instant::now())
             .unwrap();
@@ -957,7 +1037,9 @@ mod tests {
 
         // A protobuf joiner's catch-up pushes that same frame.
         let joiner = outbox();
-        let j = idx.join(&r, ConnId(50), Member::FullProto(&joiner), Some(1)).unwrap();
+        let j = idx
+            .join(&r, ConnId(50), Member::FullProto(&joiner), Some(1), None)
+            .unwrap();
         let Some((
             2,
             Some(Catchup::Messages {
@@ -996,7 +1078,8 @@ mod tests {
             id: 10,
             ok: ReplyBody::History { messages: &page, more },
         });
-        idx.join(&r, ConnId(51), Member::FullProto(&joiner), Some(0)).unwrap();
+        idx.join(&r, ConnId(51), Member::FullProto(&joiner), Some(0), None)
+            .unwrap();
         assert_eq!(proto::tests::message_encodes(), after_alice);
     }
 }

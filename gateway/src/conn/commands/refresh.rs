@@ -26,7 +26,7 @@ impl Session<'_> {
         let revoked: Vec<RoomId> = self
             .rooms
             .iter()
-            .filter(|(room, sub)| !sub.by_token && !identity.grants.can_subscribe(room.as_str()))
+            .filter(|(room, sub)| !sub.by_token() && !identity.grants.can_subscribe(room.as_str()))
             .map(|(room, _)| room.clone())
             .collect();
         for room in revoked {

@@ -17,7 +17,7 @@ use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::model::RoomId;
 use crate::node::Node;
 use crate::protocol::{self, ReplyBody, ServerMsg, SharedMessage, SubscribeEntry, SubscribeResult};
-use crate::rooms::{Catchup, Frame, Member};
+use crate::rooms::{Catchup, Frame, Member, RoomRef};
 
 /// One room of a `subscribe` on its way through the phases.
 pub(in crate::conn) struct Slot {
@@ -31,6 +31,8 @@ pub(in crate::conn) struct Slot {
     /// Cluster mode: the catch-up read from the stream before the join,
     /// `(since, upto]`, and `upto`.
     prefetched: Option<(u64, Fetched)>,
+    /// The room's state on this node when the entry was checked.
+    found: Option<RoomRef>,
 }
 
 /// What a `subscribe` may still queue as catch-up.
@@ -88,6 +90,9 @@ impl Session<'_> {
         if !matches!(node.bus, Bus::Embedded) {
             charged = self.prepare_in_cluster(&mut slots).await;
         }
+        // One growth of the connection's room map for the whole frame.
+        let new_rooms = slots.iter().flatten().filter(|s| !s.was_subscribed).count();
+        self.rooms.reserve(new_rooms);
         // Phase 3: no await from here to the release.
         self.outbox.hold();
         let reply_bytes: usize = entries
@@ -151,12 +156,16 @@ impl Session<'_> {
 
     /// Phase 1: checks every entry of the frame; nothing is joined yet.
     fn check_entries(&self, entries: &[SubscribeEntry]) -> Vec<Result<Slot, ProtoError>> {
-        let mut new_rooms: HashSet<RoomId> = HashSet::new();
+        let cap = self.node.cfg.max_rooms_per_conn;
+        // Counting distinct new rooms only matters when the frame could
+        // reach the cap (even counting every entry as new).
+        let near_cap = self.rooms.len() + entries.len() > cap;
+        let mut new_rooms: HashSet<RoomId, foldhash::fast::RandomState> = HashSet::default();
         entries
             .iter()
             .map(|entry| {
                 let slot = self.check_entry(entry)?;
-                if !slot.was_subscribed && !new_rooms.contains(&slot.room) {
+                if near_cap && !slot.was_subscribed && !new_rooms.contains(&slot.room) {
                     if self.rooms.len() + new_rooms.len() >= self.node.cfg.max_rooms_per_conn {
                         return Err(ProtoError::new(
                             ErrorCode::LimitExceeded,
@@ -172,7 +181,11 @@ impl Session<'_> {
 
     fn check_entry(&self, entry: &SubscribeEntry) -> Result<Slot, ProtoError> {
         let name = entry.room.as_deref().unwrap_or("");
-        let room = RoomId::parse(name).ok_or_else(|| ProtoError::bad_request("invalid room name"))?;
+        let (room, found) = self
+            .node
+            .rooms
+            .intern(name)
+            .ok_or_else(|| ProtoError::bad_request("invalid room name"))?;
         let notify = match entry.mode.as_deref() {
             None | Some("full") => false,
             Some("notify") => true,
@@ -189,13 +202,12 @@ impl Session<'_> {
                     ProtoError::forbidden(format!("room token refused: {e}"))
                 })?;
             // Subscribing again with a fresh room token renews the grant.
-            sub = RoomSub {
-                by_token: true,
-                token_pub: grant.publish,
-                expires: grant
+            sub = RoomSub::by_room_token(
+                grant.publish,
+                grant
                     .exp
                     .map(|exp| GrantEnd::at(auth::deadline(exp, self.node.verifier.leeway()))),
-            };
+            );
         } else if !self.identity().grants.can_subscribe(room.as_str()) {
             return Err(ProtoError::forbidden("the token does not grant this room"));
         }
@@ -207,6 +219,7 @@ impl Session<'_> {
             since: if notify { None } else { entry.since },
             sub,
             prefetched: None,
+            found,
         })
     }
 
@@ -220,7 +233,7 @@ impl Session<'_> {
     async fn prepare_in_cluster(&mut self, slots: &mut [Result<Slot, ProtoError>]) -> usize {
         let node = self.node.clone();
         for s in slots.iter_mut().flatten() {
-            if let Err(e) = node.rooms.join(&s.room, self.id, Member::Joining, None) {
+            if let Err(e) = node.rooms.join(&s.room, self.id, Member::Joining, None, None) {
                 // Nothing joined: the slot fails in phase 3 the same way.
                 tracing::debug!(room = %s.room, error = %e, "room could not be held");
                 continue;
@@ -298,7 +311,14 @@ impl Session<'_> {
                 Member::Full(&self.outbox)
             }
         };
-        let joined = match self.node.rooms.join(&s.room, self.id, member, s.since) {
+        // The slot as of now: an earlier entry of this frame may have joined
+        // the same room.
+        let held = self.rooms.get(&s.room).and_then(|r| r.member);
+        let joined = match self
+            .node
+            .rooms
+            .join_found(s.found.as_ref(), &s.room, self.id, member, s.since, held)
+        {
             Ok(j) => j,
             Err(e) => {
                 if !s.was_subscribed {
@@ -309,12 +329,21 @@ impl Session<'_> {
         };
         let Some((offset, c)) = joined.at else {
             // Not live: the broker could not make it live in phase 2.
+            if let Some(sub) = self.rooms.get_mut(&s.room) {
+                sub.member = joined.slot;
+            }
             if !s.was_subscribed {
                 self.drop_room(&s.room);
             }
             return Err(bus_error(&BusError::Timeout));
         };
-        self.set_room(&s.room, s.sub);
+        self.set_room(
+            &s.room,
+            RoomSub {
+                member: joined.slot,
+                ..s.sub
+            },
+        );
         let recovered = match c {
             None => None,
             Some(Catchup::Messages { messages, recovered }) => Some(take_within(catchup, messages, recovered, budget)),
