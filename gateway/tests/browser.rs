@@ -128,8 +128,14 @@ fn npm_pack_makes_an_installable_package() {
         .iter()
         .map(|f| f["path"].as_str().unwrap())
         .collect();
-    assert!(files.contains(&"client.js") && files.contains(&"client.d.ts"), "{files:?}");
-    assert!(!files.iter().any(|f| f.starts_with("test/")), "tests are not shipped: {files:?}");
+    assert!(
+        files.contains(&"client.js") && files.contains(&"client.d.ts"),
+        "{files:?}"
+    );
+    assert!(
+        !files.iter().any(|f| f.starts_with("test/")),
+        "tests are not shipped: {files:?}"
+    );
     let tarball = tmp.path().join(packed[0]["filename"].as_str().unwrap());
     let app = tmp.path().join("app");
     std::fs::create_dir_all(&app).unwrap();
@@ -177,7 +183,14 @@ impl Gateway {
 
     fn spawn(&mut self) {
         let mut child = Command::new(BIN)
-            .args(["--listen", &self.addr, "--log-format", "json", "--drain-spread-ms", "100"])
+            .args([
+                "--listen",
+                &self.addr,
+                "--log-format",
+                "json",
+                "--drain-spread-ms",
+                "100",
+            ])
             .args(&self.args)
             .env_remove("GATEWAY_JWT_SECRET")
             .stdout(Stdio::null())
@@ -312,7 +325,10 @@ async fn dev_mode_serves_the_demo_and_tokens_and_never_with_a_key() {
     let dev = Gateway::start(&[]);
     let banner = dev.log_with("Production:");
     assert!(banner.contains("DEV MODE") && banner.contains("/dev/token"), "{banner}");
-    assert!(banner.contains(&format!("Demo chat:    http://{}/", dev.addr)), "{banner}");
+    assert!(
+        banner.contains(&format!("Demo chat:    http://{}/", dev.addr)),
+        "{banner}"
+    );
     let (status, page) = http_get(&format!("{}/", dev.http())).await;
     assert_eq!(status, 200);
     assert!(page.contains("/demo.js"), "{page}");
@@ -339,7 +355,15 @@ async fn dev_mode_serves_the_demo_and_tokens_and_never_with_a_key() {
         .await;
     assert!(r["ok"]["rooms"][0]["offset"].is_u64(), "{r}");
     // Bad input: 400 with the protocol's error shape.
-    for q in ["", "?sub=", "?sub=a%20b", "?sub=alice&ttl=1", "?sub=alice&ttl=99999", "?sub=alice&ttl=x", "?sub=a&room=a.b"] {
+    for q in [
+        "",
+        "?sub=",
+        "?sub=a%20b",
+        "?sub=alice&ttl=1",
+        "?sub=alice&ttl=99999",
+        "?sub=alice&ttl=x",
+        "?sub=a&room=a.b",
+    ] {
         let (status, body) = http_get(&format!("{}/dev/token{q}", dev.http())).await;
         assert_eq!(status, 400, "{q}: {body}");
         let v: Value = serde_json::from_str(&body).unwrap();
@@ -381,7 +405,11 @@ fn two_users_chat_and_a_background_room_counts_unread() {
         &mut [&mut a],
     );
     let png = std::fs::read(&shot).expect("the screenshot was written");
-    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "{}", png.len());
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+        "{}",
+        png.len()
+    );
     println!("screenshot: {}", shot.display());
 }
 

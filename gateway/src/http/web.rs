@@ -43,14 +43,18 @@ pub const DEV_SUB_MAX_LEN: usize = 64;
 
 /// Adds the SDK routes, and in dev mode the demo and token routes.
 pub(super) fn routes(router: Router<Arc<Node>>, dev_mode: bool) -> Router<Arc<Node>> {
-    let r = router
-        .route("/client.js", get(|| async { script(CLIENT_JS) }))
-        .route("/client.d.ts", get(|| async { public(CLIENT_DTS, "application/typescript; charset=utf-8") }));
+    let r = router.route("/client.js", get(|| async { script(CLIENT_JS) })).route(
+        "/client.d.ts",
+        get(|| async { public(CLIENT_DTS, "application/typescript; charset=utf-8") }),
+    );
     if !dev_mode {
         return r;
     }
     r.route("/", get(|| async { page(DEMO_HTML, "text/html; charset=utf-8") }))
-        .route("/demo.js", get(|| async { page(DEMO_JS, "text/javascript; charset=utf-8") }))
+        .route(
+            "/demo.js",
+            get(|| async { page(DEMO_JS, "text/javascript; charset=utf-8") }),
+        )
         .route("/demo.css", get(|| async { page(DEMO_CSS, "text/css; charset=utf-8") }))
         .route("/dev/token", get(dev_token))
 }
@@ -150,9 +154,7 @@ async fn dev_token(State(node): State<Arc<Node>>, query: Result<Query<TokenQuery
         }
     };
     match token {
-        Ok(token) => {
-            json_response(StatusCode::OK, &json!({ "token": token, "expires_in": ttl }))
-        }
+        Ok(token) => json_response(StatusCode::OK, &json!({ "token": token, "expires_in": ttl })),
         Err(e) => {
             tracing::error!(error = %e, "dev token could not be signed");
             let body = json!({ "error": { "code": "internal", "message": "could not sign the token" } });
@@ -162,9 +164,7 @@ async fn dev_token(State(node): State<Arc<Node>>, query: Result<Query<TokenQuery
 }
 
 fn valid_sub(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= DEV_SUB_MAX_LEN
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    !s.is_empty() && s.len() <= DEV_SUB_MAX_LEN && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
 }
 
 fn bad_request(message: &'static str) -> Response {
