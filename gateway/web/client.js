@@ -259,7 +259,10 @@ export class Client {
     for (const r of [...this._pending.values(), ...this._queue]) this._settle(r, closed);
     this._pending.clear();
     this._queue = [];
-    for (const e of this._rooms.values()) this._rejectWaiters(e, closed);
+    for (const e of this._rooms.values()) {
+      clearTimeout(e.timer);
+      this._rejectWaiters(e, closed);
+    }
     this._setState('closed');
   }
 
@@ -659,7 +662,8 @@ export class Client {
       }
       if (e.tokenSource !== undefined) {
         try {
-          entry.token = await this._roomToken(e, false);
+          entry.token = await this._roomToken(e, e.renew === true);
+          e.renew = false;
         } catch (err) {
           this._roomFailed(e, new GatewayError('unauthorized', `room token for ${e.room}: ${err?.message ?? err}`));
           continue;
@@ -769,13 +773,9 @@ export class Client {
     const exp = tokenExpiry(e.roomToken ?? '');
     if (exp === undefined) return;
     const delay = refreshDelay(exp - Date.now() / 1000);
-    e.timer = setTimeout(async () => {
+    e.timer = setTimeout(() => {
       if (this._rooms.get(e.room) !== e) return;
-      try {
-        await this._roomToken(e, true);
-      } catch (err) {
-        this._emit('error', err);
-      }
+      e.renew = true;
       this._toSubscribe.add(e.room);
       this._scheduleFlush();
     }, delay);

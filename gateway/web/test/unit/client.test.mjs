@@ -2,7 +2,7 @@
 // refresh timing and offset tracking (node --test). The Client tests drive it
 // through an in-memory WebSocket stand-in that plays the server's side of
 // docs/protocol.md; the real gateway and browser are in gateway/tests/browser.rs.
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   Client,
@@ -157,6 +157,9 @@ async function until(cond, what) {
   assert.fail(`timed out waiting for ${what}`);
 }
 
+const made = [];
+after(() => made.forEach((c) => c.close()));
+
 function makeClient(extra = {}) {
   const { FakeSocket, sockets } = fakeWebSocket();
   const tokens = [];
@@ -171,6 +174,7 @@ function makeClient(extra = {}) {
     maxDelayMs: 50,
     ...extra,
   });
+  made.push(client);
   return { client, sockets, tokens };
 }
 
@@ -321,5 +325,46 @@ test('the token is refreshed before expiry without a new connection', async () =
   await until(() => refreshed, 'the refresh event');
   assert.equal(refreshed.expiresIn, 300);
   assert.equal(sockets.length, 1);
+  client.close();
+});
+
+test('room tokens: asked per room, renewed before expiry, and once more after the server ends the grant', async () => {
+  const { client, sockets } = makeClient();
+  const jwt = (exp) => `h.${Buffer.from(JSON.stringify({ exp })).toString('base64url')}.s`;
+  const asked = [];
+  const roomToken = async ({ room }) => {
+    asked.push(room);
+    return jwt(Math.floor(Date.now() / 1000) + 1); // renewed after the 1 s floor
+  };
+  client.connect();
+  await until(() => sockets.length === 1, 'a socket');
+  await tick();
+  sockets[0].accept();
+  const done = client.subscribe('team-7', { token: roomToken });
+  await until(() => sockets[0].last('subscribe'), 'subscribe');
+  const first = sockets[0].last('subscribe');
+  assert.equal(first.rooms[0].room, 'team-7');
+  assert.equal(first.rooms[0].token, jwt(tokenExpiry(first.rooms[0].token)));
+  sockets[0].push({ id: first.id, ok: { rooms: [{ room: 'team-7', offset: 4 }] } });
+  await done;
+  // Before the room token expires, the room is subscribed again with a new one.
+  await until(() => sockets[0].sent.filter((f) => f.op === 'subscribe').length === 2, 'the renewal');
+  const renewal = sockets[0].last('subscribe');
+  assert.deepEqual(asked, ['team-7', 'team-7']);
+  assert.equal(renewal.rooms[0].since, 4, 'resumes where it was');
+  sockets[0].push({ id: renewal.id, ok: { rooms: [{ room: 'team-7', offset: 4 }] } });
+  // The server ends the grant: one more try with a fresh token...
+  sockets[0].push({ op: 'unsubscribed', room: 'team-7', error: { code: 'forbidden', message: 'room token expired' } });
+  await until(() => sockets[0].sent.filter((f) => f.op === 'subscribe').length === 3, 'a retry');
+  assert.equal(asked.length, 3);
+  // ...and when that is refused too, the app is told.
+  const gone = [];
+  client.on('unsubscribed', (u) => gone.push(u));
+  const retry = sockets[0].last('subscribe');
+  sockets[0].push({ id: retry.id, ok: { rooms: [{ room: 'team-7', error: { code: 'forbidden', message: 'no' } }] } });
+  await tick();
+  assert.equal(gone.length, 1);
+  assert.equal(gone[0].error.code, 'forbidden');
+  assert.deepEqual(client.rooms(), []);
   client.close();
 });
