@@ -342,6 +342,10 @@ export class Client {
       const err = new GatewayError('closed', `connection closed with ${code}`);
       for (const r of this._queue) this._settle(r, err);
       this._queue = [];
+      for (const e of this._rooms.values()) {
+        clearTimeout(e.timer);
+        this._rejectWaiters(e, err);
+      }
       this._stopped = true;
       this._setState('closed', { code, reason });
       return;
