@@ -85,14 +85,7 @@ fn init_logs(config: &Config) {
 }
 
 async fn run(mut config: Config) -> anyhow::Result<()> {
-    let dev_mode = config.jwt_secret.is_none()
-        && config.jwt_public_keys.is_empty()
-        && config.jwks.is_none()
-        && config.jwt_issuer_keys.is_empty();
-    if dev_mode {
-        let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
-        config.jwt_secret = Some(secret);
-    }
+    let dev_mode = config.enter_dev_mode();
     let node = Node::new(config.clone()).await.context("starting the node")?;
     let listener =
         gateway::http::listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -132,14 +125,28 @@ fn announce_dev_mode(config: &Config, addr: std::net::SocketAddr) {
         Some(86_400),
     )
     .unwrap_or_default();
+    let http = if config.tls_cert.is_some() { "https" } else { "http" };
+    let ws = if config.tls_cert.is_some() { "wss" } else { "ws" };
     tracing::warn!(
-        "DEV MODE: no --jwt-secret, --jwt-public-key or --jwks configured; using a random HS256 secret for this run only"
+        "DEV MODE: no --jwt-secret, --jwt-public-key, --jwks or --jwt-issuer-keys configured; \
+         using a random HS256 secret for this run only; serving the demo page at / and a token \
+         endpoint at /dev/token that mints a token for any user"
     );
+    let exposed = if addr.ip().is_loopback() {
+        String::new()
+    } else {
+        format!(
+            "  WARNING:      {addr} is not a loopback address: anyone who reaches it can mint tokens at /dev/token.\n"
+        )
+    };
     eprintln!(
         "\n  DEV MODE: tokens are signed with a secret made up for this run.\n  \
+         Demo chat:    {http}://{addr}/  (open it in two tabs)\n  \
+         Dev tokens:   {http}://{addr}/dev/token?sub=alice  (any user, every room; off once a key is configured)\n  \
          Get a token:  gateway token --jwt-secret {secret} --sub alice --rooms 'general,team-*'\n  \
          Or use this one (user \"dev\", all rooms, 24 h):\n    {sample}\n  \
-         Connect:      ws://{addr}/ws  then send {{\"id\":1,\"op\":\"connect\",\"token\":\"<token>\"}}\n  \
+         Connect:      {ws}://{addr}/ws  then send {{\"id\":1,\"op\":\"connect\",\"token\":\"<token>\"}}\n  \
+         Client SDK:   {http}://{addr}/client.js  (docs/quickstart.md)\n{exposed}  \
          Production:   set --jwt-secret / --jwt-public-key / --jwks.\n"
     );
 }

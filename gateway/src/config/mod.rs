@@ -68,6 +68,10 @@ pub struct Config {
     pub node_id: String,
     /// HS256 secret. Default none (dev mode when no key at all).
     pub jwt_secret: Option<String>,
+    /// Dev mode: no key was configured, `jwt_secret` is a random secret made
+    /// for this process, and the node serves the demo page (`/`) and the dev
+    /// token endpoint (`/dev/token`). Set only by [`Config::enter_dev_mode`].
+    pub dev_mode: bool,
     /// PEM public keys. Default none.
     pub jwt_public_keys: Vec<PathBuf>,
     /// JWKS file or URL. Default none.
@@ -179,6 +183,30 @@ pub struct Config {
     pub log: String,
 }
 
+impl Config {
+    /// True when no verification key of any kind is configured (no
+    /// `--jwt-secret`, `--jwt-public-key`, `--jwks` or `--jwt-issuer-keys`).
+    pub fn has_no_keys(&self) -> bool {
+        self.jwt_secret.is_none()
+            && self.jwt_public_keys.is_empty()
+            && self.jwks.is_none()
+            && self.jwt_issuer_keys.is_empty()
+    }
+
+    /// Enters dev mode when no key is configured: a random 32-byte HS256
+    /// secret (64 hex digits) for this process only, and `dev_mode` set.
+    /// Returns whether it did; with any key configured nothing changes.
+    pub fn enter_dev_mode(&mut self) -> bool {
+        if !self.has_no_keys() {
+            return false;
+        }
+        let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+        self.jwt_secret = Some(secret);
+        self.dev_mode = true;
+        true
+    }
+}
+
 /// The verifier described by the configuration: options, secret, PEM keys,
 /// `--jwks` and `--jwt-issuer-keys`. Reads files now; JWKS URLs are fetched
 /// once [`Verifier::start`] runs (or on first use).
@@ -240,6 +268,21 @@ mod tests {
         assert_eq!(c.history_size, 1_000);
         assert_eq!(c.auth_timeout, Duration::from_secs(5));
         assert!(c.node_id.starts_with("gw-"));
+        assert!(!c.dev_mode);
+    }
+
+    #[test]
+    fn dev_mode_only_without_any_key() {
+        let mut c = Config::default();
+        assert!(c.enter_dev_mode());
+        assert!(c.dev_mode);
+        assert_eq!(c.jwt_secret.as_ref().map(String::len), Some(64));
+        let mut c = Config::resolve(parse(&["--jwt-secret", "0123456789abcdef0123456789abcdef"])).unwrap();
+        assert!(!c.enter_dev_mode());
+        assert!(!c.dev_mode);
+        let mut c = Config::resolve(parse(&["--jwks", "/etc/keys.json"])).unwrap();
+        assert!(!c.enter_dev_mode());
+        assert!(c.jwt_secret.is_none());
     }
 
     #[test]

@@ -69,7 +69,7 @@ pub struct Opts {
     #[arg(long, env = "GATEWAY_NODE_ID", global = true)]
     pub node_id: Option<String>,
 
-    /// HS256 secret for connection and room tokens. Without any key the node runs in dev mode.
+    /// HS256 secret for connection and room tokens. Without any key the node runs in dev mode (a random secret for this run, the demo chat at / and a token endpoint at /dev/token).
     #[arg(long, env = "GATEWAY_JWT_SECRET", global = true, hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// PEM public key files (RSA, EC or Ed25519), comma-separated.

@@ -65,6 +65,7 @@ impl Config {
             metrics_listen: o.metrics_listen,
             node_id,
             jwt_secret: o.jwt_secret,
+            dev_mode: false,
             jwt_public_keys: o.jwt_public_key.unwrap_or_default(),
             jwks: o.jwks,
             jwt_issuers: o.jwt_issuer.unwrap_or_default(),

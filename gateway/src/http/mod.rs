@@ -1,12 +1,14 @@
 //! The HTTP side of a node: the router (`/ws`, `/healthz`, `/readyz`,
-//! `/metrics`), the listener and the accept loop (`listener`), and the
-//! WebSocket upgrade (`upgrade`). `serve` runs a [`Node`] on a bound
+//! `/metrics`), the listener and the accept loop (`listener`), the
+//! WebSocket upgrade (`upgrade`), and the browser files (`web`: the client
+//! SDK, and in dev mode the demo page and its token endpoint). `serve` runs a [`Node`] on a bound
 //! listener until shutdown and then drains it.
 //!
 //! Owns HTTP only: what a connection does is `conn`, the services are `node`.
 
 mod listener;
 mod upgrade;
+pub mod web;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -45,6 +47,7 @@ pub fn router(node: Arc<Node>) -> Router {
     if node.cfg.metrics_listen.is_none() {
         r = r.route("/metrics", get(metrics_text));
     }
+    r = web::routes(r, node.cfg.dev_mode);
     r.with_state(node)
 }
 
