@@ -123,6 +123,7 @@ impl RoomIndex {
         }
         let delivered = delivered + st.watchers.len();
         st.stats.record(delivered);
+        crate::metrics::fanned_out(msg.arrived(), msg.message().ts);
         delivered
     }
 
@@ -160,6 +161,7 @@ impl RoomIndex {
             }
             let delivered = self.broadcast(st, msg, &mut slow) + st.watchers.len();
             st.stats.record(delivered);
+            crate::metrics::fanned_out(msg.arrived(), msg.message().ts);
             delivered
         })
         .unwrap_or(0)
