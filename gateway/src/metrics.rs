@@ -304,10 +304,12 @@ const US: u64 = 1_000;
 const MS: u64 = 1_000_000;
 
 /// `gateway_fanout_seconds`: per message and node, from the message's arrival
-/// on the node (published here, or received from NATS) to the last local
-/// member's outbox having it queued (the sockets are written after, by the
-/// flushers). Includes waiting for the room's lock and, in cluster mode, time
-/// spent buffered behind a gap.
+/// on the node (a publish on the embedded bus, or a message received from
+/// NATS, before decoding) to the last local member's outbox having it queued
+/// (the sockets are written after, by the flushers). Includes waiting for the
+/// room's lock. Recorded by the bus (`broker`), so the room log's messages
+/// stay as small as they were; messages applied later, after a gap was
+/// repaired, are not observed.
 pub static FANOUT_SECONDS: AtomicHistogram = AtomicHistogram::new(
     "gateway_fanout_seconds",
     "Time from a message's arrival on the node to the last local member queued, per message",
@@ -356,13 +358,13 @@ pub static PUBLISH_DELIVERY_SECONDS: AtomicHistogram = AtomicHistogram::new(
     ],
 );
 
-/// Records one fanned-out message: its fan-out time (since `arrived`) and its
-/// publish-to-delivery time (since `ts_ms`, the publish time in milliseconds
-/// since the Unix epoch; a `ts` in the future counts as 0). Called once per
-/// message per node, after the broadcast.
+/// Records one fanned-out message: its fan-out time (`since_arrival`) and
+/// its publish-to-delivery time (since `ts_ms`, the publish time in
+/// milliseconds since the Unix epoch; a `ts` in the future counts as 0).
+/// Called once per message per node, after the broadcast.
 #[inline]
-pub fn fanned_out(arrived: std::time::Instant, ts_ms: u64) {
-    FANOUT_SECONDS.record(arrived.elapsed());
+pub fn fanned_out(since_arrival: Duration, ts_ms: u64) {
+    FANOUT_SECONDS.record(since_arrival);
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     PUBLISH_DELIVERY_SECONDS.record(now.saturating_sub(Duration::from_millis(ts_ms)));
 }

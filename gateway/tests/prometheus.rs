@@ -135,7 +135,9 @@ async fn prometheus_reads_exact_counts_hot_rooms_other_histograms_and_one_slow_c
     loop {
         publish(&mut publisher, "slow", json!(big)).await;
         flood += 1;
-        if flood % 10 == 0 && metric(&http_get(&metrics_url).await.1, "gateway_slow_closes_total ") == Some(1.0) {
+        if flood.is_multiple_of(10)
+            && metric(&http_get(&metrics_url).await.1, "gateway_slow_closes_total ") == Some(1.0)
+        {
             break;
         }
         assert!(flood < 3_000, "the slow consumer was never closed");

@@ -324,14 +324,14 @@ async fn a_rolling_restart_of_three_gateways_loses_nothing_and_stays_within_the_
 
     // Drain and replace each gateway in turn.
     let restart_started = Instant::now();
-    for i in 0..3 {
-        let url = gateways[i].url.clone();
+    for (i, gateway) in gateways.iter_mut().enumerate() {
+        let url = gateway.url.clone();
         live.write().retain(|u| *u != url);
-        let pid = gateways[i].child.id().to_string();
+        let pid = gateway.child.id().to_string();
         assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
         let t = Instant::now();
         let status = loop {
-            if let Some(s) = gateways[i].child.try_wait().unwrap() {
+            if let Some(s) = gateway.child.try_wait().unwrap() {
                 break s;
             }
             assert!(t.elapsed() < Duration::from_secs(20), "gw-{i} did not finish its drain");
@@ -339,8 +339,8 @@ async fn a_rolling_restart_of_three_gateways_loses_nothing_and_stays_within_the_
         };
         assert!(status.success(), "gw-{i} exited {status}");
         println!("gw-{i} drained in {:.1} s", t.elapsed().as_secs_f64());
-        gateways[i] = start_gateway(&nats, &format!("gw-{i}b"));
-        live.write().push(gateways[i].url.clone());
+        *gateway = start_gateway(&nats, &format!("gw-{i}b"));
+        live.write().push(gateway.url.clone());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let restart_secs = restart_started.elapsed().as_secs_f64();

@@ -20,7 +20,6 @@ pub mod proto;
 
 use std::fmt;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
 use bytes::Bytes;
 use fanout_tree::Weighted;
@@ -195,14 +194,11 @@ struct Encoded {
     msg: Message,
     json: Frame,
     proto: OnceLock<Frame>,
-    /// When this node made it: the start of its fan-out time.
-    arrived: Instant,
 }
 
 impl SharedMessage {
     /// Stores `msg`, encoding its JSON `message` push now.
     pub fn new(mut msg: Message) -> Self {
-        let arrived = Instant::now();
         let json = json::encode(&ServerMsg::Message(&msg));
         // The push ends with `data` verbatim and the closing brace: keep
         // `data` as that slice of the frame (not when it was written as `null`).
@@ -217,14 +213,7 @@ impl SharedMessage {
             msg,
             json,
             proto: OnceLock::new(),
-            arrived,
         }))
-    }
-
-    /// When this node received (or stored) the message, before encoding it:
-    /// `gateway_fanout_seconds` counts from here.
-    pub fn arrived(&self) -> Instant {
-        self.0.arrived
     }
 
     /// The typed message.

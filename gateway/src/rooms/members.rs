@@ -123,7 +123,6 @@ impl RoomIndex {
         }
         let delivered = delivered + st.watchers.len();
         st.stats.record(delivered);
-        crate::metrics::fanned_out(msg.arrived(), msg.message().ts);
         delivered
     }
 
@@ -161,7 +160,6 @@ impl RoomIndex {
             }
             let delivered = self.broadcast(st, msg, &mut slow) + st.watchers.len();
             st.stats.record(delivered);
-            crate::metrics::fanned_out(msg.arrived(), msg.message().ts);
             delivered
         })
         .unwrap_or(0)

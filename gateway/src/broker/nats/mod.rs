@@ -528,6 +528,8 @@ impl NatsBus {
     }
 
     fn on_message(self: &Arc<Self>, room: &RoomId, msg: async_nats::Message) {
+        // Arrival on this node: `gateway_fanout_seconds` counts from here.
+        let arrived = Instant::now();
         let headers = msg.headers.as_ref();
         let get = |name: &str| {
             headers
@@ -541,7 +543,9 @@ impl NatsBus {
         let Some(seq) = get(SEQ) else {
             // Ephemeral: not stored, no offset.
             let msg = encode(room, 0, &env);
-            self.rooms.broadcast_unstored(room, &msg);
+            if self.rooms.broadcast_unstored(room, &msg) > 0 {
+                crate::metrics::fanned_out(arrived.elapsed(), env.ts_ms);
+            }
             return;
         };
         let prev = get(LAST_SEQ).unwrap_or(0);
@@ -552,6 +556,7 @@ impl NatsBus {
             Delivered::Gap(gap) => self.spawn_repair(room.clone(), gap),
             Delivered::Applied { members } => {
                 self.deliveries.increment(members as u64);
+                crate::metrics::fanned_out(arrived.elapsed(), env.ts_ms);
             }
             Delivered::Duplicate | Delivered::Buffered | Delivered::NoRoom => {}
         }
