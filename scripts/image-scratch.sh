@@ -17,14 +17,16 @@ file "$bin" 2>/dev/null || true
 ldd "$bin" 2>&1 | head -1 || true
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
-cp "$bin" "$ctx/gateway"
+# The release profile keeps debug info (for profiling): not in the image.
+strip -o "$ctx/gateway" "$bin"
 cp Containerfile.scratch "$ctx/Containerfile"
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' gateway/Cargo.toml | head -1)
+version=$("$bin" --version | awk '{print $2}')
 commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 b=(buildah --storage-driver vfs)
 "${b[@]}" bud --isolation chroot --build-arg VERSION="$version" --build-arg COMMIT="$commit" \
   -t localhost/gateway:scratch "$ctx"
 "${b[@]}" images localhost/gateway:scratch
+ls -l "$ctx/gateway"
 "${b[@]}" inspect --format '{{.OCIv1.Config.User}} {{.OCIv1.Config.Labels}}' localhost/gateway:scratch
 c=$("${b[@]}" from localhost/gateway:scratch)
 trap '"${b[@]}" rm "$c" >/dev/null; rm -rf "$ctx"' EXIT
