@@ -5,6 +5,7 @@ directory and the venv's bin directory. Prints each check and exits 1 when
 any failed.
 """
 
+import json
 import math
 import os
 import subprocess
@@ -18,7 +19,7 @@ import yaml
 
 CHART, BIN = sys.argv[1], sys.argv[2]
 KUBE_VERSIONS = ["1.30.0", "1.37.0"]  # the chart's minimum (preStop sleep) and the newest schema
-NOT_VALIDATED = {"ServiceMonitor"}  # a CRD: kubernetes-validate has no schema for it
+NOT_VALIDATED = {"ServiceMonitor", "PrometheusRule"}  # CRDs: kubernetes-validate has no schema for them
 
 failures: list[str] = []
 
@@ -32,8 +33,9 @@ def check(ok: bool, what: str) -> None:
 CLUSTER = {
     "replicaCount": 3,
     "nats": {"url": "nats://nats-0.nats:4222,nats://nats-1.nats:4222,nats://nats-2.nats:4222"},
-    "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12},
-    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12, "targetConnectionsPerPod": 15000},
+    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                "dashboard": {"enabled": True}, "prometheusRule": {"enabled": True, "labels": {"release": "prom"}}},
     "jwt": {"existingSecret": "chat-jwt", "existingSecretKey": "hs256", "issuer": ["https://kc/realms/chat"]},
     "drain": {"timeoutMs": 30000, "spreadMs": 10000, "preStopSleepSeconds": 10},
     "updateStrategy": {"maxSurge": "25%"},
@@ -193,6 +195,7 @@ def main() -> int:
         check(env["GATEWAY_JWT_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == d["Secret"][0]["metadata"]["name"],
               "default: GATEWAY_JWT_SECRET comes from that Secret")
         check("HorizontalPodAutoscaler" not in d and "ServiceMonitor" not in d, "default: no HPA, no ServiceMonitor")
+        check("PrometheusRule" not in d, "default: no PrometheusRule, no dashboard ConfigMap")
         check("ConfigMap" not in d and "GATEWAY_CONFIG" not in env, "default: no config file")
     c = rendered.get("cluster", {})
     if c:
@@ -206,13 +209,35 @@ def main() -> int:
         check("replicas" not in dep["spec"], "cluster: replicas left to the HPA")
         hpa = c.get("HorizontalPodAutoscaler", [])
         check(len(hpa) == 1 and hpa[0]["spec"]["maxReplicas"] == 12, "cluster: HPA rendered")
+        hpa_metrics = hpa[0]["spec"]["metrics"] if hpa else []
+        check([m["type"] for m in hpa_metrics] == ["Resource", "Pods"], f"cluster: HPA on CPU and a Pods metric ({hpa_metrics})")
+        pods = hpa_metrics[1]["pods"] if len(hpa_metrics) == 2 else {}
+        check(pods.get("metric") == {"name": "gateway_conns_active"}
+              and pods.get("target") == {"type": "AverageValue", "averageValue": "15000"},
+              f"cluster: HPA target 15000 connections per pod on gateway_conns_active ({pods})")
+        files = os.path.join(os.path.abspath(CHART), "files")
+        with open(os.path.join(files, "alerts.yaml")) as f:
+            rules = yaml.safe_load(f)
+        pr = c.get("PrometheusRule", [])
+        check(len(pr) == 1 and pr[0]["spec"] == rules and pr[0]["metadata"]["labels"].get("release") == "prom",
+              "cluster: PrometheusRule holds files/alerts.yaml exactly, with its labels")
+        alerts = [r["alert"] for g in rules["groups"] for r in g["rules"]]
+        check(len(alerts) == 6 and all(r.get("annotations", {}).get("description", "").count("docs/observability.md")
+                                       for g in rules["groups"] for r in g["rules"]),
+              f"alerts: six, each pointing at its runbook ({alerts})")
+        with open(os.path.join(files, "dashboard.json")) as f:
+            dashboard = json.load(f)
+        dash_cm = [m for m in c.get("ConfigMap", []) if m["metadata"]["name"].endswith("-dashboard")]
+        check(len(dash_cm) == 1 and json.loads(dash_cm[0]["data"]["gateway-dashboard.json"]) == dashboard
+              and dash_cm[0]["metadata"]["labels"].get("grafana_dashboard") == "1",
+              "cluster: dashboard ConfigMap holds files/dashboard.json, labelled for the Grafana sidecar")
         sm = c.get("ServiceMonitor", [])
         check(len(sm) == 1 and sm[0]["spec"]["endpoints"][0]["port"] == "metrics", "cluster: ServiceMonitor on the metrics port")
         check("Secret" not in c, "cluster: existingSecret, so no Secret created")
         ref = env["GATEWAY_JWT_SECRET"]["valueFrom"]["secretKeyRef"]
         check(ref == {"name": "chat-jwt", "key": "hs256"}, f"cluster: JWT secret from the existing Secret ({ref})")
         check(dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == "25%", "cluster: maxSurge from values")
-        toml_text = c["ConfigMap"][0]["data"]["gateway.toml"]
+        toml_text = next(m for m in c["ConfigMap"] if "gateway.toml" in m.get("data", {}))["data"]["gateway.toml"]
         try:
             cfg = tomllib.loads(toml_text)
         except tomllib.TOMLDecodeError as e:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace, then the Autobahn WebSocket conformance
-# suite and the Helm chart checks. Installs what the tests need first
-# (nats-server, autobahntestsuite, the embedded Helm and validators, into
-# .tools/; Node 22, playwright-core and typescript into .tools/web and
-# Debian's chromium for the browser client's tests), so it works on a fresh
+# suite, the Helm chart checks, the alert rules (promtool) and the Dockerfile
+# lint. Installs what the tests need first (nats-server, autobahntestsuite,
+# the embedded Helm and validators, hadolint into .tools/; Node 22,
+# playwright-core and typescript into .tools/web; Debian's chromium for the
+# browser client's tests and Debian's prometheus package for Prometheus and
+# promtool), so it works on a fresh
 # machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +14,9 @@ export NATS_SERVER
 # The browser client's tests (gateway/tests/browser.rs) run this too; here it
 # installs up front, with its output in the open.
 scripts/ensure-web.sh >/dev/null
+# A real Prometheus for gateway/tests/prometheus.rs (fails there if missing).
+PROMETHEUS="$(scripts/ensure-prometheus.sh)/prometheus"
+export PROMETHEUS
 cargo test --workspace --all-targets "$@"
 # WebSocket conformance of the gateway's own framing (Autobahn|Testsuite,
 # about 2 minutes with the install); skipped when test filters were given.
@@ -19,4 +24,8 @@ if [ $# -eq 0 ]; then
   scripts/autobahn.sh
   # The Helm chart, offline: lint, render, schema-validate, drain facts.
   helm/test.sh
+  # Alert rules: promtool check rules, and a unit test of every alert.
+  helm/promtool.sh
+  # Dockerfile and Containerfile.scratch: hadolint, warnings fail.
+  scripts/lint-dockerfile.sh
 fi

@@ -146,9 +146,17 @@ impl Bus {
     /// member sees.
     pub async fn publish(&self, rooms: &RoomIndex, msg: Outgoing<'_>) -> Result<Published, BusError> {
         match self {
-            Bus::Embedded => rooms
-                .publish(msg.room, msg.from, msg.data, msg.key, now_ms(), Instant::now())
-                .map_err(BusError::Room),
+            Bus::Embedded => {
+                // Arrival on this node: `gateway_fanout_seconds` counts from here.
+                let (arrived, ts) = (Instant::now(), now_ms());
+                let p = rooms
+                    .publish(msg.room, msg.from, msg.data, msg.key, ts, arrived)
+                    .map_err(BusError::Room)?;
+                if p.fresh {
+                    crate::metrics::fanned_out(arrived.elapsed(), ts);
+                }
+                Ok(p)
+            }
             Bus::Nats(n) => n.publish(msg).await,
         }
     }

@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 
+use crate::broker::Bus;
 use crate::metrics;
 use crate::node::{DrainReport, Node, drain};
 use crate::rooms;
@@ -62,13 +63,18 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 async fn metrics_text(State(node): State<Arc<Node>>) -> Response {
     let m = &node.metrics;
     m.conns_active.set(node.conns_active() as f64);
+    m.conns_limit.set(node.cfg.max_connections as f64);
     m.rooms_active.set(node.rooms.len() as f64);
     // The flushers count in their own atomics (no metric call per write).
     let flushed = node.rooms.flushers().stats();
     m.flusher_writes_total.absolute(flushed.writes);
     m.flusher_frames_total.absolute(flushed.frames);
     m.flusher_handoffs_total.absolute(flushed.handoffs);
+    if let Bus::Nats(n) = &node.bus {
+        metrics::nats_connected(n.is_connected());
+    }
     let mut text = metrics::prometheus().render();
+    metrics::render_histograms(&mut text);
     if node.cfg.room_metrics_top > 0 {
         // Room names are user data (`dm:alice:bob`): only operator-listed
         // patterns are shown by name, everything else is summed in `_other`.

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod prometheus;
 
 use std::collections::VecDeque;
 use std::future::Future;

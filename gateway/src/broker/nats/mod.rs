@@ -154,6 +154,8 @@ pub struct NatsBus {
     stop: CancellationToken,
     /// The node's `gateway_deliveries_total` handle (no lookup per message).
     deliveries: metrics::Counter,
+    /// `gateway_jetstream_publish_seconds`.
+    publish_seconds: metrics::Histogram,
 }
 
 /// The connection state, written by the NATS event callback: transitions
@@ -173,12 +175,16 @@ impl LinkState {
         match event {
             async_nats::Event::Connected => {
                 tracing::info!("NATS connected");
-                self.connected.store(true, Ordering::Relaxed);
+                if !self.connected.swap(true, Ordering::Relaxed) {
+                    crate::metrics::nats_reconnected();
+                }
                 self.reconnected.notify_one();
             }
             async_nats::Event::Disconnected => {
                 tracing::warn!("NATS disconnected; durable publishes answer unavailable until it is back");
-                self.connected.store(false, Ordering::Relaxed);
+                if self.connected.swap(false, Ordering::Relaxed) {
+                    crate::metrics::nats_disconnected();
+                }
             }
             async_nats::Event::Closed => {
                 tracing::debug!("NATS connection closed");
@@ -309,7 +315,9 @@ impl NatsBus {
             tasks,
             stop,
             deliveries,
+            publish_seconds: crate::metrics::jetstream_publish_seconds(),
         });
+        crate::metrics::nats_registered();
         // Resyncs run one at a time in this task; reconnects during one are
         // coalesced into one more pass.
         let weak = Arc::downgrade(&bus);
@@ -399,6 +407,9 @@ impl NatsBus {
     /// Publishes: durable rooms are acknowledged only once stored.
     pub async fn publish(&self, msg: Outgoing<'_>) -> Result<Published, BusError> {
         if !self.is_connected() {
+            if !self.is_ephemeral(msg.room) {
+                crate::metrics::jetstream_publish_failed("not_connected");
+            }
             return Err(BusError::unavailable(UnavailableKind::NotConnected));
         }
         let payload = Envelope {
@@ -434,9 +445,19 @@ impl NatsBus {
                 .map_err(BusError::nats(UnavailableKind::Publish))?;
             fut.await.map_err(BusError::nats(UnavailableKind::Publish))
         };
-        let ack = tokio::time::timeout(self.cfg.publish_timeout, ack)
-            .await
-            .map_err(|_| BusError::Timeout)??;
+        let started = Instant::now();
+        let ack = match tokio::time::timeout(self.cfg.publish_timeout, ack).await {
+            Ok(Ok(ack)) => ack,
+            Ok(Err(e)) => {
+                crate::metrics::jetstream_publish_failed("error");
+                return Err(e);
+            }
+            Err(_) => {
+                crate::metrics::jetstream_publish_failed("timeout");
+                return Err(BusError::Timeout);
+            }
+        };
+        self.publish_seconds.record(started.elapsed().as_secs_f64());
         if self.rooms.is_live(msg.room) {
             self.expected
                 .entry(msg.room.clone())
@@ -507,6 +528,8 @@ impl NatsBus {
     }
 
     fn on_message(self: &Arc<Self>, room: &RoomId, msg: async_nats::Message) {
+        // Arrival on this node: `gateway_fanout_seconds` counts from here.
+        let arrived = Instant::now();
         let headers = msg.headers.as_ref();
         let get = |name: &str| {
             headers
@@ -520,7 +543,9 @@ impl NatsBus {
         let Some(seq) = get(SEQ) else {
             // Ephemeral: not stored, no offset.
             let msg = encode(room, 0, &env);
-            self.rooms.broadcast_unstored(room, &msg);
+            if self.rooms.broadcast_unstored(room, &msg) > 0 {
+                crate::metrics::fanned_out(arrived.elapsed(), env.ts_ms);
+            }
             return;
         };
         let prev = get(LAST_SEQ).unwrap_or(0);
@@ -531,6 +556,7 @@ impl NatsBus {
             Delivered::Gap(gap) => self.spawn_repair(room.clone(), gap),
             Delivered::Applied { members } => {
                 self.deliveries.increment(members as u64);
+                crate::metrics::fanned_out(arrived.elapsed(), env.ts_ms);
             }
             Delivered::Duplicate | Delivered::Buffered | Delivered::NoRoom => {}
         }

@@ -7,6 +7,7 @@ use super::room_for;
 use crate::conn::session::Session;
 use crate::conn::shared::bus_error;
 use crate::error::{CloseReason, ProtoError};
+use crate::metrics;
 use crate::model::RoomId;
 use crate::protocol::{Codec, ReplyBody, ServerMsg};
 use crate::rooms::HistoryPage;
@@ -38,9 +39,15 @@ impl Session<'_> {
         };
         let limit = (limit.unwrap_or(50) as usize).min(self.node.cfg.history_page_max);
         let (messages, more) = match self.node.rooms.history(&room, before, limit) {
-            HistoryPage::Messages { messages, more } => (messages, more),
+            HistoryPage::Messages { messages, more } => {
+                metrics::history_page("cache");
+                (messages, more)
+            }
             HistoryPage::NeedsBackend => match self.node.bus.history(&room, before, limit).await {
-                Ok(page) => page,
+                Ok(page) => {
+                    metrics::history_page("stream");
+                    page
+                }
                 Err(e) => return self.reply_err(Some(id), &bus_error(&e)),
             },
         };
