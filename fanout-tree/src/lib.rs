@@ -17,7 +17,9 @@ pub mod flush;
 pub mod group;
 pub mod outbox;
 pub mod plan;
+pub mod tree;
 
 pub use flush::{FlushStats, Flusher, Flushers};
 pub use group::MemberSet;
 pub use outbox::{DirectWrite, Drained, Flushed, Outbox, OutboxLimits, PushError, Pushed, Weighted, Wire};
+pub use tree::{TreeConfig, TreeStats, TreeTier};

@@ -152,10 +152,10 @@ pub struct Opts {
     #[arg(long, env = "GATEWAY_ALLOW_NO_ORIGIN", global = true)]
     pub allow_no_origin: Option<bool>,
 
-    /// Room size (members) at which a room fans out through the tiered tree. Reserved by the operator contract: accepted and checked, no effect yet (the tiered fan-out is not built; the node warns at start) [default: 10000].
+    /// Local members of a room (per codec) above which this node splits the room's fan-out into member shards that run on all cores in parallel; at or below it the room fans out inline on one core [default: 10000].
     #[arg(long, env = "GATEWAY_TREE_THRESHOLD", global = true)]
     pub tree_threshold: Option<usize>,
-    /// Fan-out per node of the tiered tree. Reserved like --tree-threshold: no effect yet, the node warns at start [default: 16].
+    /// The node tier's fan-out: a room split at --tree-threshold gets this many shards, and no shard ever holds more than ceil(threshold / degree) members (bigger rooms get more shards); 2 to --tree-threshold [default: 16].
     #[arg(long, env = "GATEWAY_TREE_DEGREE", global = true)]
     pub tree_degree: Option<usize>,
     /// Flusher tasks writing room messages to sockets; a room's members are spread over them (0 = one per CPU core) [default: 0].

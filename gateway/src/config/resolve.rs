@@ -34,11 +34,14 @@ impl Config {
             "json" => LogFormat::Json,
             other => return Err(invalid("log_format", format!("{other:?} is not text or json"))),
         };
-        let tree_degree = o.tree_degree.unwrap_or(16);
-        if tree_degree < 2 {
-            return Err(invalid("tree_degree", "must be at least 2"));
-        }
         let tree_threshold = positive("tree_threshold", o.tree_threshold, 10_000)?;
+        let tree_degree = o.tree_degree.unwrap_or(16);
+        if tree_degree < 2 || tree_degree > tree_threshold {
+            return Err(invalid(
+                "tree_degree",
+                "must be at least 2 and at most --tree-threshold (a shard holds at least one member)",
+            ));
+        }
         let mut room_metrics_rooms = Vec::new();
         for p in o.room_metrics_rooms.iter().flatten() {
             let valid = !p.is_empty()
@@ -478,16 +481,6 @@ fn warnings(o: &Opts) -> Vec<String> {
                     "{name} applies only in cluster mode (--nats); it has no effect here"
                 ));
             }
-        }
-    }
-    for (name, given) in [
-        ("tree_threshold", o.tree_threshold.is_some()),
-        ("tree_degree", o.tree_degree.is_some()),
-    ] {
-        if given {
-            out.push(format!(
-                "{name} is reserved for the tiered fan-out, which is not built yet: it has no effect"
-            ));
         }
     }
     out

@@ -10,6 +10,7 @@ mod upgrade;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::State;
@@ -65,6 +66,12 @@ async fn metrics_text(State(node): State<Arc<Node>>) -> Response {
     m.flusher_writes_total.absolute(flushed.writes);
     m.flusher_frames_total.absolute(flushed.frames);
     m.flusher_handoffs_total.absolute(flushed.handoffs);
+    let tree = node.rooms.tree_stats();
+    m.tree_shard_runs_total.absolute(tree.batches.load(Ordering::Relaxed));
+    m.tree_deliveries_total
+        .absolute(tree.deliveries.load(Ordering::Relaxed));
+    m.tree_overruns_total.absolute(tree.overruns.load(Ordering::Relaxed));
+    m.tree_shards.set(tree.shards.load(Ordering::Relaxed) as f64);
     let mut text = metrics::prometheus().render();
     if node.cfg.room_metrics_top > 0 {
         // Room names are user data (`dm:alice:bob`): only operator-listed
