@@ -136,6 +136,7 @@ impl Node {
                 publish_timeout: cfg.publish_timeout,
                 connect_timeout: cfg.nats_connect_timeout,
                 ignore_discovered: cfg.nats_ignore_discovered,
+                js_domain: cfg.nats_js_domain.clone(),
             };
             Bus::Nats(
                 NatsBus::start(

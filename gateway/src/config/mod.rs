@@ -108,6 +108,8 @@ pub struct Config {
     pub nats_connect_timeout: Duration,
     /// Default false.
     pub nats_ignore_discovered: bool,
+    /// JetStream domain (`$JS.<domain>.API`); default none.
+    pub nats_js_domain: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// Allowed origins; empty = any.

@@ -136,6 +136,9 @@ pub struct Opts {
     /// Connect only to the --nats URLs, never to servers the cluster announces (NATS behind a load balancer or NAT) [default: false].
     #[arg(long, env = "GATEWAY_NATS_IGNORE_DISCOVERED", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub nats_ignore_discovered: Option<bool>,
+    /// JetStream domain of the streams, for a node connected to a NATS leaf node whose JetStream runs in the hub cluster (JetStream API requests go to $JS.<DOMAIN>.API) [default: none: the local account's JetStream].
+    #[arg(long, env = "GATEWAY_NATS_JS_DOMAIN", global = true)]
+    pub nats_js_domain: Option<String>,
     /// How long the node waits for NATS at start, ms [default: 10000].
     #[arg(long, env = "GATEWAY_NATS_CONNECT_TIMEOUT_MS", global = true)]
     pub nats_connect_timeout_ms: Option<u64>,
@@ -367,6 +370,7 @@ impl Opts {
             publish_timeout_ms,
             nats_connect_timeout_ms,
             nats_ignore_discovered,
+            nats_js_domain,
             tls_cert,
             tls_key,
             allowed_origins,

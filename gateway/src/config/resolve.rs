@@ -89,6 +89,7 @@ impl Config {
             room_linger: ms(o.room_linger_ms, 5_000),
             publish_timeout: cluster.publish_timeout,
             nats_ignore_discovered: o.nats_ignore_discovered.unwrap_or(false),
+            nats_js_domain: cluster.nats_js_domain,
             nats_connect_timeout: cluster.nats_connect_timeout,
             tls_cert: o.tls_cert,
             tls_key: o.tls_key,
@@ -140,6 +141,7 @@ struct Cluster {
     ephemeral_prefixes: Vec<String>,
     publish_timeout: Duration,
     nats_connect_timeout: Duration,
+    nats_js_domain: Option<String>,
 }
 
 impl Cluster {
@@ -170,6 +172,15 @@ impl Cluster {
         if nats_partitions > 1024 {
             return Err(invalid("nats_partitions", "at most 1024"));
         }
+        let nats_js_domain = o.nats_js_domain.clone();
+        if let Some(d) = &nats_js_domain
+            && (d.is_empty() || !d.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        {
+            return Err(invalid(
+                "nats_js_domain",
+                "must be letters, digits, _ or - (one subject token, as in nats-server's jetstream.domain)",
+            ));
+        }
         let ephemeral_prefixes = o.ephemeral_prefixes.clone().unwrap_or_default();
         if ephemeral_prefixes.iter().any(String::is_empty) {
             return Err(invalid(
@@ -179,6 +190,7 @@ impl Cluster {
         }
         Ok(Cluster {
             nats,
+            nats_js_domain,
             nats_prefix,
             nats_partitions,
             nats_replicas: positive("nats_replicas", o.nats_replicas, 1)?,
@@ -474,6 +486,7 @@ fn warnings(o: &Opts) -> Vec<String> {
             ("publish_timeout_ms", o.publish_timeout_ms.is_some()),
             ("nats_connect_timeout_ms", o.nats_connect_timeout_ms.is_some()),
             ("nats_ignore_discovered", o.nats_ignore_discovered.is_some()),
+            ("nats_js_domain", o.nats_js_domain.is_some()),
         ];
         for (name, given) in cluster_only {
             if given {
