@@ -60,6 +60,14 @@ pub struct Metrics {
     pub flusher_writes_total: Counter,
     pub flusher_frames_total: Counter,
     pub flusher_handoffs_total: Counter,
+    /// The node tier (rooms above `--tree-threshold`): shard runs (a task
+    /// took one shard's waiting messages), deliveries queued by shards, and
+    /// shards that fell more than the outbox frame cap behind.
+    pub tree_shard_runs_total: Counter,
+    pub tree_deliveries_total: Counter,
+    pub tree_overruns_total: Counter,
+    /// Shards of split rooms on the node now.
+    pub tree_shards: Gauge,
 }
 
 impl Metrics {
@@ -88,6 +96,10 @@ impl Metrics {
             flusher_writes_total: counter!("gateway_flusher_writes_total"),
             flusher_frames_total: counter!("gateway_flusher_frames_total"),
             flusher_handoffs_total: counter!("gateway_flusher_handoffs_total"),
+            tree_shard_runs_total: counter!("gateway_tree_shard_runs_total"),
+            tree_deliveries_total: counter!("gateway_tree_deliveries_total"),
+            tree_overruns_total: counter!("gateway_tree_overruns_total"),
+            tree_shards: gauge!("gateway_tree_shards"),
         }
     }
 

@@ -99,6 +99,14 @@ impl Node {
         let rooms = Arc::new(RoomIndex::new(
             RoomLimits {
                 fanout_shards: cfg.fanout_shards,
+                tree: fanout_tree::TreeConfig {
+                    limits: fanout_tree::plan::Limits {
+                        tree_threshold: cfg.tree_threshold,
+                        tree_degree: cfg.tree_degree,
+                    },
+                    // A shard that far behind has members past their frame cap.
+                    max_queue: cfg.outbox_max_frames,
+                },
                 history_size: cfg.history_size,
                 history_max_bytes: cfg.history_max_bytes,
                 dedup_window: cfg.dedup_window,
@@ -128,6 +136,7 @@ impl Node {
                 publish_timeout: cfg.publish_timeout,
                 connect_timeout: cfg.nats_connect_timeout,
                 ignore_discovered: cfg.nats_ignore_discovered,
+                js_domain: cfg.nats_js_domain.clone(),
             };
             Bus::Nats(
                 NatsBus::start(

@@ -249,7 +249,7 @@ fn configuration_doc_lists_every_option() {
 
 /// Issue 11: a flag that silently does nothing misleads an operator. Options
 /// that apply only in cluster mode are reported at start when given without
-/// `--nats`, and so are the reserved tree options.
+/// `--nats`; the tree options have an effect now and are not reported.
 #[test]
 fn options_without_effect_are_reported_at_start() {
     let p = spawn(&[
@@ -264,8 +264,8 @@ fn options_without_effect_are_reported_at_start() {
     ]);
     // Warnings come before the listening line, which `spawn` waited for.
     let log = p.stderr.join("");
-    for name in ["nats_partitions", "room_linger_ms", "tree_threshold"] {
+    for name in ["nats_partitions", "room_linger_ms"] {
         assert!(log.contains(name), "{name} not reported: {log}");
     }
-    assert!(!log.contains("tree_degree"), "{log}");
+    assert!(!log.contains("tree_threshold"), "{log}");
 }

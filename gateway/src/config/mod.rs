@@ -112,19 +112,23 @@ pub struct Config {
     pub nats_connect_timeout: Duration,
     /// Default false.
     pub nats_ignore_discovered: bool,
+    /// JetStream domain (`$JS.<domain>.API`); default none.
+    pub nats_js_domain: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// Allowed origins; empty = any.
     pub allowed_origins: Vec<String>,
     /// Allow upgrades without Origin. Default true.
     pub allow_no_origin: bool,
-    /// Default 10,000 members. Reserved: read by nothing yet.
+    /// Local members of a room (per codec) above which its fan-out is split
+    /// into shards across cores. Default 10,000 members.
     pub tree_threshold: usize,
-    /// Default 16. Reserved: read by nothing yet.
+    /// Shards of a room split at the threshold; a shard holds at most
+    /// `ceil(tree_threshold / tree_degree)` members. Default 16.
     pub tree_degree: usize,
     /// What the operator should know about the options given: settings that
     /// have no effect in this configuration (cluster-only options without
-    /// `--nats`, the reserved tree options). Logged at start.
+    /// `--nats`). Logged at start.
     pub warnings: Vec<String>,
     /// Flushers; default one per CPU core.
     pub fanout_shards: usize,

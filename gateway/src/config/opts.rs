@@ -136,6 +136,9 @@ pub struct Opts {
     /// Connect only to the --nats URLs, never to servers the cluster announces (NATS behind a load balancer or NAT) [default: false].
     #[arg(long, env = "GATEWAY_NATS_IGNORE_DISCOVERED", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub nats_ignore_discovered: Option<bool>,
+    /// JetStream domain of the streams, for a node connected to a NATS leaf node whose JetStream runs in the hub cluster (JetStream API requests go to $JS.<DOMAIN>.API) [default: none: the local account's JetStream].
+    #[arg(long, env = "GATEWAY_NATS_JS_DOMAIN", global = true)]
+    pub nats_js_domain: Option<String>,
     /// How long the node waits for NATS at start, ms [default: 10000].
     #[arg(long, env = "GATEWAY_NATS_CONNECT_TIMEOUT_MS", global = true)]
     pub nats_connect_timeout_ms: Option<u64>,
@@ -152,10 +155,10 @@ pub struct Opts {
     #[arg(long, env = "GATEWAY_ALLOW_NO_ORIGIN", global = true)]
     pub allow_no_origin: Option<bool>,
 
-    /// Room size (members) at which a room fans out through the tiered tree. Reserved by the operator contract: accepted and checked, no effect yet (the tiered fan-out is not built; the node warns at start) [default: 10000].
+    /// Local members of a room (per codec) above which this node splits the room's fan-out into member shards that run on all cores in parallel; at or below it the room fans out inline on one core [default: 10000].
     #[arg(long, env = "GATEWAY_TREE_THRESHOLD", global = true)]
     pub tree_threshold: Option<usize>,
-    /// Fan-out per node of the tiered tree. Reserved like --tree-threshold: no effect yet, the node warns at start [default: 16].
+    /// The node tier's fan-out: a room split at --tree-threshold gets this many shards, and no shard ever holds more than ceil(threshold / degree) members (bigger rooms get more shards); 2 to --tree-threshold [default: 16].
     #[arg(long, env = "GATEWAY_TREE_DEGREE", global = true)]
     pub tree_degree: Option<usize>,
     /// Flusher tasks writing room messages to sockets; a room's members are spread over them (0 = one per CPU core) [default: 0].
@@ -367,6 +370,7 @@ impl Opts {
             publish_timeout_ms,
             nats_connect_timeout_ms,
             nats_ignore_discovered,
+            nats_js_domain,
             tls_cert,
             tls_key,
             allowed_origins,

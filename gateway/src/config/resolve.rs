@@ -34,11 +34,14 @@ impl Config {
             "json" => LogFormat::Json,
             other => return Err(invalid("log_format", format!("{other:?} is not text or json"))),
         };
-        let tree_degree = o.tree_degree.unwrap_or(16);
-        if tree_degree < 2 {
-            return Err(invalid("tree_degree", "must be at least 2"));
-        }
         let tree_threshold = positive("tree_threshold", o.tree_threshold, 10_000)?;
+        let tree_degree = o.tree_degree.unwrap_or(16);
+        if tree_degree < 2 || tree_degree > tree_threshold {
+            return Err(invalid(
+                "tree_degree",
+                "must be at least 2 and at most --tree-threshold (a shard holds at least one member)",
+            ));
+        }
         let mut room_metrics_rooms = Vec::new();
         for p in o.room_metrics_rooms.iter().flatten() {
             let valid = !p.is_empty()
@@ -87,6 +90,7 @@ impl Config {
             room_linger: ms(o.room_linger_ms, 5_000),
             publish_timeout: cluster.publish_timeout,
             nats_ignore_discovered: o.nats_ignore_discovered.unwrap_or(false),
+            nats_js_domain: cluster.nats_js_domain,
             nats_connect_timeout: cluster.nats_connect_timeout,
             tls_cert: o.tls_cert,
             tls_key: o.tls_key,
@@ -138,6 +142,7 @@ struct Cluster {
     ephemeral_prefixes: Vec<String>,
     publish_timeout: Duration,
     nats_connect_timeout: Duration,
+    nats_js_domain: Option<String>,
 }
 
 impl Cluster {
@@ -168,6 +173,15 @@ impl Cluster {
         if nats_partitions > 1024 {
             return Err(invalid("nats_partitions", "at most 1024"));
         }
+        let nats_js_domain = o.nats_js_domain.clone();
+        if let Some(d) = &nats_js_domain
+            && (d.is_empty() || !d.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        {
+            return Err(invalid(
+                "nats_js_domain",
+                "must be letters, digits, _ or - (one subject token, as in nats-server's jetstream.domain)",
+            ));
+        }
         let ephemeral_prefixes = o.ephemeral_prefixes.clone().unwrap_or_default();
         if ephemeral_prefixes.iter().any(String::is_empty) {
             return Err(invalid(
@@ -177,6 +191,7 @@ impl Cluster {
         }
         Ok(Cluster {
             nats,
+            nats_js_domain,
             nats_prefix,
             nats_partitions,
             nats_replicas: positive("nats_replicas", o.nats_replicas, 1)?,
@@ -472,6 +487,7 @@ fn warnings(o: &Opts) -> Vec<String> {
             ("publish_timeout_ms", o.publish_timeout_ms.is_some()),
             ("nats_connect_timeout_ms", o.nats_connect_timeout_ms.is_some()),
             ("nats_ignore_discovered", o.nats_ignore_discovered.is_some()),
+            ("nats_js_domain", o.nats_js_domain.is_some()),
         ];
         for (name, given) in cluster_only {
             if given {
@@ -479,16 +495,6 @@ fn warnings(o: &Opts) -> Vec<String> {
                     "{name} applies only in cluster mode (--nats); it has no effect here"
                 ));
             }
-        }
-    }
-    for (name, given) in [
-        ("tree_threshold", o.tree_threshold.is_some()),
-        ("tree_degree", o.tree_degree.is_some()),
-    ] {
-        if given {
-            out.push(format!(
-                "{name} is reserved for the tiered fan-out, which is not built yet: it has no effect"
-            ));
         }
     }
     out

@@ -12,6 +12,7 @@ pub mod web;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::State;
@@ -73,6 +74,12 @@ async fn metrics_text(State(node): State<Arc<Node>>) -> Response {
     if let Bus::Nats(n) = &node.bus {
         metrics::nats_connected(n.is_connected());
     }
+    let tree = node.rooms.tree_stats();
+    m.tree_shard_runs_total.absolute(tree.batches.load(Ordering::Relaxed));
+    m.tree_deliveries_total
+        .absolute(tree.deliveries.load(Ordering::Relaxed));
+    m.tree_overruns_total.absolute(tree.overruns.load(Ordering::Relaxed));
+    m.tree_shards.set(tree.shards.load(Ordering::Relaxed) as f64);
     let mut text = metrics::prometheus().render();
     metrics::render_histograms(&mut text);
     if node.cfg.room_metrics_top > 0 {

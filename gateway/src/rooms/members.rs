@@ -167,8 +167,10 @@ impl RoomIndex {
     /// Offers `msg` to the room's members, each codec's frame shared by all
     /// of its members (the protobuf one made on the first broadcast that has
     /// protobuf members), and hands the outboxes that need writing to the
-    /// flushers.
-    pub(super) fn broadcast(&self, st: &RoomState, msg: &SharedMessage, slow: &mut Vec<ConnId>) -> usize {
+    /// flushers. A codec's members above `--tree-threshold` are split into
+    /// shards that queue and write on all worker threads ([`fanout_tree::tree`]):
+    /// then this only hands the frame to each shard.
+    pub(super) fn broadcast(&self, st: &mut RoomState, msg: &SharedMessage, slow: &mut Vec<ConnId>) -> usize {
         // One list per thread, reused: no allocation per message.
         thread_local! {
             static SCHEDULE: RefCell<Vec<Arc<Outbox<Frame>>>> = const { RefCell::new(Vec::new()) };
@@ -176,10 +178,14 @@ impl RoomIndex {
         SCHEDULE.with_borrow_mut(|schedule| {
             let mut delivered = 0;
             if !st.members.is_empty() {
-                delivered += st.members.broadcast(msg.frame(Codec::Json), slow, schedule);
+                delivered += st
+                    .members
+                    .broadcast_tiered(msg.frame(Codec::Json), &self.tree, slow, schedule);
             }
             if !st.proto_members.is_empty() {
-                delivered += st.proto_members.broadcast(msg.frame(Codec::Proto), slow, schedule);
+                delivered += st
+                    .proto_members
+                    .broadcast_tiered(msg.frame(Codec::Proto), &self.tree, slow, schedule);
             }
             self.flushers.schedule(schedule);
             if schedule.capacity() > 1 << 16 {

@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use fanout_tree::{Flushers, MemberSet, Outbox};
+use fanout_tree::{Flushers, MemberSet, Outbox, TreeConfig, TreeTier};
 use parking_lot::Mutex;
 
 pub use crate::model::{ConnId, RoomId};
@@ -79,6 +79,9 @@ pub struct RoomLimits {
     pub max_pending: usize,
     /// Flushers writing broadcast frames (one per core is the default).
     pub fanout_shards: usize,
+    /// When a room's fan-out is split into shards across cores, and how
+    /// (`--tree-threshold`, `--tree-degree`).
+    pub tree: TreeConfig,
 }
 
 /// Who assigns offsets: this node's log (embedded) or the cluster's streams.
@@ -317,22 +320,31 @@ pub struct RoomIndex {
     mode: LogMode,
     /// Write broadcast frames to members' sockets (run by the node).
     flushers: Flushers<Frame>,
+    /// The node tier: big rooms' fan-out split into shards across cores.
+    tree: TreeTier,
 }
 
 impl RoomIndex {
     pub fn new(limits: RoomLimits, mode: LogMode) -> Self {
         let shards = limits.fanout_shards;
+        let tree = TreeTier::new(limits.tree);
         Self {
             rooms: DashMap::default(),
             count: AtomicUsize::new(0),
             limits,
             mode,
             flushers: Flushers::new(shards),
+            tree,
         }
     }
 
     pub fn flushers(&self) -> &Flushers<Frame> {
         &self.flushers
+    }
+
+    /// The node tier's counters (split rooms' shard runs).
+    pub fn tree_stats(&self) -> &fanout_tree::TreeStats {
+        &self.tree.stats
     }
 
     /// Rooms with state on this node.
@@ -582,6 +594,7 @@ mod tests {
     fn limits(history: usize) -> RoomLimits {
         RoomLimits {
             fanout_shards: 1,
+            tree: TreeConfig::default(),
             history_size: history,
             history_max_bytes: 1 << 20,
             dedup_window: Duration::from_secs(60),

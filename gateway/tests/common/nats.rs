@@ -34,6 +34,8 @@ pub struct Server {
     pub port: u16,
     pub monitor: u16,
     cluster_port: u16,
+    /// Port for leaf node connections (hub servers only).
+    pub leaf_port: Option<u16>,
     config: PathBuf,
     child: Option<Child>,
 }
@@ -126,13 +128,23 @@ impl Cluster {
     /// `sync_always`: fsync every write (`sync_interval: always`) or the
     /// server's default interval.
     pub async fn start_with(n: usize, sync_always: bool) -> Self {
+        Self::start_opts(n, sync_always, None).await
+    }
+
+    /// A hub cluster for leaf nodes: JetStream in `domain`, and a leaf node
+    /// listener on every server ([`Leaf::start`] connects to them).
+    pub async fn start_hub(n: usize, domain: &str) -> Self {
+        Self::start_opts(n, true, Some(domain)).await
+    }
+
+    async fn start_opts(n: usize, sync_always: bool, domain: Option<&str>) -> Self {
         // A free port can be taken by another process's outgoing connection
         // before nats-server binds it; then that server exits. Start again on
         // new ports (bounded).
         let mut slot = Some(CLUSTER_SLOTS.acquire().await.expect("never closed"));
         for attempt in 1..=4 {
             let Some(permit) = slot.take() else { break };
-            let mut c = Self::spawn_all(n, sync_always, permit);
+            let mut c = Self::spawn_all(n, sync_always, domain, permit);
             tokio::time::sleep(Duration::from_millis(300)).await;
             if c.servers.iter_mut().all(Server::alive) {
                 c.wait_ready().await;
@@ -146,15 +158,21 @@ impl Cluster {
         panic!("nats-server cluster did not start in 4 attempts");
     }
 
-    fn spawn_all(n: usize, sync_always: bool, slot: tokio::sync::SemaphorePermit<'static>) -> Self {
+    fn spawn_all(
+        n: usize,
+        sync_always: bool,
+        domain: Option<&str>,
+        slot: tokio::sync::SemaphorePermit<'static>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let ports = free_ports(3 * n);
+        let ports = free_ports(4 * n);
         let mut servers: Vec<Server> = (0..n)
             .map(|i| Server {
                 name: format!("n{}", i + 1),
-                port: ports[3 * i],
-                monitor: ports[3 * i + 1],
-                cluster_port: ports[3 * i + 2],
+                port: ports[4 * i],
+                monitor: ports[4 * i + 1],
+                cluster_port: ports[4 * i + 2],
+                leaf_port: domain.map(|_| ports[4 * i + 3]),
                 config: dir.path().join(format!("n{}.conf", i + 1)),
                 child: None,
             })
@@ -174,17 +192,26 @@ impl Cluster {
             } else {
                 String::new()
             };
+            let (js_domain, leaf) = match (domain, s.leaf_port) {
+                (Some(d), Some(p)) => (
+                    format!(", domain: {d}"),
+                    format!("leafnodes {{ listen: \"127.0.0.1:{p}\" }}\n"),
+                ),
+                _ => (String::new(), String::new()),
+            };
             let conf = format!(
                 "server_name: {}\nlisten: \"127.0.0.1:{}\"\nhttp: \"127.0.0.1:{}\"\n\
                  log_file: \"{}\"\n\
-                 jetstream {{ store_dir: \"{}\"{} }}\n{}\n",
+                 jetstream {{ store_dir: \"{}\"{}{} }}\n{}\n{}",
                 s.name,
                 s.port,
                 s.monitor,
                 s.log().display(),
                 store.display(),
                 if sync_always { ", sync_interval: always" } else { "" },
-                cluster
+                js_domain,
+                cluster,
+                leaf
             );
             std::fs::write(&s.config, conf).unwrap();
         }
@@ -242,6 +269,89 @@ impl Cluster {
             }
         }
         all
+    }
+}
+
+/// A NATS leaf node (no JetStream of its own) connected to every server of a
+/// hub cluster started with [`Cluster::start_hub`]: the regional tier.
+pub struct Leaf {
+    pub server: Server,
+    _dir: tempfile::TempDir,
+}
+
+impl Leaf {
+    pub async fn start(name: &str, hub: &Cluster) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = free_ports(2);
+        let mut server = Server {
+            name: name.to_string(),
+            port: ports[0],
+            monitor: ports[1],
+            cluster_port: 0,
+            leaf_port: None,
+            config: dir.path().join(format!("{name}.conf")),
+            child: None,
+        };
+        let remotes: Vec<String> = hub
+            .servers
+            .iter()
+            .filter_map(|s| s.leaf_port)
+            .map(|p| format!("\"nats-leaf://127.0.0.1:{p}\""))
+            .collect();
+        let conf = format!(
+            "server_name: {name}\nlisten: \"127.0.0.1:{}\"\nhttp: \"127.0.0.1:{}\"\n\
+             log_file: \"{}\"\nleafnodes {{ reconnect: 1, remotes: [ {{ urls: [{}] }} ] }}\n",
+            server.port,
+            server.monitor,
+            server.log().display(),
+            remotes.join(", ")
+        );
+        std::fs::write(&server.config, conf).unwrap();
+        server.spawn();
+        let leaf = Self { server, _dir: dir };
+        leaf.wait_connected().await;
+        leaf
+    }
+
+    /// Waits until the leaf node is up and connected to the hub.
+    pub async fn wait_connected(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.leafz().await.is_some_and(|v| v["leafnodes"].as_u64() == Some(1)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "leaf node {} not connected in 30 s; its log ends with:\n{}",
+                self.server.name,
+                self.server.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `/leafz` of the leaf node (its connection to the hub, with counters).
+    pub async fn leafz(&self) -> Option<Value> {
+        let (code, body) = http_get(self.server.monitor, "/leafz").await?;
+        (code == 200).then(|| serde_json::from_str(&body).unwrap())
+    }
+
+    /// Messages the leaf node received from the hub and sent to it so far.
+    pub async fn link_msgs(&self) -> (u64, u64) {
+        let v = self.leafz().await.expect("leafz");
+        let link = &v["leafs"][0];
+        (link["in_msgs"].as_u64().unwrap(), link["out_msgs"].as_u64().unwrap())
+    }
+
+    /// kill -9.
+    pub fn stop(&mut self) {
+        self.server.kill();
+    }
+
+    /// The same process again after [`Leaf::stop`] (same ports, same config).
+    pub async fn start_again(&mut self) {
+        self.server.spawn();
+        self.wait_connected().await;
     }
 }
 

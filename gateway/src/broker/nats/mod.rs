@@ -88,6 +88,9 @@ pub struct ClusterConfig {
     pub connect_timeout: Duration,
     /// Connect only to `urls`, never to servers the cluster announces.
     pub ignore_discovered: bool,
+    /// The JetStream domain of the streams (a node behind a leaf node whose
+    /// JetStream runs in the hub): API requests go to `$JS.<domain>.API`.
+    pub js_domain: Option<String>,
 }
 
 /// Why cluster mode could not start.
@@ -140,7 +143,8 @@ pub struct NatsBus {
     rooms: Arc<RoomIndex>,
     cfg: ClusterConfig,
     streams: Vec<stream::Stream>,
-    /// The direct-get subject of each stream (`$JS.API.DIRECT.GET.<stream>`).
+    /// The direct-get subject of each stream (`$JS.API.DIRECT.GET.<stream>`,
+    /// `$JS.<domain>.API...` with a JetStream domain).
     direct_get: Vec<String>,
     links: DashMap<RoomId, Arc<RoomLink>>,
     /// Offsets acknowledged to local publishers, not yet seen on the fan-out
@@ -242,6 +246,14 @@ fn header_safe(s: &str, out: &mut String) {
     }
 }
 
+/// The JetStream API prefix: `$JS.API`, or `$JS.<domain>.API`.
+fn js_api_prefix(cfg: &ClusterConfig) -> String {
+    match &cfg.js_domain {
+        Some(domain) => format!("$JS.{domain}.API"),
+        None => "$JS.API".to_string(),
+    }
+}
+
 /// The `Nats-Msg-Id` of a publish with `key` by `from` (the publisher's
 /// `sub`) in `room`: `<room>/<from>/<key>`, each part escaped, so keys of
 /// different users or rooms never collide in the stream's de-duplication.
@@ -291,14 +303,17 @@ impl NatsBus {
             .connect(cfg.urls.as_slice())
             .await
             .map_err(|source| ClusterError::Connect { urls, source })?;
-        let mut js = jetstream::new(client.clone());
+        let mut js = match &cfg.js_domain {
+            Some(domain) => jetstream::with_domain(client.clone(), domain),
+            None => jetstream::new(client.clone()),
+        };
         js.set_timeout(cfg.publish_timeout);
         let mut streams = Vec::with_capacity(cfg.partitions as usize);
         for p in 0..cfg.partitions {
             streams.push(ensure_stream(&js, &cfg, p).await?);
         }
         let direct_get = (0..cfg.partitions)
-            .map(|p| format!("$JS.API.DIRECT.GET.{}", stream_name(&cfg, p)))
+            .map(|p| format!("{}.DIRECT.GET.{}", js_api_prefix(&cfg), stream_name(&cfg, p)))
             .collect();
         let (linger, pool) = linger_pool(cfg.linger, LINGER_QUEUE);
         let bus = Arc::new(Self {
@@ -640,7 +655,18 @@ mod tests {
             publish_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             ignore_discovered: false,
+            js_domain: None,
         }
+    }
+
+    #[test]
+    fn a_js_domain_moves_the_api_subjects() {
+        assert_eq!(js_api_prefix(&cfg()), "$JS.API");
+        let hub = ClusterConfig {
+            js_domain: Some("hub".into()),
+            ..cfg()
+        };
+        assert_eq!(js_api_prefix(&hub), "$JS.hub.API");
     }
 
     #[test]
