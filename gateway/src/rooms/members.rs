@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use fanout_tree::{Outbox, Weighted};
+use fanout_tree::{MemberSet, Outbox, Weighted};
 use parking_lot::Mutex;
 
 use super::{ConnId, ConnOutbox, Entry, Frame, RoomIndex, RoomState, SharedMessage};
@@ -23,6 +23,10 @@ pub enum Member<'a> {
     Full(&'a ConnOutbox),
     /// The same on `gw.v1.proto`.
     FullProto(&'a ConnOutbox),
+    /// Every message, compressed (`permessage-deflate` with the full
+    /// window): the frame compressed once per node for every such member
+    /// of `codec`.
+    Deflated { outbox: &'a ConnOutbox, codec: Codec },
     /// Only coalesced `activity` pushes (`mode: notify`, background rooms).
     Notify(&'a Arc<Activity>),
     /// Holds the room (its state, its bus subscription) while the connection
@@ -101,6 +105,50 @@ impl Activity {
     }
 }
 
+/// The slot of a codec's compressed members in `RoomState::deflated`.
+fn deflated_slot(codec: Codec) -> usize {
+    match codec {
+        Codec::Json => 0,
+        Codec::Proto => 1,
+    }
+}
+
+impl RoomState {
+    /// Members that get every message, of every kind.
+    pub(super) fn full_len(&self) -> usize {
+        let deflated = self.deflated.as_ref().map_or(0, |d| d[0].len() + d[1].len());
+        self.members.len() + self.proto_members.len() + deflated
+    }
+
+    /// Adds a member that negotiated compression.
+    pub(super) fn insert_deflated(&mut self, conn: ConnId, outbox: &ConnOutbox, codec: Codec) {
+        self.deflated.get_or_insert_default()[deflated_slot(codec)].insert(conn, outbox.clone());
+    }
+
+    /// Removes `conn` from the members that get every message; true if it
+    /// was one. The compressed members' sets go once the last one left.
+    pub(super) fn remove_full(&mut self, conn: ConnId) -> bool {
+        let mut was = self.members.remove(conn) | self.proto_members.remove(conn);
+        if let Some(d) = &mut self.deflated {
+            was |= d[0].remove(conn) | d[1].remove(conn);
+            if d.iter().all(MemberSet::is_empty) {
+                self.deflated = None;
+            }
+        }
+        was
+    }
+
+    /// Closes every member that gets every message as a slow consumer;
+    /// returns how many.
+    pub(super) fn abort_full(&self) -> usize {
+        let deflated = self
+            .deflated
+            .as_ref()
+            .map_or(0, |d| d[0].abort_all() + d[1].abort_all());
+        self.members.abort_all() + self.proto_members.abort_all() + deflated
+    }
+}
+
 impl RoomIndex {
     pub(super) fn append_and_broadcast(
         &self,
@@ -128,8 +176,9 @@ impl RoomIndex {
 
     /// Offers `msg` to the room's members, each codec's frame shared by all
     /// of its members (the protobuf one made on the first broadcast that has
-    /// protobuf members), and hands the outboxes that need writing to the
-    /// flushers.
+    /// protobuf members, a compressed one on the first that has compressed
+    /// members of that codec), and hands the outboxes that need writing to
+    /// the flushers.
     pub(super) fn broadcast(&self, st: &RoomState, msg: &SharedMessage, slow: &mut Vec<ConnId>) -> usize {
         // One list per thread, reused: no allocation per message.
         thread_local! {
@@ -142,6 +191,14 @@ impl RoomIndex {
             }
             if !st.proto_members.is_empty() {
                 delivered += st.proto_members.broadcast(msg.frame(Codec::Proto), slow, schedule);
+            }
+            if let Some(d) = &st.deflated {
+                for codec in [Codec::Json, Codec::Proto] {
+                    let set = &d[deflated_slot(codec)];
+                    if !set.is_empty() {
+                        delivered += set.broadcast(msg.deflated_frame(codec), slow, schedule);
+                    }
+                }
             }
             self.flushers.schedule(schedule);
             if schedule.capacity() > 1 << 16 {
@@ -163,5 +220,109 @@ impl RoomIndex {
             delivered
         })
         .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use fanout_tree::{Drained, OutboxLimits};
+
+    use super::*;
+    use crate::model::ConnId;
+    use crate::rooms::{Catchup, LogMode, RoomLimits};
+    use crate::transport::deflate::{self, MIN_COMPRESS};
+
+    fn outbox() -> ConnOutbox {
+        Arc::new(Outbox::new(OutboxLimits::default()))
+    }
+
+    async fn one_frame(ob: &ConnOutbox) -> Frame {
+        let mut out = VecDeque::new();
+        assert_eq!(ob.drain(&mut out).await, Drained::Frames);
+        assert_eq!(out.len(), 1);
+        out.pop_front().unwrap()
+    }
+
+    /// Issue 17: a room message is compressed once per node and codec,
+    /// however many members negotiated `permessage-deflate`; they, and a
+    /// joiner's catch-up, share the compressed bytes; members without
+    /// compression get the plain frame; a short message is not compressed.
+    #[tokio::test]
+    async fn a_message_is_deflated_once_for_every_compressed_member_and_catchup() {
+        let idx = RoomIndex::new(
+            RoomLimits {
+                fanout_shards: 1,
+                history_size: 100,
+                history_max_bytes: 1 << 20,
+                dedup_window: Duration::from_secs(60),
+                dedup_max_keys: 100,
+                max_rooms: 10,
+                max_pending: 4,
+            },
+            LogMode::Authoritative,
+        );
+        let r = RoomId::parse("r").unwrap();
+        let plain = outbox();
+        idx.join(&r, ConnId(1000), Member::Full(&plain), None).unwrap();
+        let members: Vec<ConnOutbox> = (0..50).map(|_| outbox()).collect();
+        for (i, ob) in members.iter().enumerate() {
+            let member = Member::Deflated {
+                outbox: ob,
+                codec: Codec::Json,
+            };
+            idx.join(&r, ConnId(i as u64), member, None).unwrap();
+        }
+        assert_eq!(idx.members(&r), 51);
+        let text = format!(r#"{{"text":"{}"}}"#, "hello chat room, ".repeat(12));
+        let before = deflate::tests::compressions();
+        idx.publish(&r, "alice", &Bytes::from(text.clone()), None, 1, Instant::now())
+            .unwrap();
+        assert_eq!(deflate::tests::compressions(), before + 1, "once for 50 members");
+
+        let plain_frame = one_frame(&plain).await;
+        assert!(!plain_frame.is_compressed());
+        let mut shared = std::collections::HashSet::new();
+        for ob in &members {
+            let f = one_frame(ob).await;
+            assert!(f.is_compressed());
+            shared.insert(f.wire().as_ptr());
+            let inflated = deflate::inflate(f.as_bytes(), 1 << 20).unwrap();
+            assert_eq!(inflated, plain_frame.as_bytes());
+        }
+        assert_eq!(shared.len(), 1, "every compressed member holds the same bytes");
+        assert!(!shared.contains(&plain_frame.wire().as_ptr()));
+
+        // A joiner's catch-up is that same frame: nothing compressed anew.
+        let joiner = outbox();
+        let member = Member::Deflated {
+            outbox: &joiner,
+            codec: Codec::Json,
+        };
+        let j = idx.join(&r, ConnId(77), member, Some(0)).unwrap();
+        let Some((1, Some(Catchup::Messages { messages, .. }))) = j.at else {
+            panic!("{:?}", j.at);
+        };
+        let again = messages[0].deflated_frame(Codec::Json);
+        assert!(shared.contains(&again.wire().as_ptr()));
+        assert_eq!(deflate::tests::compressions(), before + 1);
+
+        // A short message goes out plain, to compressed members too.
+        idx.publish(&r, "bob", &Bytes::from_static(b"1"), None, 2, Instant::now())
+            .unwrap();
+        assert_eq!(deflate::tests::compressions(), before + 1);
+        let f = one_frame(&members[0]).await;
+        assert!(!f.is_compressed() && f.as_bytes().len() < MIN_COMPRESS);
+
+        // Leaving: the compressed members' sets go with the last one.
+        for i in 0..50 {
+            idx.leave(&r, ConnId(i));
+        }
+        idx.leave(&r, ConnId(77));
+        assert_eq!(idx.members(&r), 1);
+        idx.with_existing(&r, |st| assert!(st.deflated.is_none())).unwrap();
     }
 }

@@ -151,6 +151,10 @@ struct RoomState {
     members: MemberSet<ConnId, Frame>,
     /// Members on `gw.v1.proto`: each message is encoded once for all of them.
     proto_members: MemberSet<ConnId, Frame>,
+    /// Members that negotiated `permessage-deflate`, by codec (JSON,
+    /// protobuf): each message is compressed once for all of them. Made by
+    /// the first such member.
+    deflated: Option<Box<[MemberSet<ConnId, Frame>; 2]>>,
     /// Members in notify mode.
     watchers: HashMap<ConnId, Arc<Activity>>,
     /// Connections that hold the room while they wait on the broker
@@ -186,10 +190,7 @@ struct RoomState {
 
 impl RoomState {
     fn has_members(&self) -> bool {
-        !self.members.is_empty()
-            || !self.proto_members.is_empty()
-            || !self.watchers.is_empty()
-            || !self.joining.is_empty()
+        self.full_len() > 0 || !self.watchers.is_empty() || !self.joining.is_empty()
     }
 
     /// Removes `conn` from the connections holding the room while joining.
@@ -199,7 +200,7 @@ impl RoomState {
 
     /// Publishes the member count to the room's counters after a change.
     fn count_members(&self) {
-        let n = self.members.len() + self.proto_members.len() + self.watchers.len();
+        let n = self.full_len() + self.watchers.len();
         self.stats.members.store(n, Ordering::Relaxed);
     }
 
@@ -208,6 +209,7 @@ impl RoomState {
         Self {
             members: MemberSet::default(),
             proto_members: MemberSet::default(),
+            deflated: None,
             watchers: HashMap::new(),
             joining: HashSet::default(),
             log: VecDeque::new(),
@@ -306,7 +308,7 @@ impl RoomIndex {
     pub fn members(&self, room: &RoomId) -> usize {
         self.get(room).map_or(0, |r| {
             let st = r.state.lock();
-            st.members.len() + st.proto_members.len() + st.watchers.len()
+            st.full_len() + st.watchers.len()
         })
     }
 
@@ -398,10 +400,15 @@ impl RoomIndex {
                     st.proto_members.insert(conn, outbox.clone());
                     since
                 }
+                Member::Deflated { outbox, codec } => {
+                    st.stop_joining(conn);
+                    st.watchers.remove(&conn);
+                    st.insert_deflated(conn, outbox, codec);
+                    since
+                }
                 Member::Notify(activity) => {
                     st.stop_joining(conn);
-                    st.members.remove(conn);
-                    st.proto_members.remove(conn);
+                    st.remove_full(conn);
                     st.watchers.insert(conn, activity.clone());
                     // Notify mode pushes no messages, so there is no catch-up.
                     None
@@ -440,7 +447,7 @@ impl RoomIndex {
             return Transition::Unchanged;
         };
         let mut st = r.state.lock();
-        let was_member = st.members.remove(conn) | st.proto_members.remove(conn);
+        let was_member = st.remove_full(conn);
         let was_watcher = st.watchers.remove(&conn).is_some();
         let was_joining = st.stop_joining(conn);
         st.count_members();
