@@ -35,6 +35,8 @@ async fn main() -> std::io::Result<()> {
 }
 
 async fn serve(mut tcp: TcpStream) -> std::io::Result<()> {
+    // As the gateway's listener does: no Nagle delay on small echoes.
+    tcp.set_nodelay(true)?;
     // The handshake, by hand: read the request head, answer 101.
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
