@@ -228,26 +228,31 @@ async fn compressed_pushes_replies_and_history_pages_read_back_as_the_plain_ones
     for i in 0..3 {
         publisher.publish("dfl", chat(i)).await;
     }
-    publisher.publish("dfl", json!(1)).await;
     for i in 0..3 {
         let (push, compressed) = c.next_json().await;
         assert!(compressed, "a ~200-byte push is compressed");
         assert_eq!(push, plain.next_push().await);
         assert_eq!(push["data"], chat(i));
     }
-    let (push, compressed) = c.next_json().await;
-    assert!(!compressed, "a short push is sent as it is: {push}");
-    assert_eq!(push["data"], 1);
+    // Frames under 64 bytes (`ping`'s pong and reply) are sent as they are.
+    c.send(&text(r#"{"op":"ping","id":5}"#, false)).await;
+    loop {
+        let (f, compressed) = c.next_json().await;
+        assert!(!compressed, "{f}");
+        if f["id"] == 5 {
+            break;
+        }
+    }
 
     // A history page is one large reply: compressed, same content.
     c.send(&text(r#"{"op":"history","id":3,"room":"dfl","limit":10}"#, false))
         .await;
     let (page, compressed) = c.next_json().await;
-    assert!(compressed);
+    assert!(compressed, "{page}");
     let mut want = plain.request(json!({"op":"history","room":"dfl","limit":10})).await;
     want["id"] = json!(3);
     assert_eq!(page, want);
-    assert_eq!(page["ok"]["messages"].as_array().unwrap().len(), 4);
+    assert_eq!(page["ok"]["messages"].as_array().unwrap().len(), 3);
 
     // Catch-up after a reconnect comes compressed as well.
     let mut again = Raw::open(&addr, Some(BROWSER_OFFER)).await;

@@ -37,16 +37,15 @@ pub const MAX_WINDOW_BITS: u8 = 15;
 /// Smallest window a client may ask of the server (RFC 7692 section 7.1.2).
 const MIN_WINDOW_BITS: u8 = 8;
 
-/// Payloads shorter than this are sent uncompressed. Measured on JSON
-/// `message` pushes of chat text (see `docs/benchmarks.md`): below ~120
-/// bytes deflate saves a few bytes at best (its block header and the
-/// literals' Huffman codes eat the gain), above it a push shrinks by 10-25 %
-/// and a page of history or a subscribe reply by 70-90 %.
-pub const MIN_COMPRESS: usize = 128;
+/// Payloads shorter than this are sent uncompressed. Measured on this
+/// protocol's frames (`docs/benchmarks.md`): replies under ~60 bytes come
+/// out of deflate as long or longer (`{"id":4,"ok":{"offset":131}}`: 28 ->
+/// 30 bytes), while the smallest `message` push (~96 bytes, empty `data`)
+/// already shrinks by ~12 % and a 200-byte chat message's push by ~33 %.
+pub const MIN_COMPRESS: usize = 64;
 
-/// The compression level (zlib's 1-9). Level 6 costs ~2x level 1's CPU and
-/// gives 5-10 % smaller frames; it is paid once per message per node (not
-/// per member), and once per reply.
+/// The compression level (zlib's 1-9). The default: paid once per room
+/// message per node (not per member) and once per reply.
 const LEVEL: u32 = 6;
 
 /// The 4 bytes a sync flush ends with; RFC 7692 section 7.2.1 removes them
