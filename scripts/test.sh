@@ -2,7 +2,7 @@
 # Runs every test of the workspace, then the Autobahn WebSocket conformance
 # suite, the Helm chart checks, the alert rules (promtool) and the Dockerfile
 # lint. Installs what the tests need first (nats-server, autobahntestsuite,
-# the embedded Helm and validators, hadolint into .tools/; Node 22,
+# the embedded Helm and validators, hadolint and Node.js 22 for tests/compression.rs into .tools/; Node 22,
 # playwright-core and typescript into .tools/web; Debian's chromium for the
 # browser client's tests and Debian's prometheus package for Prometheus and
 # promtool), so it works on a fresh
@@ -17,9 +17,13 @@ scripts/ensure-web.sh >/dev/null
 # A real Prometheus for gateway/tests/prometheus.rs (fails there if missing).
 PROMETHEUS="$(scripts/ensure-prometheus.sh)/prometheus"
 export PROMETHEUS
+# Node.js 22's global WebSocket: the client of tests/compression.rs.
+NODE=$(scripts/ensure-node.sh)
+export NODE
 cargo test --workspace --all-targets "$@"
-# WebSocket conformance of the gateway's own framing (Autobahn|Testsuite,
-# about 2 minutes with the install); skipped when test filters were given.
+# WebSocket conformance of the gateway's own framing and compression
+# (Autobahn|Testsuite, about 12 minutes with 12.x/13.x, plus the install);
+# skipped when test filters were given.
 if [ $# -eq 0 ]; then
   scripts/autobahn.sh
   # The Helm chart, offline: lint, render, schema-validate, drain facts.

@@ -3,11 +3,15 @@
 //! message comes back as it came (text as text, binary as binary), pings
 //! are answered, and the connection is closed with the code the framing
 //! error earns (1002 protocol, 1007 bad UTF-8, 1009 too large).
+//! `permessage-deflate` is negotiated as the gateway does it
+//! (`gateway::transport::deflate::negotiate`): echoes are compressed the
+//! way the gateway compresses its frames (Autobahn 12.x and 13.x).
 //!
 //! `cargo run --release -p gateway --example ws_echo -- 127.0.0.1:9001`
 
 use std::collections::VecDeque;
 
+use gateway::transport::deflate;
 use gateway::transport::ws::{self, Frame, Incoming, ReadError, Reader};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -31,6 +35,8 @@ async fn main() -> std::io::Result<()> {
 }
 
 async fn serve(mut tcp: TcpStream) -> std::io::Result<()> {
+    // As the gateway's listener does: no Nagle delay on small echoes.
+    tcp.set_nodelay(true)?;
     // The handshake, by hand: read the request head, answer 101.
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
@@ -41,21 +47,27 @@ async fn serve(mut tcp: TcpStream) -> std::io::Result<()> {
         head.push(byte[0]);
     }
     let head = String::from_utf8_lossy(&head);
-    let key = head
-        .lines()
-        .find_map(|l| {
+    let header = |wanted: &'static str| {
+        head.lines().filter_map(move |l| {
             let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("sec-websocket-key")
-                .then(|| value.trim().to_string())
+            name.trim().eq_ignore_ascii_case(wanted).then(|| value.trim())
         })
-        .unwrap_or_default();
+    };
+    let key = header("sec-websocket-key").next().unwrap_or_default().to_string();
+    let negotiated = deflate::negotiate(header("sec-websocket-extensions"));
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let (r, mut w) = tcp.split();
+    let extensions = negotiated
+        .as_ref()
+        .map(|(_, v)| format!("Sec-WebSocket-Extensions: {v}\r\n"))
+        .unwrap_or_default();
     let response = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{extensions}\r\n"
     );
+    let compress = negotiated.map(|(d, _)| d);
     tokio::io::AsyncWriteExt::write_all(&mut w, response.as_bytes()).await?;
     let mut reader = Reader::new(r, MAX_MESSAGE, &[]);
+    reader.set_deflate(compress.is_some());
     loop {
         let reply = match reader.next().await {
             Ok(Incoming::Text(t)) => Frame::text(String::from_utf8(t.to_vec()).expect("checked UTF-8")),
@@ -82,6 +94,7 @@ async fn serve(mut tcp: TcpStream) -> std::io::Result<()> {
                 return Ok(());
             }
         };
+        let reply = reply.deflated_or_plain(compress);
         ws::write_all(&mut w, &mut VecDeque::from([reply])).await?;
     }
 }

@@ -108,6 +108,7 @@ pub async fn run(args: &CalibrateArgs) -> Result<CalibrateReport> {
         addr,
         host: addr.to_string(),
         path: "/".into(),
+        deflate: false,
     };
     let rec = Recorder::shared();
     let mut tasks = Vec::new();

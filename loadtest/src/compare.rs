@@ -2,7 +2,10 @@
 //! its WebSocket listener) pinned to one CPU with `taskset`, runs the fan-out,
 //! idle and storm scenarios against each in turn with this process (which
 //! `compare.sh` pins to the other CPU), and prints one side-by-side table
-//! with the gateway's advantage as a ratio.
+//! with the gateway's advantage as a ratio. The `-deflate` systems are the
+//! same servers with WebSocket compression: every client offers
+//! `permessage-deflate` and inflates what comes compressed, nats-server runs
+//! with `compression: true` in its `websocket` block.
 //!
 //! Every scenario gets a freshly started server, so peak-memory figures
 //! (VmHWM) and RSS baselines belong to that scenario alone. Servers are
@@ -28,6 +31,20 @@ use crate::tokens::Alg;
 pub enum System {
     Nats,
     Gateway,
+    #[value(name = "nats-deflate")]
+    NatsDeflate,
+    #[value(name = "gateway-deflate")]
+    GatewayDeflate,
+}
+
+impl System {
+    fn is_gateway(self) -> bool {
+        matches!(self, System::Gateway | System::GatewayDeflate)
+    }
+
+    fn deflate(self) -> bool {
+        matches!(self, System::NatsDeflate | System::GatewayDeflate)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -110,7 +127,7 @@ async fn start(system: System, args: &CompareArgs, secret: &str, tag: &str) -> R
     let port = free_port()?;
     let log = std::fs::File::create(args.out.join(format!("{tag}.log")))?;
     let (mut cmd, url, target) = match system {
-        System::Gateway => {
+        System::Gateway | System::GatewayDeflate => {
             let mut c = pinned(&args.server_cpus, &args.gateway_bin);
             c.arg("--listen")
                 .arg(format!("127.0.0.1:{port}"))
@@ -120,12 +137,13 @@ async fn start(system: System, args: &CompareArgs, secret: &str, tag: &str) -> R
             c.args(args.gateway_args.split_whitespace());
             (c, format!("ws://127.0.0.1:{port}/ws"), Target::GwJson)
         }
-        System::Nats => {
+        System::Nats | System::NatsDeflate => {
             let conf = args.out.join(format!("{tag}.conf"));
+            let compression = if system.deflate() { "  compression: true\n" } else { "" };
             std::fs::write(
                 &conf,
                 format!(
-                    "host: 127.0.0.1\nport: -1\nwebsocket {{\n  listen: \"127.0.0.1:{port}\"\n  no_tls: true\n}}\n"
+                    "host: 127.0.0.1\nport: -1\nwebsocket {{\n  listen: \"127.0.0.1:{port}\"\n  no_tls: true\n{compression}}}\n"
                 ),
             )?;
             let mut c = pinned(&args.server_cpus, &args.nats_bin);
@@ -164,7 +182,7 @@ async fn ready(system: System, port: u16) -> bool {
     let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
         return false;
     };
-    if system == System::Nats {
+    if !system.is_gateway() {
         return true;
     }
     let req = format!("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
@@ -187,14 +205,19 @@ struct Row {
     metric: String,
     higher_is_better: bool,
     unit: &'static str,
-    nats: Option<f64>,
-    gateway: Option<f64>,
+    /// The figure per system (by name).
+    values: std::collections::BTreeMap<&'static str, f64>,
     limit_note: String,
 }
 
 impl Row {
-    fn advantage(&self) -> Option<f64> {
-        let (n, g) = (self.nats?, self.gateway?);
+    fn get(&self, s: System) -> Option<f64> {
+        self.values.get(system_name(s)).copied()
+    }
+
+    /// `gateway` over `nats` (or the inverse where lower is better).
+    fn advantage(&self, nats: System, gateway: System) -> Option<f64> {
+        let (n, g) = (self.get(nats)?, self.get(gateway)?);
         if self.higher_is_better {
             (n > 0.0).then(|| g / n)
         } else {
@@ -227,7 +250,7 @@ pub async fn run(args: &CompareArgs) -> Result<()> {
     for &scenario in &args.scenarios {
         for &system in &args.systems {
             let name = format!("{}-{}", scenario_name(scenario), system_name(system));
-            if system == System::Gateway && !gateway_present {
+            if system.is_gateway() && !gateway_present {
                 eprintln!("== {name}: skipped, {} not built", args.gateway_bin.display());
                 continue;
             }
@@ -247,6 +270,7 @@ pub async fn run(args: &CompareArgs) -> Result<()> {
                 source_ips: 0,
                 connect_concurrency: 200,
                 connect_timeout_secs: 30.0,
+                deflate: system.deflate(),
             };
             let value = match scenario {
                 Scenario::Fanout1k | Scenario::Fanout10k => {
@@ -433,7 +457,7 @@ pub async fn run(args: &CompareArgs) -> Result<()> {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
-    let table = render(&rows, gateway_present);
+    let table = render(&rows, &args.systems);
     println!("\n{table}");
     println!(
         "total run time {:.0} s; results in {}",
@@ -496,9 +520,8 @@ fn push(
         }
     };
     let r = &mut rows[i];
-    match system {
-        System::Nats => r.nats = v,
-        System::Gateway => r.gateway = v,
+    if let Some(v) = v {
+        r.values.insert(system_name(system), v);
     }
     if !note.is_empty() {
         if !r.limit_note.is_empty() {
@@ -508,28 +531,38 @@ fn push(
     }
 }
 
-fn render(rows: &[Row], gateway_present: bool) -> String {
-    let mut t = String::from(
-        "| scenario | metric | nats-server ws | gateway | gateway advantage | what limited it |\n|---|---|---|---|---|---|\n",
-    );
+fn render(rows: &[Row], systems: &[System]) -> String {
+    let pairs: Vec<(System, System)> = [
+        (System::Nats, System::Gateway),
+        (System::NatsDeflate, System::GatewayDeflate),
+    ]
+    .into_iter()
+    .filter(|(n, g)| systems.contains(n) && systems.contains(g))
+    .collect();
+    let mut t = String::from("| scenario | metric |");
+    for s in systems {
+        t.push_str(&format!(" {} |", system_name(*s)));
+    }
+    for (n, g) in &pairs {
+        t.push_str(&format!(" {} vs {} |", system_name(*g), system_name(*n)));
+    }
+    t.push_str(" what limited it |\n|---|---|");
+    t.push_str(&"---|".repeat(systems.len() + pairs.len() + 1));
+    t.push('\n');
     for r in rows {
-        let gw = if gateway_present || r.gateway.is_some() {
-            fmt(r.gateway, r.unit)
-        } else {
-            "pending".into()
-        };
-        let adv = if r.unit == "cores" {
-            "-".into()
-        } else {
-            r.advantage().map_or("-".into(), |a| format!("{a:.2}x"))
-        };
-        t.push_str(&format!(
-            "| {} | {} | {} | {gw} | {adv} | {} |\n",
-            r.scenario,
-            r.metric,
-            fmt(r.nats, r.unit),
-            r.limit_note
-        ));
+        t.push_str(&format!("| {} | {} |", r.scenario, r.metric));
+        for s in systems {
+            t.push_str(&format!(" {} |", fmt(r.get(*s), r.unit)));
+        }
+        for (n, g) in &pairs {
+            let adv = if r.unit == "cores" {
+                "-".into()
+            } else {
+                r.advantage(*n, *g).map_or("-".into(), |a| format!("{a:.2}x"))
+            };
+            t.push_str(&format!(" {adv} |"));
+        }
+        t.push_str(&format!(" {} |\n", r.limit_note));
     }
     t
 }
@@ -547,5 +580,7 @@ fn system_name(s: System) -> &'static str {
     match s {
         System::Nats => "nats",
         System::Gateway => "gateway",
+        System::NatsDeflate => "nats-deflate",
+        System::GatewayDeflate => "gateway-deflate",
     }
 }

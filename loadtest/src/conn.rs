@@ -10,11 +10,13 @@
 //! traffic (WebSocket ping, NATS `PING`) is answered by queueing bytes that the
 //! caller writes with [`Conn::flush`] or [`Conn::try_flush`].
 
+use std::cell::Cell;
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use flate2::{Decompress, FlushDecompress};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -63,6 +65,57 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub host: String,
     pub path: String,
+    /// Offer `permessage-deflate` (and require it).
+    pub deflate: bool,
+}
+
+/// The offer browsers send.
+const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
+
+thread_local! {
+    /// Bytes read from every connection's socket on this thread (the whole
+    /// generator is one thread): the bytes on the wire, headers included.
+    static WIRE_BYTES: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Bytes read from sockets so far by this thread's connections.
+pub fn wire_bytes() -> u64 {
+    WIRE_BYTES.with(Cell::get)
+}
+
+/// A compressed message's inflater and output (per connection, made by the
+/// first compressed message): reset per message, as every server here
+/// answers with `server_no_context_takeover`.
+struct Inflater {
+    d: Decompress,
+    out: Vec<u8>,
+}
+
+impl Inflater {
+    fn inflate(&mut self, data: &[u8]) -> Result<&[u8]> {
+        self.d.reset(false);
+        self.out.clear();
+        for input in [data, &[0, 0, 0xff, 0xff][..]] {
+            let start = self.d.total_in();
+            loop {
+                let used = (self.d.total_in() - start) as usize;
+                if used == input.len() && self.out.len() < self.out.capacity() {
+                    break;
+                }
+                if self.out.len() == self.out.capacity() {
+                    self.out.reserve(self.out.capacity().max(4096));
+                }
+                let before = self.d.total_out();
+                self.d
+                    .decompress_vec(&input[used..], &mut self.out, FlushDecompress::Sync)
+                    .context("inflating a compressed message")?;
+                if self.d.total_out() == before && self.out.len() < self.out.capacity() && used == input.len() {
+                    break;
+                }
+            }
+        }
+        Ok(&self.out)
+    }
 }
 
 impl Endpoint {
@@ -89,6 +142,7 @@ impl Endpoint {
             addr,
             host: host.to_string(),
             path: path.to_string(),
+            deflate: false,
         })
     }
 }
@@ -174,6 +228,10 @@ pub struct Conn {
     keys: MaskKeys,
     next_id: u32,
     closed: Option<u16>,
+    /// Made by the first compressed message.
+    inflater: Option<Box<Inflater>>,
+    /// The fragmented message being reassembled is compressed.
+    frag_compressed: bool,
 }
 
 impl Conn {
@@ -327,6 +385,7 @@ impl Conn {
         if n == 0 {
             return Err(ConnError::Eof);
         }
+        WIRE_BYTES.with(|w| w.set(w.get() + n as u64));
         self.reader.filled(n);
         Ok(())
     }
@@ -343,6 +402,8 @@ impl Conn {
             nats_cmds,
             keys,
             closed,
+            inflater,
+            frag_compressed,
             ..
         } = self;
         let res = reader.frames(|f| {
@@ -359,30 +420,53 @@ impl Conn {
                     }
                     *closed = Some(code);
                 }
-                ws::OP_TEXT | ws::OP_BINARY | ws::OP_CONT => match target {
-                    Target::NatsWs => nats.feed(f.payload, &mut |e| match e {
-                        nats::Event::Msg { payload, .. } => on(Incoming::Data(payload)),
-                        nats::Event::Ping => nats::pong(nats_cmds),
-                        nats::Event::Pong => on(Incoming::Pong),
-                        nats::Event::Info(_) => on(Incoming::Info),
-                        nats::Event::Err(text) => on(Incoming::Error(text)),
-                        nats::Event::Ok => {}
-                    })?,
-                    Target::GwJson | Target::GwProto => {
-                        if f.fin && !*in_frag {
-                            on(Incoming::Data(f.payload));
+                ws::OP_TEXT | ws::OP_BINARY | ws::OP_CONT => {
+                    let compressed = f.compressed || (f.opcode == ws::OP_CONT && *frag_compressed);
+                    // A whole message, once it is complete (NATS frames are a
+                    // byte stream: fed as they come unless compressed).
+                    let message: Option<&[u8]> = if compressed {
+                        if f.opcode != ws::OP_CONT {
+                            frag.clear();
+                            *frag_compressed = true;
+                        }
+                        frag.extend_from_slice(f.payload);
+                        *in_frag = !f.fin;
+                        if f.fin {
+                            *frag_compressed = false;
+                            let inf = inflater.get_or_insert_with(|| {
+                                Box::new(Inflater {
+                                    d: Decompress::new(false),
+                                    out: Vec::with_capacity(4096),
+                                })
+                            });
+                            Some(inf.inflate(frag)?)
                         } else {
-                            if f.opcode != ws::OP_CONT {
-                                frag.clear();
-                            }
-                            frag.extend_from_slice(f.payload);
-                            *in_frag = !f.fin;
-                            if f.fin {
-                                on(Incoming::Data(frag));
-                            }
+                            None
+                        }
+                    } else if *target == Target::NatsWs || (f.fin && !*in_frag) {
+                        Some(f.payload)
+                    } else {
+                        if f.opcode != ws::OP_CONT {
+                            frag.clear();
+                        }
+                        frag.extend_from_slice(f.payload);
+                        *in_frag = !f.fin;
+                        f.fin.then_some(&frag[..])
+                    };
+                    if let Some(m) = message {
+                        match target {
+                            Target::NatsWs => nats.feed(m, &mut |e| match e {
+                                nats::Event::Msg { payload, .. } => on(Incoming::Data(payload)),
+                                nats::Event::Ping => nats::pong(nats_cmds),
+                                nats::Event::Pong => on(Incoming::Pong),
+                                nats::Event::Info(_) => on(Incoming::Info),
+                                nats::Event::Err(text) => on(Incoming::Error(text)),
+                                nats::Event::Ok => {}
+                            })?,
+                            Target::GwJson | Target::GwProto => on(Incoming::Data(m)),
                         }
                     }
-                },
+                }
                 op => anyhow::bail!("unknown WebSocket opcode {op}"),
             }
             Ok(())
@@ -465,6 +549,11 @@ impl Conn {
     fn take_id(&mut self) -> u32 {
         self.next_id = self.next_id.wrapping_add(1).max(1);
         self.next_id
+    }
+
+    /// Queues one text frame (a command written by the caller).
+    pub fn queue_text(&mut self, text: &str) {
+        self.send_json(text);
     }
 
     fn send_json(&mut self, text: &str) {
@@ -561,8 +650,9 @@ async fn upgrade(mut stream: TcpStream, ep: &Endpoint, read_buf: usize, seed: u1
         Target::GwProto => Some("gw.v1.proto"),
         Target::NatsWs => None,
     };
+    let offer = ep.deflate.then_some(DEFLATE_OFFER);
     stream
-        .write_all(&ws::handshake_request(&ep.host, &ep.path, protocol, seed))
+        .write_all(&ws::handshake_request(&ep.host, &ep.path, protocol, offer, seed))
         .await?;
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
@@ -579,9 +669,20 @@ async fn upgrade(mut stream: TcpStream, ep: &Endpoint, read_buf: usize, seed: u1
     if parsed.status != 101 {
         return Err(ConnError::Upgrade(parsed.status));
     }
+    WIRE_BYTES.with(|w| w.set(w.get() + head.len() as u64));
+    let mut reader = FrameReader::with_leftover(read_buf, &head[parsed.len..]);
+    if ep.deflate {
+        let answer = parsed.extensions.as_deref().unwrap_or("");
+        if !answer.starts_with("permessage-deflate") || !answer.contains("server_no_context_takeover") {
+            return Err(ConnError::Protocol(anyhow::anyhow!(
+                "compression offered, answered with {answer:?} (need permessage-deflate with server_no_context_takeover)"
+            )));
+        }
+        reader.rsv1_ok = true;
+    }
     Ok(Conn {
         stream,
-        reader: FrameReader::with_leftover(read_buf, &head[parsed.len..]),
+        reader,
         target: ep.target,
         nats: NatsParser::default(),
         frag: Vec::new(),
@@ -592,6 +693,8 @@ async fn upgrade(mut stream: TcpStream, ep: &Endpoint, read_buf: usize, seed: u1
         keys: MaskKeys::new(seed as u64),
         next_id: 0,
         closed: None,
+        inflater: None,
+        frag_compressed: false,
     })
 }
 

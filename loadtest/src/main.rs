@@ -49,6 +49,8 @@ enum Command {
     Storm(scenario::storm::StormArgs),
     /// N idle authenticated connections; server RSS per connection.
     Idle(scenario::idle::IdleArgs),
+    /// Bytes on the wire per delivery (chat messages, a 2,000-room catch-up), compression off and on.
+    Wire(scenario::wire::WireArgs),
     /// Two nodes: publisher on one, subscribers on the other; latency at a fixed rate.
     Cluster(scenario::fanout::ClusterArgs),
     /// Measures how many deliveries per second one core of this generator absorbs.
@@ -92,6 +94,11 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Storm(a) => {
             let r = scenario::storm::run(a).await?;
             report::storm(&r);
+            emit(&cli.json, &r)
+        }
+        Command::Wire(a) => {
+            let r = scenario::wire::run(a).await?;
+            report::wire(&r);
             emit(&cli.json, &r)
         }
         Command::Idle(a) => {

@@ -208,3 +208,36 @@ pub fn calibrate(r: &CalibrateReport) {
         ],
     );
 }
+
+pub fn wire(r: &crate::scenario::wire::WireReport) {
+    let mut rows = Vec::new();
+    for m in &r.modes {
+        let mode = if m.deflate {
+            "permessage-deflate"
+        } else {
+            "uncompressed"
+        };
+        rows.push((
+            "chat: bytes per delivery",
+            format!(
+                "{mode}: {:.1} B (data {:.0} B)",
+                m.chat_bytes_per_delivery, m.chat_data_bytes
+            ),
+        ));
+        rows.push((
+            "catch-up: bytes (reply + pushes)",
+            format!(
+                "{mode}: {} for {} messages",
+                bytes(m.catchup_bytes as f64),
+                m.catchup_messages
+            ),
+        ));
+    }
+    table(
+        &format!(
+            "wire: {} subscribers x {} chat messages; catch-up of {} rooms",
+            r.subs, r.messages, r.rooms
+        ),
+        &rows,
+    );
+}

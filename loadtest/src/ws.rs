@@ -2,8 +2,9 @@
 //!
 //! Owns the handshake request, reading server frames out of one reusable
 //! buffer, and encoding masked client frames. It does not own sockets or
-//! protocol state: `conn` drives it. No extension is negotiated, so RSV bits
-//! must be clear. The reader hands out frames as slices into its buffer: no
+//! protocol state: `conn` drives it. The one extension it may negotiate is
+//! `permessage-deflate` (RFC 7692): then RSV1 marks a compressed message
+//! (`conn` inflates it); other RSV bits must be clear. The reader hands out frames as slices into its buffer: no
 //! allocation per frame, and a whole TCP read (many frames) is parsed before
 //! the next read. The buffer grows only for a frame larger than it.
 
@@ -24,6 +25,8 @@ const MAX_FRAME: usize = 64 * 1024 * 1024;
 #[derive(Debug, PartialEq, Eq)]
 pub struct Frame<'a> {
     pub fin: bool,
+    /// RSV1: the (first frame of a) compressed message.
+    pub compressed: bool,
     pub opcode: u8,
     pub payload: &'a [u8],
 }
@@ -36,6 +39,8 @@ pub struct FrameReader {
     end: usize,
     /// Bytes the next frame needs from `start` (0 while unknown).
     need: usize,
+    /// `permessage-deflate` was negotiated: RSV1 is allowed.
+    pub rsv1_ok: bool,
 }
 
 impl FrameReader {
@@ -45,6 +50,7 @@ impl FrameReader {
             start: 0,
             end: 0,
             need: 0,
+            rsv1_ok: false,
         }
     }
 
@@ -89,7 +95,7 @@ impl FrameReader {
     pub fn frames(&mut self, mut on: impl FnMut(Frame<'_>) -> Result<()>) -> Result<()> {
         loop {
             let avail = &self.buf[self.start..self.end];
-            let Some((hdr, len)) = header(avail)? else {
+            let Some((hdr, len)) = header(avail, self.rsv1_ok)? else {
                 self.need = 14;
                 return Ok(());
             };
@@ -101,6 +107,7 @@ impl FrameReader {
             let b0 = avail[0];
             let frame = Frame {
                 fin: b0 & 0x80 != 0,
+                compressed: b0 & 0x40 != 0,
                 opcode: b0 & 0x0f,
                 payload: &avail[hdr..hdr + len],
             };
@@ -111,11 +118,11 @@ impl FrameReader {
 }
 
 /// Header length and payload length, or `None` when the header is incomplete.
-fn header(b: &[u8]) -> Result<Option<(usize, usize)>> {
+fn header(b: &[u8], rsv1_ok: bool) -> Result<Option<(usize, usize)>> {
     if b.len() < 2 {
         return Ok(None);
     }
-    if b[0] & 0x70 != 0 {
+    if b[0] & if rsv1_ok { 0x30 } else { 0x70 } != 0 {
         bail!("WebSocket frame with RSV bits set (no extension was negotiated)");
     }
     if b[1] & 0x80 != 0 {
@@ -189,7 +196,13 @@ fn apply_mask(data: &mut [u8], key: [u8; 4]) {
 }
 
 /// The HTTP upgrade request.
-pub fn handshake_request(host: &str, path: &str, protocol: Option<&str>, key_seed: u128) -> Vec<u8> {
+pub fn handshake_request(
+    host: &str,
+    path: &str,
+    protocol: Option<&str>,
+    extensions: Option<&str>,
+    key_seed: u128,
+) -> Vec<u8> {
     let key = base64::engine::general_purpose::STANDARD.encode(key_seed.to_le_bytes());
     let mut req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -198,6 +211,11 @@ pub fn handshake_request(host: &str, path: &str, protocol: Option<&str>, key_see
     if let Some(p) = protocol {
         req.push_str("Sec-WebSocket-Protocol: ");
         req.push_str(p);
+        req.push_str("\r\n");
+    }
+    if let Some(e) = extensions {
+        req.push_str("Sec-WebSocket-Extensions: ");
+        req.push_str(e);
         req.push_str("\r\n");
     }
     req.push_str("\r\n");
@@ -210,6 +228,8 @@ pub struct ResponseHead {
     pub status: u16,
     /// Bytes of the head including the blank line.
     pub len: usize,
+    /// The `Sec-WebSocket-Extensions` value, if any.
+    pub extensions: Option<String>,
 }
 
 /// Parses the response head once `buf` holds all of it.
@@ -229,9 +249,18 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>> {
     if !version.starts_with("HTTP/1.") {
         bail!("bad HTTP status line {line:?}");
     }
+    let extensions = std::str::from_utf8(&buf[..end]).ok().and_then(|head| {
+        head.lines().find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("sec-websocket-extensions")
+                .then(|| value.trim().to_string())
+        })
+    });
     Ok(Some(ResponseHead {
         status: code.parse()?,
         len: end + 4,
+        extensions,
     }))
 }
 
@@ -339,7 +368,8 @@ mod tests {
             h,
             ResponseHead {
                 status: 101,
-                len: head.len() - 4
+                len: head.len() - 4,
+                extensions: None,
             }
         );
         assert_eq!(parse_response_head(b"HTTP/1.1 101 Swi").unwrap(), None);

@@ -145,6 +145,8 @@ pub struct Config {
     pub auth_timeout: Duration,
     /// Default 64 KiB.
     pub max_frame_bytes: usize,
+    /// Offer `permessage-deflate`. Default true.
+    pub permessage_deflate: bool,
     /// Default 5,000.
     pub max_rooms_per_conn: usize,
     /// Default 50,000.

@@ -265,6 +265,9 @@ pub struct Opts {
     /// Largest client frame, bytes; larger closes with 1009. The default fits a `subscribe` of 2,000 rooms with 64-character names and `since` [default: 262144].
     #[arg(long, env = "GATEWAY_MAX_FRAME_BYTES", global = true)]
     pub max_frame_bytes: Option<usize>,
+    /// Offer WebSocket compression (RFC 7692 permessage-deflate, server_no_context_takeover): a room message is compressed once per node for every member that negotiated it; frames under 64 bytes go uncompressed; a client message may inflate to at most --max-frame-bytes. `false` answers every upgrade without it [default: true].
+    #[arg(long, env = "GATEWAY_PERMESSAGE_DEFLATE", global = true, num_args = 0..=1, default_missing_value = "true")]
+    pub permessage_deflate: Option<bool>,
     /// Rooms one connection may be subscribed to [default: 5000].
     #[arg(long, env = "GATEWAY_MAX_ROOMS_PER_CONN", global = true)]
     pub max_rooms_per_conn: Option<usize>,
@@ -411,6 +414,7 @@ impl Opts {
             rate_limit_max_keys,
             auth_timeout_ms,
             max_frame_bytes,
+            permessage_deflate,
             max_rooms_per_conn,
             max_connections,
             outbox_max_bytes,

@@ -108,6 +108,7 @@ impl Config {
             limits,
             auth_timeout: conn.auth_timeout,
             max_frame_bytes: conn.max_frame_bytes,
+            permessage_deflate: o.permessage_deflate.unwrap_or(true),
             max_rooms_per_conn: conn.max_rooms_per_conn,
             max_connections: conn.max_connections,
             outbox_max_bytes: conn.outbox_max_bytes,

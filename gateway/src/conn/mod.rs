@@ -38,6 +38,7 @@ use crate::limits::Admit;
 use crate::node::Node;
 use crate::protocol::Codec;
 use crate::rooms::{ConnOutbox, Frame};
+use crate::transport::deflate::Deflate;
 use crate::transport::ws::{self, Incoming, Reader};
 use session::Session;
 use writer::{WriterTimes, write_loop};
@@ -62,6 +63,9 @@ pub struct Upgrade {
     pub identity: Option<Identity>,
     /// `gw.v1.proto` (binary frames) instead of `gw.v1.json`.
     pub proto: bool,
+    /// `permessage-deflate` was negotiated with these parameters (the
+    /// reader must accept compressed frames too: [`Reader::set_deflate`]).
+    pub deflate: Option<Deflate>,
 }
 
 /// Runs one upgraded connection to its end, given the two halves of its
@@ -82,6 +86,7 @@ pub async fn run<R, W>(
         admit,
         identity,
         proto,
+        deflate,
     } = upgrade;
     let cfg = &node.cfg;
     let id = node.next_conn_id();
@@ -112,12 +117,14 @@ pub async fn run<R, W>(
     let activity = OnceLock::new();
     let mut session = Session::new(node.clone(), id, outbox.clone(), &activity, admit);
     session.proto = proto;
+    session.deflate = deflate;
     let reason = {
         let reading = session.read_loop(&mut reader, identity);
         let times = WriterTimes {
             write_timeout: cfg.write_timeout,
             activity_interval: cfg.activity_interval,
             codec: if proto { Codec::Proto } else { Codec::Json },
+            deflate,
         };
         let writing = write_loop(&mut writer, &outbox, &activity, &mut batch, times);
         let drain = async {
@@ -258,6 +265,7 @@ mod size_tests {
                 admit: crate::limits::Admit::none(),
                 identity: None,
                 proto: false,
+                deflate: None,
             },
         );
         // Every subscribed room of a connection holds one (a user in 2,000

@@ -17,8 +17,11 @@ use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::limits::{Admit, ConnLimits, RateLimited, Strikes};
 use crate::model::{ConnId, RoomId};
 use crate::node::Node;
+use crate::protocol::SharedMessage;
 use crate::protocol::{Codec, Command, Parsed, ReplyBody, ServerMsg};
+use crate::rooms::Member;
 use crate::rooms::{Activity, ConnOutbox, Frame, MemberSlot};
+use crate::transport::deflate::Deflate;
 use crate::transport::ws::{Incoming, Reader};
 
 /// Longest publish `key`.
@@ -113,6 +116,9 @@ pub(super) struct Session<'a> {
     /// Speaks `gw.v1.proto` (binary frames) instead of `gw.v1.json`; see
     /// [`Session::codec`].
     pub(super) proto: bool,
+    /// `permessage-deflate` was negotiated: replies are compressed (when it
+    /// pays), room pushes are the frames compressed once per node.
+    pub(super) deflate: Option<Deflate>,
     /// A pre-authenticated connection may still send `connect` first.
     pub(super) connect_allowed: bool,
     pub(super) rooms: HashMap<RoomId, RoomSub, foldhash::fast::RandomState>,
@@ -152,6 +158,7 @@ impl<'a> Session<'a> {
             activity,
             identity: None,
             proto: false,
+            deflate: None,
             connect_allowed: false,
             rooms: HashMap::default(),
             grant_expiry: None,
@@ -248,9 +255,41 @@ impl<'a> Session<'a> {
     }
 
     /// Queues a reply (or a push of this connection's own), encoded in the
-    /// connection's codec; a full outbox ends the connection as slow.
+    /// connection's codec (and compressed, if negotiated and it pays); a
+    /// full outbox ends the connection as slow.
     pub(super) fn send(&self, msg: &ServerMsg<'_>) -> Result<(), CloseReason> {
-        self.push(self.codec().encode(msg))
+        self.push(self.encode(msg))
+    }
+
+    /// `msg` as this connection's frame: its codec, compressed when
+    /// negotiated and it pays.
+    pub(super) fn encode(&self, msg: &ServerMsg<'_>) -> Frame {
+        self.codec().encode(msg).deflated_or_plain(self.deflate)
+    }
+
+    /// How this connection follows a room in full mode: by codec, and among
+    /// the members sharing the compressed frames when it negotiated
+    /// compression with the full window (a smaller window gets the plain
+    /// frames, which are always allowed).
+    pub(super) fn full_member(&self) -> Member<'_> {
+        match (self.deflate.is_some_and(Deflate::shares_frames), self.proto) {
+            (true, _) => Member::Deflated {
+                outbox: &self.outbox,
+                codec: self.codec(),
+            },
+            (false, true) => Member::FullProto(&self.outbox),
+            (false, false) => Member::Full(&self.outbox),
+        }
+    }
+
+    /// The frame of a room message for this connection (catch-up): the one
+    /// its room pushes are, shared with the room's other members.
+    pub(super) fn room_frame(&self, m: &SharedMessage) -> Frame {
+        if self.deflate.is_some_and(Deflate::shares_frames) {
+            m.deflated_frame(self.codec()).clone()
+        } else {
+            m.frame(self.codec()).clone()
+        }
     }
 
     pub(super) fn parse(&self, frame: &Bytes) -> Parsed {

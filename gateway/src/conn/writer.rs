@@ -14,6 +14,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 use crate::error::CloseReason;
 use crate::protocol::{Codec, ServerMsg};
 use crate::rooms::{Activity, ConnOutbox, Frame};
+use crate::transport::deflate::Deflate;
 use crate::transport::ws;
 
 /// Write coalescing window for busy connections.
@@ -30,6 +31,8 @@ pub(super) struct WriterTimes {
     pub(super) activity_interval: Duration,
     /// The connection's sub-protocol (for its `activity` pushes).
     pub(super) codec: Codec,
+    /// Its `permessage-deflate` parameters, if negotiated.
+    pub(super) deflate: Option<Deflate>,
 }
 
 /// The only writer of the socket: drains the outbox in batches, one
@@ -48,6 +51,7 @@ where
         write_timeout,
         activity_interval,
         codec,
+        deflate,
     } = times;
     let mut last_write: Option<Instant> = None;
     // Notify-mode counts are flushed one interval after the first message of
@@ -99,7 +103,7 @@ where
                         offset,
                         count,
                     };
-                    let _ = outbox.try_push(codec.encode(&push));
+                    let _ = outbox.try_push(codec.encode(&push).deflated_or_plain(deflate));
                 }
                 continue;
             },

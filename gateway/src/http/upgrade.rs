@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::conn;
 use crate::limits::Refusal;
 use crate::node::Node;
+use crate::transport::deflate;
 use crate::transport::tcp::SharedTcp;
 
 /// The JSON sub-protocol (the default).
@@ -174,6 +175,19 @@ pub(super) async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) 
         Err(refused) => return refused,
     };
     let accept = crate::transport::ws::accept_key(key.as_bytes());
+    // permessage-deflate (RFC 7692): the first offer this node can accept.
+    let compression = if node.cfg.permessage_deflate {
+        deflate::negotiate(
+            req.headers()
+                .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        )
+    } else {
+        None
+    };
+    let extensions = compression.as_ref().map(|(_, response)| response.clone());
+    let deflate = compression.map(|(d, _)| d);
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return refuse(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
@@ -188,6 +202,7 @@ pub(super) async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) 
                     admit,
                     identity,
                     proto,
+                    deflate,
                 };
                 start_conn(task_node, upgraded, max_frame, upgrade);
             }
@@ -201,6 +216,9 @@ pub(super) async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) 
         .header(header::SEC_WEBSOCKET_ACCEPT, accept);
     if let Some(p) = protocol {
         builder = builder.header(header::SEC_WEBSOCKET_PROTOCOL, p);
+    }
+    if let Some(e) = extensions {
+        builder = builder.header(header::SEC_WEBSOCKET_EXTENSIONS, e);
     }
     builder
         .body(Body::empty())
@@ -221,10 +239,12 @@ pub(super) fn start_conn(
     upgrade: conn::Upgrade,
 ) {
     let tracker = node.tracker.clone();
+    let deflate = upgrade.deflate.is_some();
     let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let tcp = SharedTcp::new(parts.io.into_inner());
-            let reader = crate::transport::ws::Reader::new(tcp.clone(), max_frame, &parts.read_buf);
+            let mut reader = crate::transport::ws::Reader::new(tcp.clone(), max_frame, &parts.read_buf);
+            reader.set_deflate(deflate);
             let sink = tcp.sink();
             tracker.spawn(conn::run(node, reader, tcp, Some(sink), upgrade));
             return;
@@ -235,12 +255,14 @@ pub(super) fn start_conn(
     match upgraded.downcast::<TokioIo<TlsIo>>() {
         Ok(parts) => {
             let (r, w) = tokio::io::split(parts.io.into_inner());
-            let reader = crate::transport::ws::Reader::new(r, max_frame, &parts.read_buf);
+            let mut reader = crate::transport::ws::Reader::new(r, max_frame, &parts.read_buf);
+            reader.set_deflate(deflate);
             tracker.spawn(conn::run(node, reader, w, None, upgrade));
         }
         Err(upgraded) => {
             let (r, w) = tokio::io::split(TokioIo::new(upgraded));
-            let reader = crate::transport::ws::Reader::new(r, max_frame, &[]);
+            let mut reader = crate::transport::ws::Reader::new(r, max_frame, &[]);
+            reader.set_deflate(deflate);
             tracker.spawn(conn::run(node, reader, w, None, upgrade));
         }
     }

@@ -11,9 +11,15 @@
 //! by reference count by the room's log, every member of that codec, catch-up
 //! and history pages.
 //!
-//! Concurrency: a [`SharedMessage`] is immutable but for its protobuf frame,
-//! set once through a `OnceLock` (whoever needs it first encodes it, under the
-//! room's lock during a broadcast; later readers take no lock).
+//! A room message's `permessage-deflate` frames (RFC 7692, compressed with
+//! `server_no_context_takeover` and the full window) are made the same way:
+//! at most once per codec per node, on first use, and shared by every member
+//! that negotiated compression, catch-up included. A push below
+//! [`crate::transport::deflate::MIN_COMPRESS`] bytes is never compressed.
+//!
+//! Concurrency: a [`SharedMessage`] is immutable but for its lazily made
+//! frames, each set once through a `OnceLock` (whoever needs it first encodes
+//! it, under the room's lock during a broadcast; later readers take no lock).
 
 pub mod json;
 pub mod proto;
@@ -27,6 +33,7 @@ use serde::Deserialize;
 
 use crate::error::ProtoError;
 use crate::model::{Message, RoomId};
+use crate::transport::deflate::{Deflate, MIN_COMPRESS};
 use crate::transport::ws::Frame;
 
 /// One client command, validated (from either codec's parser).
@@ -185,15 +192,26 @@ pub enum SubscribeResult<'a> {
 ///
 /// The JSON frame is made by [`SharedMessage::new`]; the protobuf frame on
 /// the first [`SharedMessage::frame`] for [`Codec::Proto`] (most rooms have
-/// no protobuf member and never pay for it). The message's `data` is kept
-/// as a slice of the JSON frame, so its bytes are stored once.
+/// no protobuf member and never pay for it), the compressed frames on the
+/// first [`SharedMessage::deflated_frame`] of their codec. The message's
+/// `data` is kept as a slice of the JSON frame, so its bytes are stored once.
 #[derive(Clone)]
 pub struct SharedMessage(Arc<Encoded>);
 
 struct Encoded {
     msg: Message,
     json: Frame,
+    /// The frames made on first use; boxed, so a message nobody asks them
+    /// of (JSON-only rooms without compression) pays one pointer.
+    lazy: OnceLock<Box<Lazy>>,
+}
+
+#[derive(Default)]
+struct Lazy {
     proto: OnceLock<Frame>,
+    /// The `permessage-deflate` frames, by codec (JSON, protobuf): the
+    /// compressed frame, or the plain one when compression did not pay.
+    deflated: [OnceLock<Frame>; 2],
 }
 
 impl SharedMessage {
@@ -212,8 +230,12 @@ impl SharedMessage {
         Self(Arc::new(Encoded {
             msg,
             json,
-            proto: OnceLock::new(),
+            lazy: OnceLock::new(),
         }))
+    }
+
+    fn lazy(&self) -> &Lazy {
+        self.0.lazy.get_or_init(Box::default)
     }
 
     /// The typed message.
@@ -231,10 +253,26 @@ impl SharedMessage {
         match codec {
             Codec::Json => &self.0.json,
             Codec::Proto => self
-                .0
+                .lazy()
                 .proto
                 .get_or_init(|| proto::encode(&ServerMsg::Message(&self.0.msg))),
         }
+    }
+
+    /// The `message` push in `codec` for members that negotiated
+    /// `permessage-deflate` with the full window: compressed at most once
+    /// per node, or the plain frame when it is below
+    /// [`MIN_COMPRESS`] bytes or does not get smaller.
+    pub fn deflated_frame(&self, codec: Codec) -> &Frame {
+        let plain = self.frame(codec);
+        if plain.as_bytes().len() < MIN_COMPRESS {
+            return plain;
+        }
+        let slot = match codec {
+            Codec::Json => 0,
+            Codec::Proto => 1,
+        };
+        self.lazy().deflated[slot].get_or_init(|| plain.deflated_or_plain(Some(Deflate::DEFAULT)))
     }
 }
 
@@ -250,7 +288,10 @@ impl fmt::Debug for SharedMessage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SharedMessage")
             .field("msg", &self.0.msg)
-            .field("proto_encoded", &self.0.proto.get().is_some())
+            .field(
+                "proto_encoded",
+                &self.0.lazy.get().is_some_and(|l| l.proto.get().is_some()),
+            )
             .finish()
     }
 }

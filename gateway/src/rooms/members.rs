@@ -9,8 +9,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use fanout_tree::Slot;
-use fanout_tree::{Outbox, Weighted};
+use fanout_tree::{MemberSet, Outbox, Slot, Weighted};
 use parking_lot::Mutex;
 
 use super::{ConnId, ConnOutbox, Entry, Frame, RoomIndex, RoomState, SharedMessage};
@@ -24,6 +23,10 @@ pub enum Member<'a> {
     Full(&'a ConnOutbox),
     /// The same on `gw.v1.proto`.
     FullProto(&'a ConnOutbox),
+    /// Every message, compressed (`permessage-deflate` with the full
+    /// window): the frame compressed once per node for every such member
+    /// of `codec`.
+    Deflated { outbox: &'a ConnOutbox, codec: Codec },
     /// Only coalesced `activity` pushes (`mode: notify`, background rooms).
     Notify(&'a Arc<Activity>),
     /// Holds the room (its state, its bus subscription) while the connection
@@ -40,33 +43,55 @@ pub enum Member<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemberSlot(std::num::NonZeroU32);
 
-impl MemberSlot {
-    const PROTO: u32 = 1 << 31;
+/// The member sets of a room that get every message: one per codec, and one
+/// per codec for members that negotiated `permessage-deflate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FullSet {
+    Json = 0,
+    Proto = 1,
+    DeflatedJson = 2,
+    DeflatedProto = 3,
+}
 
-    /// The slot plus one (so an `Option<MemberSlot>` is 4 bytes), with the
-    /// codec's bit.
-    fn new(slot: Slot, proto: bool) -> Self {
-        let raw = (slot.get() + 1) & !Self::PROTO;
-        let raw = if proto { raw | Self::PROTO } else { raw };
+impl MemberSlot {
+    /// The set, in the top two bits.
+    const SHIFT: u32 = 30;
+    const SLOT: u32 = (1 << Self::SHIFT) - 1;
+
+    /// The slot plus one (so an `Option<MemberSlot>` is 4 bytes) in the low
+    /// 30 bits, with the set above.
+    pub(super) fn new(set: FullSet, slot: Slot) -> Self {
+        let raw = ((slot.get() + 1) & Self::SLOT) | ((set as u32) << Self::SHIFT);
         Self(std::num::NonZeroU32::new(raw).unwrap_or(std::num::NonZeroU32::MIN))
     }
 
-    pub(super) fn json(slot: Slot) -> Self {
-        Self::new(slot, false)
-    }
-
-    pub(super) fn proto(slot: Slot) -> Self {
-        Self::new(slot, true)
-    }
-
-    /// Whether the slot is in the `gw.v1.proto` member set.
-    pub(super) fn is_proto(self) -> bool {
-        self.0.get() & Self::PROTO != 0
+    /// The member set the slot is in.
+    pub(super) fn set(self) -> FullSet {
+        match self.0.get() >> Self::SHIFT {
+            0 => FullSet::Json,
+            1 => FullSet::Proto,
+            2 => FullSet::DeflatedJson,
+            _ => FullSet::DeflatedProto,
+        }
     }
 
     /// The slot within its member set.
     pub(super) fn slot(self) -> Slot {
-        Slot::from_raw((self.0.get() & !Self::PROTO) - 1)
+        Slot::from_raw((self.0.get() & Self::SLOT).wrapping_sub(1))
+    }
+}
+
+impl Member<'_> {
+    /// The member set of a full membership (JSON for the other kinds).
+    pub(super) fn full_set(&self) -> FullSet {
+        match self {
+            Member::FullProto(_) => FullSet::Proto,
+            Member::Deflated { codec: Codec::Json, .. } => FullSet::DeflatedJson,
+            Member::Deflated {
+                codec: Codec::Proto, ..
+            } => FullSet::DeflatedProto,
+            _ => FullSet::Json,
+        }
     }
 }
 
@@ -139,6 +164,84 @@ impl Activity {
     }
 }
 
+/// The slot of a codec's compressed members in `RoomState::deflated`.
+fn deflated_slot(codec: Codec) -> usize {
+    match codec {
+        Codec::Json => 0,
+        Codec::Proto => 1,
+    }
+}
+
+impl RoomState {
+    /// Removes `conn`'s full membership at `held`; false if it was not
+    /// there. The compressed members' sets go once the last one left.
+    pub(super) fn stop_full(&mut self, conn: ConnId, held: Option<MemberSlot>) -> bool {
+        let Some(m) = held else {
+            return false;
+        };
+        let removed = match self.set_mut(m.set()) {
+            Some(set) => set.remove(m.slot(), conn),
+            None => false,
+        };
+        if let Some(d) = &self.deflated
+            && d.iter().all(MemberSet::is_empty)
+        {
+            self.deflated = None;
+        }
+        removed
+    }
+
+    /// Adds `conn` as a full member of `set` unless `held` is already its
+    /// slot there; returns its slot.
+    pub(super) fn start_full(
+        &mut self,
+        conn: ConnId,
+        outbox: &ConnOutbox,
+        set: FullSet,
+        held: Option<MemberSlot>,
+    ) -> MemberSlot {
+        if let Some(m) = held {
+            if m.set() == set && self.set_mut(set).is_some_and(|s| s.holds(m.slot(), conn)) {
+                return m;
+            }
+            self.stop_full(conn, Some(m));
+        }
+        let members = match set {
+            FullSet::Json => &mut self.members,
+            FullSet::Proto => &mut self.proto_members,
+            FullSet::DeflatedJson => &mut self.deflated.get_or_insert_default()[0],
+            FullSet::DeflatedProto => &mut self.deflated.get_or_insert_default()[1],
+        };
+        MemberSlot::new(set, members.insert(conn, outbox.clone()))
+    }
+
+    /// The member set `set`, if it exists.
+    fn set_mut(&mut self, set: FullSet) -> Option<&mut MemberSet<ConnId, Frame>> {
+        match set {
+            FullSet::Json => Some(&mut self.members),
+            FullSet::Proto => Some(&mut self.proto_members),
+            FullSet::DeflatedJson => self.deflated.as_mut().map(|d| &mut d[0]),
+            FullSet::DeflatedProto => self.deflated.as_mut().map(|d| &mut d[1]),
+        }
+    }
+
+    /// Members that get every message, of every kind.
+    pub(super) fn full_len(&self) -> usize {
+        let deflated = self.deflated.as_ref().map_or(0, |d| d[0].len() + d[1].len());
+        self.members.len() + self.proto_members.len() + deflated
+    }
+
+    /// Closes every member that gets every message as a slow consumer;
+    /// returns how many.
+    pub(super) fn abort_full(&self) -> usize {
+        let deflated = self
+            .deflated
+            .as_ref()
+            .map_or(0, |d| d[0].abort_all() + d[1].abort_all());
+        self.members.abort_all() + self.proto_members.abort_all() + deflated
+    }
+}
+
 impl RoomIndex {
     pub(super) fn append_and_broadcast(
         &self,
@@ -187,6 +290,14 @@ impl RoomIndex {
                     .proto_members
                     .broadcast_tiered(msg.frame(Codec::Proto), &self.tree, slow, schedule);
             }
+            if let Some(d) = &mut st.deflated {
+                for codec in [Codec::Json, Codec::Proto] {
+                    let set = &mut d[deflated_slot(codec)];
+                    if !set.is_empty() {
+                        delivered += set.broadcast_tiered(msg.deflated_frame(codec), &self.tree, slow, schedule);
+                    }
+                }
+            }
             self.flushers.schedule(schedule);
             if schedule.capacity() > 1 << 16 {
                 *schedule = Vec::new();
@@ -207,5 +318,104 @@ impl RoomIndex {
             delivered
         })
         .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use fanout_tree::{Drained, OutboxLimits};
+
+    use super::*;
+    use crate::model::ConnId;
+    use crate::rooms::{Catchup, LogMode, RoomLimits};
+    use crate::transport::deflate;
+
+    fn outbox() -> ConnOutbox {
+        Arc::new(Outbox::new(OutboxLimits::default()))
+    }
+
+    async fn one_frame(ob: &ConnOutbox) -> Frame {
+        let mut out = VecDeque::new();
+        assert_eq!(ob.drain(&mut out).await, Drained::Frames);
+        assert_eq!(out.len(), 1);
+        out.pop_front().unwrap()
+    }
+
+    /// Issue 17: a room message is compressed once per node and codec,
+    /// however many members negotiated `permessage-deflate`; they, and a
+    /// joiner's catch-up, share the compressed bytes; members without
+    /// compression get the plain frame.
+    #[tokio::test]
+    async fn a_message_is_deflated_once_for_every_compressed_member_and_catchup() {
+        let idx = RoomIndex::new(
+            RoomLimits {
+                fanout_shards: 1,
+                history_size: 100,
+                history_max_bytes: 1 << 20,
+                dedup_window: Duration::from_secs(60),
+                dedup_max_keys: 100,
+                max_rooms: 10,
+                max_pending: 4,
+                tree: fanout_tree::TreeConfig::default(),
+            },
+            LogMode::Authoritative,
+        );
+        let r = RoomId::parse("r").unwrap();
+        let plain = outbox();
+        idx.join(&r, ConnId(1000), Member::Full(&plain), None, None).unwrap();
+        let members: Vec<ConnOutbox> = (0..50).map(|_| outbox()).collect();
+        let mut slots = Vec::new();
+        for (i, ob) in members.iter().enumerate() {
+            let member = Member::Deflated {
+                outbox: ob,
+                codec: Codec::Json,
+            };
+            slots.push(idx.join(&r, ConnId(i as u64), member, None, None).unwrap().slot);
+        }
+        assert_eq!(idx.members(&r), 51);
+        let text = format!(r#"{{"text":"{}"}}"#, "hello chat room, ".repeat(12));
+        let before = deflate::tests::compressions();
+        idx.publish(&r, "alice", &Bytes::from(text.clone()), None, 1, Instant::now())
+            .unwrap();
+        assert_eq!(deflate::tests::compressions(), before + 1, "once for 50 members");
+
+        let plain_frame = one_frame(&plain).await;
+        assert!(!plain_frame.is_compressed());
+        let mut shared = std::collections::HashSet::new();
+        for ob in &members {
+            let f = one_frame(ob).await;
+            assert!(f.is_compressed());
+            shared.insert(f.wire().as_ptr());
+            let inflated = deflate::inflate(f.as_bytes(), 1 << 20).unwrap();
+            assert_eq!(inflated, plain_frame.as_bytes());
+        }
+        assert_eq!(shared.len(), 1, "every compressed member holds the same bytes");
+        assert!(!shared.contains(&plain_frame.wire().as_ptr()));
+
+        // A joiner's catch-up is that same frame: nothing compressed anew.
+        let joiner = outbox();
+        let member = Member::Deflated {
+            outbox: &joiner,
+            codec: Codec::Json,
+        };
+        let j = idx.join(&r, ConnId(77), member, Some(0), None).unwrap();
+        let Some((1, Some(Catchup::Messages { messages, .. }))) = j.at else {
+            panic!("{:?}", j.at);
+        };
+        let again = messages[0].deflated_frame(Codec::Json);
+        assert!(shared.contains(&again.wire().as_ptr()));
+        assert_eq!(deflate::tests::compressions(), before + 1);
+
+        // Leaving: the compressed members' sets go with the last one.
+        for (i, slot) in slots.iter().enumerate() {
+            idx.leave(&r, ConnId(i as u64), *slot);
+        }
+        idx.leave(&r, ConnId(77), j.slot);
+        assert_eq!(idx.members(&r), 1);
+        idx.with_existing(&r, |st| assert!(st.deflated.is_none())).unwrap();
     }
 }

@@ -157,6 +157,10 @@ struct RoomState {
     members: MemberSet<ConnId, Frame>,
     /// Members on `gw.v1.proto`: each message is encoded once for all of them.
     proto_members: MemberSet<ConnId, Frame>,
+    /// Members that negotiated `permessage-deflate`, by codec (JSON,
+    /// protobuf): each message is compressed once for all of them. Made by
+    /// the first such member.
+    deflated: Option<Box<[MemberSet<ConnId, Frame>; 2]>>,
     /// Members in notify mode.
     watchers: HashMap<ConnId, Arc<Activity>, foldhash::fast::RandomState>,
     /// Connections that hold the room while they wait on the broker
@@ -192,46 +196,12 @@ struct RoomState {
 
 impl RoomState {
     fn has_members(&self) -> bool {
-        !self.members.is_empty()
-            || !self.proto_members.is_empty()
-            || !self.watchers.is_empty()
-            || !self.joining.is_empty()
+        self.full_len() > 0 || !self.watchers.is_empty() || !self.joining.is_empty()
     }
 
     /// Removes `conn` from the connections holding the room while joining.
     fn stop_joining(&mut self, conn: ConnId) -> bool {
         !self.joining.is_empty() && self.joining.remove(&conn)
-    }
-
-    /// Removes `conn`'s full membership at `held`; false if it was not there.
-    fn stop_full(&mut self, conn: ConnId, held: Option<MemberSlot>) -> bool {
-        match held {
-            Some(m) if m.is_proto() => self.proto_members.remove(m.slot(), conn),
-            Some(m) => self.members.remove(m.slot(), conn),
-            None => false,
-        }
-    }
-
-    /// Adds `conn` as a full member (of `proto`'s set) unless `held` is
-    /// already its slot there; returns its slot.
-    fn start_full(&mut self, conn: ConnId, outbox: &ConnOutbox, proto: bool, held: Option<MemberSlot>) -> MemberSlot {
-        match held {
-            Some(m) if m.is_proto() == proto => {
-                let set = if proto { &self.proto_members } else { &self.members };
-                if set.holds(m.slot(), conn) {
-                    return m;
-                }
-            }
-            Some(m) => {
-                self.stop_full(conn, Some(m));
-            }
-            None => {}
-        }
-        if proto {
-            MemberSlot::proto(self.proto_members.insert(conn, outbox.clone()))
-        } else {
-            MemberSlot::json(self.members.insert(conn, outbox.clone()))
-        }
     }
 
     /// Removes `conn` from the room's notify-mode members.
@@ -241,7 +211,7 @@ impl RoomState {
 
     /// Publishes the member count to the room's counters after a change.
     fn count_members(&self) {
-        let n = self.members.len() + self.proto_members.len() + self.watchers.len();
+        let n = self.full_len() + self.watchers.len();
         self.stats.members.store(n, Ordering::Relaxed);
     }
 
@@ -250,6 +220,7 @@ impl RoomState {
         Self {
             members: MemberSet::default(),
             proto_members: MemberSet::default(),
+            deflated: None,
             watchers: HashMap::default(),
             joining: HashSet::default(),
             log: VecDeque::new(),
@@ -360,7 +331,7 @@ impl RoomIndex {
     pub fn members(&self, room: &RoomId) -> usize {
         self.get(room).map_or(0, |r| {
             let st = r.state.lock();
-            st.members.len() + st.proto_members.len() + st.watchers.len()
+            st.full_len() + st.watchers.len()
         })
     }
 
@@ -489,11 +460,10 @@ impl RoomIndex {
                         at: None,
                     };
                 }
-                Member::Full(outbox) | Member::FullProto(outbox) => {
+                Member::Full(outbox) | Member::FullProto(outbox) | Member::Deflated { outbox, .. } => {
                     st.stop_joining(conn);
                     st.stop_watching(conn);
-                    let proto = matches!(member, Member::FullProto(_));
-                    (since, Some(st.start_full(conn, outbox, proto, held)))
+                    (since, Some(st.start_full(conn, outbox, member.full_set(), held)))
                 }
                 Member::Notify(activity) => {
                     st.stop_joining(conn);

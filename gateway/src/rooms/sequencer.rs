@@ -93,7 +93,7 @@ impl RoomIndex {
             st.log_bytes = 0;
             st.evicted_upto = gone_upto.max(st.evicted_upto);
             st.gone_upto = st.evicted_upto;
-            st.members.abort_all() + st.proto_members.abort_all()
+            st.abort_full()
         })
         .unwrap_or(0)
     }

@@ -15,7 +15,9 @@
 //!   copied per member.
 //!
 //! The reader enforces the protocol on what clients send: frames must be
-//! masked, no reserved bits (no extension is negotiated), control frames
+//! masked, no reserved bits but RSV1 on the first frame of a compressed
+//! message when `permessage-deflate` was negotiated ([`super::deflate`]:
+//! inflated within the size limit), control frames
 //! unfragmented and at most 125 bytes, continuation only inside a fragmented
 //! message, text valid UTF-8, valid close codes, and a message size limit that
 //! is checked from the header, before the payload is read.
@@ -30,6 +32,8 @@ use std::task::{Poll, ready};
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::deflate::{self, Deflate, InflateError};
+
 /// Opcodes (RFC 6455 section 5.2).
 const OP_CONTINUATION: u8 = 0x0;
 const OP_TEXT: u8 = 0x1;
@@ -37,6 +41,9 @@ const OP_BINARY: u8 = 0x2;
 const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
+
+/// RSV1: the message is compressed (RFC 7692 section 6).
+const RSV1: u8 = 0x40;
 
 /// Largest payload of a control frame.
 const MAX_CONTROL_PAYLOAD: usize = 125;
@@ -98,9 +105,14 @@ impl Frame {
     }
 
     fn encode(opcode: u8, payload: &[u8], reply: bool) -> Self {
+        Self::encode_bits(0x80 | opcode, payload, reply)
+    }
+
+    /// Encodes a frame whose first byte is `first` (FIN, RSV bits, opcode).
+    fn encode_bits(first: u8, payload: &[u8], reply: bool) -> Self {
         let len = payload.len();
         let mut wire = Vec::with_capacity(len + 10);
-        wire.push(0x80 | opcode);
+        wire.push(first);
         if len < 126 {
             wire.push(len as u8);
         } else if let Ok(short) = u16::try_from(len) {
@@ -121,6 +133,30 @@ impl Frame {
 
     pub fn is_reply(&self) -> bool {
         self.reply
+    }
+
+    /// This data frame compressed for a peer that negotiated `d`
+    /// (`permessage-deflate`: payload deflated, RSV1 set); `None` when it
+    /// is a control frame, already compressed or partly written, or when
+    /// compression does not pay ([`deflate::compress`]).
+    pub fn deflated(&self, d: Deflate) -> Option<Self> {
+        let first = *self.wire.first()?;
+        if self.header == 0 || first & (RSV1 | 0x08) != 0 {
+            return None;
+        }
+        let compressed = deflate::compress(self.as_bytes(), d.server_window_bits())?;
+        Some(Self::encode_bits(first | RSV1, &compressed, self.reply))
+    }
+
+    /// [`Frame::deflated`] when `d` is set and compression pays, else this
+    /// frame (a reference-count increment).
+    pub fn deflated_or_plain(&self, d: Option<Deflate>) -> Self {
+        d.and_then(|d| self.deflated(d)).unwrap_or_else(|| self.clone())
+    }
+
+    /// True when the payload is compressed (RSV1 set).
+    pub fn is_compressed(&self) -> bool {
+        self.header != 0 && self.wire.first().is_some_and(|b| b & RSV1 != 0)
     }
 
     /// True once a write ended inside this frame (the writer advanced it).
@@ -217,6 +253,8 @@ pub enum ReadError {
 /// A fragmented message being assembled.
 struct Partial {
     text: bool,
+    /// Its first frame had RSV1 set: inflate it once it is whole.
+    compressed: bool,
     data: Vec<u8>,
 }
 
@@ -228,11 +266,14 @@ pub struct Reader<R> {
     /// Boxed: rare, and it keeps an idle reader small.
     partial: Option<Box<Partial>>,
     max_message: usize,
+    /// `permessage-deflate` was negotiated: RSV1 marks compressed messages.
+    deflate: bool,
 }
 
 /// A parsed frame header.
 struct Header {
     fin: bool,
+    rsv1: bool,
     opcode: u8,
     len: usize,
     mask: [u8; 4],
@@ -247,7 +288,15 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             buf: pre.to_vec(),
             partial: None,
             max_message,
+            deflate: false,
         }
+    }
+
+    /// Accepts compressed messages (`permessage-deflate` was negotiated):
+    /// each is inflated on its own (the server asks for
+    /// `client_no_context_takeover`) into at most the size limit.
+    pub fn set_deflate(&mut self, on: bool) {
+        self.deflate = on;
     }
 
     /// The next message. Cancel-safe: bytes already read stay buffered.
@@ -287,6 +336,13 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 return Ok(None);
             };
             let control = h.opcode & 0x8 != 0;
+            if h.rsv1 && !(self.deflate && matches!(h.opcode, OP_TEXT | OP_BINARY)) {
+                return Err(ReadError::Protocol(if self.deflate {
+                    "RSV1 set on a control or continuation frame"
+                } else {
+                    "reserved bits set"
+                }));
+            }
             if control {
                 if !h.fin {
                     return Err(ReadError::Protocol("fragmented control frame"));
@@ -313,15 +369,15 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             } else {
                 self.buf.drain(..total);
             }
-            if let Some(m) = self.message(h.opcode, h.fin, payload)? {
+            if let Some(m) = self.message(h.opcode, h.fin, h.rsv1, payload)? {
                 return Ok(Some(m));
             }
         }
     }
 
     /// Turns one frame into a message, or keeps it as part of one.
-    fn message(&mut self, opcode: u8, fin: bool, payload: Vec<u8>) -> Result<Option<Incoming>, ReadError> {
-        let (text, data) = match opcode {
+    fn message(&mut self, opcode: u8, fin: bool, rsv1: bool, payload: Vec<u8>) -> Result<Option<Incoming>, ReadError> {
+        let (text, compressed, data) = match opcode {
             OP_TEXT | OP_BINARY => {
                 if self.partial.is_some() {
                     return Err(ReadError::Protocol("new message inside a fragmented one"));
@@ -329,11 +385,12 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 if !fin {
                     self.partial = Some(Box::new(Partial {
                         text: opcode == OP_TEXT,
+                        compressed: rsv1,
                         data: payload,
                     }));
                     return Ok(None);
                 }
-                (opcode == OP_TEXT, payload)
+                (opcode == OP_TEXT, rsv1, payload)
             }
             OP_CONTINUATION => {
                 let Some(p) = self.partial.as_mut() else {
@@ -344,12 +401,20 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                     return Ok(None);
                 }
                 let p = self.partial.take().expect("checked above");
-                (p.text, p.data)
+                (p.text, p.compressed, p.data)
             }
             OP_PING => return Ok(Some(Incoming::Ping(Bytes::from(payload)))),
             OP_PONG => return Ok(Some(Incoming::Pong)),
             OP_CLOSE => return close_frame(&payload).map(|code| Some(Incoming::Close(code))),
             _ => return Err(ReadError::Protocol("unknown opcode")),
+        };
+        let data = if compressed {
+            deflate::inflate(&data, self.max_message).map_err(|e| match e {
+                InflateError::TooLarge => ReadError::TooLarge,
+                InflateError::Invalid => ReadError::Protocol("invalid permessage-deflate data"),
+            })?
+        } else {
+            data
         };
         if text {
             if std::str::from_utf8(&data).is_err() {
@@ -366,7 +431,7 @@ fn parse_header(b: &[u8]) -> Result<Option<Header>, ReadError> {
     if b.len() < 2 {
         return Ok(None);
     }
-    if b[0] & 0x70 != 0 {
+    if b[0] & 0x30 != 0 {
         return Err(ReadError::Protocol("reserved bits set"));
     }
     if b[1] & 0x80 == 0 {
@@ -394,6 +459,7 @@ fn parse_header(b: &[u8]) -> Result<Option<Header>, ReadError> {
     };
     Ok(Some(Header {
         fin: b[0] & 0x80 != 0,
+        rsv1: b[0] & RSV1 != 0,
         opcode: b[0] & 0x0f,
         // A length beyond usize is over any limit.
         len: usize::try_from(len).unwrap_or(usize::MAX),

@@ -12,6 +12,7 @@ pub mod fanout;
 pub mod idle;
 pub mod rooms;
 pub mod storm;
+pub mod wire;
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -61,6 +62,10 @@ pub struct TargetArgs {
     /// Give up on one connection attempt after this many seconds.
     #[arg(long, default_value_t = 30.0)]
     pub connect_timeout_secs: f64,
+    /// Offer WebSocket compression (permessage-deflate) and inflate what comes compressed; a
+    /// server that declines it fails the connection.
+    #[arg(long)]
+    pub deflate: bool,
 }
 
 /// Resolved target: endpoint, token signer, server pid.
@@ -81,7 +86,10 @@ impl Env {
             args.source_ips
         };
         Ok(Rc::new(Env {
-            ep: Endpoint::parse(args.target, &args.url)?,
+            ep: Endpoint {
+                deflate: args.deflate,
+                ..Endpoint::parse(args.target, &args.url)?
+            },
             signer: Signer::hs256(&args.jwt_secret),
             server_pid: args.server_pid,
             source_ips,

@@ -123,14 +123,13 @@ impl Session<'_> {
         // Encoded in the connection's codec; the catch-up pushes are the
         // room's own frames (a protobuf one made at most once per message per
         // node), resolved here rather than under the outbox's lock.
-        let codec = self.codec();
         let reply = id.map(|id| {
-            codec.encode(&ServerMsg::Reply {
+            self.encode(&ServerMsg::Reply {
                 id,
                 ok: ReplyBody::Subscribe { rooms: results },
             })
         });
-        let catchup: Vec<Frame> = catchup.iter().map(|m| m.frame(codec).clone()).collect();
+        let catchup: Vec<Frame> = catchup.iter().map(|m| self.room_frame(m)).collect();
         node.metrics.subscribe_rooms.record(entries.len() as f64);
         tracing::trace!(conn = self.id.0, rooms = entries.len(), elapsed = ?started.elapsed(), "subscribe");
         self.outbox
@@ -305,11 +304,7 @@ impl Session<'_> {
             Member::Notify(self.activity.get_or_init(Arc::default))
         } else {
             self.forget_activity(&s.room);
-            if self.proto {
-                Member::FullProto(&self.outbox)
-            } else {
-                Member::Full(&self.outbox)
-            }
+            self.full_member()
         };
         // The slot as of now: an earlier entry of this frame may have joined
         // the same room.
