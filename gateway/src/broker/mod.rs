@@ -106,6 +106,9 @@ pub enum UnavailableKind {
     /// A direct get request failed.
     #[error("direct get failed")]
     DirectGet,
+    /// Asking the stream's leader for a room's last message failed.
+    #[error("reading the room's last message failed")]
+    LastMessage,
     /// A direct get answered an unexpected status.
     #[error("direct get answered status {0}")]
     DirectGetStatus(u16),

@@ -383,9 +383,10 @@ impl NatsBus {
         }
         // Also "not found" when `n` is past the stream's last sequence: then
         // the room's last message is the one.
+        // Asked of the leader: a replica that is behind has an older last.
         match self
             .stream_of(room)
-            .direct_get_last_for_subject(self.store_subject(room))
+            .get_last_raw_message_by_subject(&self.store_subject(room))
             .await
         {
             Ok(m) if m.sequence <= n => Ok(Some(Stored {
@@ -394,8 +395,8 @@ impl NatsBus {
                 payload: m.payload,
             })),
             Ok(_) => Ok(None),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(BusError::nats(UnavailableKind::DirectGet)(e)),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(BusError::nats(UnavailableKind::LastMessage)(e)),
         }
     }
 
@@ -450,16 +451,20 @@ impl NatsBus {
         Ok((page.into_iter().map(|(_, f)| f).collect(), older.is_some()))
     }
 
-    /// The stream's last offset for `room` (0 if it has none).
+    /// The stream's last offset for `room` (0 if it has none), asked of the
+    /// stream's leader. A direct get may be answered by a replica that is
+    /// behind (just restarted, or cut off): a stale tail made a client's
+    /// `since` look newer than the room, which then went live too early and
+    /// its resuming members missed messages (chaos run, seed 20261129).
     pub(super) async fn last_seq(&self, room: &RoomId) -> Result<u64, BusError> {
         match self
             .stream_of(room)
-            .direct_get_last_for_subject(self.store_subject(room))
+            .get_last_raw_message_by_subject(&self.store_subject(room))
             .await
         {
             Ok(m) => Ok(m.sequence),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(0),
-            Err(e) => Err(BusError::nats(UnavailableKind::DirectGet)(e)),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(BusError::nats(UnavailableKind::LastMessage)(e)),
         }
     }
 
@@ -479,9 +484,11 @@ impl NatsBus {
         }
     }
 
-    /// Whether the message at `offset` of `room` is still in the stream.
+    /// Whether the message at `offset` of `room` is still in the stream,
+    /// asked of the stream's leader (a replica that is behind would say
+    /// "gone" of a message it has not received yet).
     pub(super) async fn still_stored(&self, room: &RoomId, offset: u64) -> bool {
-        match self.stream_of(room).direct_get(offset).await {
+        match self.stream_of(room).get_raw_message(offset).await {
             Ok(m) => m.subject.as_str() == self.store_subject(room),
             Err(_) => false,
         }
