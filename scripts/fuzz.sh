@@ -10,8 +10,12 @@
 # FUZZ_KEEP=1: inputs that add coverage are merged into fuzz/corpus/TARGET
 #   (commit them); otherwise the run works on a copy and the repo is untouched.
 # FUZZ_JOBS: parallel libFuzzer processes per target (default 1).
+# FUZZ_SANITIZER: none (default: the gateway forbids unsafe code, so the
+#   run looks for panics, failed assertions, hangs and memory blow-ups, and
+#   builds and runs faster) or address (AddressSanitizer over the
+#   dependencies' unsafe code too; a second build).
 # A crash, leak, timeout or out-of-memory fails the script and leaves the
-# input in fuzz/artifacts/TARGET/ (reproduce: cargo fuzz run -O -a TARGET FILE).
+# input in fuzz/artifacts/TARGET/ (reproduce: RUSTC_BOOTSTRAP=1 cargo fuzz run -O -a -s none TARGET FILE).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root/fuzz"
@@ -36,10 +40,11 @@ max_len() {
   esac
 }
 
-# One release build with debug assertions (overflow checks) and
-# AddressSanitizer for every target.
-echo "fuzz: building the targets (release, debug assertions, AddressSanitizer)" >&2
-if ! cargo fuzz build -O -a >"$root/fuzz/build.log" 2>&1; then
+sanitizer=${FUZZ_SANITIZER:-none}
+flags=(-O -a -s "$sanitizer")
+# One release build with debug assertions (overflow checks) for every target.
+echo "fuzz: building the targets (release, debug assertions, sanitizer $sanitizer)" >&2
+if ! cargo fuzz build "${flags[@]}" >"$root/fuzz/build.log" 2>&1; then
   tail -40 "$root/fuzz/build.log" >&2
   exit 1
 fi
@@ -52,7 +57,7 @@ for t in "${targets[@]}"; do
   log="$work/$t.log"
   echo "fuzz $t: ${seconds}s" >&2
   # New inputs go to the scratch dir (first corpus dir); the kept corpus is read.
-  if ! cargo fuzz run -O -a "$t" "$work/$t" "corpus/$t" -- \
+  if ! cargo fuzz run "${flags[@]}" "$t" "$work/$t" "corpus/$t" -- \
       -max_total_time="$seconds" -max_len="$(max_len "$t")" -timeout=10 -rss_limit_mb=2048 \
       -jobs="$jobs" -workers="$jobs" -print_final_stats=1 >"$log" 2>&1; then
     tail -40 "$log" >&2
@@ -64,7 +69,7 @@ for t in "${targets[@]}"; do
   echo "fuzz $t: ok, $runs inputs, $cov, corpus $(ls "corpus/$t" | wc -l) kept + $(ls "$work/$t" | wc -l) new" >&2
   rm -f fuzz-*.log
   if [ "${FUZZ_KEEP:-0}" = 1 ]; then
-    cargo fuzz run -O -a "$t" "corpus/$t" "$work/$t" -- -merge=1 -max_len="$(max_len "$t")" >"$log" 2>&1 \
+    cargo fuzz run "${flags[@]}" "$t" "corpus/$t" "$work/$t" -- -merge=1 -max_len="$(max_len "$t")" >"$log" 2>&1 \
       || { tail -20 "$log" >&2; failed+=("$t (merge)"); }
   fi
 done

@@ -99,7 +99,7 @@ pub async fn subscriber(i: usize, rooms: Vec<String>, shared: Arc<Shared>, rec: 
             return;
         }
         let pause = if sleeper {
-            rng.random_range(10_000..30_000)
+            rng.random_range(20_000..40_000)
         } else {
             rng.random_range(100..1_000)
         };
