@@ -47,6 +47,8 @@ enum Command {
     Rooms(scenario::rooms::RoomsArgs),
     /// C clients connecting at once with signed JWTs.
     Storm(scenario::storm::StormArgs),
+    /// N connections in R rooms under steady traffic for a long time; the server sampled.
+    Soak(scenario::soak::SoakArgs),
     /// N idle authenticated connections; server RSS per connection.
     Idle(scenario::idle::IdleArgs),
     /// Two nodes: publisher on one, subscribers on the other; latency at a fixed rate.
@@ -92,6 +94,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Storm(a) => {
             let r = scenario::storm::run(a).await?;
             report::storm(&r);
+            emit(&cli.json, &r)
+        }
+        Command::Soak(a) => {
+            let r = scenario::soak::run(a).await?;
             emit(&cli.json, &r)
         }
         Command::Idle(a) => {

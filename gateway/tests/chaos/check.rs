@@ -23,6 +23,8 @@ pub struct Report {
     pub missing: Vec<String>,
     pub missing_total: usize,
     pub excused: usize,
+    /// Messages a client loaded with `history` after a recovered:false.
+    pub filled: usize,
     pub phantoms: Vec<String>,
     pub not_recovered: usize,
     pub unexplained: Vec<String>,
@@ -46,23 +48,37 @@ impl Report {
 
 pub fn check(truth: &Truth, pubs: &[PubRecord], subs: &[SubRecord]) -> Report {
     let mut rep = Report::default();
-    let oldest = |room: &str| truth.get(room).and_then(|m| m.keys().next().copied()).unwrap_or(u64::MAX);
+    let oldest = |room: &str| {
+        truth
+            .get(room)
+            .and_then(|m| m.keys().next().copied())
+            .unwrap_or(u64::MAX)
+    };
     // Every message known to have existed: stream + acknowledgements.
     let mut known: HashMap<String, BTreeMap<u64, String>> = truth.clone();
     for p in pubs {
         for c in &p.conflicts {
-            rep.ack_conflicts.push(format!("key {} acknowledged as offset {} and {}", c.0, c.1, c.2));
+            rep.ack_conflicts
+                .push(format!("key {} acknowledged as offset {} and {}", c.0, c.1, c.2));
         }
         for (key, (room, offset)) in &p.acks {
             rep.acked += 1;
             match truth.get(room).and_then(|m| m.get(offset)) {
                 Some(k) if k == key => {}
-                Some(k) => rep.mismatched.push(format!("{room}@{offset}: acknowledged {key}, stored {k}")),
+                Some(k) => rep
+                    .mismatched
+                    .push(format!("{room}@{offset}: acknowledged {key}, stored {k}")),
                 // Gone by retention (the room's oldest kept offset is newer).
                 None if *offset < oldest(room) => rep.acked_expired += 1,
-                None => rep.lost.push(format!("{key} acknowledged at {room}@{offset}, not in the stream")),
+                None => rep
+                    .lost
+                    .push(format!("{key} acknowledged at {room}@{offset}, not in the stream")),
             }
-            known.entry(room.clone()).or_default().entry(*offset).or_insert_with(|| key.clone());
+            known
+                .entry(room.clone())
+                .or_default()
+                .entry(*offset)
+                .or_insert_with(|| key.clone());
         }
     }
     for (room, msgs) in truth {
@@ -74,7 +90,8 @@ pub fn check(truth: &Truth, pubs: &[PubRecord], subs: &[SubRecord]) -> Report {
         }
     }
     for (ci, s) in subs.iter().enumerate() {
-        rep.anomalies.extend(s.anomalies.iter().map(|a| format!("client s{ci}: {a}")));
+        rep.anomalies
+            .extend(s.anomalies.iter().map(|a| format!("client s{ci}: {a}")));
         for room in &s.rooms {
             let Some(&start) = s.start.get(room) else {
                 rep.missing.push(format!("client s{ci} never subscribed to {room}"));
@@ -90,14 +107,33 @@ pub fn check(truth: &Truth, pubs: &[PubRecord], subs: &[SubRecord]) -> Report {
                 if !have.insert(*o) {
                     rep.duplicates.push(format!("client s{ci} got {room}@{o} twice"));
                 } else if *o <= last {
-                    rep.out_of_order.push(format!("client s{ci} got {room}@{o} after {last}"));
+                    rep.out_of_order
+                        .push(format!("client s{ci} got {room}@{o} after {last}"));
                 }
                 last = last.max(*o);
                 match known.get(room).and_then(|m| m.get(o)) {
                     Some(want) if want == k => {}
-                    Some(want) => rep.mismatched.push(format!("client s{ci} got {room}@{o} as {k}, stored {want}")),
+                    Some(want) => rep
+                        .mismatched
+                        .push(format!("client s{ci} got {room}@{o} as {k}, stored {want}")),
                     None if *o < oldest(room) => {} // expired, unacknowledged: cannot tell
-                    None => rep.phantoms.push(format!("client s{ci} got {room}@{o} ({k}): never stored")),
+                    None => rep
+                        .phantoms
+                        .push(format!("client s{ci} got {room}@{o} ({k}): never stored")),
+                }
+            }
+            // What `history` reloaded after a recovered:false counts as received.
+            for (o, k) in s.filled.get(room).into_iter().flatten() {
+                rep.filled += 1;
+                if !have.insert(*o) {
+                    rep.duplicates
+                        .push(format!("client s{ci} got {room}@{o} live and from history"));
+                }
+                match known.get(room).and_then(|m| m.get(o)) {
+                    Some(want) if want != k => rep
+                        .mismatched
+                        .push(format!("client s{ci} loaded {room}@{o} as {k}, stored {want}")),
+                    _ => {}
                 }
             }
             let gaps: Vec<_> = s.not_recovered.iter().filter(|n| &n.room == room).collect();
@@ -125,11 +161,13 @@ pub fn check(truth: &Truth, pubs: &[PubRecord], subs: &[SubRecord]) -> Report {
         }
         for g in &s.not_recovered {
             rep.not_recovered += 1;
-            let left = known
-                .get(&g.room)
-                .into_iter()
-                .flatten()
-                .any(|(o, _)| g.since < *o && *o <= g.offset && !truth.get(&g.room).is_some_and(|m| m.contains_key(o)));
+            // The message at `since` counts: the gateway proves that nothing
+            // after `since` is gone by reading it; once it has left the
+            // stream, whether a message between it and the oldest one kept
+            // also left cannot be told (offsets are not contiguous per room).
+            let left = known.get(&g.room).into_iter().flatten().any(|(o, _)| {
+                g.since <= *o && *o <= g.offset && !truth.get(&g.room).is_some_and(|m| m.contains_key(o))
+            });
             if !left {
                 rep.unexplained.push(format!(
                     "client s{ci} {}: recovered:false for since {} (offset {}) with every message still stored",

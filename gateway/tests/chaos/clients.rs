@@ -36,6 +36,12 @@ pub struct SubRecord {
     /// Highest offset seen per room (what `since` resumes from).
     pub cursor: HashMap<String, u64>,
     pub not_recovered: Vec<NotRecovered>,
+    /// `(offset, key)` loaded with `history` after a `recovered:false`, as
+    /// a client does, per room.
+    pub filled: HashMap<String, Vec<(u64, String)>>,
+    /// Gaps still being reloaded: (room, since, offset, next `before`);
+    /// carried over to the next session when a connection ends mid-way.
+    pub fills: Vec<(String, u64, u64, u64)>,
     pub sessions: u64,
     /// Subscribe entries refused (e.g. `unavailable`), retried.
     pub sub_errors: u64,
@@ -57,8 +63,14 @@ pub struct Shared {
 }
 
 fn token(sub: &str) -> String {
-    gateway::auth::mint_hs256(super::procs::SECRET.as_bytes(), sub, vec!["*".into()], vec!["*".into()], Some(7200))
-        .unwrap()
+    gateway::auth::mint_hs256(
+        super::procs::SECRET.as_bytes(),
+        sub,
+        vec!["*".into()],
+        vec!["*".into()],
+        Some(7200),
+    )
+    .unwrap()
 }
 
 async fn open(url: &str, sub: &str) -> Option<Ws> {
@@ -123,6 +135,10 @@ fn subscribe_cmd(id: u32, rooms: &[String], rec: &SubRecord) -> Value {
     json!({"id": id, "op": "subscribe", "rooms": entries})
 }
 
+fn history_cmd(id: u32, room: &str, before: u64) -> String {
+    json!({"id": id, "op": "history", "room": room, "before": before, "limit": 200}).to_string()
+}
+
 /// One connection: subscribe, then read until it fails, stalls for 8 s, the
 /// run stops, or `len` (sleepers) is up.
 async fn session(
@@ -136,6 +152,17 @@ async fn session(
     let mut next_id = 2u32;
     // id -> (rooms, their `since`) of subscribes awaiting a reply.
     let mut pending: HashMap<u32, Vec<(String, Option<u64>)>> = HashMap::new();
+    // id -> the gap a `history` request fills: (room, since, offset).
+    let mut history: HashMap<u32, (String, u64, u64)> = HashMap::new();
+    let mut to_send: Vec<String> = Vec::new();
+    {
+        let r = rec.lock().unwrap();
+        for (room, since, upto, before) in &r.fills {
+            to_send.push(history_cmd(next_id, room, *before));
+            history.insert(next_id, (room.clone(), *since, *upto));
+            next_id += 1;
+        }
+    }
     let mut retry: Vec<String> = rooms.to_vec();
     let mut retry_at = Instant::now();
     let mut ping = tokio::time::interval(Duration::from_secs(2));
@@ -145,12 +172,20 @@ async fn session(
             let cmd = {
                 let r = rec.lock().unwrap();
                 let c = subscribe_cmd(next_id, &retry, &r);
-                pending.insert(next_id, retry.iter().map(|x| (x.clone(), r.cursor.get(x).copied())).collect());
+                pending.insert(
+                    next_id,
+                    retry.iter().map(|x| (x.clone(), r.cursor.get(x).copied())).collect(),
+                );
                 c
             };
             next_id += 1;
             retry.clear();
             if ws.send(Message::text(cmd.to_string())).await.is_err() {
+                return;
+            }
+        }
+        for cmd in to_send.drain(..) {
+            if ws.send(Message::text(cmd)).await.is_err() {
                 return;
             }
         }
@@ -178,7 +213,38 @@ async fn session(
         };
         let mut r = rec.lock().unwrap();
         if let Some(id) = v["id"].as_u64() {
-            let Some(asked) = pending.remove(&(id as u32)) else { continue };
+            if let Some((room, since, upto)) = history.remove(&(id as u32)) {
+                // A page of the gap, oldest first; ask for the page before it
+                // until the gap is covered.
+                let msgs = v["ok"]["messages"].as_array().cloned().unwrap_or_default();
+                let fill = r.filled.entry(room.clone()).or_default();
+                for m in &msgs {
+                    let o = m["offset"].as_u64().unwrap_or(0);
+                    if o > since && o <= upto {
+                        fill.push((o, m["data"]["k"].as_str().unwrap_or("").to_string()));
+                    }
+                }
+                let oldest = msgs.first().and_then(|m| m["offset"].as_u64()).unwrap_or(0);
+                let at = r.fills.iter().position(|f| f.0 == room && f.1 == since && f.2 == upto);
+                if v.get("error").is_some() {
+                    // Retried with the next session (e.g. unavailable).
+                    continue;
+                }
+                if v["ok"]["more"] == true && oldest > since + 1 {
+                    to_send.push(history_cmd(next_id, &room, oldest));
+                    if let Some(i) = at {
+                        r.fills[i].3 = oldest;
+                    }
+                    history.insert(next_id, (room, since, upto));
+                    next_id += 1;
+                } else if let Some(i) = at {
+                    r.fills.remove(i);
+                }
+                continue;
+            }
+            let Some(asked) = pending.remove(&(id as u32)) else {
+                continue;
+            };
             let Some(results) = v["ok"]["rooms"].as_array() else {
                 // The whole command failed (e.g. unavailable): ask again.
                 r.sub_errors += 1;
@@ -204,6 +270,11 @@ async fn session(
                         since: since.unwrap_or(0),
                         offset,
                     });
+                    // Reload what is still stored of the gap, as a client does.
+                    to_send.push(history_cmd(next_id, &room, offset + 1));
+                    r.fills.push((room.clone(), since.unwrap_or(0), offset, offset + 1));
+                    history.insert(next_id, (room.clone(), since.unwrap_or(0), offset));
+                    next_id += 1;
                     let c = r.cursor.entry(room).or_insert(0);
                     *c = (*c).max(offset);
                 }
@@ -249,7 +320,14 @@ pub struct PubRecord {
 /// A publisher: `rate` keyed publishes per second to random rooms, each
 /// retried (any gateway) until acknowledged; 5% are sent again after their
 /// acknowledgement, which must answer the same offset.
-pub async fn publisher(p: usize, rooms: Vec<String>, rate: f64, shared: Arc<Shared>, rec: Arc<Mutex<PubRecord>>, seed: u64) {
+pub async fn publisher(
+    p: usize,
+    rooms: Vec<String>,
+    rate: f64,
+    shared: Arc<Shared>,
+    rec: Arc<Mutex<PubRecord>>,
+    seed: u64,
+) {
     let mut rng = StdRng::seed_from_u64(seed);
     let sub = format!("pub{p}");
     let mut g = p % shared.urls.len();
@@ -296,7 +374,9 @@ pub async fn publisher(p: usize, rooms: Vec<String>, rate: f64, shared: Arc<Shar
                     Some(v) => {
                         let code = v["error"]["code"].as_str().unwrap_or("?").to_string();
                         *rec.lock().unwrap().errors.entry(code).or_default() += 1;
-                        let wait = v["error"]["retry_after_ms"].as_u64().unwrap_or(rng.random_range(200..600));
+                        let wait = v["error"]["retry_after_ms"]
+                            .as_u64()
+                            .unwrap_or(rng.random_range(200..600));
                         sleep(Duration::from_millis(wait)).await;
                     }
                     None => {

@@ -107,7 +107,11 @@ impl Run {
                 p.signal(true);
                 self.log(&format!("SIGSTOP {pname} for {held:?}"));
                 sleep(held).await;
-                let p = if label == "SIGSTOP nats" { &mut self.nats[i] } else { &mut self.gateways[j] };
+                let p = if label == "SIGSTOP nats" {
+                    &mut self.nats[i]
+                } else {
+                    &mut self.gateways[j]
+                };
                 p.signal(false);
                 label
             }
@@ -197,7 +201,9 @@ async fn read_streams(urls: &str, partitions: u32) -> check::Truth {
     let mut truth = check::Truth::new();
     for p in 0..partitions {
         let name = format!("GW_ROOMS_{p}");
-        let Ok(stream) = js.get_stream(&name).await else { continue };
+        let Ok(stream) = js.get_stream(&name).await else {
+            continue;
+        };
         let info = stream.get_info().await.expect("stream info");
         if info.state.messages == 0 {
             continue;
@@ -252,7 +258,15 @@ async fn acknowledged_messages_survive_kills_stops_partitions_and_slow_links() {
     for (j, k) in knobs.iter().enumerate() {
         let mut row = Vec::new();
         for i in 0..3 {
-            row.push(proxy::start(&net.root_ip(), format!("{}:4222", net.nats_ip(i)), k.clone(), seed ^ (j * 3 + i) as u64).await);
+            row.push(
+                proxy::start(
+                    &net.root_ip(),
+                    format!("{}:4222", net.nats_ip(i)),
+                    k.clone(),
+                    seed ^ (j * 3 + i) as u64,
+                )
+                .await,
+            );
         }
         ports.push(row);
     }
@@ -269,7 +283,11 @@ async fn acknowledged_messages_survive_kills_stops_partitions_and_slow_links() {
         p.start();
     }
     for i in 0..3 {
-        assert!(run.nats_healthy(i, Duration::from_secs(60)).await, "nats n{i} did not start:\n{}", run.nats[i].log_tail(30));
+        assert!(
+            run.nats_healthy(i, Duration::from_secs(60)).await,
+            "nats n{i} did not start:\n{}",
+            run.nats[i].log_tail(30)
+        );
     }
     for p in &mut run.gateways {
         p.start();
@@ -289,7 +307,9 @@ async fn acknowledged_messages_survive_kills_stops_partitions_and_slow_links() {
     let (stop_pub_tx, stop_publishing) = watch::channel(false);
     let (calm_tx, calm) = watch::channel(false);
     let shared = Arc::new(Shared {
-        urls: (0..3).map(|j| format!("ws://{}:8080/ws", run.net.gateway_ip(j))).collect(),
+        urls: (0..3)
+            .map(|j| format!("ws://{}:8080/ws", run.net.gateway_ip(j)))
+            .collect(),
         stop,
         stop_publishing,
         calm,
@@ -302,7 +322,13 @@ async fn acknowledged_messages_survive_kills_stops_partitions_and_slow_links() {
             .into_iter()
             .map(|r| rooms[r].clone())
             .collect();
-        tasks.push(tokio::spawn(clients::subscriber(i, mine, shared.clone(), rec.clone(), rng.random())));
+        tasks.push(tokio::spawn(clients::subscriber(
+            i,
+            mine,
+            shared.clone(),
+            rec.clone(),
+            rng.random(),
+        )));
     }
     // Let the subscriptions settle before anything is published.
     let settle = Instant::now() + Duration::from_secs(30);
@@ -313,7 +339,14 @@ async fn acknowledged_messages_survive_kills_stops_partitions_and_slow_links() {
     let pubs: Vec<Arc<Mutex<PubRecord>>> = (0..n_pubs).map(|_| Arc::default()).collect();
     let mut pub_tasks = Vec::new();
     for (p, rec) in pubs.iter().enumerate() {
-        pub_tasks.push(tokio::spawn(clients::publisher(p, rooms.clone(), rate, shared.clone(), rec.clone(), rng.random())));
+        pub_tasks.push(tokio::spawn(clients::publisher(
+            p,
+            rooms.clone(),
+            rate,
+            shared.clone(),
+            rec.clone(),
+            rng.random(),
+        )));
     }
 
     let end = Instant::now() + Duration::from_secs(secs);
@@ -327,10 +360,16 @@ async fn acknowledged_messages_survive_kills_stops_partitions_and_slow_links() {
     // Publishers finish their current key (each retried at most 60 s).
     stop_pub_tx.send_replace(true);
     for t in pub_tasks {
-        tokio::time::timeout(Duration::from_secs(180), t).await.expect("publishers end").unwrap();
+        tokio::time::timeout(Duration::from_secs(180), t)
+            .await
+            .expect("publishers end")
+            .unwrap();
     }
     run.log("publishers done; waiting for every client to catch up");
-    let urls: String = (0..3).map(|i| format!("nats://{}:4222", run.net.nats_ip(i))).collect::<Vec<_>>().join(",");
+    let urls: String = (0..3)
+        .map(|i| format!("nats://{}:4222", run.net.nats_ip(i)))
+        .collect::<Vec<_>>()
+        .join(",");
     let truth = read_streams(&urls, 4).await;
     let latest = |room: &str| truth.get(room).and_then(|m| m.keys().last().copied()).unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -339,7 +378,10 @@ async fn acknowledged_messages_survive_kills_stops_partitions_and_slow_links() {
             .iter()
             .filter(|s| {
                 let s = s.lock().unwrap();
-                s.rooms.iter().any(|r| s.cursor.get(r).copied().unwrap_or(0) < latest(r))
+                !s.fills.is_empty()
+                    || s.rooms
+                        .iter()
+                        .any(|r| s.cursor.get(r).copied().unwrap_or(0) < latest(r))
             })
             .count();
         if behind == 0 || Instant::now() > deadline {
@@ -367,7 +409,11 @@ async fn acknowledged_messages_survive_kills_stops_partitions_and_slow_links() {
     }
     let sessions: u64 = subs.iter().map(|s| s.sessions).sum();
     let sub_errors: u64 = subs.iter().map(|s| s.sub_errors).sum();
-    eprintln!("chaos: seed {seed}; faults {:?}; crashes {}", run.faults, run.crashes.len());
+    eprintln!(
+        "chaos: seed {seed}; faults {:?}; crashes {}",
+        run.faults,
+        run.crashes.len()
+    );
     eprintln!(
         "chaos: publishes: {} attempts, {} retries, {} deliberate resends, {} keys acknowledged, {} gave up; errors {errors:?}",
         sum(|p| p.attempts),
@@ -395,9 +441,10 @@ async fn acknowledged_messages_survive_kills_stops_partitions_and_slow_links() {
         rep.phantoms.len()
     );
     eprintln!(
-        "chaos: recovered:false {} ({} unexplained), {} messages excused by them (left the stream); anomalies {}",
+        "chaos: recovered:false {} ({} unexplained), {} messages reloaded with history after them, {} excused (left the stream); anomalies {}",
         rep.not_recovered,
         rep.unexplained.len(),
+        rep.filled,
         rep.excused,
         rep.anomalies.len()
     );

@@ -77,7 +77,10 @@ impl Net {
         run(Some(&hub), &["ip", "link", "set", "br0", "up"]);
         // The test's own leg on the bridge (clients of NATS: proxies, checker).
         let root_if = format!("{}r", net.tag);
-        run(None, &["ip", "link", "add", &root_if, "type", "veth", "peer", "name", "hub-r"]);
+        run(
+            None,
+            &["ip", "link", "add", &root_if, "type", "veth", "peer", "name", "hub-r"],
+        );
         run(None, &["ip", "link", "set", "hub-r", "netns", &hub]);
         run(None, &["ip", "addr", "add", &format!("10.{r}.0.1/24"), "dev", &root_if]);
         run(None, &["ip", "link", "set", &root_if, "up"]);
@@ -90,11 +93,27 @@ impl Net {
             net.leaf(&ns, &format!("g{j}"), &format!("10.{r}.0.{}", 20 + j));
             // The clients' link, straight to the root namespace.
             let root_side = format!("{}c{j}", net.tag);
-            run(None, &["ip", "link", "add", &root_side, "type", "veth", "peer", "name", "cli"]);
+            run(
+                None,
+                &["ip", "link", "add", &root_side, "type", "veth", "peer", "name", "cli"],
+            );
             run(None, &["ip", "link", "set", "cli", "netns", &ns]);
-            run(None, &["ip", "addr", "add", &format!("10.{r}.{}.1/30", 1 + j), "dev", &root_side]);
+            run(
+                None,
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("10.{r}.{}.1/30", 1 + j),
+                    "dev",
+                    &root_side,
+                ],
+            );
             run(None, &["ip", "link", "set", &root_side, "up"]);
-            run(Some(&ns), &["ip", "addr", "add", &format!("{}/30", net.gateway_ip(j)), "dev", "cli"]);
+            run(
+                Some(&ns),
+                &["ip", "addr", "add", &format!("{}/30", net.gateway_ip(j)), "dev", "cli"],
+            );
             run(Some(&ns), &["ip", "link", "set", "cli", "up"]);
         }
         net
@@ -106,7 +125,10 @@ impl Net {
         let hub = self.hub();
         run(None, &["ip", "netns", "add", ns]);
         run(Some(ns), &["ip", "link", "set", "lo", "up"]);
-        run(Some(ns), &["ip", "link", "add", "eth0", "type", "veth", "peer", "name", hub_if]);
+        run(
+            Some(ns),
+            &["ip", "link", "add", "eth0", "type", "veth", "peer", "name", hub_if],
+        );
         run(Some(ns), &["ip", "link", "set", hub_if, "netns", &hub]);
         run(Some(ns), &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         run(Some(ns), &["ip", "link", "set", "eth0", "up"]);
@@ -138,7 +160,10 @@ impl Net {
     /// Takes the hub side of a NATS server's (`n<i>`) or gateway's (`g<j>`)
     /// link down or up.
     pub fn link(&self, hub_if: &str, up: bool) {
-        run(Some(&self.hub()), &["ip", "link", "set", hub_if, if up { "up" } else { "down" }]);
+        run(
+            Some(&self.hub()),
+            &["ip", "link", "set", hub_if, if up { "up" } else { "down" }],
+        );
     }
 
     /// Throttles what flows through the bridge to `hub_if` with a token
@@ -148,7 +173,10 @@ impl Net {
         match rate {
             Some(rate) => run(
                 Some(&hub),
-                &["tc", "qdisc", "replace", "dev", hub_if, "root", "tbf", "rate", rate, "burst", "16kbit", "latency", "400ms"],
+                &[
+                    "tc", "qdisc", "replace", "dev", hub_if, "root", "tbf", "rate", rate, "burst", "16kbit", "latency",
+                    "400ms",
+                ],
             ),
             None => {
                 let _ = cmd(Some(&hub), &["tc", "qdisc", "del", "dev", hub_if, "root"]).output();
@@ -176,12 +204,15 @@ fn delete_tagged(tag: &str) {
     for ns in namespaces().into_iter().filter(|n| n.starts_with(&format!("{tag}-"))) {
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
     }
-    let out = Command::new("ip").args(["-o", "link", "show"]).output().expect("ip runs");
+    let out = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .expect("ip runs");
     for l in String::from_utf8_lossy(&out.stdout).lines() {
-        if let Some(name) = l.split(':').nth(1).map(|s| s.trim().split('@').next().unwrap_or("")) {
-            if name.starts_with(tag) {
-                let _ = Command::new("ip").args(["link", "del", name]).output();
-            }
+        if let Some(name) = l.split(':').nth(1).map(|s| s.trim().split('@').next().unwrap_or(""))
+            && name.starts_with(tag)
+        {
+            let _ = Command::new("ip").args(["link", "del", name]).output();
         }
     }
 }
@@ -199,7 +230,10 @@ fn clean_stale() {
 
 /// A second octet whose 10.R.0.0/16 no interface of the root namespace uses.
 fn free_octet(pid: u32) -> u8 {
-    let out = Command::new("ip").args(["-o", "addr", "show"]).output().expect("ip runs");
+    let out = Command::new("ip")
+        .args(["-o", "addr", "show"])
+        .output()
+        .expect("ip runs");
     let used = String::from_utf8_lossy(&out.stdout).to_string();
     (0..50)
         .map(|k| 200 + ((pid as usize + k) % 50) as u8)

@@ -70,7 +70,9 @@ impl Proc {
     pub fn signal(&mut self, stop: bool) {
         if let Some(c) = &self.child {
             let sig = if stop { "-STOP" } else { "-CONT" };
-            let _ = std::process::Command::new("kill").args([sig, &c.id().to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status();
             self.stopped = stop;
         }
     }
@@ -94,7 +96,11 @@ pub fn nats(net: &Net, dir: &Path) -> Vec<Proc> {
     let bin = std::env::var("NATS_SERVER")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.tools/venv/bin/nats-server"));
-    assert!(bin.exists(), "nats-server not found at {}: run scripts/ensure-nats.sh", bin.display());
+    assert!(
+        bin.exists(),
+        "nats-server not found at {}: run scripts/ensure-nats.sh",
+        bin.display()
+    );
     let routes: Vec<String> = (0..net.nats)
         .map(|i| format!("\"nats-route://{}:6222\"", net.nats_ip(i)))
         .collect();
@@ -153,7 +159,12 @@ pub fn gateways(net: &Net, dir: &Path, proxy_ports: &[Vec<u16>], history: usize)
                 "--drain-timeout-ms".into(),
                 "1000".into(),
             ];
-            Proc::new(format!("gateway gw{j}"), net.gateway_ns(j), args, dir.join(format!("gw{j}.log")))
+            Proc::new(
+                format!("gateway gw{j}"),
+                net.gateway_ns(j),
+                args,
+                dir.join(format!("gw{j}.log")),
+            )
         })
         .collect()
 }
@@ -168,7 +179,11 @@ pub async fn http_status(addr: &str, path: &str) -> Option<u16> {
             .ok()?;
         let mut buf = vec![0u8; 64];
         let n = s.read(&mut buf).await.ok()?;
-        String::from_utf8_lossy(&buf[..n]).split_whitespace().nth(1)?.parse().ok()
+        String::from_utf8_lossy(&buf[..n])
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     };
     tokio::time::timeout(Duration::from_secs(2), fut).await.ok().flatten()
 }

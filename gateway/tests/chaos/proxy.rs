@@ -56,11 +56,14 @@ pub async fn start(listen_ip: &str, upstream: String, knobs: Knobs, seed: u64) -
     tokio::spawn(async move {
         let mut n = 0u64;
         loop {
-            let Ok((down, _)) = listener.accept().await else { continue };
+            let Ok((down, _)) = listener.accept().await else {
+                continue;
+            };
             n += 1;
             let (knobs, upstream) = (knobs.clone(), upstream.clone());
             tokio::spawn(async move {
-                let Ok(Ok(up)) = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&upstream)).await else {
+                let Ok(Ok(up)) = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&upstream)).await
+                else {
                     return;
                 };
                 let _ = up.set_nodelay(true);
@@ -83,12 +86,7 @@ pub async fn start(listen_ip: &str, upstream: String, knobs: Knobs, seed: u64) -
 
 /// One direction: a reader stamping chunks with their due time, a writer
 /// sending each no earlier (and in order).
-async fn pipe(
-    mut r: tokio::net::tcp::OwnedReadHalf,
-    mut w: tokio::net::tcp::OwnedWriteHalf,
-    knobs: Knobs,
-    seed: u64,
-) {
+async fn pipe(mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, knobs: Knobs, seed: u64) {
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(256);
     let reader = async move {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -100,7 +98,12 @@ async fn pipe(
                 Ok(n) => n,
             };
             let f = knobs.get();
-            let mut hold = f.delay_ms + if f.jitter_ms > 0 { rng.random_range(0..=f.jitter_ms) } else { 0 };
+            let mut hold = f.delay_ms
+                + if f.jitter_ms > 0 {
+                    rng.random_range(0..=f.jitter_ms)
+                } else {
+                    0
+                };
             if f.loss_per_mille > 0 && rng.random_range(0..1000) < f.loss_per_mille {
                 hold += rng.random_range(200..=600);
             }
