@@ -17,8 +17,7 @@ fuzz_target!(|data: &[u8]| {
         from: "u".into(),
         data: bytes::Bytes::copy_from_slice(data),
     });
-    let push: serde_json::Value =
-        serde_json::from_slice(&msg.frame(Codec::Json).payload()).expect("the push is JSON");
+    let push: serde_json::Value = serde_json::from_slice(&msg.frame(Codec::Json).payload()).expect("the push is JSON");
     let want: serde_json::Value = serde_json::from_slice(data).unwrap();
     assert_eq!(push["data"], want);
     assert_eq!(&msg.message().data[..], data);

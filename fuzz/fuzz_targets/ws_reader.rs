@@ -30,9 +30,15 @@ impl AsyncRead for Chunked<'_> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&first, rest)) = data.split_first() else { return };
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
     // Half the inputs arrive with the upgrade (all pre-read), half by reads.
-    let (pre, stream) = if first & 1 == 0 { (rest, &[][..]) } else { (&[][..], rest) };
+    let (pre, stream) = if first & 1 == 0 {
+        (rest, &[][..])
+    } else {
+        (&[][..], rest)
+    };
     let step = usize::from(first >> 1).max(1);
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     rt.block_on(async {
