@@ -34,7 +34,10 @@ async fn tasks_alive_follows_connections_and_returns_when_they_close() {
         if now <= before {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "tasks stayed at {now} (before {before})");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tasks stayed at {now} (before {before})"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
