@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace, then the Autobahn WebSocket conformance
-# suite, the Helm chart checks, the alert rules (promtool) and the Dockerfile
-# lint. Installs what the tests need first (nats-server, autobahntestsuite,
-# the embedded Helm and validators, hadolint and Node.js 22 for tests/compression.rs into .tools/; Node 22,
-# playwright-core and typescript into .tools/web; Debian's chromium for the
-# browser client's tests and Debian's prometheus package for Prometheus and
-# promtool), so it works on a fresh
-# machine.
+# Runs every test of the workspace (the short chaos run among them:
+# gateway/tests/chaos, network namespaces, needs root and iproute2), then the
+# Autobahn WebSocket conformance suite, the Helm chart checks, the alert rules
+# (promtool), the Dockerfile lint and every fuzz target for 15 s. Installs what
+# the tests need first (nats-server, iproute2, autobahntestsuite, the embedded
+# Helm and validators, hadolint, cargo-fuzz and Node.js 22 into .tools/; Node
+# 22, playwright-core and typescript into .tools/web; Debian's chromium and
+# prometheus packages), so it works on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NATS_SERVER=$(scripts/ensure-nats.sh)
@@ -20,6 +20,10 @@ export PROMETHEUS
 # Node.js 22's global WebSocket: the client of tests/compression.rs.
 NODE=$(scripts/ensure-node.sh)
 export NODE
+if ! command -v ip >/dev/null || ! command -v tc >/dev/null; then
+  echo "installing iproute2 (ip, tc) for the chaos run" >&2
+  apt-get install -y -qq iproute2 >&2 || { apt-get update -qq && apt-get install -y -qq iproute2; } >&2
+fi
 cargo test --workspace --all-targets "$@"
 # WebSocket conformance of the gateway's own framing and compression
 # (Autobahn|Testsuite, about 12 minutes with 12.x/13.x, plus the install);
@@ -32,4 +36,7 @@ if [ $# -eq 0 ]; then
   helm/promtool.sh
   # Dockerfile and Containerfile.scratch: hadolint, warnings fail.
   scripts/lint-dockerfile.sh
+  # Every decoder of outside input under libFuzzer (cargo-fuzz on stable),
+  # 15 s each on a copy of fuzz/corpus; the build is ~5-10 minutes cold.
+  FUZZ_SECONDS=${FUZZ_SECONDS:-15} scripts/fuzz.sh
 fi

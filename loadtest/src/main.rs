@@ -47,6 +47,8 @@ enum Command {
     Rooms(scenario::rooms::RoomsArgs),
     /// C clients connecting at once with signed JWTs.
     Storm(scenario::storm::StormArgs),
+    /// N connections in R rooms under steady traffic for a long time; the server sampled.
+    Soak(scenario::soak::SoakArgs),
     /// N idle authenticated connections; server RSS per connection.
     Idle(scenario::idle::IdleArgs),
     /// Bytes on the wire per delivery (chat messages, a 2,000-room catch-up), compression off and on.
@@ -99,6 +101,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Wire(a) => {
             let r = scenario::wire::run(a).await?;
             report::wire(&r);
+            emit(&cli.json, &r)
+        }
+        Command::Soak(a) => {
+            let r = scenario::soak::run(a).await?;
             emit(&cli.json, &r)
         }
         Command::Idle(a) => {

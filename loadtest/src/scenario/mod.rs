@@ -11,6 +11,7 @@
 pub mod fanout;
 pub mod idle;
 pub mod rooms;
+pub mod soak;
 pub mod storm;
 pub mod wire;
 

@@ -55,11 +55,19 @@ pub(super) async fn ensure_stream(
     let mut stream = loop {
         attempt += 1;
         match js.get_stream(&name).await {
-            Ok(mut s) => {
-                let info = s.info().await.map_err(|e| wrap(Box::new(e)))?;
-                check_stream(&name, &info.config, cfg)?;
-                break s;
-            }
+            Ok(mut s) => match s.info().await {
+                Ok(info) => {
+                    check_stream(&name, &info.config, cfg)?;
+                    break s;
+                }
+                // A stream another gateway has just created can answer
+                // "not found" for a moment (its group not formed yet).
+                Err(e) if attempt < 5 => {
+                    tracing::debug!(stream = %name, error = %e, "new stream not readable yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+                Err(e) => return Err(wrap(Box::new(e))),
+            },
             Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
             {
                 tracing::info!(stream = %name, replicas = cfg.replicas, "creating room stream");
@@ -83,7 +91,17 @@ pub(super) async fn ensure_stream(
     // ready before its streams can take writes.
     let deadline = Instant::now() + cfg.connect_timeout;
     loop {
-        let info = stream.get_info().await.map_err(|e| wrap(Box::new(e)))?;
+        // Right after its creation a replicated stream may answer "not
+        // found" until its group has formed: wait for it like for a leader.
+        let info = match stream.get_info().await {
+            Ok(info) => info,
+            Err(e) if Instant::now() <= deadline => {
+                tracing::debug!(stream = %name, error = %e, "new stream not readable yet; waiting");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => return Err(wrap(Box::new(e))),
+        };
         let has_leader = info
             .cluster
             .as_ref()
