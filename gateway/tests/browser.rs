@@ -1,11 +1,13 @@
 //! The browser client (`gateway/web`): its unit tests in Node's test runner,
 //! its TypeScript declarations (`tsc`), its npm package, the dev-mode routes,
-//! and end-to-end scenarios in headless Chromium against real gateway
-//! processes (and a real 3-node NATS cluster where two gateways are joined).
+//! and end-to-end scenarios in headless Chromium (and one in headless Firefox)
+//! against real gateway processes (and a real 3-node NATS cluster where two
+//! gateways are joined).
 //!
-//! Node 22+, playwright-core, typescript and Chromium are installed by
-//! `scripts/ensure-web.sh` when missing (run from here, once per test
-//! binary). A scenario that cannot launch Chromium fails; nothing is skipped.
+//! Node 22+, playwright-core, puppeteer-core, typescript, Chromium and
+//! Firefox ESR are installed by `scripts/ensure-web.sh` when missing (run
+//! from here, once per test binary). A scenario that cannot launch its
+//! browser fails; nothing is skipped.
 //! Scenario scripts live in `gateway/web/test/e2e/`; the screenshot of the
 //! demo page is written to `$CARGO_TARGET_TMPDIR/browser/demo.png`.
 
@@ -272,6 +274,7 @@ fn scenario(name: &str, config: Value, gateways: &mut [&mut Gateway]) {
         .env("E2E_CONFIG", config.to_string())
         .env("E2E_TOOLS", &t.dir)
         .env("CHROMIUM", "/usr/bin/chromium")
+        .env("FIREFOX", "/usr/bin/firefox-esr")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -460,4 +463,20 @@ fn the_demo_works_over_wss_with_a_self_signed_certificate() {
     a.log_with("Demo chat:    https://");
     let config = json!({"url": format!("https://{}", a.addr)});
     scenario("tls", config, &mut [&mut a]);
+}
+
+/// The client in Firefox (Debian's firefox-esr over WebDriver BiDi): two
+/// pages served by one dev-mode gateway chat both ways, a background room
+/// counts unread messages from notify-mode activity, and the SDK's state
+/// events follow a SIGKILL and restart of the gateway (disconnected with
+/// 1006, reconnected by itself, chat goes on) and a close by the app.
+#[test]
+fn the_client_works_in_firefox_two_pages_chat_count_unread_and_report_state() {
+    let mut a = Gateway::start(&[]);
+    let shot = out_dir().join("demo-firefox.png");
+    let _ = std::fs::remove_file(&shot);
+    let config = json!({"url": a.http(), "screenshot": shot});
+    scenario("firefox", config, &mut [&mut a]);
+    let png = std::fs::read(&shot).expect("the Firefox screenshot was written");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{}", png.len());
 }

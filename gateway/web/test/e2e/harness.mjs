@@ -1,5 +1,6 @@
-// Shared parts of the browser scenarios: Chromium through playwright-core
-// (both installed by scripts/ensure-web.sh), the demo page, and a line
+// Shared parts of the browser scenarios: Chromium through playwright-core,
+// Firefox ESR through puppeteer-core over WebDriver BiDi (all installed by
+// scripts/ensure-web.sh), the demo page, and a line
 // protocol with the Rust test that owns the gateway processes: a scenario
 // prints "@@ <request>" and reads one line back once it is done.
 import assert from 'node:assert/strict';
@@ -26,6 +27,21 @@ export function launch() {
       '--disable-component-update',
       '--disable-sync',
     ],
+  });
+}
+
+/**
+ * Headless Debian Firefox ESR driven by puppeteer-core over WebDriver BiDi
+ * (Playwright needs its own patched Firefox build; puppeteer speaks the
+ * standard protocol stock Firefox ships). Its pages have puppeteer's API,
+ * not Playwright's: the Firefox scenario has its own page helpers.
+ */
+export function launchFirefox() {
+  const puppeteer = require('puppeteer-core');
+  return puppeteer.launch({
+    browser: 'firefox',
+    executablePath: process.env.FIREFOX ?? '/usr/bin/firefox-esr',
+    headless: true,
   });
 }
 
@@ -89,15 +105,18 @@ export async function waitForText(page, text, from, timeout = 30_000) {
   );
 }
 
-/** Runs a scenario with an overall limit; exit status 0 only when it passed. */
-export async function main(limitMs, scenario) {
+/**
+ * Runs a scenario with an overall limit; exit status 0 only when it passed.
+ * `start` launches the browser (Chromium unless told otherwise).
+ */
+export async function main(limitMs, scenario, start = launch) {
   const timer = setTimeout(() => {
     console.error(`scenario did not finish within ${limitMs} ms`);
     process.exit(2);
   }, limitMs);
   let browser;
   try {
-    browser = await launch();
+    browser = await start();
     await scenario(browser);
     console.log('PASS');
     clearTimeout(timer);
