@@ -13,7 +13,19 @@ const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     gateway::transport::tls::install_default_provider();
-    let cli = Cli::parse();
+    // A value clap cannot parse is an invalid configuration like any other
+    // (64); `--help` and `--version` still exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let config = cli
         .opts
         .with_file()

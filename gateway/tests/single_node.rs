@@ -523,6 +523,35 @@ async fn health_and_readiness() {
 }
 
 #[tokio::test]
+async fn a_draining_node_still_answers_its_probes_and_refuses_upgrades() {
+    // Closes spread over 3 s: the drain lasts that long with clients on.
+    let node = TestNode::with(|o| o.drain_spread_ms = Some(3000)).await;
+    let (healthz, readyz, ws) = (node.http("/healthz"), node.http("/readyz"), node.url());
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        clients.push(node.client(&format!("d{i}")).await);
+    }
+    let report = tokio::spawn(node.shutdown());
+    let mut ready = None;
+    for _ in 0..100 {
+        ready = common::try_http_get(&readyz).await.map(|(c, _)| c);
+        if ready == Some(503) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ready, Some(503), "not ready while draining");
+    assert_eq!(http_status(&healthz).await, 200, "alive while draining");
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let refused = Client::try_open(ws.as_str().into_client_request().unwrap()).await;
+    assert_eq!(refused.err(), Some(503), "no new connections while draining");
+    for c in &mut clients {
+        assert_eq!(c.closed().await, Ended::Close(1012));
+    }
+    assert!(within(report).await.unwrap().clean);
+}
+
+#[tokio::test]
 async fn shutdown_sends_1012_to_every_client() {
     let node = TestNode::start().await;
     let mut clients = Vec::new();

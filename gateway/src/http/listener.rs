@@ -28,7 +28,13 @@ pub(super) async fn accept_loop(node: Arc<Node>, listener: TcpListener, router: 
         };
         let _ = tcp.set_nodelay(true);
         let router = router.clone();
-        let token = node.shutdown.clone();
+        // Accepted while draining: one request, then the connection ends
+        // (the drain waits for it, so it must not linger).
+        let token = if node.is_draining() {
+            None
+        } else {
+            Some(node.shutdown.clone())
+        };
         // One shared config whose resolver hands out the current certificate
         // per handshake: a reload reaches the next handshake, established
         // sessions keep theirs.
@@ -71,7 +77,11 @@ pub(super) const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) const MAX_REQUEST_HEAD_BYTES: usize = 64 * 1024;
 
 /// Serves HTTP/1.1 (and upgrades) on one accepted connection, plain or TLS.
-pub(super) async fn serve_http<I>(io: I, peer: SocketAddr, router: Router, token: CancellationToken)
+///
+/// With `token`, the connection is kept alive until the token is cancelled
+/// (then shut down gracefully); without (a node already draining), it serves
+/// one request.
+pub(super) async fn serve_http<I>(io: I, peer: SocketAddr, router: Router, token: Option<CancellationToken>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -81,6 +91,7 @@ where
         async move { router.call(req.map(Body::new)).await }
     });
     let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(token.is_some())
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
         .max_buf_size(MAX_REQUEST_HEAD_BYTES)
@@ -93,7 +104,12 @@ where
                 tracing::debug!(%peer, error = %e, "http connection ended");
             }
         }
-        () = token.cancelled() => {
+        () = async {
+            match &token {
+                Some(t) => t.cancelled().await,
+                None => std::future::pending().await,
+            }
+        } => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
         }

@@ -33,11 +33,22 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
     let router = router(node.clone());
     node.start_services();
     let accept = listener::accept_loop(node.clone(), listener, router);
+    tokio::pin!(accept);
     tokio::select! {
-        () = accept => {}
+        () = &mut accept => {}
         () = shutdown => {}
     }
-    drain(&node).await
+    // The listener stays open while the node drains: `/healthz` answers 200,
+    // `/readyz` 503 and a WebSocket upgrade 503, each on a connection that
+    // serves one request; it closes when the drain is over.
+    let drained = drain(&node);
+    tokio::pin!(drained);
+    loop {
+        tokio::select! {
+            report = &mut drained => return report,
+            () = &mut accept => {}
+        }
+    }
 }
 
 /// The HTTP routes of a node.
