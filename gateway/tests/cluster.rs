@@ -305,14 +305,7 @@ async fn while_nats_is_down_publishes_are_refused_and_missed_messages_arrive_aft
     cluster.servers[0].kill();
     // A notices: not ready, publishes refused, its clients stay connected.
     let readyz = a.http("/readyz");
-    let mut code = None;
-    for _ in 0..100 {
-        code = common::try_http_get(&readyz).await.map(|(c, _)| c);
-        if code == Some(503) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let code = common::wait_for_status(&readyz, 503).await;
     assert_eq!(code, Some(503), "not ready while NATS is down");
     let r = on_a.publish("outage", json!("lost?")).await;
     assert_eq!(r["error"]["code"], "unavailable", "never a false ok: {r}");

@@ -532,14 +532,7 @@ async fn a_draining_node_still_answers_its_probes_and_refuses_upgrades() {
         clients.push(node.client(&format!("d{i}")).await);
     }
     let report = tokio::spawn(node.shutdown());
-    let mut ready = None;
-    for _ in 0..100 {
-        ready = common::try_http_get(&readyz).await.map(|(c, _)| c);
-        if ready == Some(503) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let ready = common::wait_for_status(&readyz, 503).await;
     assert_eq!(ready, Some(503), "not ready while draining");
     assert_eq!(http_status(&healthz).await, 200, "alive while draining");
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;

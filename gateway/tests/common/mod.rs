@@ -280,7 +280,8 @@ pub async fn try_http_get(url: &str) -> Option<(u16, String)> {
     let rest = url.strip_prefix("http://")?;
     let (host, path) = rest.split_once('/')?;
     let mut s = TcpStream::connect(host).await.ok()?;
-    s.write_all(format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+    // HTTP/1.0: the answer is never chunked (Prometheus chunks 1.1 answers).
+    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
         .await
         .ok()?;
     let mut buf = Vec::new();
@@ -290,9 +291,22 @@ pub async fn try_http_get(url: &str) -> Option<(u16, String)> {
         .ok()?;
     let text = String::from_utf8_lossy(&buf);
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    // Our servers and nats-server answer with Content-Length: no chunk decoding.
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
     Some((status, body))
+}
+
+/// Polls `url` every 50 ms (at most 100 times) until it answers `status`;
+/// returns the last status seen (`None`: no answer).
+pub async fn wait_for_status(url: &str, status: u16) -> Option<u16> {
+    let mut code = None;
+    for _ in 0..100 {
+        code = try_http_get(url).await.map(|(c, _)| c);
+        if code == Some(status) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    code
 }
 
 /// [`try_http_get`] that must succeed.

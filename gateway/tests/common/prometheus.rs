@@ -7,8 +7,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// The `prometheus` binary: `$PROMETHEUS`, else `prometheus` on `PATH`.
 pub fn binary() -> PathBuf {
@@ -142,19 +140,7 @@ fn encode(s: &str) -> String {
     out
 }
 
-/// An HTTP/1.0 GET (no chunked answers) on loopback, bounded by 5 s.
+/// A GET of `path` on the loopback `port` ([`super::try_http_get`]).
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
-    Some((status, body))
+    super::try_http_get(&format!("http://127.0.0.1:{port}{path}")).await
 }
