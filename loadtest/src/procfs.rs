@@ -28,8 +28,8 @@ pub fn sample(pid: &str) -> Result<ProcSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     Ok(ProcSample {
         cpu_s: cpu_ticks(&stat)? as f64 / TICKS_PER_SEC,
-        rss_bytes: status_kb(&status, "VmRSS:") * 1024,
-        hwm_bytes: status_kb(&status, "VmHWM:") * 1024,
+        rss_bytes: status_number(&status, "VmRSS:") * 1024,
+        hwm_bytes: status_number(&status, "VmHWM:") * 1024,
     })
 }
 
@@ -43,7 +43,19 @@ fn cpu_ticks(stat: &str) -> Result<u64> {
     Ok(utime + stime)
 }
 
-fn status_kb(status: &str, key: &str) -> u64 {
+/// Open file descriptors of `pid`.
+pub fn fds(pid: u32) -> Option<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).ok().map(|d| d.count())
+}
+
+/// OS threads of `pid` (`Threads:` of its status).
+pub fn threads(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(status_number(&status, "Threads:"))
+}
+
+/// The first number after `key` in a status file (kB for the memory lines), 0 if absent.
+fn status_number(status: &str, key: &str) -> u64 {
     status
         .lines()
         .find_map(|l| l.strip_prefix(key))
@@ -139,6 +151,14 @@ fn parse_netstat(text: &str, prefix: &str, field: &str) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_process_has_threads_and_open_files() {
+        let me = std::process::id();
+        assert!(threads(me).unwrap() >= 1);
+        assert!(fds(me).unwrap() >= 3, "stdin, stdout, stderr");
+        assert_eq!(threads(u32::MAX), None, "no such process");
+    }
 
     #[test]
     fn stat_with_spaces_in_comm_is_parsed() {

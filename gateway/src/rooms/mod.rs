@@ -640,6 +640,28 @@ mod tests {
     }
 
     #[test]
+    fn a_join_with_state_found_before_the_room_was_dropped_looks_it_up_again() {
+        let idx = index(10);
+        let first = outbox();
+        let joined = idx
+            .join(&room("gone"), ConnId(1), Member::Full(&first), None, None)
+            .unwrap();
+        let (name, found) = idx.intern("gone").unwrap();
+        assert!(found.is_some(), "the node has state for the room");
+        assert!(idx.intern("a b").is_none(), "an invalid name");
+        // The last member leaves: the empty room without a log is dropped,
+        // and the state found above is dead.
+        assert_eq!(idx.leave(&name, ConnId(1), joined.slot), Transition::LastLocal);
+        assert!(idx.is_empty());
+        let second = outbox();
+        let j = idx
+            .join_found(found.as_ref(), &name, ConnId(2), Member::Full(&second), None, None)
+            .unwrap();
+        assert_eq!(j.transition, Transition::FirstLocal, "a new room state");
+        assert_eq!((idx.len(), idx.members(&name)), (1, 1));
+    }
+
+    #[test]
     fn transitions_are_reported_once() {
         let idx = index(10);
         let r = room("r");

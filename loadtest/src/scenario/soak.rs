@@ -65,17 +65,6 @@ pub struct SoakReport {
     pub samples: Vec<Sample>,
 }
 
-fn fds(pid: u32) -> Option<usize> {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).ok().map(|d| d.count())
-}
-
-fn threads(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// `gateway_tasks_alive` from the gateway's metrics (plain HTTP GET).
 async fn tasks(url: &str) -> Option<u64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -167,8 +156,8 @@ pub async fn run(args: &SoakArgs) -> Result<SoakReport> {
         let s = Sample {
             t_secs: start.elapsed().as_secs_f64(),
             rss_bytes: env.server().map(|p| p.rss_bytes),
-            fds: pid.and_then(fds),
-            threads: pid.and_then(threads),
+            fds: pid.and_then(crate::procfs::fds),
+            threads: pid.and_then(crate::procfs::threads),
             tasks: match &args.metrics_url {
                 Some(u) => tasks(u).await,
                 None => None,

@@ -8,7 +8,6 @@ use crate::conn::session::Session;
 use crate::conn::shared::bus_error;
 use crate::error::{CloseReason, ProtoError};
 use crate::metrics;
-use crate::model::RoomId;
 use crate::protocol::{Codec, ReplyBody, ServerMsg};
 use crate::rooms::HistoryPage;
 
@@ -20,7 +19,8 @@ impl Session<'_> {
         limit: Option<u32>,
         before: Option<u64>,
     ) -> Result<(), CloseReason> {
-        let Some(room) = RoomId::parse(name) else {
+        // The room's own name when the node has it: no allocation.
+        let Some((room, _)) = self.node.rooms.intern(name) else {
             return self.bad_frame(id, &ProtoError::bad_request("invalid room name"));
         };
         // Authorization first (see `publish`), then the limits.

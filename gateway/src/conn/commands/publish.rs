@@ -7,7 +7,6 @@ use crate::broker::Outgoing;
 use crate::conn::session::{MAX_KEY_LEN, Session};
 use crate::conn::shared::bus_error;
 use crate::error::{CloseReason, ProtoError};
-use crate::model::RoomId;
 use crate::protocol::ReplyBody;
 
 impl Session<'_> {
@@ -18,7 +17,8 @@ impl Session<'_> {
         data: &Bytes,
         key: Option<&str>,
     ) -> Result<(), CloseReason> {
-        let Some(room) = RoomId::parse(name) else {
+        // The room's own name when the node has it: no allocation.
+        let Some((room, _)) = self.node.rooms.intern(name) else {
             return self.bad_frame(id, &ProtoError::bad_request("invalid room name"));
         };
         // Authorization before any limiter: a command the token forbids

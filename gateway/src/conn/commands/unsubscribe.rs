@@ -3,13 +3,13 @@
 
 use crate::conn::session::Session;
 use crate::error::CloseReason;
-use crate::model::RoomId;
 use crate::protocol::ReplyBody;
 
 impl Session<'_> {
     pub(in crate::conn) fn unsubscribe(&mut self, id: Option<u32>, rooms: Vec<String>) -> Result<(), CloseReason> {
         for name in rooms {
-            if let Some(room) = RoomId::parse(&name) {
+            // Only a subscribed room has anything to leave (and a valid name).
+            if let Some(room) = self.rooms.get_key_value(name.as_str()).map(|(r, _)| r.clone()) {
                 self.drop_room(&room);
             }
         }
