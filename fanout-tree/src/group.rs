@@ -70,9 +70,10 @@ pub struct MemberSet<K, T> {
     /// Free slots to reuse (some may be past the end after a trim: skipped).
     free: Vec<u32>,
     len: usize,
-    /// The shards while split; their members are keyed by (key, slot) so a
-    /// member that moves inside a shard is found again.
-    tree: Option<Tree<(K, Slot), T>>,
+    /// The shards while split (boxed: most groups never split, and an
+    /// empty set stays a few words); their members are keyed by (key, slot)
+    /// so a member that moves inside a shard is found again.
+    tree: Option<Box<Tree<(K, Slot), T>>>,
     /// Items broadcast so far (numbers the split path's messages).
     seq: u64,
 }
@@ -131,7 +132,10 @@ impl<K: Copy + Eq + Send + 'static, T: Clone + Wire + Send + Sync + 'static> Mem
             }
         }
         self.len -= 1;
-        if self.len == 0 && self.tree.is_none() {
+        if self.len == 0 {
+            // Nobody left whose order matters: the shards go at once, even
+            // with messages still queued (their tasks find no member).
+            self.tree = None;
             self.entries.clear();
             self.free.clear();
         } else if i + 1 == self.entries.len() {
@@ -169,7 +173,7 @@ impl<K: Copy + Eq + Send + 'static, T: Clone + Wire + Send + Sync + 'static> Mem
             return;
         }
         let tree = self.tree.take().expect("checked");
-        for ((key, slot), outbox) in tree.into_members() {
+        for ((key, slot), outbox) in (*tree).into_members() {
             self.entries[slot.0 as usize] = Entry::Inline(key, outbox);
         }
     }
@@ -187,7 +191,7 @@ impl<K: Copy + Eq + Send + 'static, T: Clone + Wire + Send + Sync + 'static> Mem
     /// Whether every item broadcast so far has been queued into the
     /// members' outboxes (always true inline).
     pub fn idle(&self) -> bool {
-        self.tree.as_ref().is_none_or(Tree::idle)
+        self.tree.as_ref().is_none_or(|t| t.idle())
     }
 
     /// Whether the group is split into shards; their sizes.
@@ -268,7 +272,7 @@ impl<K: Copy + Eq + Send + 'static, T: Clone + Wire + Send + Sync + 'static> Mem
             for ((key, slot), at) in placed {
                 self.entries[slot.0 as usize] = Entry::Split(key, at);
             }
-            self.tree = Some(tree);
+            self.tree = Some(Box::new(tree));
         } else {
             self.merge_if_small();
         }

@@ -78,6 +78,16 @@ impl Limits {
             0
         }
     }
+
+    /// The sizes of the shards a split of `members` members makes, in order:
+    /// as few shards as the capacity allows (at least one), as even as can
+    /// be (the first ones one member bigger). The node's split
+    /// ([`crate::tree`]) and the planner cut the same way.
+    pub fn shard_lens(&self, members: usize) -> impl Iterator<Item = usize> + use<> {
+        let n = members.div_ceil(self.shard_capacity()).max(1);
+        let (base, extra) = (members / n, members % n);
+        (0..n).map(move |i| base + usize::from(i < extra))
+    }
 }
 
 /// One gateway and the ids of the room's members connected to it.
@@ -174,27 +184,20 @@ pub struct Load {
     pub wan: usize,
 }
 
-/// Splits `members` (sorted) into shards of at most `cap`, evenly.
-fn chunk(members: &[u64], cap: usize) -> Vec<Vec<u64>> {
-    let n = members.len().div_ceil(cap).max(1);
-    let base = members.len() / n;
-    let extra = members.len() % n;
-    let mut out = Vec::with_capacity(n);
-    let mut at = 0;
-    for i in 0..n {
-        let len = base + usize::from(i < extra);
-        out.push(members[at..at + len].to_vec());
-        at += len;
-    }
-    out
-}
-
 fn fresh(g: &GatewayMembers, region: usize, limits: &Limits) -> GatewayPlan {
     let mut members = g.members.clone();
     members.sort_unstable();
     let sharded = limits.sharded(members.len());
     let shards = if sharded {
-        chunk(&members, limits.shard_capacity())
+        let mut rest = &members[..];
+        limits
+            .shard_lens(members.len())
+            .map(|len| {
+                let (shard, tail) = rest.split_at(len);
+                rest = tail;
+                shard.to_vec()
+            })
+            .collect()
     } else {
         vec![members]
     };
@@ -251,16 +254,12 @@ impl Plan {
     /// The plan for `layout` from scratch: each gateway's members sorted by
     /// id and cut into equal shards.
     pub fn new(layout: &Layout, limits: Limits) -> Plan {
-        let mut gateways: Vec<GatewayPlan> = layout
-            .regions
-            .iter()
-            .enumerate()
-            .flat_map(|(r, gws)| gws.iter().map(move |g| (r, g)))
-            .filter(|(_, g)| !g.members.is_empty())
-            .map(|(r, g)| fresh(g, r, &limits))
-            .collect();
-        gateways.sort_by_key(|g| g.gateway);
-        Plan { limits, gateways }
+        // An update of an empty plan plans every gateway afresh.
+        Plan {
+            limits,
+            gateways: Vec::new(),
+        }
+        .update(layout)
     }
 
     /// The plan for `layout` that changes as little of `self` as possible:

@@ -244,11 +244,9 @@ impl<K: Copy + Send + 'static, T: Clone + Wire + Weighted + Send + Sync + 'stati
             stats,
         };
         let mut placed = Vec::with_capacity(members.len());
-        let n = members.len().div_ceil(cap).max(1);
-        let (base, extra) = (members.len() / n, members.len() % n);
+        let lens = config.limits.shard_lens(members.len());
         let mut it = members.into_iter();
-        for i in 0..n {
-            let len = base + usize::from(i < extra);
+        for (i, len) in lens.enumerate() {
             let slots: Vec<Slot<K, T>> = it
                 .by_ref()
                 .take(len)
@@ -271,7 +269,7 @@ impl<K: Copy + Send + 'static, T: Clone + Wire + Weighted + Send + Sync + 'stati
                 tree.open.push(i as u32);
             }
         }
-        tree.stats.shards.fetch_add(n as u64, Ordering::Relaxed);
+        tree.stats.shards.fetch_add(tree.shards.len() as u64, Ordering::Relaxed);
         (tree, placed)
     }
 
@@ -507,6 +505,39 @@ mod tests {
         for ob in &obs[9..] {
             assert_eq!(received(&set, ob).await, (0..=6).collect::<Vec<_>>());
         }
+    }
+
+    /// The last member leaving a split room takes the shards with it, even
+    /// with messages still queued in them: nothing is left to order, and the
+    /// shards gauge must not count an empty room's shards for as long as the
+    /// room stays (nothing would merge it: an empty set gets no broadcast).
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_last_leave_drops_the_shards_with_messages_still_queued() {
+        let tier = tier(2, 2); // shards of 1
+        let obs = outboxes(4);
+        let mut set = MemberSet::default();
+        let slots: Vec<_> = obs
+            .iter()
+            .enumerate()
+            .map(|(i, ob)| set.insert(i as u64, ob.clone()))
+            .collect();
+        set.broadcast_tiered(&msg(0), &tier, &mut Vec::new(), &mut Vec::new());
+        assert_eq!(tier.stats.shards.load(Ordering::Relaxed), 4);
+        // One thread, not yielded to: no shard task has run yet.
+        assert!(!set.idle());
+        for (i, slot) in slots.iter().enumerate() {
+            assert!(set.remove(*slot, i as u64));
+        }
+        assert!(set.shard_sizes().is_none(), "an empty set keeps no shards");
+        assert_eq!(tier.stats.shards.load(Ordering::Relaxed), 0);
+        // A newcomer is served inline, and only what follows its join.
+        let newcomer = outboxes(1).remove(0);
+        set.insert(9, newcomer.clone());
+        assert_eq!(
+            set.broadcast_tiered(&msg(1), &tier, &mut Vec::new(), &mut Vec::new()),
+            1
+        );
+        assert_eq!(received(&set, &newcomer).await, vec![1]);
     }
 
     #[test]

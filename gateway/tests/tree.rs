@@ -69,6 +69,16 @@ async fn fan_out(
     (got, shards, metric(node, "gateway_tree_deliveries_total").await)
 }
 
+/// A node that splits rooms above `threshold` members with `degree`.
+async fn split_node(threshold: usize, degree: usize) -> TestNode {
+    TestNode::with(|o| {
+        o.tree_threshold = Some(threshold);
+        o.tree_degree = Some(degree);
+        o.no_rate_limits = Some(true);
+    })
+    .await
+}
+
 fn assert_all_in_order(got: &[Vec<u64>], total: usize) {
     let want: Vec<u64> = (1..=total as u64).collect();
     for (i, offsets) in got.iter().enumerate() {
@@ -89,24 +99,14 @@ async fn tree_threshold_and_degree_split_a_big_room_into_bounded_shards() {
     assert_all_in_order(&got, publishers * each);
     assert_eq!((shards, by_shards), (0.0, 0.0));
     // Shards of at most ceil(8 / 4) = 2 members: 12 shards.
-    let split = TestNode::with(|o| {
-        o.tree_threshold = Some(8);
-        o.tree_degree = Some(4);
-        o.no_rate_limits = Some(true);
-    })
-    .await;
+    let split = split_node(8, 4).await;
     let (got, shards, by_shards) = fan_out(&split, members, publishers, each).await;
     assert_all_in_order(&got, publishers * each);
     assert_eq!(shards, 12.0);
     assert_eq!(by_shards, (members * publishers * each) as f64);
 
     // A higher degree makes smaller shards: ceil(8 / 8) = 1 member each.
-    let finer = TestNode::with(|o| {
-        o.tree_threshold = Some(8);
-        o.tree_degree = Some(8);
-        o.no_rate_limits = Some(true);
-    })
-    .await;
+    let finer = split_node(8, 8).await;
     let (got, shards, _) = fan_out(&finer, members, publishers, each).await;
     assert_all_in_order(&got, publishers * each);
     assert_eq!(shards, 24.0);
@@ -121,12 +121,7 @@ async fn tree_threshold_and_degree_split_a_big_room_into_bounded_shards() {
 /// leavers get nothing more; the room merges back when it shrinks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joins_and_leaves_of_a_split_room_keep_every_member_exact() {
-    let node = TestNode::with(|o| {
-        o.tree_threshold = Some(4);
-        o.tree_degree = Some(2);
-        o.no_rate_limits = Some(true);
-    })
-    .await;
+    let node = split_node(4, 2).await;
     let room = format!("churn-{}", common::rand_suffix());
     let mut members = Vec::new();
     for i in 0..10 {

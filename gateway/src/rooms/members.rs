@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use fanout_tree::{MemberSet, Outbox, Slot, Weighted};
+use fanout_tree::{MemberSet, Slot, Weighted};
 use parking_lot::Mutex;
 
 use super::{ConnId, ConnOutbox, Entry, Frame, RoomIndex, RoomState, SharedMessage};
@@ -36,21 +36,42 @@ pub enum Member<'a> {
     Joining,
 }
 
-/// Where a connection's full membership sits in a room: the slot in the
-/// room's member set of its codec (the top bit marks `gw.v1.proto`). The
+/// Where a connection's full membership sits in a room: the slot in one of
+/// the room's member sets (the top two bits name the [`FullSet`]). The
 /// connection keeps it per room and hands it back to leave or switch modes,
 /// so a room needs no index from connection to member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemberSlot(std::num::NonZeroU32);
 
 /// The member sets of a room that get every message: one per codec, and one
-/// per codec for members that negotiated `permessage-deflate`.
+/// per codec for members that negotiated `permessage-deflate`. The value is
+/// the set's index in [`RoomState::full_sets`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum FullSet {
     Json = 0,
     Proto = 1,
     DeflatedJson = 2,
     DeflatedProto = 3,
+}
+
+impl FullSet {
+    /// Every set, in index order.
+    const ALL: [FullSet; 4] = [
+        FullSet::Json,
+        FullSet::Proto,
+        FullSet::DeflatedJson,
+        FullSet::DeflatedProto,
+    ];
+
+    /// The frame of `msg` this set's members get.
+    fn frame(self, msg: &SharedMessage) -> &Frame {
+        match self {
+            FullSet::Json => msg.frame(Codec::Json),
+            FullSet::Proto => msg.frame(Codec::Proto),
+            FullSet::DeflatedJson => msg.deflated_frame(Codec::Json),
+            FullSet::DeflatedProto => msg.deflated_frame(Codec::Proto),
+        }
+    }
 }
 
 impl MemberSlot {
@@ -67,12 +88,7 @@ impl MemberSlot {
 
     /// The member set the slot is in.
     pub(super) fn set(self) -> FullSet {
-        match self.0.get() >> Self::SHIFT {
-            0 => FullSet::Json,
-            1 => FullSet::Proto,
-            2 => FullSet::DeflatedJson,
-            _ => FullSet::DeflatedProto,
-        }
+        FullSet::ALL[(self.0.get() >> Self::SHIFT) as usize]
     }
 
     /// The slot within its member set.
@@ -164,25 +180,34 @@ impl Activity {
     }
 }
 
-/// The slot of a codec's compressed members in `RoomState::deflated`.
-fn deflated_slot(codec: Codec) -> usize {
-    match codec {
-        Codec::Json => 0,
-        Codec::Proto => 1,
-    }
-}
-
 impl RoomState {
+    /// The member sets that exist, with their names, in [`FullSet`] order
+    /// (the compressed ones only while they have members).
+    fn full_sets(&self) -> impl Iterator<Item = (FullSet, &MemberSet<ConnId, Frame>)> {
+        let deflated = self.deflated.iter().flat_map(|d| d.iter());
+        FullSet::ALL.into_iter().zip(self.plain.iter().chain(deflated))
+    }
+
+    /// [`RoomState::full_sets`], to change them.
+    fn full_sets_mut(&mut self) -> impl Iterator<Item = (FullSet, &mut MemberSet<ConnId, Frame>)> {
+        let deflated = self.deflated.iter_mut().flat_map(|d| d.iter_mut());
+        FullSet::ALL.into_iter().zip(self.plain.iter_mut().chain(deflated))
+    }
+
+    /// The member set `set`, if it exists.
+    fn full_set_mut(&mut self, set: FullSet) -> Option<&mut MemberSet<ConnId, Frame>> {
+        self.full_sets_mut().nth(set as usize).map(|(_, members)| members)
+    }
+
     /// Removes `conn`'s full membership at `held`; false if it was not
     /// there. The compressed members' sets go once the last one left.
     pub(super) fn stop_full(&mut self, conn: ConnId, held: Option<MemberSlot>) -> bool {
         let Some(m) = held else {
             return false;
         };
-        let removed = match self.set_mut(m.set()) {
-            Some(set) => set.remove(m.slot(), conn),
-            None => false,
-        };
+        let removed = self
+            .full_set_mut(m.set())
+            .is_some_and(|members| members.remove(m.slot(), conn));
         if let Some(d) = &self.deflated
             && d.iter().all(MemberSet::is_empty)
         {
@@ -201,44 +226,27 @@ impl RoomState {
         held: Option<MemberSlot>,
     ) -> MemberSlot {
         if let Some(m) = held {
-            if m.set() == set && self.set_mut(set).is_some_and(|s| s.holds(m.slot(), conn)) {
+            if m.set() == set && self.full_set_mut(set).is_some_and(|s| s.holds(m.slot(), conn)) {
                 return m;
             }
             self.stop_full(conn, Some(m));
         }
-        let members = match set {
-            FullSet::Json => &mut self.members,
-            FullSet::Proto => &mut self.proto_members,
-            FullSet::DeflatedJson => &mut self.deflated.get_or_insert_default()[0],
-            FullSet::DeflatedProto => &mut self.deflated.get_or_insert_default()[1],
-        };
-        MemberSlot::new(set, members.insert(conn, outbox.clone()))
-    }
-
-    /// The member set `set`, if it exists.
-    fn set_mut(&mut self, set: FullSet) -> Option<&mut MemberSet<ConnId, Frame>> {
-        match set {
-            FullSet::Json => Some(&mut self.members),
-            FullSet::Proto => Some(&mut self.proto_members),
-            FullSet::DeflatedJson => self.deflated.as_mut().map(|d| &mut d[0]),
-            FullSet::DeflatedProto => self.deflated.as_mut().map(|d| &mut d[1]),
+        if set as usize >= self.plain.len() {
+            self.deflated.get_or_insert_default();
         }
+        let members = self.full_set_mut(set).expect("made above");
+        MemberSlot::new(set, members.insert(conn, outbox.clone()))
     }
 
     /// Members that get every message, of every kind.
     pub(super) fn full_len(&self) -> usize {
-        let deflated = self.deflated.as_ref().map_or(0, |d| d[0].len() + d[1].len());
-        self.members.len() + self.proto_members.len() + deflated
+        self.full_sets().map(|(_, members)| members.len()).sum()
     }
 
     /// Closes every member that gets every message as a slow consumer;
     /// returns how many.
     pub(super) fn abort_full(&self) -> usize {
-        let deflated = self
-            .deflated
-            .as_ref()
-            .map_or(0, |d| d[0].abort_all() + d[1].abort_all());
-        self.members.abort_all() + self.proto_members.abort_all() + deflated
+        self.full_sets().map(|(_, members)| members.abort_all()).sum()
     }
 }
 
@@ -257,8 +265,7 @@ impl RoomIndex {
             msg: msg.clone(),
         });
         self.trim(st);
-        let mut slow = Vec::new();
-        let delivered = self.broadcast(st, &msg, &mut slow);
+        let delivered = self.broadcast(st, &msg);
         for w in st.watchers.values() {
             w.bump(room, offset);
         }
@@ -267,40 +274,33 @@ impl RoomIndex {
         delivered
     }
 
-    /// Offers `msg` to the room's members, each codec's frame shared by all
+    /// Offers `msg` to the room's members, each set's frame shared by all
     /// of its members (the protobuf one made on the first broadcast that has
-    /// protobuf members), and hands the outboxes that need writing to the
-    /// flushers. A codec's members above `--tree-threshold` are split into
-    /// shards that queue and write on all worker threads ([`fanout_tree::tree`]):
-    /// then this only hands the frame to each shard.
-    pub(super) fn broadcast(&self, st: &mut RoomState, msg: &SharedMessage, slow: &mut Vec<ConnId>) -> usize {
-        // One list per thread, reused: no allocation per message.
+    /// protobuf members, a compressed one on the first with compressed
+    /// members), and hands the outboxes that need writing to the flushers.
+    /// A set's members above `--tree-threshold` are split into shards that
+    /// queue and write on all worker threads ([`fanout_tree::tree`]): then
+    /// this only hands the frame to each shard. Members whose outbox is full
+    /// are not listed: their writers close them as slow consumers.
+    pub(super) fn broadcast(&self, st: &mut RoomState, msg: &SharedMessage) -> usize {
+        // One pair of lists per thread, reused: no allocation per message.
         thread_local! {
-            static SCHEDULE: RefCell<Vec<Arc<Outbox<Frame>>>> = const { RefCell::new(Vec::new()) };
+            static SCRATCH: RefCell<(Vec<ConnId>, Vec<ConnOutbox>)> = const { RefCell::new((Vec::new(), Vec::new())) };
         }
-        SCHEDULE.with_borrow_mut(|schedule| {
+        SCRATCH.with_borrow_mut(|(slow, schedule)| {
             let mut delivered = 0;
-            if !st.members.is_empty() {
-                delivered += st
-                    .members
-                    .broadcast_tiered(msg.frame(Codec::Json), &self.tree, slow, schedule);
-            }
-            if !st.proto_members.is_empty() {
-                delivered += st
-                    .proto_members
-                    .broadcast_tiered(msg.frame(Codec::Proto), &self.tree, slow, schedule);
-            }
-            if let Some(d) = &mut st.deflated {
-                for codec in [Codec::Json, Codec::Proto] {
-                    let set = &mut d[deflated_slot(codec)];
-                    if !set.is_empty() {
-                        delivered += set.broadcast_tiered(msg.deflated_frame(codec), &self.tree, slow, schedule);
-                    }
+            for (set, members) in st.full_sets_mut() {
+                if !members.is_empty() {
+                    delivered += members.broadcast_tiered(set.frame(msg), &self.tree, slow, schedule);
                 }
             }
+            slow.clear();
             self.flushers.schedule(schedule);
             if schedule.capacity() > 1 << 16 {
                 *schedule = Vec::new();
+            }
+            if slow.capacity() > 1 << 16 {
+                *slow = Vec::new();
             }
             delivered
         })
@@ -309,11 +309,10 @@ impl RoomIndex {
     /// Broadcasts a message that is not stored (ephemeral rooms).
     pub fn broadcast_unstored(&self, room: &RoomId, msg: &SharedMessage) -> usize {
         self.with_existing(room, |st| {
-            let mut slow = Vec::new();
             for w in st.watchers.values() {
                 w.bump(room, 0);
             }
-            let delivered = self.broadcast(st, msg, &mut slow) + st.watchers.len();
+            let delivered = self.broadcast(st, msg) + st.watchers.len();
             st.stats.record(delivered);
             delivered
         })
@@ -327,7 +326,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use bytes::Bytes;
-    use fanout_tree::{Drained, OutboxLimits};
+    use fanout_tree::{Drained, Outbox, OutboxLimits};
 
     use super::*;
     use crate::model::ConnId;
@@ -343,6 +342,82 @@ mod tests {
         assert_eq!(ob.drain(&mut out).await, Drained::Frames);
         assert_eq!(out.len(), 1);
         out.pop_front().unwrap()
+    }
+
+    /// One connection moving through all four member sets with the slot it
+    /// holds stays one membership, gets each message once in the set's
+    /// frame, and a lost-message abort reaches members of every set.
+    #[tokio::test]
+    async fn a_connection_switches_between_all_four_sets_as_one_membership() {
+        let idx = RoomIndex::new(
+            RoomLimits {
+                fanout_shards: 1,
+                history_size: 100,
+                history_max_bytes: 1 << 20,
+                dedup_window: Duration::from_secs(60),
+                dedup_max_keys: 100,
+                max_rooms: 10,
+                max_pending: 4,
+                tree: fanout_tree::TreeConfig::default(),
+            },
+            LogMode::Authoritative,
+        );
+        let r = RoomId::parse("r").unwrap();
+        let ob = outbox();
+        let text = Bytes::from(format!(r#"{{"text":"{}"}}"#, "switching sets, ".repeat(12)));
+        let mut held = None;
+        let kinds = [
+            Member::Deflated {
+                outbox: &ob,
+                codec: Codec::Proto,
+            },
+            Member::Full(&ob),
+            Member::Deflated {
+                outbox: &ob,
+                codec: Codec::Json,
+            },
+            Member::FullProto(&ob),
+        ];
+        for (i, member) in kinds.into_iter().enumerate() {
+            let set = member.full_set();
+            let j = idx.join(&r, ConnId(1), member, None, held).unwrap();
+            let slot = j.slot.expect("a full membership");
+            assert_eq!(slot.set(), set);
+            held = Some(slot);
+            assert_eq!(idx.members(&r), 1, "{set:?}: one membership");
+            let p = idx.publish(&r, "a", &text, None, 1, Instant::now()).unwrap();
+            assert_eq!(p.delivered, 1);
+            let f = one_frame(&ob).await;
+            let deflated = matches!(set, FullSet::DeflatedJson | FullSet::DeflatedProto);
+            assert_eq!(f.is_compressed(), deflated, "{set:?}");
+            let proto = matches!(set, FullSet::Proto | FullSet::DeflatedProto);
+            let plain = if deflated {
+                deflate::inflate(f.as_bytes(), 1 << 20).unwrap()
+            } else {
+                f.as_bytes().to_vec()
+            };
+            assert_eq!(plain.first() == Some(&b'{'), !proto, "{set:?}: the set's codec");
+            idx.with_existing(&r, |st| assert_eq!(st.deflated.is_some(), deflated, "step {i}"))
+                .unwrap();
+        }
+        // One member in each set: a loss closes all four.
+        let others: Vec<ConnOutbox> = (0..3).map(|_| outbox()).collect();
+        let members = [
+            Member::Full(&others[0]),
+            Member::Deflated {
+                outbox: &others[1],
+                codec: Codec::Json,
+            },
+            Member::Deflated {
+                outbox: &others[2],
+                codec: Codec::Proto,
+            },
+        ];
+        for (i, member) in members.into_iter().enumerate() {
+            idx.join(&r, ConnId(2 + i as u64), member, None, None).unwrap();
+        }
+        assert_eq!(idx.lost_messages(&r, 10), 4);
+        assert!(ob.is_overflowed() && others.iter().all(|o| o.is_overflowed()));
     }
 
     /// Issue 17: a room message is compressed once per node and codec,

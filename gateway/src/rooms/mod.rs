@@ -154,12 +154,12 @@ struct Entry {
 }
 
 struct RoomState {
-    members: MemberSet<ConnId, Frame>,
-    /// Members on `gw.v1.proto`: each message is encoded once for all of them.
-    proto_members: MemberSet<ConnId, Frame>,
-    /// Members that negotiated `permessage-deflate`, by codec (JSON,
-    /// protobuf): each message is compressed once for all of them. Made by
-    /// the first such member.
+    /// Members that get every message, by codec (JSON, `gw.v1.proto`): each
+    /// message is encoded once per codec for all of them.
+    plain: [MemberSet<ConnId, Frame>; 2],
+    /// Members that negotiated `permessage-deflate`, by codec: each message
+    /// is compressed once per codec for all of them. Made by the first such
+    /// member, dropped with the last. [`members::FullSet`] names all four.
     deflated: Option<Box<[MemberSet<ConnId, Frame>; 2]>>,
     /// Members in notify mode.
     watchers: HashMap<ConnId, Arc<Activity>, foldhash::fast::RandomState>,
@@ -218,8 +218,7 @@ impl RoomState {
     fn new(mode: LogMode) -> Self {
         let authoritative = mode == LogMode::Authoritative;
         Self {
-            members: MemberSet::default(),
-            proto_members: MemberSet::default(),
+            plain: Default::default(),
             deflated: None,
             watchers: HashMap::default(),
             joining: HashSet::default(),
