@@ -232,7 +232,10 @@ impl Session<'_> {
     async fn prepare_in_cluster(&mut self, slots: &mut [Result<Slot, ProtoError>]) -> usize {
         let node = self.node.clone();
         for s in slots.iter_mut().flatten() {
-            if let Err(e) = node.rooms.join(&s.room, self.id, Member::Joining, None, None) {
+            if let Err(e) = node
+                .rooms
+                .join_found(s.found.as_ref(), &s.room, self.id, Member::Joining, None, None)
+            {
                 // Nothing joined: the slot fails in phase 3 the same way.
                 tracing::debug!(room = %s.room, error = %e, "room could not be held");
                 continue;
