@@ -9,16 +9,12 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::raw::{FIN, OP_TEXT, RSV1, Raw, client_frame};
 use common::{Client, TestNode, token, within};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt, BufReader};
 
-const OP_TEXT: u8 = 0x1;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const RSV1: u8 = 0x40;
 /// The offer Chromium and Node.js send.
 const BROWSER_OFFER: &str = "permessage-deflate; client_max_window_bits";
 const ANSWER: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
@@ -44,159 +40,35 @@ fn inflate(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A masked client frame; `first` is its first byte (FIN, RSV, opcode).
-fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x3c, 0x5a, 0x96, 0xe1];
-    let mut out = vec![first];
-    let len = payload.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else if len <= 0xffff {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
-
 /// A whole text message, compressed (RSV1) or not.
 fn text(s: &str, compressed: bool) -> Vec<u8> {
     if compressed {
-        frame(0x80 | RSV1 | OP_TEXT, &deflate(s.as_bytes()))
+        client_frame(FIN | RSV1 | OP_TEXT, &deflate(s.as_bytes()))
     } else {
-        frame(0x80 | OP_TEXT, s.as_bytes())
+        client_frame(FIN | OP_TEXT, s.as_bytes())
     }
 }
 
-/// A client that writes exactly the bytes a test needs and reads server
-/// frames with their RSV1 bit.
-struct Raw {
-    tcp: TcpStream,
-    buf: Vec<u8>,
-    /// The upgrade response's head, header names lower-cased.
-    head: String,
-    /// Bytes of server frames read so far (headers included).
-    wire_bytes: usize,
+/// Upgrades with `offer` as the request's `Sec-WebSocket-Extensions`.
+async fn open(addr: &str, offer: Option<&str>) -> Raw {
+    let ext = offer
+        .map(|o| format!("Sec-WebSocket-Extensions: {o}\r\n"))
+        .unwrap_or_default();
+    Raw::open(addr, &ext, &[]).await
 }
-
-/// A server frame: (first byte, payload).
-type ServerFrame = (u8, Vec<u8>);
 
 impl Raw {
-    async fn open(addr: &str, offer: Option<&str>) -> Self {
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
-        let ext = offer
-            .map(|o| format!("Sec-WebSocket-Extensions: {o}\r\n"))
-            .unwrap_or_default();
-        let req = format!(
-            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n"
-        );
-        tcp.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = Self {
-            tcp,
-            buf: Vec::new(),
-            head: String::new(),
-            wire_bytes: 0,
-        };
-        let end = loop {
-            if let Some(at) = raw.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-            assert!(raw.fill().await > 0, "no upgrade response");
-        };
-        let head = String::from_utf8_lossy(&raw.buf[..end]).to_string();
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        raw.head = head
-            .lines()
-            .map(|l| match l.split_once(':') {
-                Some((n, v)) => format!("{}:{v}", n.to_ascii_lowercase()),
-                None => l.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        raw.buf.drain(..end);
-        raw
-    }
-
     fn extensions(&self) -> Option<&str> {
-        self.head
-            .lines()
-            .find_map(|l| l.strip_prefix("sec-websocket-extensions:"))
-            .map(str::trim)
-    }
-
-    async fn fill(&mut self) -> usize {
-        let mut chunk = [0u8; 16384];
-        let n = within(self.tcp.read(&mut chunk)).await.unwrap_or(0);
-        self.buf.extend_from_slice(&chunk[..n]);
-        n
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.tcp.write_all(bytes).await.unwrap();
-    }
-
-    /// The next server frame; `None` once the socket ended.
-    async fn next(&mut self) -> Option<ServerFrame> {
-        loop {
-            if self.buf.len() >= 2 {
-                let (len, at) = match self.buf[1] & 0x7f {
-                    126 if self.buf.len() >= 4 => (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4),
-                    127 if self.buf.len() >= 10 => {
-                        (u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize, 10)
-                    }
-                    126 | 127 => (usize::MAX, 0),
-                    n => (n as usize, 2),
-                };
-                if at > 0 && self.buf.len() >= at + len {
-                    let f = (self.buf[0], self.buf[at..at + len].to_vec());
-                    self.buf.drain(..at + len);
-                    self.wire_bytes += at + len;
-                    return Some(f);
-                }
-            }
-            if self.fill().await == 0 {
-                return None;
-            }
-        }
+        self.header("sec-websocket-extensions")
     }
 
     /// The next text message as JSON (skipping pings), and whether it came
     /// compressed.
     async fn next_json(&mut self) -> (Value, bool) {
-        loop {
-            let (first, payload) = self.next().await.expect("a frame");
-            assert_eq!(first & 0x80, 0x80, "the server does not fragment");
-            assert_eq!(first & 0x30, 0, "RSV2 and RSV3 stay clear");
-            match first & 0x0f {
-                OP_TEXT => {
-                    let compressed = first & RSV1 != 0;
-                    let bytes = if compressed { inflate(&payload) } else { payload };
-                    return (serde_json::from_slice(&bytes).unwrap(), compressed);
-                }
-                OP_PING => continue,
-                other => panic!("unexpected opcode {other}"),
-            }
-        }
-    }
-
-    /// Reads to the close frame and returns its code.
-    async fn close_code(&mut self) -> u16 {
-        loop {
-            match self.next().await {
-                Some((first, p)) if first & 0x0f == OP_CLOSE => {
-                    assert_eq!(first & RSV1, 0, "control frames are never compressed");
-                    return u16::from_be_bytes([p[0], p[1]]);
-                }
-                Some(_) => continue,
-                None => panic!("socket ended without a close frame"),
-            }
-        }
+        let (first, payload) = self.next_text().await;
+        let compressed = first & RSV1 != 0;
+        let bytes = if compressed { inflate(&payload) } else { payload };
+        (serde_json::from_slice(&bytes).unwrap(), compressed)
     }
 }
 
@@ -209,7 +81,7 @@ fn chat(i: usize) -> Value {
 async fn compressed_pushes_replies_and_history_pages_read_back_as_the_plain_ones() {
     let node = TestNode::start().await;
     let addr = node.running.addr.to_string();
-    let mut c = Raw::open(&addr, Some(BROWSER_OFFER)).await;
+    let mut c = open(&addr, Some(BROWSER_OFFER)).await;
     assert_eq!(c.extensions(), Some(ANSWER), "{}", c.head);
     // Commands may come compressed too (the server inflates them).
     let connect = json!({"op":"connect","id":1,"token":node.token("zed")}).to_string();
@@ -255,7 +127,7 @@ async fn compressed_pushes_replies_and_history_pages_read_back_as_the_plain_ones
     assert_eq!(page["ok"]["messages"].as_array().unwrap().len(), 3);
 
     // Catch-up after a reconnect comes compressed as well.
-    let mut again = Raw::open(&addr, Some(BROWSER_OFFER)).await;
+    let mut again = open(&addr, Some(BROWSER_OFFER)).await;
     again.send(&text(&connect, false)).await;
     again.next_json().await;
     again
@@ -279,7 +151,7 @@ async fn compressed_pushes_replies_and_history_pages_read_back_as_the_plain_ones
 async fn with_permessage_deflate_false_the_offer_is_declined_and_rsv1_is_refused() {
     let node = TestNode::with(|o| o.permessage_deflate = Some(false)).await;
     let addr = node.running.addr.to_string();
-    let mut c = Raw::open(&addr, Some(BROWSER_OFFER)).await;
+    let mut c = open(&addr, Some(BROWSER_OFFER)).await;
     assert_eq!(c.extensions(), None, "{}", c.head);
     let connect = json!({"op":"connect","id":1,"token":node.token("zed")}).to_string();
     c.send(&text(&connect, false)).await;
@@ -297,7 +169,7 @@ async fn with_permessage_deflate_false_the_offer_is_declined_and_rsv1_is_refused
 
     // On by default: the same offer is answered.
     let on = TestNode::start().await;
-    let c = Raw::open(&on.running.addr.to_string(), Some(BROWSER_OFFER)).await;
+    let c = open(&on.running.addr.to_string(), Some(BROWSER_OFFER)).await;
     assert_eq!(c.extensions(), Some(ANSWER));
 }
 
@@ -310,12 +182,12 @@ async fn offers_the_server_cannot_honour_are_declined_and_a_small_server_window_
         "permessage-deflate; unknown_param",
         "x-webkit-deflate-frame",
     ] {
-        let c = Raw::open(&addr, Some(bad)).await;
+        let c = open(&addr, Some(bad)).await;
         assert_eq!(c.extensions(), None, "{bad}");
     }
     // The first acceptable offer wins; a client that asked for a 512-byte
     // window gets long messages uncompressed or compressed within it.
-    let mut c = Raw::open(
+    let mut c = open(
         &addr,
         Some("permessage-deflate; mystery, permessage-deflate; server_max_window_bits=9"),
     )
@@ -328,22 +200,44 @@ async fn offers_the_server_cannot_honour_are_declined_and_a_small_server_window_
         .await;
     c.next_json().await;
     let mut publisher = node.client("alice").await;
-    let long = json!({"text": "0123456789abcdef".repeat(100)});
-    publisher.publish("small", long.clone()).await;
-    let (push, _) = c.next_json().await;
-    assert_eq!(push["data"], long);
+    // 1,600 characters that repeat only from one message to the next (over
+    // 512 bytes back): a compressor with a larger window would refer there.
+    let mut seed = 7u32;
+    let noise: String = (0..1600)
+        .map(|_| {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            char::from(b'a' + (seed >> 16) as u8 % 26)
+        })
+        .collect();
+    let long = json!({ "text": noise });
+    for _ in 0..2 {
+        publisher.publish("small", long.clone()).await;
+        let (push, compressed) = c.next_json().await;
+        assert_eq!(push["data"], long);
+        assert!(!compressed, "room pushes are shared only with full-window members");
+    }
     // A reply over 512 bytes is compressed with a 512-byte window: an
     // inflater with that window reads it.
     c.send(&text(r#"{"op":"history","id":3,"room":"small"}"#, false)).await;
     let (first, payload) = c.next().await.unwrap();
     assert_ne!(first & RSV1, 0);
     let mut d = Decompress::new_with_window_bits(false, 9);
-    let mut input = payload;
+    let mut input = payload.clone();
     input.extend_from_slice(&[0, 0, 0xff, 0xff]);
     let mut out = Vec::with_capacity(1 << 20);
     d.decompress_vec(&input, &mut out, FlushDecompress::Sync).unwrap();
     let page: Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(page["ok"]["messages"][0]["data"], long);
+    assert_eq!(page["ok"]["messages"][1]["data"], long);
+    // That inflater does not refuse a reference further back (zlib keeps
+    // the output it has): the size shows none was made. Each copy of the
+    // noise is 1,600 letters of ~4.7 bits; only a reference from the second
+    // copy to the first (~1,700 bytes back) gets both under 1,600 bytes.
+    assert!(
+        payload.len() > 1600,
+        "{} bytes: a reference past the window",
+        payload.len()
+    );
 }
 
 /// Peak resident memory (VmHWM) of a process, KiB.
@@ -415,14 +309,14 @@ async fn a_compressed_frame_inflating_past_the_limit_closes_1009_without_allocat
     let connect = json!({"op":"connect","id":1,"token":token("zed", &["*"], &["*"])}).to_string();
     let mut clients = Vec::new();
     for _ in 0..4 {
-        let mut c = Raw::open(&addr, Some(BROWSER_OFFER)).await;
+        let mut c = open(&addr, Some(BROWSER_OFFER)).await;
         c.send(&text(&connect, true)).await;
         c.next_json().await;
         clients.push(c);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = vm_hwm_kib(pid);
-    let bomb_frame = frame(0x80 | RSV1 | OP_TEXT, &payload);
+    let bomb_frame = client_frame(FIN | RSV1 | OP_TEXT, &payload);
     for c in &mut clients {
         c.send(&bomb_frame).await;
     }

@@ -7,140 +7,38 @@ mod common;
 
 use std::time::Duration;
 
+use common::raw::{FIN, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, Raw, client_frame};
 use common::{TestNode, token, within};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-const OP_CONT: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
+use tokio::io::AsyncWriteExt;
 
 /// A masked client frame.
 fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0xa1, 0xb2, 0xc3, 0xd4];
-    let mut out = vec![u8::from(fin) << 7 | opcode];
-    let len = payload.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
+    client_frame(u8::from(fin) << 7 | opcode, payload)
 }
 
 fn text(s: &str) -> Vec<u8> {
     frame(true, OP_TEXT, s.as_bytes())
 }
 
-/// A server frame as read back: (fin, opcode, payload).
-type ServerFrame = (bool, u8, Vec<u8>);
-
-struct Raw {
-    tcp: TcpStream,
-    buf: Vec<u8>,
+/// Upgrades by hand; `extra` is written in the same packet as the request.
+async fn open(node: &TestNode, extra: &[u8]) -> Raw {
+    Raw::open(node.running.addr, "", extra).await
 }
 
 impl Raw {
-    /// Upgrades by hand; `extra` is written in the same packet as the request.
-    async fn open(node: &TestNode, extra: &[u8]) -> Self {
-        let mut tcp = TcpStream::connect(node.running.addr).await.unwrap();
-        let mut req = format!(
-            "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            node.running.addr
-        )
-        .into_bytes();
-        req.extend_from_slice(extra);
-        tcp.write_all(&req).await.unwrap();
-        let mut raw = Self { tcp, buf: Vec::new() };
-        let head_end = loop {
-            if let Some(at) = raw.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-            raw.fill().await;
-        };
-        let head = String::from_utf8_lossy(&raw.buf[..head_end]).to_string();
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
-        raw.buf.drain(..head_end);
-        raw
-    }
-
-    async fn fill(&mut self) -> usize {
-        let mut chunk = [0u8; 4096];
-        let n = within(self.tcp.read(&mut chunk)).await.unwrap_or(0);
-        self.buf.extend_from_slice(&chunk[..n]);
-        n
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.tcp.write_all(bytes).await.unwrap();
-    }
-
-    /// The next server frame; `None` once the server closed the socket.
-    async fn next(&mut self) -> Option<ServerFrame> {
-        loop {
-            if self.buf.len() >= 2 {
-                assert_eq!(self.buf[1] & 0x80, 0, "server frames are not masked");
-                let (len, at) = match self.buf[1] & 0x7f {
-                    126 if self.buf.len() >= 4 => (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4),
-                    127 if self.buf.len() >= 10 => {
-                        (u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize, 10)
-                    }
-                    126 | 127 => (usize::MAX, 0),
-                    n => (n as usize, 2),
-                };
-                if at > 0 && self.buf.len() >= at + len {
-                    let f = (
-                        self.buf[0] & 0x80 != 0,
-                        self.buf[0] & 0x0f,
-                        self.buf[at..at + len].to_vec(),
-                    );
-                    self.buf.drain(..at + len);
-                    return Some(f);
-                }
-            }
-            if self.fill().await == 0 {
-                return None;
-            }
-        }
-    }
-
     /// The next text frame as JSON, skipping pings.
     async fn next_json(&mut self) -> Value {
-        loop {
-            let (fin, op, payload) = self.next().await.expect("a frame");
-            assert!(fin);
-            match op {
-                OP_TEXT => return serde_json::from_slice(&payload).unwrap(),
-                OP_PING => continue,
-                other => panic!("unexpected opcode {other}: {payload:?}"),
-            }
-        }
+        serde_json::from_slice(&self.next_text().await.1).unwrap()
     }
 
     /// Reads to the close frame: its code, and whether the socket then ended.
-    async fn close_code(&mut self) -> (u16, bool) {
-        loop {
-            match self.next().await {
-                Some((_, OP_CLOSE, p)) => {
-                    let code = u16::from_be_bytes([p[0], p[1]]);
-                    // Answer, as a client should, then see the server hang up.
-                    let _ = self.tcp.write_all(&frame(true, OP_CLOSE, &p[..2])).await;
-                    let ended = within(async { self.next().await.is_none() }).await;
-                    return (code, ended);
-                }
-                Some(_) => continue,
-                None => panic!("socket ended without a close frame"),
-            }
-        }
+    async fn close_and_end(&mut self) -> (u16, bool) {
+        let code = self.close_code().await;
+        // Answer, as a client should, then see the server hang up.
+        let _ = self.tcp.write_all(&frame(true, OP_CLOSE, &code.to_be_bytes())).await;
+        let ended = within(async { self.next().await.is_none() }).await;
+        (code, ended)
     }
 
     async fn connect(&mut self, sub: &str) {
@@ -154,25 +52,25 @@ impl Raw {
 #[tokio::test]
 async fn a_ping_is_answered_with_a_pong_carrying_its_payload() {
     let node = TestNode::start().await;
-    let mut c = Raw::open(&node, &[]).await;
+    let mut c = open(&node, &[]).await;
     c.send(&frame(true, OP_PING, b"are you there")).await;
-    assert_eq!(c.next().await, Some((true, OP_PONG, b"are you there".to_vec())));
+    assert_eq!(c.next().await, Some((FIN | OP_PONG, b"are you there".to_vec())));
     // Before connect and after: the same.
     c.connect("alice").await;
     c.send(&frame(true, OP_PING, b"")).await;
-    assert_eq!(c.next().await, Some((true, OP_PONG, vec![])));
+    assert_eq!(c.next().await, Some((FIN | OP_PONG, vec![])));
 }
 
 #[tokio::test]
 async fn the_clients_close_is_echoed_and_the_socket_ends() {
     let node = TestNode::start().await;
-    let mut c = Raw::open(&node, &[]).await;
+    let mut c = open(&node, &[]).await;
     c.connect("alice").await;
     let mut close = 4321u16.to_be_bytes().to_vec();
     close.extend_from_slice(b"bye");
     c.send(&frame(true, OP_CLOSE, &close)).await;
-    let (_, op, payload) = c.next().await.expect("a close frame");
-    assert_eq!(op, OP_CLOSE);
+    let (first, payload) = c.next().await.expect("a close frame");
+    assert_eq!(first & 0x0f, OP_CLOSE);
     assert_eq!(&payload[..2], &4321u16.to_be_bytes(), "the code is echoed");
     assert_eq!(within(c.next()).await, None, "then the server closes the socket");
 }
@@ -180,7 +78,7 @@ async fn the_clients_close_is_echoed_and_the_socket_ends() {
 #[tokio::test]
 async fn a_fragmented_command_with_a_ping_between_fragments_is_one_command() {
     let node = TestNode::start().await;
-    let mut c = Raw::open(&node, &[]).await;
+    let mut c = open(&node, &[]).await;
     c.connect("alice").await;
     let cmd = r#"{"op":"subscribe","id":7,"rooms":["général"]}"#.as_bytes();
     // Split inside the two-byte "é" as well.
@@ -189,7 +87,7 @@ async fn a_fragmented_command_with_a_ping_between_fragments_is_one_command() {
     c.send(&frame(true, OP_PING, b"x")).await;
     c.send(&frame(false, OP_CONT, &cmd[10..cut])).await;
     c.send(&frame(true, OP_CONT, &cmd[cut..])).await;
-    assert_eq!(c.next().await, Some((true, OP_PONG, b"x".to_vec())));
+    assert_eq!(c.next().await, Some((FIN | OP_PONG, b"x".to_vec())));
     let r = c.next_json().await;
     assert_eq!(r["id"], 7, "{r}");
     assert_eq!(r["ok"]["rooms"][0]["room"], "général", "{r}");
@@ -201,7 +99,7 @@ async fn frames_sent_with_the_upgrade_request_are_not_lost() {
     let cmd = format!(r#"{{"op":"connect","id":1,"token":"{}"}}"#, token("alice", &["*"], &[]));
     let mut pipelined = text(&cmd);
     pipelined.extend(text(r#"{"op":"ping","id":2}"#));
-    let mut c = Raw::open(&node, &pipelined).await;
+    let mut c = open(&node, &pipelined).await;
     assert!(c.next_json().await["ok"]["client"].is_string());
     assert_eq!(c.next_json().await["op"], "pong");
     assert_eq!(c.next_json().await["id"], 2);
@@ -210,7 +108,7 @@ async fn frames_sent_with_the_upgrade_request_are_not_lost() {
 #[tokio::test]
 async fn large_pushes_use_the_extended_length_encodings() {
     let node = TestNode::with(|o| o.no_rate_limits = Some(true)).await;
-    let mut c = Raw::open(&node, &[]).await;
+    let mut c = open(&node, &[]).await;
     c.connect("alice").await;
     c.send(&text(r#"{"op":"subscribe","id":2,"rooms":["big"]}"#)).await;
     assert!(c.next_json().await["ok"].is_object());
@@ -268,29 +166,29 @@ async fn frames_a_client_must_not_send_close_the_connection_with_the_right_code(
         ),
     ];
     for (what, bytes, want) in cases {
-        let mut c = Raw::open(&node, &[]).await;
+        let mut c = open(&node, &[]).await;
         c.connect("alice").await;
         c.send(&bytes).await;
-        let (code, ended) = c.close_code().await;
+        let (code, ended) = c.close_and_end().await;
         assert_eq!(code, want, "{what}");
         assert!(ended, "{what}: the socket ends after the closing handshake");
     }
     // The node is unharmed.
-    let mut c = Raw::open(&node, &[]).await;
+    let mut c = open(&node, &[]).await;
     c.connect("bob").await;
 }
 
 #[tokio::test]
 async fn an_oversized_frame_is_refused_from_its_header_alone() {
     let node = TestNode::with(|o| o.max_frame_bytes = Some(1024)).await;
-    let mut c = Raw::open(&node, &[]).await;
+    let mut c = open(&node, &[]).await;
     c.connect("alice").await;
     // Announce 1 GiB, send nothing more: the close comes at once.
     let mut header = vec![0x81, 0x80 | 127];
     header.extend_from_slice(&(1u64 << 30).to_be_bytes());
     header.extend_from_slice(&[1, 2, 3, 4]);
     c.send(&header).await;
-    let (code, _) = tokio::time::timeout(Duration::from_secs(5), c.close_code())
+    let (code, _) = tokio::time::timeout(Duration::from_secs(5), c.close_and_end())
         .await
         .expect("closed without waiting for the payload");
     assert_eq!(code, 1009);

@@ -36,7 +36,6 @@ use crate::auth::Identity;
 use crate::error::CloseReason;
 use crate::limits::Admit;
 use crate::node::Node;
-use crate::protocol::Codec;
 use crate::rooms::{ConnOutbox, Frame};
 use crate::transport::deflate::Deflate;
 use crate::transport::ws::{self, Incoming, Reader};
@@ -63,8 +62,8 @@ pub struct Upgrade {
     pub identity: Option<Identity>,
     /// `gw.v1.proto` (binary frames) instead of `gw.v1.json`.
     pub proto: bool,
-    /// `permessage-deflate` was negotiated with these parameters (the
-    /// reader must accept compressed frames too: [`Reader::set_deflate`]).
+    /// `permessage-deflate` was negotiated with these parameters: [`run`]
+    /// makes the reader accept compressed frames ([`Reader::set_deflate`]).
     pub deflate: Option<Deflate>,
 }
 
@@ -88,6 +87,7 @@ pub async fn run<R, W>(
         proto,
         deflate,
     } = upgrade;
+    reader.set_deflate(deflate.is_some());
     let cfg = &node.cfg;
     let id = node.next_conn_id();
     let _count = node.count_conn();
@@ -119,13 +119,13 @@ pub async fn run<R, W>(
     session.proto = proto;
     session.deflate = deflate;
     let reason = {
-        let reading = session.read_loop(&mut reader, identity);
         let times = WriterTimes {
             write_timeout: cfg.write_timeout,
             activity_interval: cfg.activity_interval,
-            codec: if proto { Codec::Proto } else { Codec::Json },
+            codec: session.codec(),
             deflate,
         };
+        let reading = session.read_loop(&mut reader, identity);
         let writing = write_loop(&mut writer, &outbox, &activity, &mut batch, times);
         let drain = async {
             node.draining().await;

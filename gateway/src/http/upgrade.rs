@@ -186,8 +186,7 @@ pub(super) async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) 
     } else {
         None
     };
-    let extensions = compression.as_ref().map(|(_, response)| response.clone());
-    let deflate = compression.map(|(d, _)| d);
+    let (deflate, extensions) = compression.unzip();
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return refuse(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
@@ -239,12 +238,10 @@ pub(super) fn start_conn(
     upgrade: conn::Upgrade,
 ) {
     let tracker = node.tracker.clone();
-    let deflate = upgrade.deflate.is_some();
     let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let tcp = SharedTcp::new(parts.io.into_inner());
-            let mut reader = crate::transport::ws::Reader::new(tcp.clone(), max_frame, &parts.read_buf);
-            reader.set_deflate(deflate);
+            let reader = crate::transport::ws::Reader::new(tcp.clone(), max_frame, &parts.read_buf);
             let sink = tcp.sink();
             tracker.spawn(conn::run(node, reader, tcp, Some(sink), upgrade));
             return;
@@ -255,14 +252,12 @@ pub(super) fn start_conn(
     match upgraded.downcast::<TokioIo<TlsIo>>() {
         Ok(parts) => {
             let (r, w) = tokio::io::split(parts.io.into_inner());
-            let mut reader = crate::transport::ws::Reader::new(r, max_frame, &parts.read_buf);
-            reader.set_deflate(deflate);
+            let reader = crate::transport::ws::Reader::new(r, max_frame, &parts.read_buf);
             tracker.spawn(conn::run(node, reader, w, None, upgrade));
         }
         Err(upgraded) => {
             let (r, w) = tokio::io::split(TokioIo::new(upgraded));
-            let mut reader = crate::transport::ws::Reader::new(r, max_frame, &[]);
-            reader.set_deflate(deflate);
+            let reader = crate::transport::ws::Reader::new(r, max_frame, &[]);
             tracker.spawn(conn::run(node, reader, w, None, upgrade));
         }
     }

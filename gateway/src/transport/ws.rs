@@ -585,8 +585,19 @@ mod tests {
     const MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
 
     async fn read_all(bytes: Vec<u8>, max: usize, split_at: Option<usize>) -> Vec<Result<Incoming, String>> {
+        read_all_with(bytes, max, split_at, false).await
+    }
+
+    /// [`read_all`] by a reader that accepts compressed messages or not.
+    async fn read_all_with(
+        bytes: Vec<u8>,
+        max: usize,
+        split_at: Option<usize>,
+        deflate: bool,
+    ) -> Vec<Result<Incoming, String>> {
         let (mut tx, rx) = tokio::io::duplex(1 << 20);
         let mut reader = Reader::new(rx, max, &[]);
+        reader.set_deflate(deflate);
         tokio::spawn(async move {
             match split_at {
                 Some(at) => {
@@ -706,6 +717,71 @@ mod tests {
         ];
         for (bytes, want) in cases {
             let got = read_all(bytes, 100, None).await;
+            let last = got.last().expect("an error").as_ref().expect_err("must fail");
+            assert!(last.contains(want), "{last:?} should mention {want:?}");
+        }
+    }
+
+    /// `permessage-deflate` negotiated: RSV1 on the first frame of a data
+    /// message marks it compressed (whole or fragmented, control frames
+    /// between); it is inflated within the size limit, then checked as
+    /// UTF-8. RSV1 anywhere else, RSV2, and data that does not inflate are
+    /// protocol errors.
+    #[tokio::test]
+    async fn with_deflate_compressed_messages_are_inflated_and_misplaced_bits_refused() {
+        // RSV1 passed in the opcode argument: `client_frame` ORs it in.
+        const Z_TEXT: u8 = RSV1 | OP_TEXT;
+        let text = "a chat message that compresses, ".repeat(6);
+        let z = deflate::compress(text.as_bytes(), deflate::MAX_WINDOW_BITS).expect("it pays");
+        let text = Bytes::from(text);
+        // A limit the compressed message is under but the inflated one over.
+        let limit = text.len() - 1;
+        assert!(z.len() < limit);
+        let (head, tail) = z.split_at(z.len() / 2);
+        let mut bytes = client_frame(true, Z_TEXT, &z, MASK);
+        bytes.extend(client_frame(true, RSV1 | OP_BINARY, &z, MASK));
+        bytes.extend(client_frame(false, Z_TEXT, head, MASK));
+        bytes.extend(client_frame(true, OP_PING, b"", MASK));
+        bytes.extend(client_frame(true, OP_CONTINUATION, tail, MASK));
+        bytes.extend(client_frame(true, OP_TEXT, b"plain", MASK));
+        let want = vec![
+            Ok(Incoming::Text(text.clone())),
+            Ok(Incoming::Binary(text.clone())),
+            Ok(Incoming::Ping(Bytes::new())),
+            Ok(Incoming::Text(text.clone())),
+            Ok(Incoming::Text(Bytes::from_static(b"plain"))),
+        ];
+        for split in [None, Some(1), Some(7)] {
+            assert_eq!(read_all_with(bytes.clone(), 1024, split, true).await, want, "{split:?}");
+        }
+        // Without deflate the same bytes are refused at the first frame.
+        let got = read_all(bytes, 1024, None).await;
+        assert_eq!(got, vec![Err("WebSocket protocol error: reserved bits set".into())]);
+
+        let bad_utf8 = deflate::compress(&[0xff; 100], deflate::MAX_WINDOW_BITS).expect("it pays");
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                {
+                    let mut f = client_frame(false, OP_TEXT, head, MASK);
+                    f.extend(client_frame(true, RSV1 | OP_CONTINUATION, tail, MASK));
+                    f
+                },
+                "RSV1 set on a control or continuation frame",
+            ),
+            (
+                client_frame(true, RSV1 | OP_PING, b"", MASK),
+                "RSV1 set on a control or continuation frame",
+            ),
+            (client_frame(true, 0x20 | OP_TEXT, b"x", MASK), "reserved bits set"),
+            (
+                client_frame(true, Z_TEXT, &[0xff; 4], MASK),
+                "invalid permessage-deflate data",
+            ),
+            (client_frame(true, Z_TEXT, &z, MASK), "size limit"),
+            (client_frame(true, Z_TEXT, &bad_utf8, MASK), "UTF-8"),
+        ];
+        for (bytes, want) in cases {
+            let got = read_all_with(bytes, limit, None, true).await;
             let last = got.last().expect("an error").as_ref().expect_err("must fail");
             assert!(last.contains(want), "{last:?} should mention {want:?}");
         }

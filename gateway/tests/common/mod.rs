@@ -3,6 +3,7 @@
 
 pub mod nats;
 pub mod prometheus;
+pub mod raw;
 
 use std::collections::VecDeque;
 use std::future::Future;
