@@ -30,22 +30,6 @@ fn unlimited_publish(o: &mut gateway::config::Opts) {
     o.client_bytes_per_sec = Some(0);
 }
 
-/// A masked client text frame (RFC 6455 section 5.3), written by hand so the
-/// client can stop reading.
-fn masked_text(payload: &[u8]) -> Vec<u8> {
-    let mask = [1u8, 2, 3, 4];
-    let mut f = vec![0x81];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
 
 /// Issue 18 item 1 (memory): a client that stops reading asked 49 times for
 /// 200 messages of a room with 4 MiB of history; each page was queued past
@@ -70,10 +54,10 @@ async fn history_pages_for_a_client_that_stops_reading_stay_within_the_outbox_bo
         _ => unreachable!("plain ws"),
     };
     let connect = json!({"id":1,"op":"connect","token":node.token("mallory")}).to_string();
-    tcp.write_all(&masked_text(connect.as_bytes())).await.unwrap();
+    tcp.write_all(&common::raw::client_frame(0x81, connect.as_bytes())).await.unwrap();
     for id in 2..51 {
         let h = json!({"id":id,"op":"history","room":"big","limit":200}).to_string();
-        tcp.write_all(&masked_text(h.as_bytes())).await.unwrap();
+        tcp.write_all(&common::raw::client_frame(0x81, h.as_bytes())).await.unwrap();
     }
     // The node closes it as a slow consumer (its outbox peak is recorded
     // then); what was ever queued for it stayed under the cap.
