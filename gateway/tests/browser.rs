@@ -15,14 +15,13 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
 
 use common::nats::Cluster;
+use common::process::GatewayProcess as Gateway;
 use common::{Client, http_get};
 use serde_json::{Value, json};
-
-const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 
 fn web_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("web")
@@ -157,112 +156,6 @@ fn npm_pack_makes_an_installable_package() {
     assert_eq!(out.trim(), "gw.v1.json function disconnected 200");
 }
 
-// ---- gateway processes ---------------------------------------------------------
-
-/// A gateway process; killed on drop.
-struct Gateway {
-    child: Option<Child>,
-    args: Vec<String>,
-    addr: String,
-    /// Everything it wrote to stderr (logs and the dev-mode banner).
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Gateway {
-    /// Starts the binary on 127.0.0.1:0 with `args`, no key configured
-    /// unless `args` has one (dev mode).
-    fn start(args: &[&str]) -> Self {
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let mut g = Gateway {
-            child: None,
-            args,
-            addr: "127.0.0.1:0".into(),
-            log: Arc::default(),
-        };
-        g.spawn();
-        g
-    }
-
-    fn spawn(&mut self) {
-        let mut child = Command::new(BIN)
-            .args([
-                "--listen",
-                &self.addr,
-                "--log-format",
-                "json",
-                "--drain-spread-ms",
-                "100",
-            ])
-            .args(&self.args)
-            .env_remove("GATEWAY_JWT_SECRET")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("gateway binary starts");
-        let mut reader = BufReader::new(child.stderr.take().unwrap());
-        let addr = loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap() == 0 {
-                panic!("gateway exited before listening: {:?}", self.log.lock().unwrap());
-            }
-            self.log.lock().unwrap().push(line.clone());
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && let Some(addr) = v["fields"]["addr"].as_str()
-            {
-                break addr.to_string();
-            }
-        };
-        let log = self.log.clone();
-        std::thread::spawn(move || {
-            for line in reader.lines().map_while(Result::ok) {
-                log.lock().unwrap().push(line);
-            }
-        });
-        self.addr = addr;
-        self.child = Some(child);
-    }
-
-    fn http(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// SIGKILL: no drain, no close frames.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts it again on the same address.
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    fn logs(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    /// Its stderr once `needle` shows up in it (at most 10 s).
-    fn log_with(&self, needle: &str) -> String {
-        for _ in 0..200 {
-            let logs = self.logs();
-            if logs.contains(needle) {
-                return logs;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        panic!("{needle:?} not in the gateway's log:\n{}", self.logs());
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// Runs `gateway/web/test/e2e/<scenario>.mjs` with `config`, answering its
 /// "@@ kill a" / "@@ restart a" requests on `gateways` (by letter, in
 /// order). Panics with the scenario's output unless it passed.
@@ -343,7 +236,7 @@ async fn dev_mode_serves_the_demo_and_tokens_and_never_with_a_key() {
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["expires_in"], 60);
-    let mut c = Client::open(&format!("ws://{}/ws", dev.addr)).await;
+    let mut c = Client::open(&dev.ws_url()).await;
     let r = c.connect(v["token"].as_str().unwrap()).await;
     let expires = r["ok"]["expires_in"].as_u64().unwrap();
     assert!((55..=60).contains(&expires), "{r}");

@@ -635,6 +635,15 @@ async fn the_same_key_from_two_users_stores_both_messages_in_cluster_mode() {
     assert_eq!(offsets_of(&h["ok"]["messages"]), vec![oa, ob, os], "{h}");
 }
 
+/// `gateway_history_pages_total{source="stream"}` on `node`'s `/metrics`.
+async fn history_pages_from_stream(node: &TestNode) -> f64 {
+    let (_, text) = common::http_get(&node.http("/metrics")).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("gateway_history_pages_total{source=\"stream\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no stream history pages in {text}"))
+}
+
 /// Issue 18 item 1 (cluster): `history limit:1` on a gateway with no member
 /// of the room created a consumer and read the room's whole stored history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -650,6 +659,7 @@ async fn history_on_a_gateway_without_members_reads_the_page_not_the_whole_histo
     })
     .await;
     let mut reader = b.client("reader").await;
+    let stream_pages = history_pages_from_stream(&b).await;
     let before = read_from_nats(&cluster, "gw-hr").await;
     for _ in 0..20 {
         let r = reader.request(json!({"op":"history","room":"hist","limit":1})).await;
@@ -662,6 +672,9 @@ async fn history_on_a_gateway_without_members_reads_the_page_not_the_whole_histo
         assert_eq!(r["ok"]["more"], true);
     }
     let after = read_from_nats(&cluster, "gw-hr").await;
+    // Counted by source (the counter is process-wide: other tests may add).
+    let read = history_pages_from_stream(&b).await - stream_pages;
+    assert!(read >= 20.0, "{read} pages counted as read from the stream");
     let (bytes, msgs) = (after.0 - before.0, after.1 - before.1);
     println!(
         "20 history limit:1 on a room of {} KB: read {bytes} bytes in {msgs} messages from NATS",

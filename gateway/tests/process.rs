@@ -3,81 +3,27 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{Client, Ended, within};
+use common::process::GatewayProcess;
+use common::{Client, Ended};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 
-/// A gateway process; killed on drop if still running.
-struct Proc {
-    child: Child,
-    addr: String,
-    stderr: Vec<String>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the binary with `args` on an ephemeral port and waits for its
-/// "listening" log line.
-fn spawn(args: &[&str]) -> Proc {
-    let mut child = Command::new(BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--drain-spread-ms",
-            "100",
-        ])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("gateway binary starts");
-    let mut reader = BufReader::new(child.stderr.take().unwrap());
-    let mut lines = Vec::new();
-    let addr = loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap() == 0 {
-            panic!("gateway exited before listening: {lines:?}");
-        }
-        lines.push(line.clone());
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-            && let Some(addr) = v["fields"]["addr"].as_str()
-        {
-            break addr.to_string();
-        }
-    };
-    // Keep draining stderr so the child never blocks on a full pipe, and keep
-    // the dev-mode banner (printed right after the listening line).
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in reader.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    lines.extend(rx.try_iter());
-    Proc {
-        child,
-        addr,
-        stderr: lines,
-    }
+/// Starts the binary with `args` (and a 100 ms drain spread) on an
+/// ephemeral port and waits for its "listening" log line.
+fn spawn(args: &[&str]) -> GatewayProcess {
+    let mut all = vec!["--drain-spread-ms", "100"];
+    all.extend_from_slice(args);
+    GatewayProcess::start(&all)
 }
 
 #[tokio::test]
 async fn sigterm_closes_clients_with_1012_and_exits_0() {
     let mut p = spawn(&["--jwt-secret", common::SECRET]);
-    let url = format!("ws://{}/ws", p.addr);
+    let url = p.ws_url();
     let mut clients = Vec::new();
     for i in 0..5 {
         let mut c = Client::open(&url).await;
@@ -85,39 +31,27 @@ async fn sigterm_closes_clients_with_1012_and_exits_0() {
         c.subscribe(&["lobby"]).await;
         clients.push(c);
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &p.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    p.signal("TERM");
     for c in &mut clients {
         assert_eq!(c.closed().await, Ended::Close(1012));
     }
-    let exit = within(async {
-        loop {
-            if let Some(s) = p.child.try_wait().unwrap() {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let exit = p.exited(Duration::from_secs(15)).await.expect("timed out after 15 s");
     assert_eq!(exit.code(), Some(0));
 }
 
 #[tokio::test]
 async fn dev_mode_prints_a_token_that_works() {
     let p = spawn(&[]);
-    let banner = p.stderr.join("\n");
+    // The banner ends with the "Production:" line.
+    let banner = p.log_with("Production:");
     assert!(banner.contains("DEV MODE"), "{banner}");
-    let token = p
-        .stderr
-        .iter()
+    let token = banner
+        .lines()
         .map(|l| l.trim())
         .find(|l| l.starts_with("ey") && l.split('.').count() == 3)
         .expect("a sample token in the banner")
         .to_string();
-    let mut c = Client::open(&format!("ws://{}/ws", p.addr)).await;
+    let mut c = Client::open(&p.ws_url()).await;
     let r = c.connect(&token).await;
     assert_eq!(
         r["ok"]["node"].as_str().map(|s| s.starts_with("gw-")),
@@ -273,7 +207,7 @@ fn options_without_effect_are_reported_at_start() {
         "5000",
     ]);
     // Warnings come before the listening line, which `spawn` waited for.
-    let log = p.stderr.join("");
+    let log = p.logs();
     for name in ["nats_partitions", "room_linger_ms"] {
         assert!(log.contains(name), "{name} not reported: {log}");
     }

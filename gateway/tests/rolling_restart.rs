@@ -15,13 +15,12 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::nats::Cluster;
+use common::process::GatewayProcess;
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::{Mutex, RwLock};
 use serde_json::{Value, json};
@@ -35,57 +34,38 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(50);
 const CONNECTS_PER_SEC: u32 = 100;
 const DRAIN_SPREAD_MS: u64 = 2_000;
 
-struct Gateway {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_gateway(nats: &str, name: &str) -> Gateway {
+/// A gateway of the cluster, named `name`.
+fn start_gateway(nats: &str, name: &str) -> GatewayProcess {
     let budget = CONNECTS_PER_SEC.to_string();
     let spread = DRAIN_SPREAD_MS.to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--log", "info"])
-        .args(["--jwt-secret", common::SECRET, "--node-id", name])
-        .args(["--nats", nats, "--nats-replicas", "3", "--nats-partitions", "4"])
-        .args(["--drain-spread-ms", &spread, "--drain-timeout-ms", "6000"])
-        .args(["--connects-per-sec", &budget, "--connects-burst", &budget])
-        .args([
-            "--publish-per-sec",
-            "100",
-            "--user-publish-per-sec",
-            "1000",
-            "--room-publish-per-sec",
-            "1000",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("gateway binary starts");
-    let mut reader = BufReader::new(child.stderr.take().unwrap());
-    let addr = loop {
-        let mut line = String::new();
-        assert!(
-            reader.read_line(&mut line).unwrap() > 0,
-            "{name} exited before listening"
-        );
-        if let Ok(v) = serde_json::from_str::<Value>(&line)
-            && let Some(addr) = v["fields"]["addr"].as_str()
-        {
-            break addr.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in reader.lines().map_while(Result::ok) {});
-    Gateway {
-        child,
-        url: format!("ws://{addr}/ws"),
-    }
+    GatewayProcess::start(&[
+        "--log",
+        "info",
+        "--jwt-secret",
+        common::SECRET,
+        "--node-id",
+        name,
+        "--nats",
+        nats,
+        "--nats-replicas",
+        "3",
+        "--nats-partitions",
+        "4",
+        "--drain-spread-ms",
+        &spread,
+        "--drain-timeout-ms",
+        "6000",
+        "--connects-per-sec",
+        &budget,
+        "--connects-burst",
+        &budget,
+        "--publish-per-sec",
+        "100",
+        "--user-publish-per-sec",
+        "1000",
+        "--room-publish-per-sec",
+        "1000",
+    ])
 }
 
 #[derive(Default)]
@@ -282,8 +262,8 @@ async fn publisher(live: Live, room: String, stats: Arc<Stats>, stop: watch::Rec
 async fn a_rolling_restart_of_three_gateways_loses_nothing_and_stays_within_the_admission_budget() {
     let cluster = Cluster::start(3).await;
     let nats = cluster.urls();
-    let mut gateways: Vec<Gateway> = (0..3).map(|i| start_gateway(&nats, &format!("gw-{i}"))).collect();
-    let live: Live = Arc::new(RwLock::new(gateways.iter().map(|g| g.url.clone()).collect()));
+    let mut gateways: Vec<GatewayProcess> = (0..3).map(|i| start_gateway(&nats, &format!("gw-{i}"))).collect();
+    let live: Live = Arc::new(RwLock::new(gateways.iter().map(GatewayProcess::ws_url).collect()));
     let stats = Arc::new(Stats::default());
     let (done_tx, done_rx) = watch::channel(None);
     let rooms: Vec<String> = (0..ROOMS).map(|r| format!("roll-{r}")).collect();
@@ -325,22 +305,18 @@ async fn a_rolling_restart_of_three_gateways_loses_nothing_and_stays_within_the_
     // Drain and replace each gateway in turn.
     let restart_started = Instant::now();
     for (i, gateway) in gateways.iter_mut().enumerate() {
-        let url = gateway.url.clone();
+        let url = gateway.ws_url();
         live.write().retain(|u| *u != url);
-        let pid = gateway.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        gateway.signal("TERM");
         let t = Instant::now();
-        let status = loop {
-            if let Some(s) = gateway.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(t.elapsed() < Duration::from_secs(20), "gw-{i} did not finish its drain");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let status = gateway
+            .exited(Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|| panic!("gw-{i} did not finish its drain"));
         assert!(status.success(), "gw-{i} exited {status}");
         println!("gw-{i} drained in {:.1} s", t.elapsed().as_secs_f64());
         *gateway = start_gateway(&nats, &format!("gw-{i}b"));
-        live.write().push(gateway.url.clone());
+        live.write().push(gateway.ws_url());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let restart_secs = restart_started.elapsed().as_secs_f64();

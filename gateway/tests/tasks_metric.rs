@@ -10,6 +10,11 @@ use common::TestNode;
 async fn tasks(node: &TestNode) -> f64 {
     let (status, text) = common::http_get(&node.http("/metrics")).await;
     assert_eq!(status, 200);
+    assert!(text.contains("# TYPE gateway_tasks_alive gauge\n"), "{text}");
+    assert!(
+        text.contains("# HELP gateway_tasks_alive Tasks alive in the node's async runtime.\n"),
+        "{text}"
+    );
     text.lines()
         .find_map(|l| l.strip_prefix("gateway_tasks_alive ")?.trim().parse().ok())
         .expect("gateway_tasks_alive in /metrics")

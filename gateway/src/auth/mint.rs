@@ -1,8 +1,10 @@
-//! Token time and minting: the clock arithmetic for `exp`, and the HS256
-//! connection tokens `gateway token` prints.
+//! Token time and minting: the clock arithmetic for `exp`, the HS256
+//! connection tokens `gateway token` prints, and the room tokens of the
+//! dev-mode token endpoint.
 //!
 //! Owns [`now_secs`], [`until`] and [`deadline`] (turning an `exp` into a
-//! timer that never overflows, capped at [`MAX_TIMER`]) and [`mint_hs256`].
+//! timer that never overflows, capped at [`MAX_TIMER`]), [`mint_hs256`] and
+//! [`mint_room_hs256`].
 //!
 //! Does not own verification (`auth`) or which `exp` values are accepted
 //! ([`crate::auth::MAX_EXP_SECS`] is checked there).
@@ -73,9 +75,43 @@ pub fn mint_hs256(
         iat: now,
         rooms: MintRooms { sub: rooms, publish },
     };
+    sign_hs256(secret, &claims)
+}
+
+/// Claims of a room token minted by [`mint_room_hs256`].
+#[derive(Debug, Serialize)]
+pub struct MintRoomClaims<'a> {
+    pub sub: &'a str,
+    pub exp: u64,
+    pub iat: u64,
+    pub room: &'a str,
+    #[serde(rename = "pub")]
+    pub publish: bool,
+}
+
+/// Signs an HS256 room token: `sub` may join `room` and publish there for
+/// `ttl_secs` seconds.
+pub fn mint_room_hs256(
+    secret: &[u8],
+    sub: &str,
+    room: &str,
+    ttl_secs: u64,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    let now = now_secs();
+    let claims = MintRoomClaims {
+        sub,
+        exp: now + ttl_secs,
+        iat: now,
+        room,
+        publish: true,
+    };
+    sign_hs256(secret, &claims)
+}
+
+fn sign_hs256(secret: &[u8], claims: &impl Serialize) -> Result<String, jsonwebtoken::errors::Error> {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
-        &claims,
+        claims,
         &EncodingKey::from_secret(secret),
     )
 }

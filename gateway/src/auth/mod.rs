@@ -49,7 +49,9 @@ use crate::auth::grants::{claim_at, grants_from};
 use crate::auth::jwks::{JwksSource, SourceOptions};
 pub(crate) use crate::auth::keys::parse_jwks;
 pub use crate::auth::keys::{KeyError, MIN_HMAC_SECRET_BYTES, VerifyKey};
-pub use crate::auth::mint::{MAX_TIMER, MintClaims, MintRooms, deadline, mint_hs256, now_secs, until};
+pub use crate::auth::mint::{
+    MAX_TIMER, MintClaims, MintRoomClaims, MintRooms, deadline, mint_hs256, mint_room_hs256, now_secs, until,
+};
 
 /// Longest token accepted, in bytes; anything longer is refused before parsing.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;

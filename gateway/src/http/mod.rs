@@ -91,15 +91,10 @@ async fn metrics_text(State(node): State<Arc<Node>>) -> Response {
         .absolute(tree.deliveries.load(Ordering::Relaxed));
     m.tree_overruns_total.absolute(tree.overruns.load(Ordering::Relaxed));
     m.tree_shards.set(tree.shards.load(Ordering::Relaxed) as f64);
+    let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    m.tasks_alive.set(tasks as f64);
     let mut text = metrics::prometheus().render();
     metrics::render_histograms(&mut text);
-    // Tasks alive in the runtime (connections, flushers, bus, services): a
-    // leak shows here first in a soak.
-    let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
-    text.push_str(&format!(
-        "# HELP gateway_tasks_alive Tasks alive in the node's async runtime.\n\
-         # TYPE gateway_tasks_alive gauge\ngateway_tasks_alive {tasks}\n"
-    ));
     if node.cfg.room_metrics_top > 0 {
         // Room names are user data (`dm:alice:bob`): only operator-listed
         // patterns are shown by name, everything else is summed in `_other`.

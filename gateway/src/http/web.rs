@@ -18,8 +18,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth;
@@ -59,15 +58,22 @@ pub(super) fn routes(router: Router<Arc<Node>>, dev_mode: bool) -> Router<Arc<No
         .route("/dev/token", get(dev_token))
 }
 
-/// The SDK may be imported from pages of any origin (`<script type=module>`
-/// needs CORS): it is public, static and sent without credentials.
-fn public(body: &'static str, content_type: &'static str) -> Response {
+/// A compiled-in file, revalidated on each use, never content-sniffed.
+fn file(body: &'static str, content_type: &'static str) -> Response {
     let mut r = body.into_response();
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    r
+}
+
+/// The SDK may be imported from pages of any origin (`<script type=module>`
+/// needs CORS): it is public, static and sent without credentials.
+fn public(body: &'static str, content_type: &'static str) -> Response {
+    let mut r = file(body, content_type);
+    r.headers_mut()
+        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
     r
 }
 
@@ -77,12 +83,8 @@ fn script(body: &'static str) -> Response {
 
 /// A demo file: same-origin only, scripts only from this origin.
 fn page(body: &'static str, content_type: &'static str) -> Response {
-    let mut r = body.into_response();
-    let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(
+    let mut r = file(body, content_type);
+    r.headers_mut().insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
             "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; frame-ancestors 'none'",
@@ -104,17 +106,6 @@ struct TokenQuery {
     room: Option<String>,
 }
 
-/// Claims of a dev room token.
-#[derive(Serialize)]
-struct RoomClaims<'a> {
-    sub: &'a str,
-    exp: u64,
-    iat: u64,
-    room: &'a str,
-    #[serde(rename = "pub")]
-    publish: bool,
-}
-
 /// `GET /dev/token?sub=alice[&ttl=SECONDS][&room=ROOM]`: `{"token":"<JWT>","expires_in":SECONDS}`.
 /// A connection token grants every room (subscribe and publish). Bad input
 /// answers 400 with the protocol's error shape (`bad_request`).
@@ -134,24 +125,10 @@ async fn dev_token(State(node): State<Arc<Node>>, query: Result<Query<TokenQuery
     };
     let token = match q.room.as_deref() {
         None => auth::mint_hs256(secret.as_bytes(), sub, vec!["*".into()], vec!["*".into()], Some(ttl)),
-        Some(room) => {
-            if RoomId::parse(room).is_none() {
-                return bad_request("room: 1 to 128 characters from A-Z a-z 0-9 _ - :");
-            }
-            let now = auth::now_secs();
-            let claims = RoomClaims {
-                sub,
-                exp: now + ttl,
-                iat: now,
-                room,
-                publish: true,
-            };
-            jsonwebtoken::encode(
-                &Header::new(Algorithm::HS256),
-                &claims,
-                &EncodingKey::from_secret(secret.as_bytes()),
-            )
+        Some(room) if RoomId::parse(room).is_none() => {
+            return bad_request("room: 1 to 128 characters from A-Z a-z 0-9 _ - :");
         }
+        Some(room) => auth::mint_room_hs256(secret.as_bytes(), sub, room, ttl),
     };
     match token {
         Ok(token) => json_response(StatusCode::OK, &json!({ "token": token, "expires_in": ttl })),
@@ -193,5 +170,29 @@ mod tests {
         assert!(!valid_sub("a b"));
         assert!(!valid_sub("<script>"));
         assert!(!valid_sub(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn the_sdk_is_cross_origin_and_the_demo_same_origin() {
+        let sdk = script(CLIENT_JS);
+        let demo = page(DEMO_HTML, "text/html; charset=utf-8");
+        for (r, content_type) in [
+            (&sdk, "text/javascript; charset=utf-8"),
+            (&demo, "text/html; charset=utf-8"),
+        ] {
+            let h = r.headers();
+            assert_eq!(h[header::CONTENT_TYPE], content_type);
+            assert_eq!(h[header::CACHE_CONTROL], "no-cache");
+            assert_eq!(h[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        }
+        assert_eq!(sdk.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+        assert!(!sdk.headers().contains_key(header::CONTENT_SECURITY_POLICY));
+        assert!(!demo.headers().contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN));
+        assert!(
+            demo.headers()[header::CONTENT_SECURITY_POLICY]
+                .to_str()
+                .unwrap()
+                .starts_with("default-src 'self'")
+        );
     }
 }

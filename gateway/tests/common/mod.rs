@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod process;
 pub mod prometheus;
 pub mod raw;
 
