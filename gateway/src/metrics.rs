@@ -16,6 +16,11 @@ use crate::error::CloseReason;
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// How often the node folds the exporter's buffered histogram samples into
+/// their buckets ([`PrometheusHandle::run_upkeep`]), so memory stays bounded
+/// between scrapes.
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the Prometheus recorder (once per process) and returns its handle.
 pub fn prometheus() -> PrometheusHandle {
     RECORDER

@@ -202,6 +202,17 @@ impl Node {
         }
         let node = self.clone();
         self.spawn_service(async move { node.limits.sweep_forever().await });
+        // The exporter keeps each histogram's raw samples until they are
+        // folded into buckets, at a scrape or here: without it a node nobody
+        // scrapes grows by every publish and subscribe it times.
+        self.spawn_service(async {
+            let handle = crate::metrics::prometheus();
+            let mut tick = tokio::time::interval(crate::metrics::UPKEEP_INTERVAL);
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        });
     }
 
     /// Runs `task` as a background service of this node: it is tracked and

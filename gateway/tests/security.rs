@@ -30,7 +30,6 @@ fn unlimited_publish(o: &mut gateway::config::Opts) {
     o.client_bytes_per_sec = Some(0);
 }
 
-
 /// Issue 18 item 1 (memory): a client that stops reading asked 49 times for
 /// 200 messages of a room with 4 MiB of history; each page was queued past
 /// the outbox cap and the node grew by ~210 MiB. Now every page counts
@@ -54,10 +53,14 @@ async fn history_pages_for_a_client_that_stops_reading_stay_within_the_outbox_bo
         _ => unreachable!("plain ws"),
     };
     let connect = json!({"id":1,"op":"connect","token":node.token("mallory")}).to_string();
-    tcp.write_all(&common::raw::client_frame(0x81, connect.as_bytes())).await.unwrap();
+    tcp.write_all(&common::raw::client_frame(0x81, connect.as_bytes()))
+        .await
+        .unwrap();
     for id in 2..51 {
         let h = json!({"id":id,"op":"history","room":"big","limit":200}).to_string();
-        tcp.write_all(&common::raw::client_frame(0x81, h.as_bytes())).await.unwrap();
+        tcp.write_all(&common::raw::client_frame(0x81, h.as_bytes()))
+            .await
+            .unwrap();
     }
     // The node closes it as a slow consumer (its outbox peak is recorded
     // then); what was ever queued for it stayed under the cap.

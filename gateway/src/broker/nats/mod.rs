@@ -558,7 +558,9 @@ impl NatsBus {
         let Some(seq) = get(SEQ) else {
             // Ephemeral: not stored, no offset.
             let msg = encode(room, 0, &env);
-            if self.rooms.broadcast_unstored(room, &msg) > 0 {
+            let members = self.rooms.broadcast_unstored(room, &msg);
+            if members > 0 {
+                self.deliveries.increment(members as u64);
                 crate::metrics::fanned_out(arrived.elapsed(), env.ts_ms);
             }
             return;
