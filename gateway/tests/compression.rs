@@ -270,39 +270,15 @@ fn bomb(mib: usize) -> Vec<u8> {
 /// process's own figures measure it.
 #[tokio::test]
 async fn a_compressed_frame_inflating_past_the_limit_closes_1009_without_allocating_it() {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--jwt-secret",
-            common::SECRET,
-        ])
-        .args(["--max-frame-bytes", "262144", "--permessage-deflate", "true"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("gateway binary starts");
-    let pid = child.id().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = within(async {
-        loop {
-            let line = lines
-                .next_line()
-                .await
-                .unwrap()
-                .expect("gateway exits before listening");
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && let Some(addr) = v["fields"]["addr"].as_str()
-            {
-                return addr.to_string();
-            }
-        }
-    })
-    .await;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let gw = common::process::GatewayProcess::start(&[
+        "--jwt-secret",
+        common::SECRET,
+        "--max-frame-bytes",
+        "262144",
+        "--permessage-deflate",
+        "true",
+    ]);
+    let (pid, addr) = (gw.pid(), gw.addr.clone());
 
     let payload = bomb(200);
     assert!(payload.len() < 262_144, "{} bytes pass the header check", payload.len());
@@ -332,7 +308,6 @@ async fn a_compressed_frame_inflating_past_the_limit_closes_1009_without_allocat
     let mut ok = Client::open(&format!("ws://{addr}/ws")).await;
     let r = ok.connect(&token("after", &["*"], &["*"])).await;
     assert!(r["ok"]["client"].is_string(), "{r}");
-    let _ = child.kill().await;
 }
 
 /// Node.js's global `WebSocket` (Node 22; `scripts/ensure-node.sh` finds or

@@ -285,11 +285,7 @@ impl<'a> Session<'a> {
     /// The frame of a room message for this connection (catch-up): the one
     /// its room pushes are, shared with the room's other members.
     pub(super) fn room_frame(&self, m: &SharedMessage) -> Frame {
-        if self.deflate.is_some_and(Deflate::shares_frames) {
-            m.deflated_frame(self.codec()).clone()
-        } else {
-            m.frame(self.codec()).clone()
-        }
+        self.full_member().frame(m).clone()
     }
 
     pub(super) fn parse(&self, frame: &Bytes) -> Parsed {

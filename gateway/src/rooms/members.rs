@@ -109,6 +109,12 @@ impl Member<'_> {
             _ => FullSet::Json,
         }
     }
+
+    /// The frame of `msg` this member gets, the one its member set shares
+    /// (also what its catch-up is made of).
+    pub fn frame<'m>(&self, msg: &'m SharedMessage) -> &'m Frame {
+        self.full_set().frame(msg)
+    }
 }
 
 /// Room -> (latest offset, messages counted).

@@ -73,9 +73,14 @@ impl GatewayProcess {
         format!("ws://{}/ws", self.addr)
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Sends `signal` (`TERM`, `HUP`...) with `kill(1)`.
     pub fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("running").id().to_string();
+        let pid = self.pid().to_string();
         let ok = Command::new("kill")
             .args([&format!("-{signal}"), &pid])
             .status()
