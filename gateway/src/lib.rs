@@ -19,6 +19,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod error;
 pub mod http;
 pub mod limits;
@@ -43,6 +44,8 @@ pub use node::{DrainReport, Node};
 /// A node serving in the background (tests and embedding).
 pub struct Running {
     pub addr: SocketAddr,
+    /// The server API's address, when `api_listen` is configured.
+    pub api_addr: Option<SocketAddr>,
     pub node: Arc<Node>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<DrainReport>,
@@ -58,6 +61,7 @@ impl Running {
         }));
         Ok(Self {
             addr,
+            api_addr: None,
             node,
             stop: Some(stop),
             task,
@@ -65,11 +69,21 @@ impl Running {
     }
 
     /// Binds `127.0.0.1:0` (with the production accept queue) and starts a
-    /// node with `cfg`.
+    /// node with `cfg`; with `api_listen` set, the server API too (on
+    /// `127.0.0.1:0` when its port is 0, else on that address).
     pub async fn bind_local(cfg: Config) -> anyhow::Result<Self> {
         let listener = http::listen(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let api = match cfg.api_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
         let node = Node::new(cfg).await?;
-        Ok(Self::start(node, listener)?)
+        let mut running = Self::start(node.clone(), listener)?;
+        if let Some(api) = api {
+            running.api_addr = Some(api.local_addr()?);
+            node.spawn_service(http::api::serve_api(node.clone(), api));
+        }
+        Ok(running)
     }
 
     /// Drains the node and waits for it.

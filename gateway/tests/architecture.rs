@@ -60,6 +60,10 @@ const LAYERS: &[&str] = &[
     // settings (limits, the auth verifier), so it sits above them and they
     // never read it.
     "config",
+    // Orders from the server API to connections on every gateway (the
+    // control subjects), the connection registry by user and token
+    // revocations: uses the broker's NATS connection and the room index.
+    "control",
     // Node owns rooms, broker, verifier, limits, metrics, config: it moved
     // out of the server so conn depends on node, not on http.
     "node",

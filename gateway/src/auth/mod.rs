@@ -131,6 +131,9 @@ pub struct Identity {
     pub sub: String,
     /// Expiry, seconds since the epoch.
     pub exp: Option<u64>,
+    /// Issued at (`iat`), seconds since the epoch; revocations refuse tokens
+    /// issued before their time (a token without `iat` counts as issued at 0).
+    pub iat: Option<u64>,
     pub grants: Grants,
 }
 
@@ -147,6 +150,8 @@ struct Claims {
     sub: Option<String>,
     #[serde(default)]
     exp: Option<u64>,
+    #[serde(default)]
+    iat: Option<u64>,
     /// Present (even `null`) only in a room token.
     #[serde(default, deserialize_with = "present_value")]
     room: Option<Value>,
@@ -535,6 +540,7 @@ impl Verifier {
         Ok(Identity {
             sub,
             exp: claims.exp,
+            iat: claims.iat,
             grants,
         })
     }

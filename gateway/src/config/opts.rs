@@ -65,6 +65,24 @@ pub struct Opts {
     /// Separate address for Prometheus /metrics [default: served on --listen].
     #[arg(long, env = "GATEWAY_METRICS_LISTEN", global = true)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Address of the server API for application backends (POST /api/<method>, docs/server-api.md); never the --listen port; needs --api-key [default: off].
+    #[arg(long, env = "GATEWAY_API_LISTEN", global = true)]
+    pub api_listen: Option<SocketAddr>,
+    /// Keys accepted by the server API (header `Authorization: apikey <KEY>`), comma-separated so one can be rotated; at least 16 characters each [default: none].
+    #[arg(
+        long,
+        env = "GATEWAY_API_KEY",
+        global = true,
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_key: Option<Vec<String>>,
+    /// Largest server API request body, bytes; a bigger one is answered too_large (HTTP 413) [default: 1048576].
+    #[arg(long, env = "GATEWAY_API_MAX_BODY_BYTES", global = true)]
+    pub api_max_body_bytes: Option<usize>,
+    /// Server API requests per second on this node (all keys together, refused ones included), burst 2x; more are answered rate_limited (HTTP 429); 0 = off [default: 1000].
+    #[arg(long, env = "GATEWAY_API_REQUESTS_PER_SEC", global = true)]
+    pub api_requests_per_sec: Option<u32>,
     /// This node's id, shown to clients and in metrics [default: gw-<random>].
     #[arg(long, env = "GATEWAY_NODE_ID", global = true)]
     pub node_id: Option<String>,
@@ -346,6 +364,10 @@ impl Opts {
             b,
             listen,
             metrics_listen,
+            api_listen,
+            api_key,
+            api_max_body_bytes,
+            api_requests_per_sec,
             node_id,
             jwt_secret,
             jwt_public_key,

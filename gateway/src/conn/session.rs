@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::shared::{leave, read_error_reason};
 use crate::auth::{self, Identity};
+use crate::control::{ConnHandle, Order};
 use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::limits::{Admit, ConnLimits, RateLimited, Strikes};
 use crate::model::{ConnId, RoomId};
@@ -125,6 +126,9 @@ pub(super) struct Session<'a> {
     pub(super) expires_at: Option<Instant>,
     pub(super) bad_frames: Strikes,
     pub(super) limits: ConnLimits,
+    /// Orders from the server API (disconnect, unsubscribe, revocation);
+    /// registered once the token is accepted.
+    pub(super) control: Option<Arc<ConnHandle>>,
 }
 
 /// Leaves every room however the task ends, a panic included: a member whose
@@ -132,6 +136,9 @@ pub(super) struct Session<'a> {
 impl Drop for Session<'_> {
     fn drop(&mut self) {
         self.leave_all();
+        if let (Some(_), Some(identity)) = (self.control.take(), &self.identity) {
+            self.node.control.registry.deregister(&identity.sub, self.id);
+        }
     }
 }
 
@@ -158,6 +165,7 @@ impl<'a> Session<'a> {
             expires_at: None,
             bad_frames,
             limits,
+            control: None,
         }
     }
 
@@ -326,7 +334,22 @@ impl<'a> Session<'a> {
             if let Some(e) = self.first_grant_expiry() {
                 deadline = deadline.min(e);
             }
-            let msg = match tokio::time::timeout_at(deadline, reader.next()).await {
+            let control = self.control.clone();
+            let next = tokio::select! {
+                orders = async {
+                    match &control {
+                        Some(c) => c.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Err(reason) = self.obey(orders) {
+                        return reason;
+                    }
+                    continue;
+                }
+                next = tokio::time::timeout_at(deadline, reader.next()) => next,
+            };
+            let msg = match next {
                 Err(_) => {
                     let now = Instant::now();
                     if self.expires_at.is_some_and(|e| e <= now) {
@@ -459,7 +482,42 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Carries out orders from the server API.
+    pub(super) fn obey(&mut self, orders: Vec<Order>) -> Result<(), CloseReason> {
+        for order in orders {
+            match order {
+                Order::Close { code, reconnect } => return Err(CloseReason::Disconnected { code, reconnect }),
+                Order::Revoked => return Err(CloseReason::Revoked),
+                Order::Unsubscribe(room) => {
+                    if self.drop_room(&room) {
+                        let error = ProtoError::forbidden("unsubscribed by the server");
+                        self.send(&ServerMsg::Unsubscribed {
+                            room: &room,
+                            error: &error,
+                        })?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn accept(&mut self, identity: Identity, id: Option<u32>) -> Result<(), CloseReason> {
+        if self.node.control.revocations.is_revoked(&identity.sub, identity.iat) {
+            self.node.metrics.auth_failed("revoked");
+            self.reply_err(id, &ProtoError::new(ErrorCode::Unauthorized, "the token was revoked"))?;
+            return Err(CloseReason::Unauthorized);
+        }
+        self.control = Some(
+            self.node
+                .control
+                .registry
+                .register(&identity.sub, self.id, identity.iat.unwrap_or(0)),
+        );
+        // A revocation stored between the check and the registration.
+        if self.node.control.revocations.is_revoked(&identity.sub, identity.iat) {
+            return Err(CloseReason::Revoked);
+        }
         let expires_in = self.set_expiry(identity.exp);
         self.identity = Some(identity);
         let client = self.client_id();
