@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::api::{KEY, KEY2, call, now};
 use common::{Client, Ended, TestNode};
-use serde_json::{Value, json};
+use serde_json::json;
 
 async fn api_node(tune: impl FnOnce(&mut gateway::config::Opts)) -> (TestNode, SocketAddr) {
     let node = TestNode::with(|o| {

@@ -131,9 +131,9 @@ pub struct Identity {
     pub sub: String,
     /// Expiry, seconds since the epoch.
     pub exp: Option<u64>,
-    /// Issued at (`iat`), seconds since the epoch; revocations refuse tokens
-    /// issued before their time (a token without `iat` counts as issued at 0).
-    pub iat: Option<u64>,
+    /// Issued at (`iat`), seconds since the epoch, 0 for a token without
+    /// `iat`; revocations refuse tokens issued before their time.
+    pub iat: u64,
     pub grants: Grants,
 }
 
@@ -540,7 +540,7 @@ impl Verifier {
         Ok(Identity {
             sub,
             exp: claims.exp,
-            iat: claims.iat,
+            iat: claims.iat.unwrap_or(0),
             grants,
         })
     }

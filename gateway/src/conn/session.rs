@@ -104,6 +104,18 @@ impl RoomSub {
     }
 }
 
+/// The wait for the server API's orders to a connection.
+type OrdersWait = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// (Re)arms `wait` for the next orders of `control` (forever pending
+/// without one).
+fn orders_wait(wait: &mut OrdersWait, control: Option<Arc<ConnHandle>>) {
+    *wait = match control {
+        Some(c) => Box::pin(async move { c.ready().await }),
+        None => Box::pin(std::future::pending()),
+    };
+}
+
 pub(super) struct Session<'a> {
     pub(super) node: Arc<Node>,
     pub(super) id: ConnId,
@@ -322,6 +334,10 @@ impl<'a> Session<'a> {
         let ping_interval = self.node.cfg.ping_interval;
         let mut idle_at = Instant::now() + idle;
         let mut ping_at = Instant::now() + ping_interval;
+        // Boxed once per connection, not per frame: an idle connection's
+        // task stays small (its size is checked by a test).
+        let mut orders: OrdersWait = Box::pin(std::future::pending());
+        orders_wait(&mut orders, self.control.clone());
         loop {
             // One timer for the idle, token-expiry and ping deadlines (memory
             // per idle connection): pings are queued by the reader.
@@ -334,15 +350,10 @@ impl<'a> Session<'a> {
             if let Some(e) = self.first_grant_expiry() {
                 deadline = deadline.min(e);
             }
-            let control = self.control.clone();
             let next = tokio::select! {
-                orders = async {
-                    match &control {
-                        Some(c) => c.next().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    if let Err(reason) = self.obey(orders) {
+                () = &mut orders => {
+                    orders_wait(&mut orders, self.control.clone());
+                    if let Err(reason) = self.obey() {
                         return reason;
                     }
                     continue;
@@ -483,7 +494,8 @@ impl<'a> Session<'a> {
     }
 
     /// Carries out orders from the server API.
-    pub(super) fn obey(&mut self, orders: Vec<Order>) -> Result<(), CloseReason> {
+    pub(super) fn obey(&mut self) -> Result<(), CloseReason> {
+        let orders = self.control.as_ref().map(|c| c.take()).unwrap_or_default();
         for order in orders {
             match order {
                 Order::Close { code, reconnect } => return Err(CloseReason::Disconnected { code, reconnect }),
@@ -512,7 +524,7 @@ impl<'a> Session<'a> {
             self.node
                 .control
                 .registry
-                .register(&identity.sub, self.id, identity.iat.unwrap_or(0)),
+                .register(&identity.sub, self.id, identity.iat),
         );
         // A revocation stored between the check and the registration.
         if self.node.control.revocations.is_revoked(&identity.sub, identity.iat) {

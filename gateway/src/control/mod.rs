@@ -93,18 +93,26 @@ impl ConnHandle {
         self.wake.notify_one();
     }
 
-    /// Waits for orders and takes them, oldest first. Cancel-safe: an order
-    /// stays queued until taken.
-    pub async fn next(&self) -> Vec<Order> {
+    /// Resolves once orders are queued (see [`ConnHandle::take`]).
+    /// Cancel-safe: an order stays queued until taken.
+    pub async fn ready(&self) {
         loop {
-            {
-                let mut q = self.orders.lock();
-                if !q.is_empty() {
-                    return std::mem::take(&mut *q);
-                }
+            if !self.orders.lock().is_empty() {
+                return;
             }
             self.wake.notified().await;
         }
+    }
+
+    /// Takes the queued orders, oldest first.
+    pub fn take(&self) -> Vec<Order> {
+        std::mem::take(&mut *self.orders.lock())
+    }
+
+    /// Waits for orders and takes them.
+    pub async fn next(&self) -> Vec<Order> {
+        self.ready().await;
+        self.take()
     }
 
     /// The token's `iat` now.

@@ -125,12 +125,9 @@ impl Revocations {
         self.kv.is_some()
     }
 
-    /// Whether a token of `user` issued at `iat` (none: 0) is revoked.
-    pub fn is_revoked(&self, user: &str, iat: Option<u64>) -> bool {
-        self.before
-            .read()
-            .get(user)
-            .is_some_and(|before| iat.unwrap_or(0) < *before)
+    /// Whether a token of `user` issued at `iat` (0: no `iat`) is revoked.
+    pub fn is_revoked(&self, user: &str, iat: u64) -> bool {
+        self.before.read().get(user).is_some_and(|before| iat < *before)
     }
 
     /// Revokes `user`'s tokens issued before `before` (Unix seconds): stored
@@ -223,10 +220,10 @@ mod tests {
         let r = Revocations::memory();
         let reg = Registry::default();
         r.revoke(&reg, "alice", 1000).await.unwrap();
-        assert!(r.is_revoked("alice", Some(999)));
-        assert!(r.is_revoked("alice", None));
-        assert!(!r.is_revoked("alice", Some(1000)));
-        assert!(!r.is_revoked("bob", Some(1)));
+        assert!(r.is_revoked("alice", 999));
+        assert!(r.is_revoked("alice", 0));
+        assert!(!r.is_revoked("alice", 1000));
+        assert!(!r.is_revoked("bob", 1));
         assert!(!r.is_durable());
     }
 }

@@ -42,7 +42,7 @@ impl Session<'_> {
             })?;
         }
         if let Some(c) = &self.control {
-            c.set_iat(identity.iat.unwrap_or(0));
+            c.set_iat(identity.iat);
         }
         let expires_in = self.set_expiry(identity.exp);
         self.identity = Some(identity);
