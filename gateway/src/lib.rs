@@ -26,6 +26,7 @@ pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod presence;
 pub mod protocol;
 pub mod rooms;
 pub mod transport;

@@ -37,6 +37,7 @@ use crate::control::{Control, NodeInfo};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::model::ConnId;
+use crate::presence::Presence;
 use crate::rooms::{LogMode, RoomIndex, RoomLimits};
 use crate::transport::tls::Tls;
 
@@ -66,6 +67,8 @@ pub struct Node {
     /// Orders from the server API to connections on every gateway, and
     /// token revocations.
     pub control: Arc<Control>,
+    /// Cluster-wide room presence.
+    pub presence: Arc<Presence>,
     /// Present when serving `wss://`.
     pub(crate) tls: Option<Arc<Tls>>,
     pub(crate) conn_seq: AtomicU64,
@@ -162,6 +165,15 @@ impl Node {
             Bus::Nats(n) => Control::cluster(n, &cfg.nats_prefix, cfg.nats_replicas).await?,
         };
         let control = Arc::new(control);
+        let presence = Arc::new(Presence::new(
+            &cfg.node_id,
+            cfg.presence_list_max,
+            cfg.presence_interval,
+            match &bus {
+                Bus::Embedded => None,
+                Bus::Nats(n) => Some((n.client().clone(), cfg.nats_prefix.clone())),
+            },
+        ));
         let limits = Limits::new(&cfg.limits, !cfg.no_rate_limits);
         // The flushers write until the connections have ended.
         for flusher in rooms.flushers().shards() {
@@ -176,6 +188,7 @@ impl Node {
             metrics,
             limits,
             control,
+            presence,
             tls,
             conn_seq: AtomicU64::new(1),
             conns: Arc::new(AtomicUsize::new(0)),
@@ -198,13 +211,11 @@ impl Node {
             },
         });
         node.control
-            .start(
-                node.rooms.clone(),
-                node.cfg.node_id.clone(),
-                info,
-                &node.services,
-                &node.services_stop,
-            )
+            .start(info, &node.services, &node.services_stop)
+            .await
+            .map_err(|e| StartError::Control(e.to_string()))?;
+        node.presence
+            .start(&node.services, &node.services_stop)
             .await
             .map_err(|e| StartError::Control(e.to_string()))?;
         Ok(node)

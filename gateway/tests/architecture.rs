@@ -64,6 +64,9 @@ const LAYERS: &[&str] = &[
     // control subjects), the connection registry by user and token
     // revocations: uses the broker's NATS connection and the room index.
     "control",
+    // Cluster-wide presence: local joins and leaves, and the summaries the
+    // gateways exchange over NATS.
+    "presence",
     // Node owns rooms, broker, verifier, limits, metrics, config: it moved
     // out of the server so conn depends on node, not on http.
     "node",

@@ -73,6 +73,11 @@ pub struct Config {
     /// Server API requests per second (burst twice that); 0 = no limit.
     /// Default 1,000.
     pub api_requests_per_sec: u32,
+    /// Rooms with at most this many members have a presence user list;
+    /// 0 = counts only. Default 1,000.
+    pub presence_list_max: usize,
+    /// Interval of the presence summaries (cluster mode). Default 1 s.
+    pub presence_interval: Duration,
     /// Node id. Default gw-<8 random hex digits>.
     pub node_id: String,
     /// HS256 secret. Default none (dev mode when no key at all).

@@ -71,6 +71,11 @@ impl Config {
             api_keys: api.keys,
             api_max_body_bytes: api.max_body_bytes,
             api_requests_per_sec: api.requests_per_sec,
+            presence_list_max: o.presence_list_max.unwrap_or(1_000),
+            presence_interval: ms(
+                Some(positive("presence_interval_ms", o.presence_interval_ms, 1_000)?),
+                0,
+            ),
             node_id,
             jwt_secret: o.jwt_secret,
             dev_mode: false,
@@ -565,6 +570,7 @@ fn warnings(o: &Opts) -> Vec<String> {
             ("nats_connect_timeout_ms", o.nats_connect_timeout_ms.is_some()),
             ("nats_ignore_discovered", o.nats_ignore_discovered.is_some()),
             ("nats_js_domain", o.nats_js_domain.is_some()),
+            ("presence_interval_ms", o.presence_interval_ms.is_some()),
         ];
         for (name, given) in cluster_only {
             if given {

@@ -190,6 +190,9 @@ impl<'a> Session<'a> {
     pub(super) fn leave_all(&mut self) {
         for (room, sub) in &self.rooms {
             leave(&self.node, room, self.id, sub.member);
+            if let Some(i) = &self.identity {
+                self.node.presence.left(room, &i.sub);
+            }
         }
         self.rooms.clear();
         self.grant_expiry = None;
@@ -198,10 +201,17 @@ impl<'a> Session<'a> {
     /// Records `room` as subscribed under `sub`, replacing (and un-timing)
     /// an earlier grant of the same room.
     pub(super) fn set_room(&mut self, room: &RoomId, sub: RoomSub) {
-        if let Some(old) = self.rooms.insert(room.clone(), sub)
-            && let Some(at) = old.expires()
-        {
-            self.forget_expiry(at, room);
+        match self.rooms.insert(room.clone(), sub) {
+            Some(old) => {
+                if let Some(at) = old.expires() {
+                    self.forget_expiry(at, room);
+                }
+            }
+            None => {
+                if let Some(i) = &self.identity {
+                    self.node.presence.joined(room, &i.sub);
+                }
+            }
         }
         if let Some(at) = sub.expires() {
             self.grant_expiry.get_or_insert_default().insert((at, room.clone()));
@@ -231,6 +241,9 @@ impl<'a> Session<'a> {
             self.forget_expiry(at, room);
         }
         leave(&self.node, room, self.id, sub.member);
+        if let Some(i) = &self.identity {
+            self.node.presence.left(room, &i.sub);
+        }
         self.forget_activity(room);
         true
     }
@@ -583,6 +596,7 @@ impl<'a> Session<'a> {
             Command::Publish { room, data, key } => Box::pin(self.publish(id, &room, &data, key.as_deref())).await,
             Command::History { room, limit, before } => Box::pin(self.history(id, &room, limit, before)).await,
             Command::Refresh { token } => Box::pin(self.refresh(id, &token)).await,
+            Command::Presence { room } => self.presence(id, &room),
             Command::Ping => {
                 self.send(&ServerMsg::Pong)?;
                 self.reply_ok(id, ReplyBody::Empty)

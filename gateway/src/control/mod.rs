@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 
 use crate::model::{ConnId, RoomId};
 pub use revoke::{Revocations, RevokeError};
-pub use subject::{Control, GATHER_MAX, GATHER_QUIET, InfoFn, NodeInfo, RoomCount};
+pub use subject::{Control, GATHER_MAX, GATHER_QUIET, InfoFn, NodeInfo};
 
 /// The start of every idempotency key of a server API publish (then the
 /// API key's id and the caller's key): client keys may not start with it, so

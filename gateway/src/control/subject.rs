@@ -1,5 +1,5 @@
 //! The control plane between gateways: orders for every gateway's
-//! connections and cluster-wide questions (nodes, a room's members), over
+//! connections and cluster-wide questions (the nodes), over
 //! core NATS subjects under the node's prefix. Embedded mode answers from
 //! this node alone.
 //!
@@ -7,8 +7,8 @@
 //! - `<prefix>.ctl.order`: a [`Broadcast`] (JSON); each gateway applies it
 //!   to its connections. Core NATS: a gateway that is disconnected at that
 //!   moment misses it (revocations do not: they are in the bucket).
-//! - `<prefix>.ctl.info` and `<prefix>.ctl.room`: a request; every gateway
-//!   answers with its [`NodeInfo`] or its [`RoomCount`]. The asker gathers
+//! - `<prefix>.ctl.info`: a request; every gateway answers with its
+//!   [`NodeInfo`]. The asker gathers
 //!   answers until none came for [`GATHER_QUIET`], at most [`GATHER_MAX`].
 //!   Cost: one message to each gateway and one answer from each, per call.
 
@@ -24,8 +24,6 @@ use tokio_util::task::TaskTracker;
 
 use super::{Broadcast, Registry, Revocations, RevokeError};
 use crate::broker::NatsBus;
-use crate::model::RoomId;
-use crate::rooms::RoomIndex;
 
 /// A gathering ends once no answer came for this long.
 pub const GATHER_QUIET: Duration = Duration::from_millis(150);
@@ -43,14 +41,6 @@ pub struct NodeInfo {
     /// Distinct users with an authenticated connection.
     pub users: u64,
     pub draining: bool,
-}
-
-/// One gateway's members of a room.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RoomCount {
-    pub node: String,
-    /// Connections subscribed to the room on that node (any mode).
-    pub count: u64,
 }
 
 /// This node's answer to `info`, made by the node (it knows its counts).
@@ -94,8 +84,6 @@ impl Control {
     /// revocation bucket, on `tasks` until `stop`.
     pub async fn start(
         &self,
-        rooms: Arc<RoomIndex>,
-        node_id: String,
         info: InfoFn,
         tasks: &TaskTracker,
         stop: &CancellationToken,
@@ -106,7 +94,6 @@ impl Control {
         tasks.spawn(self.revocations.clone().watch(self.registry.clone(), stop.clone()));
         let mut orders = client.subscribe(self.subject("order")).await?;
         let mut infos = client.subscribe(self.subject("info")).await?;
-        let mut counts = client.subscribe(self.subject("room")).await?;
         let registry = self.registry.clone();
         let stop1 = stop.clone();
         tasks.spawn(async move {
@@ -135,27 +122,6 @@ impl Control {
                 let Some(msg) = msg else { return };
                 if let (Some(reply), Ok(body)) = (msg.reply, serde_json::to_vec(&info())) {
                     let _ = client1.publish(reply, body.into()).await;
-                }
-            }
-        });
-        let (client2, stop3) = (client.clone(), stop.clone());
-        tasks.spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    m = counts.next() => m,
-                    () = stop3.cancelled() => return,
-                };
-                let Some(msg) = msg else { return };
-                let room = std::str::from_utf8(&msg.payload).ok().and_then(RoomId::parse);
-                let (Some(reply), Some(room)) = (msg.reply, room) else {
-                    continue;
-                };
-                let answer = RoomCount {
-                    node: node_id.clone(),
-                    count: rooms.members(&room) as u64,
-                };
-                if let Ok(body) = serde_json::to_vec(&answer) {
-                    let _ = client2.publish(reply, body.into()).await;
                 }
             }
         });
@@ -217,11 +183,5 @@ impl Control {
             v.sort_by(|a, b| a.node.cmp(&b.node));
             v
         }))
-    }
-
-    /// Every gateway's members of `room` (cluster mode).
-    pub async fn room_counts(&self, room: &RoomId) -> Option<Result<Vec<RoomCount>, String>> {
-        self.gather::<RoomCount>("room", Bytes::copy_from_slice(room.as_str().as_bytes()))
-            .await
     }
 }

@@ -390,18 +390,12 @@ struct RoomReq {
 async fn room(node: &Node, body: &[u8]) -> Result<String, ProtoError> {
     let req: RoomReq = parse(body)?;
     let room = room_id(&req.room)?;
-    let count = match node.control.room_counts(&room).await {
-        None => node.rooms.members(&room) as u64,
-        Some(Ok(nodes)) => nodes.iter().map(|n| n.count).sum(),
-        Some(Err(e)) => {
-            tracing::debug!(error = %e, "room count failed");
-            return Err(ProtoError::new(
-                ErrorCode::Unavailable,
-                "the message bus is unavailable; retry",
-            ));
-        }
-    };
-    Ok(json!({ "count": count }).to_string())
+    let p = node.presence.room(&room);
+    let mut out = json!({ "count": p.count, "age_ms": p.age_ms });
+    if let Some(users) = p.users {
+        out["users"] = json!(users);
+    }
+    Ok(out.to_string())
 }
 
 async fn info(node: &Node) -> Result<String, ProtoError> {

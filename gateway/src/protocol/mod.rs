@@ -54,6 +54,10 @@ pub enum Command {
     Refresh {
         token: String,
     },
+    /// The room's cluster-wide member count (and users, when few).
+    Presence {
+        room: String,
+    },
     Ping,
 }
 
@@ -160,6 +164,13 @@ pub enum ReplyBody<'a> {
     History { messages: &'a [SharedMessage], more: bool },
     /// `{"expires_in":<seconds or null>}`.
     Refresh { expires_in: Option<u64> },
+    /// `{"count":N,"age_ms":N[,"users":[..]]}`: `users` only for a room
+    /// within the presence-list bound.
+    Presence {
+        count: u64,
+        age_ms: u64,
+        users: Option<&'a [String]>,
+    },
     /// `{}` (`unsubscribe`, `ping`).
     Empty,
 }

@@ -66,6 +66,8 @@ pub fn parse(frame: &Bytes) -> Parsed {
             limit: h.limit,
             before: h.before,
         }),
+        Some(Op::Presence(p)) if p.room.is_empty() => Err(ProtoError::bad_request("presence needs room")),
+        Some(Op::Presence(p)) => Ok(Command::Presence { room: p.room }),
         Some(Op::Ping(_)) => Ok(Command::Ping),
     };
     Parsed { id: cmd.id, command }
@@ -162,6 +164,12 @@ fn reply_body(ok: &ReplyBody<'_>) -> Body {
         }),
         ReplyBody::Refresh { expires_in } => Body::RefreshOk(pb::RefreshOk {
             expires_in: *expires_in,
+        }),
+        ReplyBody::Presence { count, age_ms, users } => Body::PresenceOk(pb::PresenceOk {
+            count: *count,
+            age_ms: *age_ms,
+            listed: users.is_some(),
+            users: users.map(<[String]>::to_vec).unwrap_or_default(),
         }),
         ReplyBody::Empty => Body::Ok(pb::Empty {}),
     }

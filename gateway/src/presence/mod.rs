@@ -1,0 +1,396 @@
+//! Presence: who is in a room, cluster-wide, eventually consistent.
+//!
+//! Each node counts its own subscribed connections per room (any mode) and,
+//! for rooms with at most `list_max` local connections, which users (`sub`s)
+//! they are. Every `interval` each gateway publishes a summary on
+//! `<prefix>.presence.<node id>`: the rooms whose local state changed since
+//! its last summary (an empty summary is the heartbeat), in messages of at
+//! most [`MAX_SUMMARY_BYTES`]. Every gateway keeps the latest view of every
+//! other gateway; a query adds them to its own live counts.
+//!
+//! - A gateway that starts asks for full summaries (`<prefix>.presence.sync`),
+//!   and every gateway sends its whole state on its next tick; a receiver
+//!   that sees a gap in a gateway's sequence numbers asks that gateway again.
+//! - A gateway not heard from for [`EXPIRY_INTERVALS`] intervals is dropped
+//!   from the view: a dead gateway's members disappear within
+//!   `3 x interval` (3 s by default) after its last summary.
+//! - `age_ms` is the age of the oldest remote summary a count relies on.
+//!
+//! Cost: per gateway, one message per interval plus the changed rooms
+//! (bounded by churn, not by members); every gateway receives every other
+//! gateway's messages. A room's user list is sent only while it is within
+//! `list_max` on that node. Embedded mode: this node alone, no messages.
+//!
+//! Owns the presence state; the connection tells it about joins and leaves
+//! (`conn`), the client op and the server API ask it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use futures_util::StreamExt as _;
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::model::RoomId;
+
+/// Intervals without a summary after which a gateway is dropped.
+pub const EXPIRY_INTERVALS: u32 = 3;
+/// Largest summary message; a bigger one is split.
+pub const MAX_SUMMARY_BYTES: usize = 256 * 1024;
+
+/// One room on one node.
+#[derive(Debug, Default)]
+struct Local {
+    conns: u32,
+    /// Connections per user; `None` once the room went over `list_max`
+    /// on this node (until it empties).
+    users: Option<HashMap<Box<str>, u32>>,
+}
+
+/// One room in a summary: `(room, connections, users or null)`.
+type Entry = (String, u32, Option<Vec<String>>);
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Summary {
+    node: String,
+    seq: u64,
+    /// The first message of a full summary: drop the node's old view.
+    reset: bool,
+    rooms: Vec<Entry>,
+}
+
+#[derive(Debug, Default)]
+struct NodeView {
+    seen: Option<Instant>,
+    seq: u64,
+    rooms: HashMap<String, (u32, Option<Vec<String>>)>,
+}
+
+/// A room's presence as a query answers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomPresence {
+    /// Connections subscribed, every gateway.
+    pub count: u64,
+    /// Age of the oldest remote view used, milliseconds.
+    pub age_ms: u64,
+    /// Distinct users, when the room is within the list bound everywhere.
+    pub users: Option<Vec<String>>,
+}
+
+/// The presence state of a node (see the module doc).
+pub struct Presence {
+    node_id: String,
+    list_max: usize,
+    interval: Duration,
+    local: DashMap<RoomId, Local, foldhash::fast::RandomState>,
+    dirty: Mutex<HashSet<RoomId>>,
+    view: RwLock<HashMap<String, NodeView>>,
+    nats: Option<(async_nats::Client, String)>,
+    send_full: AtomicBool,
+    seq: AtomicU64,
+}
+
+impl Presence {
+    /// `nats`: the client and the subject prefix in cluster mode.
+    pub fn new(node_id: &str, list_max: usize, interval: Duration, nats: Option<(async_nats::Client, String)>) -> Self {
+        Self {
+            node_id: node_id.to_string(),
+            list_max,
+            interval,
+            local: DashMap::default(),
+            dirty: Mutex::default(),
+            view: RwLock::default(),
+            nats,
+            send_full: AtomicBool::new(true),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    /// The list bound (members).
+    pub fn list_max(&self) -> usize {
+        self.list_max
+    }
+
+    /// A connection of `user` subscribed to `room`.
+    pub fn joined(&self, room: &RoomId, user: &str) {
+        let mut e = self.local.entry(room.clone()).or_insert_with(|| Local {
+            conns: 0,
+            users: (self.list_max > 0).then(HashMap::new),
+        });
+        e.conns += 1;
+        if e.conns as usize > self.list_max {
+            e.users = None;
+        } else if let Some(users) = &mut e.users {
+            *users.entry(user.into()).or_insert(0) += 1;
+        }
+        drop(e);
+        self.touch(room);
+    }
+
+    /// A connection of `user` left `room`.
+    pub fn left(&self, room: &RoomId, user: &str) {
+        if let dashmap::Entry::Occupied(mut e) = self.local.entry(room.clone()) {
+            let l = e.get_mut();
+            l.conns = l.conns.saturating_sub(1);
+            if let Some(users) = &mut l.users
+                && let Some(n) = users.get_mut(user)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    users.remove(user);
+                }
+            }
+            if l.conns == 0 {
+                e.remove();
+            }
+        }
+        self.touch(room);
+    }
+
+    fn touch(&self, room: &RoomId) {
+        if self.nats.is_some() {
+            self.dirty.lock().insert(room.clone());
+        }
+    }
+
+    fn entry_of(&self, room: &str, l: Option<&Local>) -> Entry {
+        match l {
+            None => (room.to_string(), 0, Some(Vec::new())),
+            Some(l) => (
+                room.to_string(),
+                l.conns,
+                l.users.as_ref().map(|u| u.keys().map(|k| k.to_string()).collect()),
+            ),
+        }
+    }
+
+    /// The room's presence now: this node's live state plus the latest
+    /// summaries of the other gateways.
+    pub fn room(&self, room: &RoomId) -> RoomPresence {
+        let now = Instant::now();
+        let mut count = 0u64;
+        let mut users: Option<HashSet<String>> = Some(HashSet::new());
+        if let Some(l) = self.local.get(room) {
+            count += u64::from(l.conns);
+            match (&mut users, &l.users) {
+                (Some(all), Some(mine)) => all.extend(mine.keys().map(|k| k.to_string())),
+                _ => users = None,
+            }
+        }
+        let mut oldest: Option<Instant> = None;
+        let expiry = self.interval * EXPIRY_INTERVALS;
+        for (node, v) in self.view.read().iter() {
+            let Some(seen) = v.seen else { continue };
+            if node == &self.node_id || now.duration_since(seen) > expiry {
+                continue;
+            }
+            oldest = Some(oldest.map_or(seen, |o| o.min(seen)));
+            if let Some((n, list)) = v.rooms.get(room.as_str()) {
+                count += u64::from(*n);
+                match (&mut users, list) {
+                    (Some(all), Some(theirs)) => all.extend(theirs.iter().cloned()),
+                    _ => users = None,
+                }
+            }
+        }
+        let users = users
+            .filter(|u| count as usize <= self.list_max && u.len() <= self.list_max)
+            .map(|u| {
+                let mut v: Vec<String> = u.into_iter().collect();
+                v.sort();
+                v
+            });
+        RoomPresence {
+            count,
+            age_ms: oldest.map_or(0, |o| now.duration_since(o).as_millis() as u64),
+            users,
+        }
+    }
+
+    /// Cluster mode: publishes summaries every interval and follows the
+    /// other gateways', on `tasks` until `stop`.
+    pub async fn start(
+        self: &Arc<Self>,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Result<(), async_nats::SubscribeError> {
+        let Some((client, prefix)) = self.nats.clone() else {
+            return Ok(());
+        };
+        let mut summaries = client.subscribe(format!("{prefix}.presence.*")).await?;
+        let mut syncs = client.subscribe(format!("{prefix}.presence_sync")).await?;
+        // Ask everyone for their whole state.
+        let _ = client.publish(format!("{prefix}.presence_sync"), "*".into()).await;
+        let (this, stop1) = (self.clone(), stop.clone());
+        tasks.spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    m = summaries.next() => m,
+                    () = stop1.cancelled() => return,
+                };
+                let Some(msg) = msg else { return };
+                match serde_json::from_slice::<Summary>(&msg.payload) {
+                    Ok(s) => this.apply(s).await,
+                    Err(e) => tracing::debug!(error = %e, "malformed presence summary ignored"),
+                }
+            }
+        });
+        let (this, stop2) = (self.clone(), stop.clone());
+        tasks.spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    m = syncs.next() => m,
+                    () = stop2.cancelled() => return,
+                };
+                let Some(msg) = msg else { return };
+                let who = std::str::from_utf8(&msg.payload).unwrap_or("");
+                if who == "*" || who == this.node_id {
+                    this.send_full.store(true, Ordering::Relaxed);
+                }
+            }
+        });
+        let (this, stop3) = (self.clone(), stop.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(this.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = stop3.cancelled() => return,
+                }
+                this.publish(&client, &prefix).await;
+                this.expire();
+            }
+        });
+        Ok(())
+    }
+
+    async fn apply(&self, s: Summary) {
+        if s.node == self.node_id {
+            return;
+        }
+        let gap = {
+            let mut view = self.view.write();
+            let v = view.entry(s.node.clone()).or_default();
+            let gap = !s.reset && v.seen.is_some() && s.seq != v.seq + 1;
+            let fresh = v.seen.is_none() && !s.reset;
+            if s.reset {
+                v.rooms.clear();
+            }
+            v.seq = s.seq;
+            v.seen = Some(Instant::now());
+            for (room, count, users) in s.rooms {
+                if count == 0 {
+                    v.rooms.remove(&room);
+                } else {
+                    v.rooms.insert(room, (count, users));
+                }
+            }
+            gap || fresh
+        };
+        if gap && let Some((client, prefix)) = &self.nats {
+            // A missed message (or a gateway seen mid-stream): ask for all.
+            let _ = client
+                .publish(format!("{prefix}.presence_sync"), s.node.into_bytes().into())
+                .await;
+        }
+    }
+
+    fn expire(&self) {
+        let expiry = self.interval * EXPIRY_INTERVALS;
+        let now = Instant::now();
+        self.view
+            .write()
+            .retain(|_, v| v.seen.is_some_and(|s| now.duration_since(s) <= expiry));
+    }
+
+    async fn publish(&self, client: &async_nats::Client, prefix: &str) {
+        let full = self.send_full.swap(false, Ordering::Relaxed);
+        let rooms: Vec<Entry> = if full {
+            self.dirty.lock().clear();
+            self.local
+                .iter()
+                .map(|e| self.entry_of(e.key().as_str(), Some(e.value())))
+                .collect()
+        } else {
+            let dirty: Vec<RoomId> = self.dirty.lock().drain().collect();
+            dirty
+                .iter()
+                .map(|r| self.entry_of(r.as_str(), self.local.get(r).as_deref()))
+                .collect()
+        };
+        let subject = format!("{prefix}.presence.{}", subject_token(&self.node_id));
+        let mut batch: Vec<Entry> = Vec::new();
+        let mut size = 0;
+        let mut first = true;
+        let mut rooms = rooms.into_iter().peekable();
+        loop {
+            let next = rooms.next();
+            let end = next.is_none();
+            if let Some(e) = next {
+                size += e.0.len() + 16 + e.2.as_ref().map_or(0, |u| u.iter().map(|s| s.len() + 3).sum());
+                batch.push(e);
+            }
+            if end || size >= MAX_SUMMARY_BYTES {
+                let msg = Summary {
+                    node: self.node_id.clone(),
+                    seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+                    reset: full && first,
+                    rooms: std::mem::take(&mut batch),
+                };
+                first = false;
+                size = 0;
+                if let Ok(body) = serde_json::to_vec(&msg)
+                    && let Err(e) = client.publish(subject.clone(), body.into()).await
+                {
+                    tracing::debug!(error = %e, "presence summary not sent");
+                    // Lost: send everything next time.
+                    self.send_full.store(true, Ordering::Relaxed);
+                }
+            }
+            if end {
+                break;
+            }
+        }
+    }
+}
+
+/// A node id as one subject token (ids are free text).
+fn subject_token(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_counts_and_lists_follow_joins_and_leaves_and_stop_listing_past_the_bound() {
+        let p = Presence::new("n", 2, Duration::from_secs(1), None);
+        let r = RoomId::parse("r").unwrap();
+        p.joined(&r, "a");
+        p.joined(&r, "a");
+        assert_eq!(p.room(&r).users, Some(vec!["a".to_string()]));
+        p.joined(&r, "b");
+        let got = p.room(&r);
+        assert_eq!((got.count, got.users), (3, None));
+        for u in ["a", "a", "b"] {
+            p.left(&r, u);
+        }
+        assert_eq!(p.room(&r).count, 0);
+        assert!(p.local.is_empty());
+    }
+}
