@@ -167,10 +167,26 @@ async fn presence_converges_after_joins_leaves_and_a_killed_gateway() {
     let (p, _) = until(&mut asker, "lobby", |p| p["count"] == 5).await;
     assert_eq!(users(&p), ["u1", "u3", "u4", "u5"]);
 
+    // A member that asked for presence pushes, on gateway B.
+    let mut watcher = Client::open(&b.url()).await;
+    watcher.connect(&common::token("watcher", &["*"], &["*"])).await;
+    let r = watcher
+        .request(json!({"op":"subscribe","rooms":[{"room":"lobby","presence":true}]}))
+        .await;
+    assert!(r["ok"]["rooms"][0]["offset"].is_u64(), "{r}");
+    until(&mut asker, "lobby", |p| p["count"] == 6).await;
+
     let killed = Instant::now();
     drop(c); // SIGKILL: no goodbye, its summaries just stop.
-    let (p, _) = until(&mut asker, "lobby", |p| p["count"] == 2).await;
-    assert_eq!(users(&p), ["u1", "u3"]);
+    let (p, _) = until(&mut asker, "lobby", |p| p["count"] == 3).await;
+    assert_eq!(users(&p), ["u1", "u3", "watcher"]);
+    let pushes = within(presence_pushes(&mut watcher, |_, l| l.len() >= 2)).await;
+    let last = pushes.last().unwrap();
+    assert_eq!(
+        (&last["leave"], &last["count"]),
+        (&json!(["u4", "u5"]), &json!(3)),
+        "{pushes:?}"
+    );
     eprintln!(
         "a killed gateway's members left the count {:?} after the kill (bound: 3 x 200 ms after its last summary)",
         killed.elapsed()
@@ -241,4 +257,102 @@ async fn presence_interval_ms_sets_when_other_gateways_see_a_join() {
     let _n = member(&c.url(), "n", "quiet").await;
     let (p, _) = until(&mut asker, "quiet", |p| p["count"] == 1).await;
     assert_eq!(users(&p), ["n"]);
+}
+
+/// Reads `presence` pushes of `room` until `done` holds for the joins and
+/// leaves seen so far; returns the pushes.
+async fn presence_pushes(c: &mut Client, done: impl Fn(&[String], &[String]) -> bool) -> Vec<Value> {
+    let (mut joins, mut leaves, mut pushes) = (Vec::new(), Vec::new(), Vec::new());
+    while !done(&joins, &leaves) {
+        let p = c.next_push().await;
+        if p["op"] != "presence" {
+            continue;
+        }
+        let names = |k: &str| -> Vec<String> {
+            p[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect()
+        };
+        joins.extend(names("join"));
+        leaves.extend(names("leave"));
+        pushes.push(p);
+    }
+    pushes
+}
+
+/// Must show: join/leave pushes are coalesced under a burst of 1,000 joins
+/// (at most one push per interval), each user reported once; a reconnect
+/// storm within an interval is no push; `--presence-interval-ms` sets the
+/// interval of the pushes in embedded mode too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn join_and_leave_pushes_are_coalesced_under_a_burst_of_1000_joins() {
+    let node = TestNode::with(|o| {
+        o.presence_interval_ms = Some(500);
+        o.presence_list_max = Some(2_000);
+        o.no_rate_limits = Some(true);
+    })
+    .await;
+    let mut watcher = node.client("watcher").await;
+    let r = watcher
+        .request(json!({"op":"subscribe","rooms":[{"room":"party","presence":true}]}))
+        .await;
+    assert!(r["ok"]["rooms"][0]["offset"].is_u64(), "{r}");
+    let started = Instant::now();
+    let mut members = Vec::with_capacity(1_000);
+    for batch in 0..10 {
+        let joins = (0..100).map(|i| {
+            let url = node.url();
+            async move { member(&url, &format!("guest-{batch:02}-{i:02}"), "party").await }
+        });
+        members.extend(futures_util::future::join_all(joins).await);
+    }
+    let pushes = within(presence_pushes(&mut watcher, |j, _| j.len() >= 1_000)).await;
+    let elapsed = started.elapsed();
+    let mut joined: Vec<String> = pushes
+        .iter()
+        .flat_map(|p| {
+            p["join"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+        })
+        .collect();
+    let n = joined.len();
+    joined.sort();
+    joined.dedup();
+    assert_eq!((n, joined.len()), (1_000, 1_000), "each guest joined once");
+    let intervals = elapsed.as_millis() / 500 + 2;
+    assert!(
+        pushes.len() as u128 <= intervals,
+        "{} pushes in {elapsed:?}: at most one per 500 ms interval",
+        pushes.len()
+    );
+    assert!(pushes.iter().all(|p| p["leave"].as_array().unwrap().is_empty()));
+    eprintln!("1,000 joins in {elapsed:?} came as {} pushes", pushes.len());
+    // 100 guests go: their leaves come coalesced too.
+    let p = presence(&mut watcher, "party").await;
+    assert_eq!((p["count"].clone(), users(&p).len()), (json!(1_001), 1_001));
+    members.truncate(900);
+    let pushes = within(presence_pushes(&mut watcher, |_, l| l.len() >= 100)).await;
+    assert!(pushes.len() <= 3, "100 leaves in {} pushes", pushes.len());
+    // A reconnect storm within an interval: no push at all.
+    let storm: Vec<String> = (0..100).map(|i| format!("guest-00-{i:02}")).collect();
+    members.drain(..100);
+    // (guest-00-* are the first 100 members: each leaves and joins again.)
+    let again = futures_util::future::join_all(storm.iter().map(|u| {
+        let url = node.url();
+        async move { member(&url, u, "party").await }
+    }))
+    .await;
+    let quiet = watcher.push_within(Duration::from_millis(1_200)).await;
+    assert!(
+        quiet
+            .as_ref()
+            .is_none_or(|p| p["join"].as_array().unwrap().len() + p["leave"].as_array().unwrap().len() < 200),
+        "a storm of 100 reconnects is not 200 events: {quiet:?}"
+    );
+    drop(again);
 }

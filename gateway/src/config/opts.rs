@@ -86,7 +86,7 @@ pub struct Opts {
     /// Rooms with at most this many members get a user list in `presence` answers and the server API's `room` (0 = counts only; a node tracks users per room only up to this bound) [default: 1000].
     #[arg(long, env = "GATEWAY_PRESENCE_LIST_MAX", global = true)]
     pub presence_list_max: Option<usize>,
-    /// Interval of each gateway's presence summary over NATS, ms; a dead gateway's members leave the cluster-wide counts within 3 intervals [default: 1000].
+    /// Interval of each gateway's presence summary over NATS and of presence pushes (joins and leaves, coalesced), ms; a dead gateway's members leave the cluster-wide counts within 3 intervals [default: 1000].
     #[arg(long, env = "GATEWAY_PRESENCE_INTERVAL_MS", global = true)]
     pub presence_interval_ms: Option<u64>,
     /// This node's id, shown to clients and in metrics [default: gw-<random>].

@@ -570,7 +570,6 @@ fn warnings(o: &Opts) -> Vec<String> {
             ("nats_connect_timeout_ms", o.nats_connect_timeout_ms.is_some()),
             ("nats_ignore_discovered", o.nats_ignore_discovered.is_some()),
             ("nats_js_domain", o.nats_js_domain.is_some()),
-            ("presence_interval_ms", o.presence_interval_ms.is_some()),
         ];
         for (name, given) in cluster_only {
             if given {

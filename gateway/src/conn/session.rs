@@ -193,6 +193,7 @@ impl<'a> Session<'a> {
             if let Some(i) = &self.identity {
                 self.node.presence.left(room, &i.sub);
             }
+            self.node.presence.unwatch(room, self.id);
         }
         self.rooms.clear();
         self.grant_expiry = None;
@@ -244,6 +245,7 @@ impl<'a> Session<'a> {
         if let Some(i) = &self.identity {
             self.node.presence.left(room, &i.sub);
         }
+        self.node.presence.unwatch(room, self.id);
         self.forget_activity(room);
         true
     }
@@ -513,6 +515,21 @@ impl<'a> Session<'a> {
             match order {
                 Order::Close { code, reconnect } => return Err(CloseReason::Disconnected { code, reconnect }),
                 Order::Revoked => return Err(CloseReason::Revoked),
+                Order::Presence {
+                    room,
+                    count,
+                    join,
+                    leave,
+                } => {
+                    if self.rooms.contains_key(&room) {
+                        self.send(&ServerMsg::Presence {
+                            room: &room,
+                            count,
+                            join: &join,
+                            leave: &leave,
+                        })?;
+                    }
+                }
                 Order::Unsubscribe(room) => {
                     if self.drop_room(&room) {
                         let error = ProtoError::forbidden("unsubscribed by the server");

@@ -41,6 +41,13 @@ pub enum Order {
     Revoked,
     /// Leave the room (with an `unsubscribed` push) if subscribed.
     Unsubscribe(RoomId),
+    /// Push who joined and left the room (presence pushes).
+    Presence {
+        room: RoomId,
+        count: u64,
+        join: Arc<[String]>,
+        leave: Arc<[String]>,
+    },
 }
 
 /// An order for every gateway, as carried on the control subject (JSON).
@@ -86,6 +93,8 @@ impl ConnHandle {
         {
             let mut q = self.orders.lock();
             if q.len() >= MAX_ORDERS && !matches!(order, Order::Close { .. } | Order::Revoked) {
+                // A reader that far behind gets its presence from the next
+                // push or a `presence` query.
                 return;
             }
             q.push(order);

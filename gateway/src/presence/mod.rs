@@ -21,6 +21,12 @@
 //! gateway's messages. A room's user list is sent only while it is within
 //! `list_max` on that node. Embedded mode: this node alone, no messages.
 //!
+//! Presence pushes: a subscription with `"presence":true` gets, at most
+//! once per interval, the users who joined and left the room since the
+//! previous push (computed from the same view, so a reconnect storm within
+//! an interval is no push at all), only while the room is within the list
+//! bound. They reach the connection as an order on its `ConnHandle`.
+//!
 //! Owns the presence state; the connection tells it about joins and leaves
 //! (`conn`), the client op and the server API ask it.
 
@@ -36,7 +42,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::model::RoomId;
+use crate::control::{ConnHandle, Order};
+use crate::model::{ConnId, RoomId};
 
 /// Intervals without a summary after which a gateway is dropped.
 pub const EXPIRY_INTERVALS: u32 = 3;
@@ -93,6 +100,15 @@ pub struct Presence {
     nats: Option<(async_nats::Client, String)>,
     send_full: AtomicBool,
     seq: AtomicU64,
+    /// Connections that asked for presence pushes, by room.
+    watchers: DashMap<RoomId, Watch, foldhash::fast::RandomState>,
+}
+
+/// The presence pushes of one room.
+struct Watch {
+    conns: Vec<(ConnId, Arc<ConnHandle>)>,
+    /// The users at the previous push (`None`: the room is over the bound).
+    last: Option<HashSet<String>>,
 }
 
 impl Presence {
@@ -108,6 +124,63 @@ impl Presence {
             nats,
             send_full: AtomicBool::new(true),
             seq: AtomicU64::new(0),
+            watchers: DashMap::default(),
+        }
+    }
+
+    /// Connection `conn` wants presence pushes for `room`.
+    pub fn watch(&self, room: &RoomId, conn: ConnId, handle: &Arc<ConnHandle>) {
+        let mut w = self.watchers.entry(room.clone()).or_insert_with(|| Watch {
+            conns: Vec::new(),
+            last: self.room(room).users.map(|u| u.into_iter().collect()),
+        });
+        if !w.conns.iter().any(|(c, _)| *c == conn) {
+            w.conns.push((conn, handle.clone()));
+        }
+    }
+
+    /// Connection `conn` no longer wants presence pushes for `room`.
+    pub fn unwatch(&self, room: &RoomId, conn: ConnId) {
+        if self.watchers.is_empty() {
+            return;
+        }
+        if let dashmap::Entry::Occupied(mut e) = self.watchers.entry(room.clone()) {
+            e.get_mut().conns.retain(|(c, _)| *c != conn);
+            if e.get().conns.is_empty() {
+                e.remove();
+            }
+        }
+    }
+
+    /// Sends each watched room's joins and leaves since its previous push:
+    /// one push per room per interval, whatever the churn (a user who left
+    /// and came back within it is neither). Rooms over the bound get none.
+    fn push_changes(&self) {
+        let rooms: Vec<RoomId> = self.watchers.iter().map(|e| e.key().clone()).collect();
+        for room in rooms {
+            let now = self.room(&room);
+            let Some(mut w) = self.watchers.get_mut(&room) else {
+                continue;
+            };
+            let users: Option<HashSet<String>> = now.users.map(|u| u.into_iter().collect());
+            if let (Some(before), Some(after)) = (&w.last, &users) {
+                let mut join: Vec<String> = after.difference(before).cloned().collect();
+                let mut leave: Vec<String> = before.difference(after).cloned().collect();
+                if !join.is_empty() || !leave.is_empty() {
+                    join.sort();
+                    leave.sort();
+                    let (join, leave): (Arc<[String]>, Arc<[String]>) = (join.into(), leave.into());
+                    for (_, h) in &w.conns {
+                        h.send(Order::Presence {
+                            room: room.clone(),
+                            count: now.count,
+                            join: join.clone(),
+                            leave: leave.clone(),
+                        });
+                    }
+                }
+            }
+            w.last = users;
         }
     }
 
@@ -219,6 +292,17 @@ impl Presence {
         tasks: &TaskTracker,
         stop: &CancellationToken,
     ) -> Result<(), async_nats::SubscribeError> {
+        let (this, stop0) = (self.clone(), stop.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(this.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => this.push_changes(),
+                    () = stop0.cancelled() => return,
+                }
+            }
+        });
         let Some((client, prefix)) = self.nats.clone() else {
             return Ok(());
         };

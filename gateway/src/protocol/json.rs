@@ -125,6 +125,7 @@ pub fn parse(frame: &Bytes) -> Parsed {
                                 since: None,
                                 mode: None,
                                 token: None,
+                                presence: None,
                             },
                         })
                         .collect(),
@@ -211,6 +212,19 @@ pub fn text(msg: &ServerMsg<'_>) -> String {
             format!("{{\"op\":\"activity\",\"room\":\"{room}\",\"offset\":{offset},\"count\":{count}}}")
         }
         ServerMsg::Pong => "{\"op\":\"pong\"}".to_string(),
+        ServerMsg::Presence {
+            room,
+            count,
+            join,
+            leave,
+        } => {
+            let list = |names: &[String]| names.iter().map(|n| json_string(n)).collect::<Vec<_>>().join(",");
+            format!(
+                "{{\"op\":\"presence\",\"room\":\"{room}\",\"count\":{count},\"join\":[{}],\"leave\":[{}]}}",
+                list(join),
+                list(leave)
+            )
+        }
         ServerMsg::Unsubscribed { room, error } => {
             let mut out = String::with_capacity(96 + room.as_str().len() + error.message.len());
             let _ = write!(out, "{{\"op\":\"unsubscribed\",\"room\":\"{room}\",\"error\":");

@@ -72,6 +72,9 @@ pub struct SubscribeEntry {
     pub mode: Option<String>,
     #[serde(default)]
     pub token: Option<String>,
+    /// `true`: `presence` pushes (joins and leaves) for this room.
+    #[serde(default)]
+    pub presence: Option<bool>,
 }
 
 /// A parsed frame: the command's `id` (if any) and the command or why it is bad.
@@ -135,6 +138,17 @@ pub enum ServerMsg<'a> {
     /// subscription (an expired room token, a refresh that no longer grants
     /// the room).
     Unsubscribed { room: &'a RoomId, error: &'a ProtoError },
+    /// `{"op":"presence","room":..,"count":N,"join":[..],"leave":[..]}`:
+    /// users who joined and left a room whose subscription asked for
+    /// presence (`"presence":true`), since the previous such push (at most
+    /// one per room per presence interval). Source: `presence`, through
+    /// the connection's orders.
+    Presence {
+        room: &'a RoomId,
+        count: u64,
+        join: &'a [String],
+        leave: &'a [String],
+    },
 }
 
 impl ServerMsg<'_> {

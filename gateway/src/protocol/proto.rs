@@ -47,6 +47,7 @@ pub fn parse(frame: &Bytes) -> Parsed {
                     since: e.since,
                     mode: non_empty(e.mode),
                     token: non_empty(e.token),
+                    presence: e.presence,
                 })
                 .collect(),
         }),
@@ -115,6 +116,20 @@ fn frame_of(msg: &ServerMsg<'_>) -> pb::ServerFrame {
             Body::Unsubscribed(pb::Unsubscribed {
                 room: room.as_str().to_owned(),
                 error: Some(error_of(error)),
+            }),
+        ),
+        ServerMsg::Presence {
+            room,
+            count,
+            join,
+            leave,
+        } => (
+            None,
+            Body::Presence(pb::PresenceEvent {
+                room: room.as_str().to_owned(),
+                count: *count,
+                join: join.to_vec(),
+                leave: leave.to_vec(),
             }),
         ),
     };
