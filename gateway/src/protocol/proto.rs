@@ -313,6 +313,7 @@ pub(crate) mod tests {
                     since: Some(5),
                     mode: "notify".into(),
                     token: String::new(),
+                    presence: None,
                 }],
             })),
         };
