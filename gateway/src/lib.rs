@@ -11,9 +11,11 @@
 //! [`protocol`] (client commands and server frames, JSON and protobuf),
 //! [`rooms`] (room index, log, sequencer), [`broker`] (how messages get
 //! offsets and reach nodes: embedded or NATS), [`auth`] (JWT; `auth::jwks` fetches key sets from URLs), [`limits`]
-//! (rate limits and admission), [`config`] (flags, env, TOML), [`node`] (the
+//! (rate limits and admission), [`config`] (flags, env, TOML), [`control`]
+//! (server API orders to connections on every gateway, token revocations),
+//! [`presence`] (cluster-wide room presence), [`node`] (the
 //! services of one process), [`conn`] (a connection's task and commands),
-//! [`http`] (router, listener, upgrade, shutdown).
+//! [`http`] (router, listener, upgrade, shutdown, the server API).
 
 pub mod auth;
 pub mod broker;
