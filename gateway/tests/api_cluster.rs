@@ -128,8 +128,19 @@ async fn api_publishes_reach_every_gateway_once_in_order_with_client_publishes()
     assert_eq!(froms, [&json!("alice"), &json!("bot"), &json!("bob"), &json!("server")]);
 
     // room and info see both gateways.
-    let (_, r) = call(api_a, "room", Some(KEY), r#"{"room":"lobby"}"#).await;
-    assert_eq!(r["ok"]["count"], 2, "{r}");
+    // `room` is the presence view: eventually consistent (summaries every
+    // --presence-interval-ms, 1 s by default).
+    let r = within(async {
+        loop {
+            let (_, r) = call(api_a, "room", Some(KEY), r#"{"room":"lobby"}"#).await;
+            if r["ok"]["count"] == 2 {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(r["ok"]["users"], json!(["member0", "member1"]), "{r}");
     let (_, r) = call(api_b, "info", Some(KEY), "{}").await;
     let nodes: Vec<&str> = r["ok"]["nodes"]
         .as_array()

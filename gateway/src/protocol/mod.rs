@@ -432,6 +432,7 @@ mod tests {
         let msg = message(131, r#"{"text":"hi","n":[1,2]}"#);
         let limited = ProtoError::rate_limited(250);
         let forbidden = ProtoError::forbidden("the refreshed token does not grant this room");
+        let names = vec!["alice".to_string(), "bob \"b\"".to_string()];
         let history = [
             SharedMessage::new(message(7, "1")),
             SharedMessage::new(message(9, r#""x""#)),
@@ -678,6 +679,44 @@ mod tests {
                     })),
                 },
             ),
+            (
+                ServerMsg::Presence {
+                    room: &general,
+                    count: 3,
+                    join: &names[..1],
+                    leave: &names[1..],
+                },
+                json!({"op": "presence", "room": "general", "count": 3, "join": ["alice"], "leave": ["bob \"b\""]}),
+                pb::ServerFrame {
+                    id: None,
+                    body: Some(Body::Presence(pb::PresenceEvent {
+                        room: "general".into(),
+                        count: 3,
+                        join: vec!["alice".into()],
+                        leave: vec!["bob \"b\"".into()],
+                    })),
+                },
+            ),
+            (
+                ServerMsg::Reply {
+                    id: 9,
+                    ok: ReplyBody::Presence {
+                        count: 2,
+                        age_ms: 40,
+                        users: Some(&names),
+                    },
+                },
+                json!({"id": 9, "ok": {"count": 2, "age_ms": 40, "users": ["alice", "bob \"b\""]}}),
+                pb::ServerFrame {
+                    id: Some(9),
+                    body: Some(Body::PresenceOk(pb::PresenceOk {
+                        count: 2,
+                        age_ms: 40,
+                        users: names.clone(),
+                        listed: true,
+                    })),
+                },
+            ),
         ];
         let mut kinds = std::collections::HashSet::new();
         for (msg, want_json, want_proto) in &cases {
@@ -686,7 +725,7 @@ mod tests {
             assert_eq!(&proto, want_proto, "{msg:?}");
             kinds.insert(std::mem::discriminant(&proto.body.unwrap()));
         }
-        assert_eq!(kinds.len(), 11, "every ServerFrame body kind is covered");
+        assert_eq!(kinds.len(), 13, "every ServerFrame body kind is covered");
     }
 
     /// What a room's log pays per message beside the frames' bytes (the
