@@ -83,7 +83,7 @@ pub struct Opts {
     /// Server API requests per second on this node (all keys together, refused ones included), burst 2x; more are answered rate_limited (HTTP 429); 0 = off [default: 1000].
     #[arg(long, env = "GATEWAY_API_REQUESTS_PER_SEC", global = true)]
     pub api_requests_per_sec: Option<u32>,
-    /// Rooms with at most this many members get a user list in `presence` answers and the server API's `room` (0 = counts only; a node tracks users per room only up to this bound) [default: 1000].
+    /// Rooms with at most this many members get a user list in `presence` answers and the server API's `room` (0 = counts only, which makes joins cheaper: a listed room costs one map entry per member, see docs/benchmarks.md) [default: 1000].
     #[arg(long, env = "GATEWAY_PRESENCE_LIST_MAX", global = true)]
     pub presence_list_max: Option<usize>,
     /// Interval of each gateway's presence summary over NATS and of presence pushes (joins and leaves, coalesced), ms; a dead gateway's members leave the cluster-wide counts within 3 intervals [default: 1000].

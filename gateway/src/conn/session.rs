@@ -190,8 +190,8 @@ impl<'a> Session<'a> {
     pub(super) fn leave_all(&mut self) {
         for (room, sub) in &self.rooms {
             leave(&self.node, room, self.id, sub.member);
-            if let Some(i) = &self.identity {
-                self.node.presence.left(room, &i.sub);
+            if let Some(c) = &self.control {
+                self.node.presence.left(room, c.user());
             }
             self.node.presence.unwatch(room, self.id);
         }
@@ -209,8 +209,8 @@ impl<'a> Session<'a> {
                 }
             }
             None => {
-                if let Some(i) = &self.identity {
-                    self.node.presence.joined(room, &i.sub);
+                if let Some(c) = &self.control {
+                    self.node.presence.joined(room, c.user());
                 }
             }
         }
@@ -242,8 +242,8 @@ impl<'a> Session<'a> {
             self.forget_expiry(at, room);
         }
         leave(&self.node, room, self.id, sub.member);
-        if let Some(i) = &self.identity {
-            self.node.presence.left(room, &i.sub);
+        if let Some(c) = &self.control {
+            self.node.presence.left(room, c.user());
         }
         self.node.presence.unwatch(room, self.id);
         self.forget_activity(room);

@@ -70,6 +70,9 @@ pub fn valid_close_code(code: u16) -> bool {
 /// operator's action), so a short mutex-held queue and a wake-up suffice.
 #[derive(Debug, Default)]
 pub struct ConnHandle {
+    /// The user (`sub`), shared by every room's presence entry of the
+    /// connection (no copy per room).
+    user: Arc<str>,
     /// The accepted token's `iat` (0 when it had none), updated by `refresh`.
     iat: AtomicU64,
     orders: Mutex<Vec<Order>>,
@@ -81,11 +84,17 @@ pub struct ConnHandle {
 const MAX_ORDERS: usize = 64;
 
 impl ConnHandle {
-    fn new(iat: u64) -> Self {
+    fn new(user: &str, iat: u64) -> Self {
         Self {
+            user: user.into(),
             iat: AtomicU64::new(iat),
             ..Default::default()
         }
+    }
+
+    /// The connection's user.
+    pub fn user(&self) -> &Arc<str> {
+        &self.user
     }
 
     /// Queues `order` and wakes the connection.
@@ -144,7 +153,7 @@ pub struct Registry {
 impl Registry {
     /// Registers connection `conn` of `user`, holding a token issued at `iat`.
     pub fn register(&self, user: &str, conn: ConnId, iat: u64) -> Arc<ConnHandle> {
-        let handle = Arc::new(ConnHandle::new(iat));
+        let handle = Arc::new(ConnHandle::new(user, iat));
         self.users
             .entry(user.to_string())
             .or_default()

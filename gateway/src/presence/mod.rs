@@ -56,7 +56,7 @@ struct Local {
     conns: u32,
     /// Connections per user; `None` once the room went over `list_max`
     /// on this node (until it empties).
-    users: Option<HashMap<Box<str>, u32>>,
+    users: Option<HashMap<Arc<str>, u32, foldhash::fast::RandomState>>,
 }
 
 /// One room in a summary: `(room, connections, users or null)`.
@@ -102,6 +102,9 @@ pub struct Presence {
     seq: AtomicU64,
     /// Connections that asked for presence pushes, by room.
     watchers: DashMap<RoomId, Watch, foldhash::fast::RandomState>,
+    /// Rooms in `watchers` (`DashMap::is_empty` locks every shard: too
+    /// dear for every leave).
+    watched: std::sync::atomic::AtomicUsize,
 }
 
 /// The presence pushes of one room.
@@ -125,14 +128,18 @@ impl Presence {
             send_full: AtomicBool::new(true),
             seq: AtomicU64::new(0),
             watchers: DashMap::default(),
+            watched: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
     /// Connection `conn` wants presence pushes for `room`.
     pub fn watch(&self, room: &RoomId, conn: ConnId, handle: &Arc<ConnHandle>) {
-        let mut w = self.watchers.entry(room.clone()).or_insert_with(|| Watch {
-            conns: Vec::new(),
-            last: self.room(room).users.map(|u| u.into_iter().collect()),
+        let mut w = self.watchers.entry(room.clone()).or_insert_with(|| {
+            self.watched.fetch_add(1, Ordering::Relaxed);
+            Watch {
+                conns: Vec::new(),
+                last: self.room(room).users.map(|u| u.into_iter().collect()),
+            }
         });
         if !w.conns.iter().any(|(c, _)| *c == conn) {
             w.conns.push((conn, handle.clone()));
@@ -141,14 +148,19 @@ impl Presence {
 
     /// Connection `conn` no longer wants presence pushes for `room`.
     pub fn unwatch(&self, room: &RoomId, conn: ConnId) {
-        if self.watchers.is_empty() {
+        if self.watched.load(Ordering::Relaxed) == 0 {
             return;
         }
-        if let dashmap::Entry::Occupied(mut e) = self.watchers.entry(room.clone()) {
-            e.get_mut().conns.retain(|(c, _)| *c != conn);
-            if e.get().conns.is_empty() {
-                e.remove();
+        if let Some(mut w) = self.watchers.get_mut(room) {
+            w.conns.retain(|(c, _)| *c != conn);
+            if !w.conns.is_empty() {
+                return;
             }
+        } else {
+            return;
+        }
+        if self.watchers.remove_if(room, |_, w| w.conns.is_empty()).is_some() {
+            self.watched.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -190,37 +202,44 @@ impl Presence {
     }
 
     /// A connection of `user` subscribed to `room`.
-    pub fn joined(&self, room: &RoomId, user: &str) {
-        let mut e = self.local.entry(room.clone()).or_insert_with(|| Local {
-            conns: 0,
-            users: (self.list_max > 0).then(HashMap::new),
-        });
+    pub fn joined(&self, room: &RoomId, user: &Arc<str>) {
+        // The common case (the room is known) without cloning the name.
+        let mut e = match self.local.get_mut(room) {
+            Some(e) => e,
+            None => self.local.entry(room.clone()).or_insert_with(|| Local {
+                conns: 0,
+                users: (self.list_max > 0).then(HashMap::default),
+            }),
+        };
         e.conns += 1;
         if e.conns as usize > self.list_max {
             e.users = None;
         } else if let Some(users) = &mut e.users {
-            *users.entry(user.into()).or_insert(0) += 1;
+            *users.entry(user.clone()).or_insert(0) += 1;
         }
         drop(e);
         self.touch(room);
     }
 
     /// A connection of `user` left `room`.
-    pub fn left(&self, room: &RoomId, user: &str) {
-        if let dashmap::Entry::Occupied(mut e) = self.local.entry(room.clone()) {
-            let l = e.get_mut();
-            l.conns = l.conns.saturating_sub(1);
-            if let Some(users) = &mut l.users
-                && let Some(n) = users.get_mut(user)
-            {
-                *n -= 1;
-                if *n == 0 {
-                    users.remove(user);
+    pub fn left(&self, room: &RoomId, user: &Arc<str>) {
+        let empty = match self.local.get_mut(room) {
+            Some(mut l) => {
+                l.conns = l.conns.saturating_sub(1);
+                if let Some(users) = &mut l.users
+                    && let Some(n) = users.get_mut(&**user)
+                {
+                    *n -= 1;
+                    if *n == 0 {
+                        users.remove(&**user);
+                    }
                 }
+                l.conns == 0
             }
-            if l.conns == 0 {
-                e.remove();
-            }
+            None => false,
+        };
+        if empty {
+            self.local.remove_if(room, |_, l| l.conns == 0);
         }
         self.touch(room);
     }
@@ -465,13 +484,14 @@ mod tests {
     fn local_counts_and_lists_follow_joins_and_leaves_and_stop_listing_past_the_bound() {
         let p = Presence::new("n", 2, Duration::from_secs(1), None);
         let r = RoomId::parse("r").unwrap();
-        p.joined(&r, "a");
-        p.joined(&r, "a");
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        p.joined(&r, &a);
+        p.joined(&r, &a);
         assert_eq!(p.room(&r).users, Some(vec!["a".to_string()]));
-        p.joined(&r, "b");
+        p.joined(&r, &b);
         let got = p.room(&r);
         assert_eq!((got.count, got.users), (3, None));
-        for u in ["a", "a", "b"] {
+        for u in [&a, &a, &b] {
             p.left(&r, u);
         }
         assert_eq!(p.room(&r).count, 0);
