@@ -482,7 +482,11 @@ mod tests {
         let tier = tier(10, 2);
         let obs = outboxes(12);
         let mut set = MemberSet::default();
-        let slots: Vec<_> = obs.iter().enumerate().map(|(i, ob)| set.insert(i as u64, ob.clone())).collect();
+        let slots: Vec<_> = obs
+            .iter()
+            .enumerate()
+            .map(|(i, ob)| set.insert(i as u64, ob.clone()))
+            .collect();
         let (mut slow, mut schedule) = (Vec::new(), Vec::new());
         for i in 0..5 {
             set.broadcast_tiered(&msg(i), &tier, &mut slow, &mut schedule);
