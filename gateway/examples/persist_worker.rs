@@ -196,7 +196,9 @@ async fn main() -> anyhow::Result<()> {
                 };
                 let data: serde_json::Value = serde_json::from_slice(&env.data).unwrap_or(serde_json::Value::Null);
                 let line = serde_json::json!({"room": key.0, "offset": key.1, "from": env.from, "ts": env.ts_ms, "data": data});
-                writeln!(db, "{line}")?;
+                // One write per row: a reader never sees half of one
+                // between two writes.
+                db.write_all(format!("{line}\n").as_bytes())?;
                 db.sync_data()?;
                 seen.insert(key);
             }

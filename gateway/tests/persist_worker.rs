@@ -43,11 +43,13 @@ fn worker(cluster: &Cluster, out: &std::path::Path) -> Worker {
     )
 }
 
+/// The complete rows written so far (the worker may be writing the last).
 fn rows(out: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(out)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a bad row {l:?}: {e}")))
         .collect()
 }
 
