@@ -188,6 +188,11 @@ impl<K: Copy + Eq + Send + 'static, T: Clone + Wire + Send + Sync + 'static> Mem
         self.len == 0
     }
 
+    /// The members' keys, in slot order (inline or split alike).
+    pub fn keys(&self) -> impl Iterator<Item = K> + '_ {
+        self.entries.iter().filter_map(Entry::key)
+    }
+
     /// Whether every item broadcast so far has been queued into the
     /// members' outboxes (always true inline).
     pub fn idle(&self) -> bool {

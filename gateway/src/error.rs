@@ -97,6 +97,11 @@ pub enum CloseReason {
     ProtocolError,
     /// A text frame that is not valid UTF-8 (1007).
     BadPayload,
+    /// Closed through the server API's `disconnect` with this code (1000,
+    /// 1008, 1012 or 4000-4999); `reconnect` is the advice in the reason.
+    Disconnected { code: u16, reconnect: bool },
+    /// The connection's token was revoked through the server API (4001).
+    Revoked,
 }
 
 impl CloseReason {
@@ -116,6 +121,8 @@ impl CloseReason {
             Self::IdleTimeout => Some(1001),
             Self::ProtocolError => Some(1002),
             Self::BadPayload => Some(1007),
+            Self::Disconnected { code, .. } => Some(code),
+            Self::Revoked => Some(4001),
         }
     }
 
@@ -133,6 +140,9 @@ impl CloseReason {
             Self::IdleTimeout => "idle timeout",
             Self::ProtocolError => "protocol error",
             Self::BadPayload => "invalid UTF-8",
+            Self::Disconnected { reconnect: true, .. } => "disconnected by the server, reconnect",
+            Self::Disconnected { reconnect: false, .. } => "disconnected by the server, do not reconnect",
+            Self::Revoked => "token revoked",
         }
     }
 
@@ -151,6 +161,8 @@ impl CloseReason {
             Self::IdleTimeout => "idle",
             Self::ProtocolError => "protocol",
             Self::BadPayload => "bad_payload",
+            Self::Disconnected { .. } => "server_disconnect",
+            Self::Revoked => "revoked",
         }
     }
 }

@@ -11,20 +11,24 @@
 //! [`protocol`] (client commands and server frames, JSON and protobuf),
 //! [`rooms`] (room index, log, sequencer), [`broker`] (how messages get
 //! offsets and reach nodes: embedded or NATS), [`auth`] (JWT; `auth::jwks` fetches key sets from URLs), [`limits`]
-//! (rate limits and admission), [`config`] (flags, env, TOML), [`node`] (the
+//! (rate limits and admission), [`config`] (flags, env, TOML), [`control`]
+//! (server API orders to connections on every gateway, token revocations),
+//! [`presence`] (cluster-wide room presence), [`node`] (the
 //! services of one process), [`conn`] (a connection's task and commands),
-//! [`http`] (router, listener, upgrade, shutdown).
+//! [`http`] (router, listener, upgrade, shutdown, the server API).
 
 pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod error;
 pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod presence;
 pub mod protocol;
 pub mod rooms;
 pub mod transport;
@@ -43,6 +47,8 @@ pub use node::{DrainReport, Node};
 /// A node serving in the background (tests and embedding).
 pub struct Running {
     pub addr: SocketAddr,
+    /// The server API's address, when `api_listen` is configured.
+    pub api_addr: Option<SocketAddr>,
     pub node: Arc<Node>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<DrainReport>,
@@ -58,6 +64,7 @@ impl Running {
         }));
         Ok(Self {
             addr,
+            api_addr: None,
             node,
             stop: Some(stop),
             task,
@@ -65,11 +72,21 @@ impl Running {
     }
 
     /// Binds `127.0.0.1:0` (with the production accept queue) and starts a
-    /// node with `cfg`.
+    /// node with `cfg`; with `api_listen` set, the server API too (on
+    /// `127.0.0.1:0` when its port is 0, else on that address).
     pub async fn bind_local(cfg: Config) -> anyhow::Result<Self> {
         let listener = http::listen(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let api = match cfg.api_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
         let node = Node::new(cfg).await?;
-        Ok(Self::start(node, listener)?)
+        let mut running = Self::start(node.clone(), listener)?;
+        if let Some(api) = api {
+            running.api_addr = Some(api.local_addr()?);
+            node.spawn_service(http::api::serve_api(node.clone(), api));
+        }
+        Ok(running)
     }
 
     /// Drains the node and waits for it.

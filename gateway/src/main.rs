@@ -109,6 +109,14 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let api_listener = match config.api_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for the server API"))?,
+        ),
+        None => None,
+    };
     let addr = listener.local_addr()?;
     let scheme = if node.is_tls() { "wss" } else { "ws" };
     tracing::info!(node = %config.node_id, %addr, bus = node.bus.kind(), "gateway listening on {scheme}://{addr}/ws");
@@ -118,6 +126,11 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     }
     if dev_mode {
         announce_dev_mode(&config, addr);
+    }
+    if let Some(l) = api_listener {
+        let api_addr = l.local_addr()?;
+        tracing::info!(%api_addr, keys = config.api_keys.len(), "server API listening on http://{api_addr}/api/<method>");
+        node.spawn_service(gateway::http::api::serve_api(node.clone(), l));
     }
     if let Some(l) = metrics_listener {
         node.spawn_service(gateway::http::serve_metrics(node.clone(), l));

@@ -33,9 +33,11 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Verifier;
 use crate::broker::{Bus, ClusterConfig, NatsBus};
 use crate::config::Config;
+use crate::control::{Control, NodeInfo};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::model::ConnId;
+use crate::presence::Presence;
 use crate::rooms::{LogMode, RoomIndex, RoomLimits};
 use crate::transport::tls::Tls;
 
@@ -48,6 +50,10 @@ pub enum StartError {
     Cluster(#[from] crate::broker::nats::ClusterError),
     #[error("loading the TLS certificate failed")]
     Tls(#[from] crate::transport::tls::TlsError),
+    #[error("the token revocation list could not be loaded")]
+    Revocations(#[from] crate::control::RevokeError),
+    #[error("subscribing to the control subjects failed: {0}")]
+    Control(String),
 }
 
 /// Shared state of one gateway node.
@@ -58,6 +64,11 @@ pub struct Node {
     pub bus: Bus,
     pub metrics: Metrics,
     pub limits: Limits,
+    /// Orders from the server API to connections on every gateway, and
+    /// token revocations.
+    pub control: Arc<Control>,
+    /// Cluster-wide room presence.
+    pub presence: Arc<Presence>,
     /// Present when serving `wss://`.
     pub(crate) tls: Option<Arc<Tls>>,
     pub(crate) conn_seq: AtomicU64,
@@ -149,19 +160,37 @@ impl Node {
                 .await?,
             )
         };
+        let control = match &bus {
+            Bus::Embedded => Control::embedded(),
+            Bus::Nats(n) => Control::cluster(n, &cfg.nats_prefix, cfg.nats_replicas).await?,
+        };
+        let control = Arc::new(control);
+        let presence = Arc::new(Presence::new(
+            &cfg.node_id,
+            cfg.presence_list_max,
+            cfg.presence_interval,
+            match &bus {
+                Bus::Embedded => None,
+                Bus::Nats(n) => Some((n.client().clone(), cfg.nats_prefix.clone())),
+            },
+            rooms.clone(),
+            control.registry.clone(),
+        ));
         let limits = Limits::new(&cfg.limits, !cfg.no_rate_limits);
         // The flushers write until the connections have ended.
         for flusher in rooms.flushers().shards() {
             let flusher = flusher.clone();
             spawn_until(&services, &services_stop, async move { flusher.run().await });
         }
-        Ok(Arc::new(Self {
+        let node = Arc::new(Self {
             cfg,
             rooms,
             verifier,
             bus,
             metrics,
             limits,
+            control,
+            presence,
             tls,
             conn_seq: AtomicU64::new(1),
             conns: Arc::new(AtomicUsize::new(0)),
@@ -171,7 +200,38 @@ impl Node {
             services_stop,
             ready: AtomicBool::new(true),
             peak_outbox_bytes: AtomicUsize::new(0),
-        }))
+        });
+        let weak = Arc::downgrade(&node);
+        let info: crate::control::InfoFn = Arc::new(move || match weak.upgrade() {
+            Some(n) => n.info(),
+            None => NodeInfo {
+                node: String::new(),
+                connections: 0,
+                rooms: 0,
+                users: 0,
+                draining: true,
+            },
+        });
+        node.control
+            .start(info, &node.services, &node.services_stop)
+            .await
+            .map_err(|e| StartError::Control(e.to_string()))?;
+        node.presence
+            .start(&node.services, &node.services_stop)
+            .await
+            .map_err(|e| StartError::Control(e.to_string()))?;
+        Ok(node)
+    }
+
+    /// This node's counts, as the server API's `info` shows them.
+    pub fn info(&self) -> NodeInfo {
+        NodeInfo {
+            node: self.cfg.node_id.clone(),
+            connections: self.conns_active() as u64,
+            rooms: self.rooms.len() as u64,
+            users: self.control.registry.users() as u64,
+            draining: self.is_draining(),
+        }
     }
 
     /// Starts the background services that need a running server: the JWKS

@@ -60,6 +60,13 @@ const LAYERS: &[&str] = &[
     // settings (limits, the auth verifier), so it sits above them and they
     // never read it.
     "config",
+    // Orders from the server API to connections on every gateway (the
+    // control subjects), the connection registry by user and token
+    // revocations: uses the broker's NATS connection and the room index.
+    "control",
+    // Cluster-wide presence: reads the room index and the connection
+    // registry, and the summaries the gateways exchange over NATS.
+    "presence",
     // Node owns rooms, broker, verifier, limits, metrics, config: it moved
     // out of the server so conn depends on node, not on http.
     "node",

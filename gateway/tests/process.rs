@@ -162,6 +162,8 @@ fn help_lists_the_operator_contract() {
         "--tree-threshold",
         "--tree-degree",
         "--no-rate-limits",
+        "--api-listen",
+        "--api-key",
         "--config",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");

@@ -114,6 +114,7 @@ fn subscribe(rooms: &[(&str, Option<u64>)]) -> Op {
                 since: *since,
                 mode: String::new(),
                 token: String::new(),
+                presence: None,
             })
             .collect(),
     })
@@ -288,6 +289,7 @@ async fn notify_mode_activity_arrives_as_protobuf() {
             since: None,
             mode: "notify".into(),
             token: String::new(),
+            presence: None,
         }],
     });
     assert!(matches!(p.request(op).await, Body::SubscribeOk(_)));

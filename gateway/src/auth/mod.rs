@@ -133,6 +133,9 @@ pub struct Identity {
     pub sub: String,
     /// Expiry, seconds since the epoch.
     pub exp: Option<u64>,
+    /// Issued at (`iat`), seconds since the epoch, 0 for a token without
+    /// `iat`; revocations refuse tokens issued before their time.
+    pub iat: u64,
     pub grants: Grants,
 }
 
@@ -149,6 +152,8 @@ struct Claims {
     sub: Option<String>,
     #[serde(default)]
     exp: Option<u64>,
+    #[serde(default)]
+    iat: Option<u64>,
     /// Present (even `null`) only in a room token.
     #[serde(default, deserialize_with = "present_value")]
     room: Option<Value>,
@@ -537,6 +542,7 @@ impl Verifier {
         Ok(Identity {
             sub,
             exp: claims.exp,
+            iat: claims.iat.unwrap_or(0),
             grants,
         })
     }

@@ -64,6 +64,20 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Separate /metrics address. Default: none (served on `listen`).
     pub metrics_listen: Option<SocketAddr>,
+    /// Server API address (`--api-listen`). Default none: no server API.
+    pub api_listen: Option<SocketAddr>,
+    /// Accepted server API keys. Non-empty whenever `api_listen` is set.
+    pub api_keys: Vec<String>,
+    /// Largest server API request body, bytes. Default 1 MiB.
+    pub api_max_body_bytes: usize,
+    /// Server API requests per second (burst twice that); 0 = no limit.
+    /// Default 1,000.
+    pub api_requests_per_sec: u32,
+    /// Rooms with at most this many members have a presence user list;
+    /// 0 = counts only. Default 1,000.
+    pub presence_list_max: usize,
+    /// Interval of the presence summaries (cluster mode). Default 1 s.
+    pub presence_interval: Duration,
     /// Node id. Default gw-<8 random hex digits>.
     pub node_id: String,
     /// HS256 secret. Default none (dev mode when no key at all).

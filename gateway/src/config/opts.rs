@@ -65,6 +65,30 @@ pub struct Opts {
     /// Separate address for Prometheus /metrics [default: served on --listen].
     #[arg(long, env = "GATEWAY_METRICS_LISTEN", global = true)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Address of the server API for application backends (POST /api/<method>, docs/server-api.md); never the --listen port; needs --api-key [default: off].
+    #[arg(long, env = "GATEWAY_API_LISTEN", global = true)]
+    pub api_listen: Option<SocketAddr>,
+    /// Keys accepted by the server API (header `Authorization: apikey <KEY>`), comma-separated so one can be rotated; at least 16 characters each [default: none].
+    #[arg(
+        long,
+        env = "GATEWAY_API_KEY",
+        global = true,
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_key: Option<Vec<String>>,
+    /// Largest server API request body, bytes; a bigger one is answered too_large (HTTP 413) [default: 1048576].
+    #[arg(long, env = "GATEWAY_API_MAX_BODY_BYTES", global = true)]
+    pub api_max_body_bytes: Option<usize>,
+    /// Server API requests per second on this node (all keys together, refused ones included), burst 2x; more are answered rate_limited (HTTP 429); 0 = off [default: 1000].
+    #[arg(long, env = "GATEWAY_API_REQUESTS_PER_SEC", global = true)]
+    pub api_requests_per_sec: Option<u32>,
+    /// Rooms with at most this many members get a user list in `presence` answers and the server API's `room` (0 = counts only). Lists are read from the room's member set when asked or summarized, so the bound caps that read, not a per-join cost [default: 1000].
+    #[arg(long, env = "GATEWAY_PRESENCE_LIST_MAX", global = true)]
+    pub presence_list_max: Option<usize>,
+    /// Interval of each gateway's presence summary over NATS and of presence pushes (joins and leaves, coalesced), ms; a dead gateway's members leave the cluster-wide counts within 3 intervals [default: 1000].
+    #[arg(long, env = "GATEWAY_PRESENCE_INTERVAL_MS", global = true)]
+    pub presence_interval_ms: Option<u64>,
     /// This node's id, shown to clients and in metrics [default: gw-<random>].
     #[arg(long, env = "GATEWAY_NODE_ID", global = true)]
     pub node_id: Option<String>,
@@ -349,6 +373,12 @@ impl Opts {
             b,
             listen,
             metrics_listen,
+            api_listen,
+            api_key,
+            api_max_body_bytes,
+            api_requests_per_sec,
+            presence_list_max,
+            presence_interval_ms,
             node_id,
             jwt_secret,
             jwt_public_key,

@@ -55,6 +55,7 @@ impl Config {
             }
             room_metrics_rooms.push(Pattern::new(p));
         }
+        let api = Api::resolve(&o)?;
         let warnings = warnings(&o);
         let node_id = match o.node_id {
             Some(id) if id.is_empty() || id.len() > 64 => {
@@ -66,6 +67,15 @@ impl Config {
         Ok(Config {
             listen: o.listen.unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid")),
             metrics_listen: o.metrics_listen,
+            api_listen: api.listen,
+            api_keys: api.keys,
+            api_max_body_bytes: api.max_body_bytes,
+            api_requests_per_sec: api.requests_per_sec,
+            presence_list_max: o.presence_list_max.unwrap_or(1_000),
+            presence_interval: ms(
+                Some(positive("presence_interval_ms", o.presence_interval_ms, 1_000)?),
+                0,
+            ),
             node_id,
             jwt_secret: o.jwt_secret,
             dev_mode: false,
@@ -130,6 +140,67 @@ impl Config {
             log_format,
             log: o.log.unwrap_or_else(|| "info".to_string()),
             warnings,
+        })
+    }
+}
+
+/// The server API: its listener, keys and limits.
+struct Api {
+    listen: Option<std::net::SocketAddr>,
+    keys: Vec<String>,
+    max_body_bytes: usize,
+    requests_per_sec: u32,
+}
+
+/// Shortest API key: a short key is guessable within the rate limit's reach.
+const MIN_API_KEY_LEN: usize = 16;
+
+impl Api {
+    fn resolve(o: &Opts) -> Result<Self, ConfigError> {
+        let keys: Vec<String> = o
+            .api_key
+            .iter()
+            .flatten()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())
+            .collect();
+        if let Some(k) = keys
+            .iter()
+            .find(|k| k.len() < MIN_API_KEY_LEN || k.bytes().any(|b| !b.is_ascii_graphic()))
+        {
+            // Never the key itself in the message: it ends up in logs.
+            return Err(invalid(
+                "api_key",
+                format!(
+                    "a key of {} characters: each key must be at least {MIN_API_KEY_LEN} printable ASCII characters without spaces",
+                    k.len()
+                ),
+            ));
+        }
+        if let Some(addr) = o.api_listen {
+            if keys.is_empty() {
+                return Err(invalid(
+                    "api_listen",
+                    "needs --api-key: the server API never runs without a key",
+                ));
+            }
+            let client = o.listen.unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid"));
+            if addr.port() != 0
+                && addr.port() == client.port()
+                && (addr.ip() == client.ip() || addr.ip().is_unspecified() || client.ip().is_unspecified())
+            {
+                return Err(invalid(
+                    "api_listen",
+                    "must differ from --listen: the server API never shares the client port",
+                ));
+            }
+        }
+        let max_body_bytes = positive("api_max_body_bytes", o.api_max_body_bytes, 1 << 20)?;
+        Ok(Self {
+            listen: o.api_listen,
+            keys,
+            max_body_bytes,
+            requests_per_sec: o.api_requests_per_sec.unwrap_or(1_000),
         })
     }
 }
@@ -477,6 +548,17 @@ fn resolve_limits(o: &Opts) -> Result<LimitConfig, ConfigError> {
 /// Options given that have no effect in this configuration.
 fn warnings(o: &Opts) -> Vec<String> {
     let mut out = Vec::new();
+    if o.api_listen.is_none() {
+        for (name, given) in [
+            ("api_key", o.api_key.is_some()),
+            ("api_max_body_bytes", o.api_max_body_bytes.is_some()),
+            ("api_requests_per_sec", o.api_requests_per_sec.is_some()),
+        ] {
+            if given {
+                out.push(format!("{name} applies only with --api-listen; it has no effect here"));
+            }
+        }
+    }
     if o.nats.as_deref().is_none_or(|n| n.trim().is_empty()) {
         let cluster_only = [
             ("nats_prefix", o.nats_prefix.is_some()),

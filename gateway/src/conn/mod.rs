@@ -276,7 +276,11 @@ mod size_tests {
             std::mem::size_of::<RoomSub>()
         );
         let size = std::mem::size_of_val(&fut);
-        assert!(size <= 2048, "conn::run future is {size} bytes");
+        // 2,048 before issue 13; +88 for the server API: the wait for its
+        // orders (a pointer to a future boxed once per connection, and its
+        // branch of the reader's select), the registry handle in the session
+        // and the token's `iat` in each copy of the identity.
+        assert!(size <= 2_176, "conn::run future is {size} bytes");
         // 560 before the room-token timers (8 bytes) and the history byte
         // budget and per-limit retry times (72 bytes, in ConnLimits).
         assert!(

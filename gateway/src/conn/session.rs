@@ -3,7 +3,7 @@
 //! turns client frames into commands (`commands`). Every grant with an
 //! expiry is a deadline of the reader's one timer.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::shared::{leave, read_error_reason};
 use crate::auth::{self, Identity};
+use crate::control::{ConnHandle, Order};
 use crate::error::{CloseReason, ErrorCode, ProtoError};
 use crate::limits::{Admit, ConnLimits, RateLimited, Strikes};
 use crate::model::{ConnId, RoomId};
@@ -106,6 +107,18 @@ impl RoomSub {
     }
 }
 
+/// The wait for the server API's orders to a connection.
+type OrdersWait = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// (Re)arms `wait` for the next orders of `control` (forever pending
+/// without one).
+fn orders_wait(wait: &mut OrdersWait, control: Option<Arc<ConnHandle>>) {
+    *wait = match control {
+        Some(c) => Box::pin(async move { c.ready().await }),
+        None => Box::pin(std::future::pending()),
+    };
+}
+
 pub(super) struct Session<'a> {
     pub(super) node: Arc<Node>,
     pub(super) id: ConnId,
@@ -131,6 +144,13 @@ pub(super) struct Session<'a> {
     pub(super) expires_at: Option<Instant>,
     pub(super) bad_frames: Strikes,
     pub(super) limits: ConnLimits,
+    /// Orders from the server API (disconnect, unsubscribe, revocation);
+    /// registered once the token is accepted.
+    pub(super) control: Option<Arc<ConnHandle>>,
+    /// Rooms this connection gets presence pushes for (boxed on first use:
+    /// few connections ask, and a join need not ask presence otherwise).
+    #[allow(clippy::box_collection)]
+    pub(super) presence_watch: Option<Box<HashSet<RoomId, foldhash::fast::RandomState>>>,
 }
 
 /// Leaves every room however the task ends, a panic included: a member whose
@@ -138,6 +158,9 @@ pub(super) struct Session<'a> {
 impl Drop for Session<'_> {
     fn drop(&mut self) {
         self.leave_all();
+        if let (Some(_), Some(identity)) = (self.control.take(), &self.identity) {
+            self.node.control.registry.deregister(&identity.sub, self.id);
+        }
     }
 }
 
@@ -165,6 +188,8 @@ impl<'a> Session<'a> {
             expires_at: None,
             bad_frames,
             limits,
+            control: None,
+            presence_watch: None,
         }
     }
 
@@ -177,6 +202,9 @@ impl<'a> Session<'a> {
     pub(super) fn leave_all(&mut self) {
         for (room, sub) in &self.rooms {
             leave(&self.node, room, self.id, sub.member);
+        }
+        for room in self.presence_watch.take().into_iter().flat_map(|w| w.into_iter()) {
+            self.node.presence.unwatch(&room, self.id);
         }
         self.rooms.clear();
         self.grant_expiry = None;
@@ -209,6 +237,28 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Starts or stops presence pushes of `room` to this connection (the
+    /// latest subscription's choice holds; a connection without a
+    /// registered identity gets none).
+    pub(super) fn set_presence_watch(&mut self, room: &RoomId, on: bool) {
+        match (on, &self.control) {
+            (true, Some(c)) => {
+                self.node.presence.watch(room, self.id, c);
+                self.presence_watch.get_or_insert_default().insert(room.clone());
+            }
+            _ => {
+                if let Some(w) = &mut self.presence_watch
+                    && w.remove(room)
+                {
+                    self.node.presence.unwatch(room, self.id);
+                    if w.is_empty() {
+                        self.presence_watch = None;
+                    }
+                }
+            }
+        }
+    }
+
     /// Leaves `room` if subscribed: membership, grant timer, activity count.
     pub(super) fn drop_room(&mut self, room: &RoomId) -> bool {
         let Some(sub) = self.rooms.remove(room) else {
@@ -218,6 +268,7 @@ impl<'a> Session<'a> {
             self.forget_expiry(at, room);
         }
         leave(&self.node, room, self.id, sub.member);
+        self.set_presence_watch(room, false);
         self.forget_activity(room);
         true
     }
@@ -349,6 +400,10 @@ impl<'a> Session<'a> {
         let ping_interval = self.node.cfg.ping_interval;
         let mut idle_at = Instant::now() + idle;
         let mut ping_at = Instant::now() + ping_interval;
+        // Boxed once per connection, not per frame: an idle connection's
+        // task stays small (its size is checked by a test).
+        let mut orders: OrdersWait = Box::pin(std::future::pending());
+        orders_wait(&mut orders, self.control.clone());
         loop {
             // One timer for the idle, token-expiry and ping deadlines (memory
             // per idle connection): pings are queued by the reader.
@@ -361,7 +416,17 @@ impl<'a> Session<'a> {
             if let Some(e) = self.first_grant_expiry() {
                 deadline = deadline.min(e);
             }
-            let msg = match tokio::time::timeout_at(deadline, reader.next()).await {
+            let next = tokio::select! {
+                () = &mut orders => {
+                    orders_wait(&mut orders, self.control.clone());
+                    if let Err(reason) = self.obey() {
+                        return reason;
+                    }
+                    continue;
+                }
+                next = tokio::time::timeout_at(deadline, reader.next()) => next,
+            };
+            let msg = match next {
                 Err(_) => {
                     let now = Instant::now();
                     if self.expires_at.is_some_and(|e| e <= now) {
@@ -494,7 +559,58 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Carries out orders from the server API.
+    pub(super) fn obey(&mut self) -> Result<(), CloseReason> {
+        let orders = self.control.as_ref().map(|c| c.take()).unwrap_or_default();
+        for order in orders {
+            match order {
+                Order::Close { code, reconnect } => return Err(CloseReason::Disconnected { code, reconnect }),
+                Order::Revoked => return Err(CloseReason::Revoked),
+                Order::Presence {
+                    room,
+                    count,
+                    join,
+                    leave,
+                } => {
+                    if self.rooms.contains_key(&room) {
+                        self.send(&ServerMsg::Presence {
+                            room: &room,
+                            count,
+                            join: &join,
+                            leave: &leave,
+                        })?;
+                    }
+                }
+                Order::Unsubscribe(room) => {
+                    if self.drop_room(&room) {
+                        let error = ProtoError::forbidden("unsubscribed by the server");
+                        self.send(&ServerMsg::Unsubscribed {
+                            room: &room,
+                            error: &error,
+                        })?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn accept(&mut self, identity: Identity, id: Option<u32>) -> Result<(), CloseReason> {
+        if self.node.control.revocations.is_revoked(&identity.sub, identity.iat) {
+            self.node.metrics.auth_failed("revoked");
+            self.reply_err(id, &ProtoError::new(ErrorCode::Unauthorized, "the token was revoked"))?;
+            return Err(CloseReason::Unauthorized);
+        }
+        self.control = Some(
+            self.node
+                .control
+                .registry
+                .register(&identity.sub, self.id, identity.iat),
+        );
+        // A revocation stored between the check and the registration.
+        if self.node.control.revocations.is_revoked(&identity.sub, identity.iat) {
+            return Err(CloseReason::Revoked);
+        }
         let expires_in = self.set_expiry(identity.exp);
         self.identity = Some(identity);
         let client = self.client_id();
@@ -548,6 +664,7 @@ impl<'a> Session<'a> {
             Command::Publish { room, data, key } => Box::pin(self.publish(id, &room, &data, key.as_deref())).await,
             Command::History { room, limit, before } => Box::pin(self.history(id, &room, limit, before)).await,
             Command::Refresh { token } => Box::pin(self.refresh(id, &token)).await,
+            Command::Presence { room } => self.presence(id, &room),
             Command::Ping => {
                 self.send(&ServerMsg::Pong)?;
                 self.reply_ok(id, ReplyBody::Empty)

@@ -1,11 +1,12 @@
 //! The HTTP side of a node: the router (`/ws`, `/healthz`, `/readyz`,
-//! `/metrics`), the listener and the accept loop (`listener`), the
+//! `/metrics`), the server API on its own listener (`api`), the listener and the accept loop (`listener`), the
 //! WebSocket upgrade (`upgrade`), and the browser files (`web`: the client
 //! SDK, and in dev mode the demo page and its token endpoint). `serve` runs a [`Node`] on a bound
 //! listener until shutdown and then drains it.
 //!
 //! Owns HTTP only: what a connection does is `conn`, the services are `node`.
 
+pub mod api;
 mod listener;
 mod upgrade;
 pub mod web;
@@ -18,7 +19,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 use tokio::net::TcpListener;
 
 use crate::broker::Bus;
@@ -56,7 +57,8 @@ pub fn router(node: Arc<Node>) -> Router {
     let mut r = Router::new()
         .route("/ws", get(upgrade::ws_upgrade))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        .route("/api/{*method}", any(api::not_on_client_port));
     if node.cfg.metrics_listen.is_none() {
         r = r.route("/metrics", get(metrics_text));
     }

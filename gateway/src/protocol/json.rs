@@ -125,6 +125,7 @@ pub fn parse(frame: &Bytes) -> Parsed {
                                 since: None,
                                 mode: None,
                                 token: None,
+                                presence: None,
                             },
                         })
                         .collect(),
@@ -153,6 +154,10 @@ pub fn parse(frame: &Bytes) -> Parsed {
                 before: raw.before,
             }),
             None => Err(ProtoError::bad_request("history needs room")),
+        },
+        Some("presence") => match raw.room {
+            Some(room) => Ok(Command::Presence { room }),
+            None => Err(ProtoError::bad_request("presence needs room")),
         },
         Some("ping") => Ok(Command::Ping),
         Some(other) => Err(ProtoError::bad_request(format!(
@@ -207,6 +212,19 @@ pub fn text(msg: &ServerMsg<'_>) -> String {
             format!("{{\"op\":\"activity\",\"room\":\"{room}\",\"offset\":{offset},\"count\":{count}}}")
         }
         ServerMsg::Pong => "{\"op\":\"pong\"}".to_string(),
+        ServerMsg::Presence {
+            room,
+            count,
+            join,
+            leave,
+        } => {
+            let list = |names: &[String]| names.iter().map(|n| json_string(n)).collect::<Vec<_>>().join(",");
+            format!(
+                "{{\"op\":\"presence\",\"room\":\"{room}\",\"count\":{count},\"join\":[{}],\"leave\":[{}]}}",
+                list(join),
+                list(leave)
+            )
+        }
         ServerMsg::Unsubscribed { room, error } => {
             let mut out = String::with_capacity(96 + room.as_str().len() + error.message.len());
             let _ = write!(out, "{{\"op\":\"unsubscribed\",\"room\":\"{room}\",\"error\":");
@@ -220,6 +238,7 @@ pub fn text(msg: &ServerMsg<'_>) -> String {
 fn body_size_hint(body: &ReplyBody<'_>) -> usize {
     match body {
         ReplyBody::Subscribe { rooms } => 16 + rooms.len() * 40,
+        ReplyBody::Presence { users: Some(u), .. } => 48 + u.iter().map(|s| s.len() + 3).sum::<usize>(),
         ReplyBody::History { messages, .. } => {
             40 + messages
                 .iter()
@@ -291,6 +310,20 @@ fn write_body(out: &mut String, body: &ReplyBody<'_>) {
         ReplyBody::Refresh { expires_in } => {
             out.push_str("{\"expires_in\":");
             write_opt(out, *expires_in);
+            out.push('}');
+        }
+        ReplyBody::Presence { count, age_ms, users } => {
+            let _ = write!(out, "{{\"count\":{count},\"age_ms\":{age_ms}");
+            if let Some(users) = users {
+                out.push_str(",\"users\":[");
+                for (i, u) in users.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&json_string(u));
+                }
+                out.push(']');
+            }
             out.push('}');
         }
         ReplyBody::Empty => out.push_str("{}"),

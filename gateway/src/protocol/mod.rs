@@ -61,6 +61,10 @@ pub enum Command {
     Refresh {
         token: String,
     },
+    /// The room's cluster-wide member count (and users, when few).
+    Presence {
+        room: String,
+    },
     Ping,
 }
 
@@ -75,6 +79,9 @@ pub struct SubscribeEntry {
     pub mode: Option<String>,
     #[serde(default)]
     pub token: Option<String>,
+    /// `true`: `presence` pushes (joins and leaves) for this room.
+    #[serde(default)]
+    pub presence: Option<bool>,
 }
 
 /// A parsed frame: the command's `id` (if any) and the command or why it is bad.
@@ -138,6 +145,17 @@ pub enum ServerMsg<'a> {
     /// subscription (an expired room token, a refresh that no longer grants
     /// the room).
     Unsubscribed { room: &'a RoomId, error: &'a ProtoError },
+    /// `{"op":"presence","room":..,"count":N,"join":[..],"leave":[..]}`:
+    /// users who joined and left a room whose subscription asked for
+    /// presence (`"presence":true`), since the previous such push (at most
+    /// one per room per presence interval). Source: `presence`, through
+    /// the connection's orders.
+    Presence {
+        room: &'a RoomId,
+        count: u64,
+        join: &'a [String],
+        leave: &'a [String],
+    },
 }
 
 impl ServerMsg<'_> {
@@ -167,6 +185,13 @@ pub enum ReplyBody<'a> {
     History { messages: &'a [SharedMessage], more: bool },
     /// `{"expires_in":<seconds or null>}`.
     Refresh { expires_in: Option<u64> },
+    /// `{"count":N,"age_ms":N[,"users":[..]]}`: `users` only for a room
+    /// within the presence-list bound.
+    Presence {
+        count: u64,
+        age_ms: u64,
+        users: Option<&'a [String]>,
+    },
     /// `{}` (`unsubscribe`, `ping`).
     Empty,
 }
@@ -448,6 +473,7 @@ mod tests {
         let msg = message(131, r#"{"text":"hi","n":[1,2]}"#);
         let limited = ProtoError::rate_limited(250);
         let forbidden = ProtoError::forbidden("the refreshed token does not grant this room");
+        let names = vec!["alice".to_string(), "bob \"b\"".to_string()];
         let history = [
             SharedMessage::new(message(7, "1")),
             SharedMessage::new(message(9, r#""x""#)),
@@ -694,6 +720,44 @@ mod tests {
                     })),
                 },
             ),
+            (
+                ServerMsg::Presence {
+                    room: &general,
+                    count: 3,
+                    join: &names[..1],
+                    leave: &names[1..],
+                },
+                json!({"op": "presence", "room": "general", "count": 3, "join": ["alice"], "leave": ["bob \"b\""]}),
+                pb::ServerFrame {
+                    id: None,
+                    body: Some(Body::Presence(pb::PresenceEvent {
+                        room: "general".into(),
+                        count: 3,
+                        join: vec!["alice".into()],
+                        leave: vec!["bob \"b\"".into()],
+                    })),
+                },
+            ),
+            (
+                ServerMsg::Reply {
+                    id: 9,
+                    ok: ReplyBody::Presence {
+                        count: 2,
+                        age_ms: 40,
+                        users: Some(&names),
+                    },
+                },
+                json!({"id": 9, "ok": {"count": 2, "age_ms": 40, "users": ["alice", "bob \"b\""]}}),
+                pb::ServerFrame {
+                    id: Some(9),
+                    body: Some(Body::PresenceOk(pb::PresenceOk {
+                        count: 2,
+                        age_ms: 40,
+                        users: names.clone(),
+                        listed: true,
+                    })),
+                },
+            ),
         ];
         let mut kinds = std::collections::HashSet::new();
         for (msg, want_json, want_proto) in &cases {
@@ -702,7 +766,7 @@ mod tests {
             assert_eq!(&proto, want_proto, "{msg:?}");
             kinds.insert(std::mem::discriminant(&proto.body.unwrap()));
         }
-        assert_eq!(kinds.len(), 11, "every ServerFrame body kind is covered");
+        assert_eq!(kinds.len(), 13, "every ServerFrame body kind is covered");
     }
 
     /// What a room's log pays per message beside the frames' bytes (the

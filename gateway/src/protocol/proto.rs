@@ -47,6 +47,7 @@ pub fn parse(frame: &Bytes) -> Parsed {
                     since: e.since,
                     mode: non_empty(e.mode),
                     token: non_empty(e.token),
+                    presence: e.presence,
                 })
                 .collect(),
         }),
@@ -66,6 +67,8 @@ pub fn parse(frame: &Bytes) -> Parsed {
             limit: h.limit,
             before: h.before,
         }),
+        Some(Op::Presence(p)) if p.room.is_empty() => Err(ProtoError::bad_request("presence needs room")),
+        Some(Op::Presence(p)) => Ok(Command::Presence { room: p.room }),
         Some(Op::Ping(_)) => Ok(Command::Ping),
     };
     Parsed { id: cmd.id, command }
@@ -115,6 +118,20 @@ fn frame_of(msg: &ServerMsg<'_>) -> pb::ServerFrame {
                 error: Some(error_of(error)),
             }),
         ),
+        ServerMsg::Presence {
+            room,
+            count,
+            join,
+            leave,
+        } => (
+            None,
+            Body::Presence(pb::PresenceEvent {
+                room: room.as_str().to_owned(),
+                count: *count,
+                join: join.to_vec(),
+                leave: leave.to_vec(),
+            }),
+        ),
     };
     pb::ServerFrame { id, body: Some(body) }
 }
@@ -162,6 +179,12 @@ fn reply_body(ok: &ReplyBody<'_>) -> Body {
         }),
         ReplyBody::Refresh { expires_in } => Body::RefreshOk(pb::RefreshOk {
             expires_in: *expires_in,
+        }),
+        ReplyBody::Presence { count, age_ms, users } => Body::PresenceOk(pb::PresenceOk {
+            count: *count,
+            age_ms: *age_ms,
+            listed: users.is_some(),
+            users: users.map(<[String]>::to_vec).unwrap_or_default(),
         }),
         ReplyBody::Empty => Body::Ok(pb::Empty {}),
     }
@@ -290,6 +313,7 @@ pub(crate) mod tests {
                     since: Some(5),
                     mode: "notify".into(),
                     token: String::new(),
+                    presence: None,
                 }],
             })),
         };

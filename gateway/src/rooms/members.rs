@@ -245,6 +245,13 @@ impl RoomState {
     }
 
     /// Members that get every message, of every kind.
+    /// Every connection subscribed, in any mode, not those still joining.
+    pub(super) fn member_ids(&self) -> impl Iterator<Item = ConnId> + '_ {
+        self.full_sets()
+            .flat_map(|(_, set)| set.keys())
+            .chain(self.watchers.keys().copied())
+    }
+
     pub(super) fn full_len(&self) -> usize {
         self.full_sets().map(|(_, members)| members.len()).sum()
     }

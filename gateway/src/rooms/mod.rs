@@ -30,6 +30,7 @@
 
 mod log;
 mod members;
+mod presence;
 mod sequencer;
 mod stats;
 
@@ -46,6 +47,7 @@ pub use crate::model::{ConnId, RoomId};
 pub use crate::protocol::SharedMessage;
 pub use crate::transport::ws::Frame;
 pub use members::{Activity, Member, MemberSlot};
+pub use presence::LocalPresence;
 pub use stats::{
     OTHER_ROOMS, OtherRooms, RANK_WINDOW_SECS, RoomCounters, RoomMetrics, RoomStat, render as render_metrics,
 };
@@ -192,6 +194,9 @@ struct RoomState {
     dead: bool,
     /// The room's figures for `/metrics`, shared with its [`Room`].
     stats: Arc<RoomCounters>,
+    /// Its membership changed since presence last read it (the room is in
+    /// [`RoomIndex`]'s changed list).
+    presence_changed: bool,
 }
 
 impl RoomState {
@@ -236,6 +241,7 @@ impl RoomState {
             dedup_order: VecDeque::new(),
             dead: false,
             stats: Arc::default(),
+            presence_changed: false,
         }
     }
 }
@@ -292,6 +298,10 @@ pub struct RoomIndex {
     flushers: Flushers<Frame>,
     /// The node tier: big rooms' fan-out split into shards across cores.
     tree: TreeTier,
+    /// Rooms whose membership changed since presence last read them, once
+    /// each; kept only while [`RoomIndex::track_presence`] is on.
+    presence_changed: Mutex<Vec<RoomId>>,
+    presence_tracked: std::sync::atomic::AtomicBool,
 }
 
 impl RoomIndex {
@@ -305,6 +315,8 @@ impl RoomIndex {
             mode,
             flushers: Flushers::new(shards),
             tree,
+            presence_changed: Mutex::default(),
+            presence_tracked: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -473,6 +485,7 @@ impl RoomIndex {
                 }
             };
             st.count_members();
+            self.presence_note(room, st);
             let at = st
                 .live
                 .then(|| (st.last_offset, since.map(|s| st.catchup(s, st.last_offset))));
@@ -506,6 +519,7 @@ impl RoomIndex {
         if st.dead || !(was_member || was_watcher || was_joining) {
             return Transition::Unchanged;
         }
+        self.presence_note(room, &mut st);
         if st.has_members() {
             return Transition::Unchanged;
         }
@@ -573,7 +587,7 @@ mod tests {
         }
     }
 
-    fn index(history: usize) -> RoomIndex {
+    pub(super) fn index(history: usize) -> RoomIndex {
         RoomIndex::new(limits(history), LogMode::Authoritative)
     }
 

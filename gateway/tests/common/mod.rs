@@ -1,6 +1,7 @@
 //! Test harness: a real node on 127.0.0.1:0 and real WebSocket clients.
 #![allow(dead_code)]
 
+pub mod api;
 pub mod nats;
 pub mod process;
 pub mod prometheus;

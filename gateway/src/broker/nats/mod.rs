@@ -390,6 +390,18 @@ impl NatsBus {
         tokio::time::timeout(within, drained).await.is_ok()
     }
 
+    /// The NATS connection, for the node's other users of NATS (the
+    /// control subject of the server API, presence).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The JetStream context (with the configured domain), for the node's
+    /// other buckets (token revocations).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
     pub fn is_connected(&self) -> bool {
         self.link_state.connected.load(Ordering::Relaxed)
             && self.client.connection_state() == async_nats::connection::State::Connected

@@ -2,6 +2,7 @@
 //! block; `Session::handle` dispatches to them from one `match`.
 
 mod history;
+mod presence;
 mod publish;
 mod refresh;
 mod subscribe;

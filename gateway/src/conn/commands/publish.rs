@@ -33,8 +33,11 @@ impl Session<'_> {
                 &ProtoError::forbidden("the token does not grant publishing to this room"),
             );
         }
-        if key.is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN) {
-            return self.reply_err(id, &ProtoError::bad_request("key must be 1 to 256 bytes"));
+        if key.is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN || k.starts_with(crate::control::API_KEY_MARK)) {
+            return self.reply_err(
+                id,
+                &ProtoError::bad_request("key must be 1 to 256 bytes, not starting with U+0000"),
+            );
         }
         if let Err(e) = crate::protocol::check_data(data) {
             return self.bad_frame(id, &e);

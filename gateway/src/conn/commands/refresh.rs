@@ -15,6 +15,10 @@ impl Session<'_> {
                 return self.reply_err(id, &ProtoError::new(ErrorCode::Unauthorized, e.to_string()));
             }
         };
+        if self.node.control.revocations.is_revoked(&identity.sub, identity.iat) {
+            self.node.metrics.auth_failed("revoked");
+            return self.reply_err(id, &ProtoError::new(ErrorCode::Unauthorized, "the token was revoked"));
+        }
         if identity.sub != self.identity().sub {
             self.node.metrics.auth_failed("wrong_sub");
             return self.reply_err(
@@ -36,6 +40,9 @@ impl Session<'_> {
                 room: &room,
                 error: &error,
             })?;
+        }
+        if let Some(c) = &self.control {
+            c.set_iat(identity.iat);
         }
         let expires_in = self.set_expiry(identity.exp);
         self.identity = Some(identity);

@@ -106,11 +106,15 @@ impl Session<'_> {
         for (i, slot) in slots.into_iter().enumerate() {
             results.push(
                 match slot.and_then(|s| self.join_checked(s, &mut catchup, &mut budget)) {
-                    Ok((room, offset, recovered)) => SubscribeResult::Joined {
-                        room,
-                        offset,
-                        recovered,
-                    },
+                    Ok((room, offset, recovered)) => {
+                        // Presence pushes follow the latest subscription's choice.
+                        self.set_presence_watch(&room, entries[i].presence == Some(true));
+                        SubscribeResult::Joined {
+                            room,
+                            offset,
+                            recovered,
+                        }
+                    }
                     Err(error) => SubscribeResult::Failed {
                         room: protocol::truncate(entries[i].room.as_deref().unwrap_or(""), 200),
                         error,
