@@ -107,7 +107,7 @@ export interface ClientOptions {
   pongTimeoutMs?: number;
   /** Longest wait for the socket to open and `connect` to be answered, ms (default 10000). */
   connectTimeoutMs?: number;
-  /** Longest a publish or history request waits, across reconnects, ms (default 30000). */
+  /** Longest a publish, history or presence request waits, across reconnects, ms (default 30000). */
   requestTimeoutMs?: number;
   /** A WebSocket constructor (default: the global one). */
   WebSocket?: unknown;
@@ -205,4 +205,5 @@ export declare class Client {
   /** Resolves with the offset the message was stored at. */
   publish(room: string, data: unknown, options?: { key?: string; timeoutMs?: number }): Promise<number>;
   history(room: string, options?: { limit?: number; before?: number; timeoutMs?: number }): Promise<HistoryPage>;
+  presence(room: string): Promise<{ count: number; age_ms: number; users?: string[] }>;
 }

@@ -591,6 +591,11 @@ export class Client {
     return this._request(cmd, { timeoutMs: options.timeoutMs });
   }
 
+  /** Members of a room across the cluster: `{count, age_ms, users?}`. */
+  presence(room) {
+    if (!ROOM.test(room)) return Promise.reject(new GatewayError('bad_request', `not a room name: ${room}`));
+    return this._request({ op: 'presence', room });
+  }
 
   // ---- rooms --------------------------------------------------------------
 

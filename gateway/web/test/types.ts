@@ -47,8 +47,10 @@ async function use(): Promise<void> {
   const page = await client.history('general', { limit: 50, before: offset });
   const more: boolean = page.more;
   const first: Message | undefined = page.messages[0];
+  const who = await client.presence('general');
+  const n: number = who.count;
   await client.unsubscribe('random');
-  console.log(mode, more, first, client.state, client.connects, client.offsets.get('general'));
+  console.log(mode, more, first, n, client.state, client.connects, client.offsets.get('general'));
   client.close();
 }
 void use;

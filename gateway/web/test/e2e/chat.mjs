@@ -14,6 +14,18 @@ await main(120_000, async (browser) => {
   await waitForText(alice, 'hi alice', 'bob');
   log('chatted in general');
 
+  // Presence through the SDK: both users, cluster-wide (eventually
+  // consistent across two gateways: polled, bounded).
+  let who;
+  for (let i = 0; i < 50; i++) {
+    who = await alice.evaluate(() => window.demo.client.presence('general'));
+    if (who.users?.length === 2) break;
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  assert.equal(who.count, 2);
+  assert.deepEqual(who.users, ['alice', 'bob']);
+  log('presence of general:', JSON.stringify(who));
+
   // Alice moves to #random and writes there; Bob stays in #general.
   await alice.click('li[data-room="random"]');
   await alice.waitForSelector('li.active[data-room="random"]');
