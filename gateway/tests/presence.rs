@@ -356,3 +356,54 @@ async fn join_and_leave_pushes_are_coalesced_under_a_burst_of_1000_joins() {
     );
     drop(again);
 }
+
+/// User lists travel only where they are needed: summaries carry counts
+/// (users null) for rooms nobody watches, and a query gathers such a room's
+/// list from the gateways holding members; a room watched on another
+/// gateway gets this gateway's list in its summaries. (Before, every
+/// changed room's whole list went into every summary: a login storm into
+/// rooms of 200 sent tens of MB/s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn summaries_carry_lists_only_for_watched_rooms_and_queries_gather_the_rest() {
+    let cluster = Cluster::start(3).await;
+    let a = gateway(&cluster, "gw-a", |_| {}).await;
+    let b = gateway(&cluster, "gw-b", |_| {}).await;
+    let nats = async_nats::connect(cluster.servers[0].url()).await.unwrap();
+    let mut summaries = nats.subscribe("gw.presence.gw-a").await.unwrap();
+    nats.flush().await.unwrap();
+    // A watcher on gateway B for "watched"; nobody watches "quiet".
+    let mut watcher = b.client("watcher").await;
+    let r = watcher
+        .request(json!({"op":"subscribe","rooms":[{"room":"watched","presence":true}]}))
+        .await;
+    assert!(r["ok"].is_object(), "{r}");
+    let url = a.url();
+    let mut _members = Vec::new();
+    for u in ["u1", "u2", "u3"] {
+        _members.push(member(&url, u, "quiet").await);
+        _members.push(member(&url, u, "watched").await);
+    }
+    // Read gateway A's summaries until both rooms were reported with 3.
+    let (mut quiet, mut watched) = (None, None);
+    within(async {
+        while quiet.is_none() || watched.is_none() {
+            use futures_util::StreamExt as _;
+            let msg = summaries.next().await.unwrap();
+            let s: Value = serde_json::from_slice(&msg.payload).unwrap();
+            for e in s["rooms"].as_array().unwrap() {
+                match (e[0].as_str(), e[1].as_u64()) {
+                    (Some("quiet"), Some(3)) => quiet = Some(e[2].clone()),
+                    (Some("watched"), Some(3)) if e[2].is_array() => watched = Some(e[2].clone()),
+                    _ => {}
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(quiet.unwrap(), Value::Null, "no list for a room nobody watches");
+    assert_eq!(watched.unwrap(), json!(["u1", "u2", "u3"]));
+    // B still answers the quiet room's list, gathered from A.
+    let mut asker = b.client("asker").await;
+    let (p, _) = until(&mut asker, "quiet", |p| p["count"] == 3).await;
+    assert_eq!(users(&p), ["u1", "u2", "u3"], "{p}");
+}

@@ -664,7 +664,7 @@ impl<'a> Session<'a> {
             Command::Publish { room, data, key } => Box::pin(self.publish(id, &room, &data, key.as_deref())).await,
             Command::History { room, limit, before } => Box::pin(self.history(id, &room, limit, before)).await,
             Command::Refresh { token } => Box::pin(self.refresh(id, &token)).await,
-            Command::Presence { room } => self.presence(id, &room),
+            Command::Presence { room } => Box::pin(self.presence(id, &room)).await,
             Command::Ping => {
                 self.send(&ServerMsg::Pong)?;
                 self.reply_ok(id, ReplyBody::Empty)

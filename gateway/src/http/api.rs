@@ -390,7 +390,7 @@ struct RoomReq {
 async fn room(node: &Node, body: &[u8]) -> Result<String, ProtoError> {
     let req: RoomReq = parse(body)?;
     let room = room_id(&req.room)?;
-    let p = node.presence.room(&room);
+    let p = node.presence.room(&room).await;
     let mut out = json!({ "count": p.count, "age_ms": p.age_ms });
     if let Some(users) = p.users {
         out["users"] = json!(users);

@@ -4,13 +4,15 @@
 //! the room index's member sets and, for rooms with at most `list_max` local
 //! connections, which users (`sub`s) they are, from the connection
 //! registry: presence keeps no index of its own, and a join costs it one
-//! flag test (see `rooms::presence`). Every `interval` each gateway publishes a summary on
-//! `<prefix>.presence.<node id>`: the rooms whose local state changed since
-//! its last summary (an empty summary is the heartbeat), in messages of at
-//! most [`MAX_SUMMARY_BYTES`]. Every gateway keeps the latest view of every
-//! other gateway; a query adds them to its own live counts.
+//! flag test (see `rooms::presence`).
 //!
-//! - A gateway that starts asks for full summaries (`<prefix>.presence.sync`),
+//! **Counts** travel in summaries. Every `interval` each gateway publishes
+//! on `<prefix>.presence.<node id>` the rooms whose local membership
+//! changed since its last summary, as `(room, connections)` (an empty
+//! summary is the heartbeat), in messages of at most [`MAX_SUMMARY_BYTES`].
+//! Every gateway keeps the latest view of every other gateway; a query adds
+//! them to its own live counts.
+//! - A gateway that starts asks for full summaries (`<prefix>.presence_sync`),
 //!   and every gateway sends its whole state on its next tick; a receiver
 //!   that sees a gap in a gateway's sequence numbers asks that gateway again.
 //! - A gateway not heard from for [`EXPIRY_INTERVALS`] intervals is dropped
@@ -18,10 +20,21 @@
 //!   `3 x interval` (3 s by default) after its last summary.
 //! - `age_ms` is the age of the oldest remote summary a count relies on.
 //!
-//! Cost: per gateway, one message per interval plus the changed rooms
-//! (bounded by churn, not by members); every gateway receives every other
-//! gateway's messages. A room's user list is sent only while it is within
-//! `list_max` on that node. Embedded mode: this node alone, no messages.
+//! **User lists** do not travel with every change: a login storm of 1,000
+//! users into 2,000 rooms of 200 would otherwise send every changed room's
+//! whole list each interval (measured: tens of MB/s and 1.5 us more CPU per
+//! join). A list travels only where someone needs it:
+//! - rooms someone *watches* (a subscription with `"presence":true`): each
+//!   summary says which rooms its node watches when that changed, and every
+//!   gateway adds its local list to its entries for rooms watched anywhere;
+//! - any other room's list is gathered when asked: a request on
+//!   `<prefix>.presence_list` that the gateways holding members of the room
+//!   answer (the ones the counts name), waited for at most [`GATHER_WAIT`].
+//!
+//! Cost: per gateway, one message per interval plus ~25 bytes per changed
+//! room, plus the lists of watched rooms that changed (bounded by churn, not
+//! by members); every gateway receives every other gateway's messages.
+//! Embedded mode: this node alone, no messages.
 //!
 //! Presence pushes: a subscription with `"presence":true` gets, at most
 //! once per interval, the users who joined and left the room since the
@@ -52,6 +65,8 @@ use crate::rooms::RoomIndex;
 pub const EXPIRY_INTERVALS: u32 = 3;
 /// Largest summary message; a bigger one is split.
 pub const MAX_SUMMARY_BYTES: usize = 256 * 1024;
+/// Longest wait for the gateways' answers to a list request.
+pub const GATHER_WAIT: Duration = Duration::from_millis(250);
 
 /// One room in a summary: `(room, connections, users or null)`.
 type Entry = (String, u32, Option<Vec<String>>);
@@ -63,6 +78,17 @@ struct Summary {
     /// The first message of a full summary: drop the node's old view.
     reset: bool,
     rooms: Vec<Entry>,
+    /// The rooms the node watches, when that changed (always with `reset`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    watch: Option<Vec<String>>,
+}
+
+/// A gateway's answer to a list request.
+#[derive(Debug, Serialize, Deserialize)]
+struct ListAnswer {
+    node: String,
+    /// `null`: over the bound on that gateway.
+    users: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +96,7 @@ struct NodeView {
     seen: Option<Instant>,
     seq: u64,
     rooms: HashMap<String, (u32, Option<Vec<String>>)>,
+    watch: HashSet<String>,
 }
 
 /// A room's presence as a query answers it.
@@ -81,6 +108,16 @@ pub struct RoomPresence {
     pub age_ms: u64,
     /// Distinct users, when the room is within the list bound everywhere.
     pub users: Option<Vec<String>>,
+}
+
+/// What the view says of a room, without asking anyone.
+struct Snapshot {
+    count: u64,
+    oldest: Option<Instant>,
+    /// Users known so far (`None`: some gateway is over the bound).
+    users: Option<HashSet<String>>,
+    /// Gateways with members whose list the view lacks.
+    missing: Vec<String>,
 }
 
 /// The presence state of a node (see the module doc).
@@ -95,18 +132,19 @@ pub struct Presence {
     view: RwLock<HashMap<String, NodeView>>,
     nats: Option<(async_nats::Client, String)>,
     send_full: AtomicBool,
+    /// This node's watched rooms changed since the last summary.
+    watch_changed: AtomicBool,
     seq: AtomicU64,
     /// Connections that asked for presence pushes, by room.
     watchers: DashMap<RoomId, Watch, foldhash::fast::RandomState>,
-    /// Rooms in `watchers` (`DashMap::is_empty` locks every shard: too
-    /// dear for every leave).
+    /// Rooms in `watchers` (`DashMap::is_empty` locks every shard).
     watched: std::sync::atomic::AtomicUsize,
 }
 
 /// The presence pushes of one room.
 struct Watch {
     conns: Vec<(ConnId, Arc<ConnHandle>)>,
-    /// The users at the previous push (`None`: the room is over the bound).
+    /// The users at the previous push (`None`: unknown or over the bound).
     last: Option<HashSet<String>>,
 }
 
@@ -130,6 +168,7 @@ impl Presence {
             view: RwLock::default(),
             nats,
             send_full: AtomicBool::new(true),
+            watch_changed: AtomicBool::new(false),
             seq: AtomicU64::new(0),
             watchers: DashMap::default(),
             watched: std::sync::atomic::AtomicUsize::new(0),
@@ -140,9 +179,12 @@ impl Presence {
     pub fn watch(&self, room: &RoomId, conn: ConnId, handle: &Arc<ConnHandle>) {
         let mut w = self.watchers.entry(room.clone()).or_insert_with(|| {
             self.watched.fetch_add(1, Ordering::Relaxed);
+            self.watch_changed.store(true, Ordering::Relaxed);
+            // Other gateways may be watching it too: send this node's list.
+            self.rooms.presence_touch(room);
             Watch {
                 conns: Vec::new(),
-                last: self.room(room).users.map(|u| u.into_iter().collect()),
+                last: self.snapshot(room).users,
             }
         });
         if !w.conns.iter().any(|(c, _)| *c == conn) {
@@ -165,20 +207,24 @@ impl Presence {
         }
         if self.watchers.remove_if(room, |_, w| w.conns.is_empty()).is_some() {
             self.watched.fetch_sub(1, Ordering::Relaxed);
+            self.watch_changed.store(true, Ordering::Relaxed);
         }
     }
 
     /// Sends each watched room's joins and leaves since its previous push:
     /// one push per room per interval, whatever the churn (a user who left
-    /// and came back within it is neither). Rooms over the bound get none.
+    /// and came back within it is neither). Rooms over the bound, or whose
+    /// lists have not all arrived yet, get none.
     fn push_changes(&self) {
         let rooms: Vec<RoomId> = self.watchers.iter().map(|e| e.key().clone()).collect();
         for room in rooms {
-            let now = self.room(&room);
+            let now = self.snapshot(&room);
+            let users = now
+                .users
+                .filter(|u| now.missing.is_empty() && self.within(now.count, u));
             let Some(mut w) = self.watchers.get_mut(&room) else {
                 continue;
             };
-            let users: Option<HashSet<String>> = now.users.map(|u| u.into_iter().collect());
             if let (Some(before), Some(after)) = (&w.last, &users) {
                 let mut join: Vec<String> = after.difference(before).cloned().collect();
                 let mut leave: Vec<String> = before.difference(after).cloned().collect();
@@ -205,12 +251,17 @@ impl Presence {
         self.list_max
     }
 
-    /// `room` on this node: connections and, within the bound, their
-    /// distinct users (sorted). `clear`: a summary reads it (re-arms the
-    /// room's change flag).
-    fn local_entry(&self, room: &RoomId, clear: bool) -> Entry {
-        let p = self.rooms.presence(room, self.list_max, clear);
-        let users = p.conns.map(|conns| {
+    fn within(&self, count: u64, users: &HashSet<String>) -> bool {
+        count as usize <= self.list_max && users.len() <= self.list_max
+    }
+
+    /// `room` on this node: connections and, if `list` and within the
+    /// bound, their distinct users (sorted). `clear`: a summary reads it
+    /// (re-arms the room's change flag).
+    fn local_entry(&self, room: &RoomId, clear: bool, list: bool) -> Entry {
+        let bound = if list { self.list_max } else { 0 };
+        let p = self.rooms.presence(room, bound, clear);
+        let users = p.conns.filter(|_| list).map(|conns| {
             let mut users: Vec<String> = conns
                 .into_iter()
                 .filter_map(|c| self.registry.user_of(c))
@@ -223,46 +274,92 @@ impl Presence {
         (room.as_str().to_string(), p.count, users)
     }
 
-    /// The room's presence now: this node's live state plus the latest
-    /// summaries of the other gateways.
-    pub fn room(&self, room: &RoomId) -> RoomPresence {
+    /// The view of `room`: this node live, the others from their latest
+    /// summaries.
+    fn snapshot(&self, room: &RoomId) -> Snapshot {
         let now = Instant::now();
-        let mut count = 0u64;
-        let mut users: Option<HashSet<String>> = Some(HashSet::new());
-        let (_, mine, my_users) = self.local_entry(room, false);
-        count += u64::from(mine);
-        match (&mut users, my_users) {
-            (Some(all), Some(mine)) => all.extend(mine),
-            _ => users = None,
-        }
-        let mut oldest: Option<Instant> = None;
+        let (_, mine, my_users) = self.local_entry(room, false, true);
+        let mut snap = Snapshot {
+            count: u64::from(mine),
+            oldest: None,
+            users: my_users.map(|u| u.into_iter().collect()),
+            missing: Vec::new(),
+        };
         let expiry = self.interval * EXPIRY_INTERVALS;
         for (node, v) in self.view.read().iter() {
             let Some(seen) = v.seen else { continue };
             if node == &self.node_id || now.duration_since(seen) > expiry {
                 continue;
             }
-            oldest = Some(oldest.map_or(seen, |o| o.min(seen)));
+            snap.oldest = Some(snap.oldest.map_or(seen, |o| o.min(seen)));
             if let Some((n, list)) = v.rooms.get(room.as_str()) {
-                count += u64::from(*n);
-                match (&mut users, list) {
+                snap.count += u64::from(*n);
+                match (&mut snap.users, list) {
                     (Some(all), Some(theirs)) => all.extend(theirs.iter().cloned()),
-                    _ => users = None,
+                    (Some(_), None) if (*n as usize) <= self.list_max => snap.missing.push(node.clone()),
+                    _ => snap.users = None,
                 }
             }
         }
-        let users = users
-            .filter(|u| count as usize <= self.list_max && u.len() <= self.list_max)
-            .map(|u| {
-                let mut v: Vec<String> = u.into_iter().collect();
-                v.sort();
-                v
-            });
+        snap
+    }
+
+    /// The room's presence now: this node's live state plus the latest
+    /// summaries of the other gateways; a small room's list is gathered
+    /// from the gateways holding its members when the summaries lack it
+    /// (at most [`GATHER_WAIT`]; a gateway that does not answer in time
+    /// leaves the answer without a list).
+    pub async fn room(&self, room: &RoomId) -> RoomPresence {
+        let now = Instant::now();
+        let mut snap = self.snapshot(room);
+        if snap.count as usize > self.list_max {
+            snap.users = None;
+        }
+        if let (Some(users), false) = (&mut snap.users, snap.missing.is_empty()) {
+            match self.gather(room, &snap.missing).await {
+                Some(more) => users.extend(more),
+                None => snap.users = None,
+            }
+        }
+        let users = snap.users.filter(|u| self.within(snap.count, u)).map(|u| {
+            let mut v: Vec<String> = u.into_iter().collect();
+            v.sort();
+            v
+        });
         RoomPresence {
-            count,
-            age_ms: oldest.map_or(0, |o| now.duration_since(o).as_millis() as u64),
+            count: snap.count,
+            age_ms: snap.oldest.map_or(0, |o| now.duration_since(o).as_millis() as u64),
             users,
         }
+    }
+
+    /// Asks `nodes` for their users of `room`; `None` unless every one
+    /// answered with a list in time.
+    async fn gather(&self, room: &RoomId, nodes: &[String]) -> Option<Vec<String>> {
+        let (client, prefix) = self.nats.as_ref()?;
+        let inbox = client.new_inbox();
+        let mut answers = client.subscribe(inbox.clone()).await.ok()?;
+        client
+            .publish_with_reply(
+                format!("{prefix}.presence_list"),
+                inbox,
+                room.as_str().to_string().into(),
+            )
+            .await
+            .ok()?;
+        let mut waiting: HashSet<&str> = nodes.iter().map(String::as_str).collect();
+        let mut users = Vec::new();
+        let deadline = tokio::time::Instant::now() + GATHER_WAIT;
+        while !waiting.is_empty() {
+            let msg = tokio::time::timeout_at(deadline, answers.next()).await.ok()??;
+            let Ok(a) = serde_json::from_slice::<ListAnswer>(&msg.payload) else {
+                continue;
+            };
+            if waiting.remove(a.node.as_str()) {
+                users.extend(a.users?);
+            }
+        }
+        Some(users)
     }
 
     /// Cluster mode: publishes summaries every interval and follows the
@@ -289,6 +386,7 @@ impl Presence {
         self.rooms.track_presence(true);
         let mut summaries = client.subscribe(format!("{prefix}.presence.*")).await?;
         let mut syncs = client.subscribe(format!("{prefix}.presence_sync")).await?;
+        let mut lists = client.subscribe(format!("{prefix}.presence_list")).await?;
         // Ask everyone for their whole state.
         let _ = client.publish(format!("{prefix}.presence_sync"), "*".into()).await;
         let (this, stop1) = (self.clone(), stop.clone());
@@ -319,6 +417,17 @@ impl Presence {
                 }
             }
         });
+        let (this, stop4, answering) = (self.clone(), stop.clone(), client.clone());
+        tasks.spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    m = lists.next() => m,
+                    () = stop4.cancelled() => return,
+                };
+                let Some(msg) = msg else { return };
+                this.answer_list(&answering, msg).await;
+            }
+        });
         let (this, stop3) = (self.clone(), stop.clone());
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(this.interval);
@@ -335,11 +444,32 @@ impl Presence {
         Ok(())
     }
 
+    /// Answers a list request if this node holds members of the room.
+    async fn answer_list(&self, client: &async_nats::Client, msg: async_nats::Message) {
+        let (Some(reply), Some(room)) = (
+            msg.reply,
+            std::str::from_utf8(&msg.payload).ok().and_then(RoomId::parse),
+        ) else {
+            return;
+        };
+        let (_, count, users) = self.local_entry(&room, false, true);
+        if count == 0 {
+            return;
+        }
+        let answer = ListAnswer {
+            node: self.node_id.clone(),
+            users,
+        };
+        if let Ok(body) = serde_json::to_vec(&answer) {
+            let _ = client.publish(reply, body.into()).await;
+        }
+    }
+
     async fn apply(&self, s: Summary) {
         if s.node == self.node_id {
             return;
         }
-        let gap = {
+        let (gap, newly_watched) = {
             let mut view = self.view.write();
             let v = view.entry(s.node.clone()).or_default();
             let gap = !s.reset && v.seen.is_some() && s.seq != v.seq + 1;
@@ -356,8 +486,18 @@ impl Presence {
                     v.rooms.insert(room, (count, users));
                 }
             }
-            gap || fresh
+            let mut newly = Vec::new();
+            if let Some(watch) = s.watch {
+                let watch: HashSet<String> = watch.into_iter().collect();
+                newly = watch.difference(&v.watch).cloned().collect();
+                v.watch = watch;
+            }
+            (gap || fresh, newly)
         };
+        // Rooms another gateway started watching: send this node's list.
+        for room in newly_watched.iter().filter_map(|r| RoomId::parse(r)) {
+            self.rooms.presence_touch(&room);
+        }
         if gap && let Some((client, prefix)) = &self.nats {
             // A missed message (or a gateway seen mid-stream): ask for all.
             let _ = client
@@ -376,19 +516,36 @@ impl Presence {
 
     async fn publish(&self, client: &async_nats::Client, prefix: &str) {
         let full = self.send_full.swap(false, Ordering::Relaxed);
+        let watch_changed = self.watch_changed.swap(false, Ordering::Relaxed);
         let changed = self.rooms.take_presence_changes();
         let mut ids = if full { self.rooms.room_ids() } else { changed };
         ids.sort_unstable();
         ids.dedup();
+        // Lists only for rooms watched somewhere (see the module doc).
+        let interest: HashSet<String> = {
+            let view = self.view.read();
+            self.watchers
+                .iter()
+                .map(|e| e.key().as_str().to_string())
+                .chain(view.values().flat_map(|v| v.watch.iter().cloned()))
+                .collect()
+        };
         let rooms: Vec<Entry> = ids
             .iter()
-            .map(|r| self.local_entry(r, true))
+            .map(|r| self.local_entry(r, true, interest.contains(r.as_str())))
             // A full summary lists only rooms with members.
             .filter(|e| !full || e.1 > 0)
             .collect();
+        let watch = (full || watch_changed).then(|| {
+            self.watchers
+                .iter()
+                .map(|e| e.key().as_str().to_string())
+                .collect::<Vec<_>>()
+        });
         let subject = format!("{prefix}.presence.{}", subject_token(&self.node_id));
         let mut batch: Vec<Entry> = Vec::new();
-        let mut size = 0;
+        let mut size = watch.as_ref().map_or(0, |w| w.iter().map(|r| r.len() + 3).sum());
+        let mut watch = watch;
         let mut first = true;
         let mut rooms = rooms.into_iter().peekable();
         loop {
@@ -404,6 +561,7 @@ impl Presence {
                     seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
                     reset: full && first,
                     rooms: std::mem::take(&mut batch),
+                    watch: watch.take(),
                 };
                 first = false;
                 size = 0;
@@ -455,8 +613,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn local_counts_and_lists_come_from_the_member_sets_and_stop_listing_past_the_bound() {
+    #[tokio::test]
+    async fn local_counts_and_lists_come_from_the_member_sets_and_stop_listing_past_the_bound() {
         let rooms = Arc::new(RoomIndex::new(limits(), LogMode::Authoritative));
         let registry = Arc::new(Registry::default());
         let p = Presence::new("n", 2, Duration::from_secs(1), None, rooms.clone(), registry.clone());
@@ -468,19 +626,19 @@ mod tests {
         }
         let j1 = rooms.join(&r, ConnId(1), Member::Full(&ob), None, None).unwrap();
         let j2 = rooms.join(&r, ConnId(2), Member::FullProto(&ob), None, None).unwrap();
-        let got = p.room(&r);
+        let got = p.room(&r).await;
         assert_eq!((got.count, got.users), (2, Some(vec!["a".to_string()])));
         let j3 = rooms.join(&r, ConnId(3), Member::Full(&ob), None, None).unwrap();
-        let got = p.room(&r);
+        let got = p.room(&r).await;
         assert_eq!((got.count, got.users), (3, None), "3 connections: over the bound of 2");
         rooms.leave(&r, ConnId(1), j1.slot);
-        let got = p.room(&r);
+        let got = p.room(&r).await;
         assert_eq!(
             (got.count, got.users),
             (2, Some(vec!["a".to_string(), "b".to_string()]))
         );
         rooms.leave(&r, ConnId(2), j2.slot);
         rooms.leave(&r, ConnId(3), j3.slot);
-        assert_eq!(p.room(&r).count, 0);
+        assert_eq!(p.room(&r).await.count, 0);
     }
 }

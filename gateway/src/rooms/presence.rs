@@ -37,6 +37,12 @@ impl RoomIndex {
         }
     }
 
+    /// Puts `room` on the changed list as if its membership had changed
+    /// (another gateway started watching it and needs this node's list).
+    pub fn presence_touch(&self, room: &RoomId) {
+        self.with_existing(room, |st| self.presence_note(room, st));
+    }
+
     /// The rooms whose membership changed since the previous call, each
     /// once; reading one with [`RoomIndex::presence`] and `clear` re-arms
     /// it.

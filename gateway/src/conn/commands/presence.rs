@@ -8,7 +8,7 @@ use crate::model::RoomId;
 use crate::protocol::ReplyBody;
 
 impl Session<'_> {
-    pub(in crate::conn) fn presence(&mut self, id: Option<u32>, name: &str) -> Result<(), CloseReason> {
+    pub(in crate::conn) async fn presence(&mut self, id: Option<u32>, name: &str) -> Result<(), CloseReason> {
         let Some(room) = RoomId::parse(name) else {
             return self.bad_frame(id, &ProtoError::bad_request("invalid room name"));
         };
@@ -18,9 +18,10 @@ impl Session<'_> {
         if !granted {
             return self.reply_err(id, &ProtoError::forbidden("the token does not grant this room"));
         }
-        // Memory only (no bus call): no budget of its own beyond the
-        // connection's byte rate.
-        let p = self.node.presence.room(&room);
+        // Memory, or for a small room whose list the view lacks one NATS
+        // round trip (at most presence::GATHER_WAIT); no budget of its own
+        // beyond the connection's byte rate.
+        let p = self.node.presence.room(&room).await;
         self.reply_ok(
             id,
             ReplyBody::Presence {
