@@ -118,6 +118,13 @@ pub enum UnavailableKind {
     /// The inbox of a direct get ended before the answer did.
     #[error("the direct get inbox ended early")]
     DirectGetEnded,
+    /// Asking the stream's leader for a room's next message failed.
+    #[error("reading from the stream's leader failed")]
+    LeaderRead,
+    /// A history page found the room's oldest messages leaving the stream on
+    /// every attempt.
+    #[error("the room's oldest messages kept leaving the stream while it was read")]
+    HistoryMoving,
     /// A catch-up read found the room's cache moving on every attempt.
     #[error("the room's cache kept moving while it was read")]
     CacheMoving,

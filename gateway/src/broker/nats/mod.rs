@@ -31,6 +31,7 @@
 mod linger;
 mod read;
 mod repair;
+mod scan;
 mod streams;
 
 pub use streams::check_stream;
@@ -55,6 +56,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use linger::{LINGER_QUEUE, Linger, linger_pool};
+use read::Stored;
+use scan::{Answer, ScanEnd, Start};
 
 use super::{BusError, Fetched, Outgoing, UnavailableKind, now_ms};
 use crate::model::Message;
@@ -216,9 +219,9 @@ const FETCH_BATCH: usize = 256;
 const DIRECT_BATCH: usize = 256;
 /// How long a direct-get answer may take, per message.
 const DIRECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Attempts of a catch-up read that stops short of a stored offset (a
-/// replica answering direct gets may lag the leader by a moment).
-const SHORT_READ_ATTEMPTS: u32 = 3;
+/// Attempts at a history page whose oldest messages left the stream while
+/// it was read.
+const HISTORY_ATTEMPTS: u32 = 3;
 
 /// The stream partition of `room` among `partitions`: FNV-1a of the name,
 /// stable across processes and versions (every node and tool computes the

@@ -149,8 +149,10 @@ impl NatsBus {
 
     /// Sends a direct-get request (`body`, JSON) to the stream of `room` and
     /// hands the messages it answers, in order, to `each` until the end of
-    /// the batch, "not found", or `each` returns false. Only batch and
-    /// `multi_last` requests: they end with an end-of-batch status.
+    /// the batch, "not found", or `each` returns false; then says how the
+    /// answer ended. Only batch and `multi_last` requests: they end with an
+    /// end-of-batch status, which tells how many messages of the room the
+    /// answering server holds after the batch (none said: taken as none).
     ///
     /// Errors: NATS unreachable, no answer within [`DIRECT_TIMEOUT`], or an
     /// error status.
@@ -159,7 +161,7 @@ impl NatsBus {
         room: &RoomId,
         body: String,
         mut each: impl FnMut(Stored) -> bool,
-    ) -> Result<(), BusError> {
+    ) -> Result<Answer, BusError> {
         metrics::counter!("gateway_bus_reads_total").increment(1);
         let subject = self.store_subject(room);
         let inbox = self.client.new_inbox();
@@ -182,7 +184,19 @@ impl NatsBus {
             if let Some(status) = msg.status {
                 // 204: end of batch; 404: no (more) messages.
                 return match status.as_u16() {
-                    204 | 404 => Ok(()),
+                    204 => {
+                        let left = msg
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get(PENDING))
+                            .and_then(|v| v.as_str().parse::<u64>().ok());
+                        Ok(if left.is_some_and(|n| n > 0) {
+                            Answer::Cut
+                        } else {
+                            Answer::Exhausted
+                        })
+                    }
+                    404 => Ok(Answer::Exhausted),
                     code => {
                         tracing::debug!(%room, code, description = msg.description.as_deref().unwrap_or(""), "direct get failed");
                         Err(BusError::unavailable(UnavailableKind::DirectGetStatus(code)))
@@ -205,7 +219,7 @@ impl NatsBus {
                 pending,
                 payload: msg.payload,
             }) {
-                return Ok(());
+                return Ok(Answer::Stopped);
             }
         }
     }
@@ -284,7 +298,8 @@ impl NatsBus {
     /// Reads the messages of `room` after `st.covered` up to `read_upto` into
     /// `st`, within `budget` bytes of frames. The first answer (the stored
     /// message at or after `since`) decides whether anything after `since`
-    /// may be gone.
+    /// may be gone; a replica behind the leader decides nothing: what it
+    /// lacks is asked of the leader ([`Self::scan`]).
     pub(super) async fn read_forward(
         &self,
         room: &RoomId,
@@ -293,68 +308,89 @@ impl NatsBus {
         budget: usize,
         st: &mut CatchupRead,
     ) -> Result<ReadEnd, BusError> {
-        let mut short_reads = 0;
-        while st.covered < read_upto {
-            let from = if st.proved { st.covered + 1 } else { since.max(1) };
-            // Until the first answer proves nothing after `since` is gone,
-            // ask for one message: a `since` older than the stream's history
-            // then costs one message, not a batch.
-            let batch = if st.proved { DIRECT_BATCH } else { 1 };
-            let body = self.forward_request(room, from, batch, budget.saturating_sub(st.bytes));
-            let mut end = None;
-            let mut got = 0;
-            self.direct(room, body, |m| {
-                got += 1;
-                st.read_bytes += m.payload.len();
-                if !st.proved {
-                    // If the message at `since` is stored, so is everything
-                    // after it; and nothing lies between `since` and `since + 1`.
-                    let intact = if since == 0 {
-                        m.pending.is_some_and(|p| self.never_dropped(p + 1))
-                    } else {
-                        m.seq <= since.saturating_add(1)
-                    };
-                    if !intact {
-                        end = Some(ReadEnd::Lost);
-                        return false;
-                    }
-                    st.proved = true;
-                    if m.seq <= since {
-                        return true;
-                    }
-                }
-                if m.seq > read_upto {
-                    st.covered = read_upto;
+        if st.covered >= read_upto {
+            return Ok(ReadEnd::Reached);
+        }
+        let mut end = None;
+        let mut take = |st: &mut CatchupRead, m: Stored| -> bool {
+            st.read_bytes += m.payload.len();
+            if m.seq > read_upto {
+                st.covered = read_upto;
+                return false;
+            }
+            if let Ok(env) = Envelope::decode(m.payload.as_ref()) {
+                let msg = encode(room, m.seq, &env);
+                st.bytes += msg.weight();
+                if st.bytes > budget {
+                    end = Some(ReadEnd::OverBudget);
                     return false;
                 }
-                if let Ok(env) = Envelope::decode(m.payload.as_ref()) {
-                    let msg = encode(room, m.seq, &env);
-                    st.bytes += msg.weight();
-                    if st.bytes > budget {
-                        end = Some(ReadEnd::OverBudget);
-                        return false;
-                    }
-                    st.read.push((m.seq, msg));
-                }
-                st.covered = m.seq;
-                m.seq < read_upto
+                st.read.push((m.seq, msg));
+            }
+            st.covered = m.seq;
+            true
+        };
+        if !st.proved {
+            // One message until the first answer proves nothing after `since`
+            // is gone: a `since` older than the stream's history then costs
+            // one message, not a batch.
+            let mut first = None;
+            let body = self.forward_request(room, since.max(1), 1, budget);
+            self.direct(room, body, |m| {
+                first = Some(m);
+                false
             })
             .await?;
-            if let Some(end) = end {
-                return Ok(end);
+            if first.is_none() {
+                // Nothing at or after `since` on the server that answered: it
+                // may be a replica that is behind.
+                metrics::counter!("gateway_bus_stale_reads_total").increment(1);
+                first = self.leader_next(room, since.max(1)).await?;
             }
-            if got == 0 {
-                // Nothing at or after `since`: it is gone. Nothing after a
-                // proved `since` although `read_upto` was stored: a replica
-                // lags, or the messages left the stream meanwhile.
-                if !st.proved || short_reads >= SHORT_READ_ATTEMPTS {
-                    return Ok(ReadEnd::Lost);
-                }
-                short_reads += 1;
-                tokio::time::sleep(Duration::from_millis(50 * u64::from(short_reads))).await;
+            let Some(m) = first else {
+                return Ok(ReadEnd::Lost);
+            };
+            // If the message at `since` is stored, so is everything after it;
+            // and nothing lies between `since` and `since + 1`. With `since`
+            // 0, only a room that never dropped a message is whole (the count
+            // comes with direct answers only).
+            let intact = if since == 0 {
+                m.pending.is_some_and(|p| self.never_dropped(p + 1))
+            } else {
+                m.seq <= since.saturating_add(1)
+            };
+            if !intact {
+                st.read_bytes += m.payload.len();
+                return Ok(ReadEnd::Lost);
+            }
+            st.proved = true;
+            if m.seq <= since {
+                st.read_bytes += m.payload.len();
+            } else if !take(st, m) {
+                return Ok(end.unwrap_or(ReadEnd::Reached));
+            }
+            if st.covered >= read_upto {
+                return Ok(ReadEnd::Reached);
             }
         }
-        Ok(ReadEnd::Reached)
+        // `st.covered` is a message read (or `since`, proved stored): the read
+        // goes on after it.
+        let after = st.covered;
+        let left = budget.saturating_sub(st.bytes);
+        let scan = self
+            .scan(room, Start::After(after), read_upto, DIRECT_BATCH, left, |m| {
+                take(st, m)
+            })
+            .await?;
+        if let Some(end) = end {
+            return Ok(end);
+        }
+        Ok(match scan {
+            ScanEnd::Reached => ReadEnd::Reached,
+            // The leader lacks a message up to `read_upto`, or the one read
+            // last left the stream meanwhile.
+            ScanEnd::Exhausted | ScanEnd::Broken => ReadEnd::Lost,
+        })
     }
 
     /// The newest stored message of `room` at or below offset `n`. `n` may
@@ -402,11 +438,21 @@ impl NatsBus {
 
     /// A history page beyond the cache: up to `limit` messages of `room`
     /// older than `before` (the newest if `None`), oldest first, and whether
-    /// older ones remain. Reads exactly that page from the stream, newest
-    /// first, one message per request, plus one message to learn `more`; a
-    /// page that reaches the cache's start is put in front of the cache.
+    /// older ones remain. A page that reaches the cache's start is put in
+    /// front of the cache.
     ///
-    /// Errors: the stream could not be read.
+    /// Two passes: a walk back from `before`, newest first, one direct get
+    /// per message plus one to learn `more`, finds where the page starts;
+    /// then the page is read forward from there ([`Self::scan`]) up to
+    /// `before` (or the room's last message, asked of the leader). A walk
+    /// step answered by a replica that is behind returns an older message
+    /// than the leader would, skipping the ones it lacks; so the walk only
+    /// says where to start (never too late), and the forward read, which a
+    /// lagging replica can only end early (then the leader goes on), says
+    /// what the page holds.
+    ///
+    /// Errors: the stream could not be read, or the room's oldest messages
+    /// kept leaving the stream while the page was read.
     pub async fn history(
         &self,
         room: &RoomId,
@@ -421,34 +467,95 @@ impl NatsBus {
             Some(b) => b - 1,
             None => u64::MAX,
         };
-        let mut page: Vec<(u64, SharedMessage)> = Vec::new();
+        for _ in 0..HISTORY_ATTEMPTS {
+            if let Some(page) = self.history_page(room, upto, limit).await? {
+                return Ok(page);
+            }
+        }
+        Err(BusError::unavailable(UnavailableKind::HistoryMoving))
+    }
+
+    /// One attempt at [`Self::history`] for the messages at or below `upto`;
+    /// `None` if a message the read went on from left the stream meanwhile.
+    async fn history_page(
+        &self,
+        room: &RoomId,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Option<(Vec<SharedMessage>, bool)>, BusError> {
         let mut below = upto;
         let mut taken = 0;
-        let mut oldest = None;
+        let mut newest = None;
+        let mut older = None;
+        // A page as long as the room's whole history needs no walk: it is
+        // read forward from the room's first message.
+        let whole = self.cfg.history > 0 && limit as u64 >= self.cfg.history as u64;
+        if whole {
+            taken = limit;
+            if upto == u64::MAX {
+                newest = Some(self.last_seq(room).await?).filter(|&n| n > 0);
+            }
+        }
         // The message after a full page only answers `more`.
-        let older = loop {
-            let Some(m) = self.last_at_or_below(room, below, taken == 0).await? else {
-                break None;
-            };
+        while !whole && let Some(m) = self.last_at_or_below(room, below, taken == 0).await? {
+            newest.get_or_insert(m.seq);
             if taken == limit {
-                break Some(m.seq);
+                older = Some(m.seq);
+                break;
             }
             taken += 1;
-            oldest = Some(m.seq);
-            if let Ok(env) = Envelope::decode(m.payload.as_ref()) {
-                page.push((m.seq, encode(room, m.seq, &env)));
-            }
             below = m.seq.saturating_sub(1);
+        }
+        if limit == 0 {
+            return Ok(Some((Vec::new(), older.is_some())));
+        }
+        // With no `before`, the first step asked the leader for the room's
+        // last message: the page ends there.
+        let reach = match (upto, newest) {
+            (u64::MAX, None) => return Ok(Some((Vec::new(), false))),
+            (u64::MAX, Some(n)) => n,
+            _ => upto,
         };
-        page.reverse();
+        let mut page: std::collections::VecDeque<(u64, Option<SharedMessage>)> = Default::default();
+        let mut dropped = older;
+        let end = self
+            .scan(
+                room,
+                Start::At(older.map_or(1, |o| o + 1)),
+                reach,
+                taken + 1,
+                usize::MAX,
+                |m| {
+                    if m.seq > upto {
+                        return false;
+                    }
+                    let msg = Envelope::decode(m.payload.as_ref())
+                        .ok()
+                        .map(|env| encode(room, m.seq, &env));
+                    page.push_back((m.seq, msg));
+                    if page.len() > limit {
+                        dropped = page.pop_front().map(|(seq, _)| seq);
+                    }
+                    true
+                },
+            )
+            .await?;
+        if matches!(end, ScanEnd::Broken) {
+            return Ok(None);
+        }
+        let oldest = page.front().map(|(seq, _)| *seq);
+        let page: Vec<(u64, SharedMessage)> = page
+            .into_iter()
+            .filter_map(|(seq, msg)| msg.map(|m| (seq, m)))
+            .collect();
         if let (Some(oldest), Some(&(newest, _))) = (oldest, page.last()) {
             // Nothing after a stored message is gone: the page holds every
             // message of the room after the older one (or after the offset
             // before its oldest, when none is older).
-            let covers_from = older.unwrap_or(oldest.saturating_sub(1));
+            let covers_from = dropped.unwrap_or(oldest.saturating_sub(1));
             self.rooms.prepend(room, covers_from, &page, newest);
         }
-        Ok((page.into_iter().map(|(_, f)| f).collect(), older.is_some()))
+        Ok(Some((page.into_iter().map(|(_, f)| f).collect(), dropped.is_some())))
     }
 
     /// The stream's last offset for `room` (0 if it has none), asked of the
