@@ -394,6 +394,23 @@ pub fn render_histograms(out: &mut String) {
 mod tests {
     use super::*;
 
+    /// The cost of [`fanned_out`] (both histograms' records), for
+    /// docs/benchmarks.md: `cargo test --release -p gateway --lib
+    /// metrics::tests::fanned_out_cost -- --ignored --nocapture`. Prints
+    /// nanoseconds per call; asserts nothing about time.
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn fanned_out_cost() {
+        const N: u32 = 10_000_000;
+        let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        let started = std::time::Instant::now();
+        for i in 0..N {
+            fanned_out(Duration::from_micros(u64::from(i % 5_000)), std::hint::black_box(ts));
+        }
+        let per = started.elapsed().as_nanos() as f64 / f64::from(N);
+        println!("fanned_out: {per:.1} ns per call ({N} calls)");
+    }
+
     #[test]
     fn atomic_histogram_buckets_are_upper_inclusive_and_cumulative() {
         static H: AtomicHistogram = AtomicHistogram::new("h_seconds", "test", &[MS, 10 * MS]);
