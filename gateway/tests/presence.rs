@@ -175,6 +175,9 @@ async fn presence_converges_after_joins_leaves_and_a_killed_gateway() {
         .await;
     assert!(r["ok"]["rooms"][0]["offset"].is_u64(), "{r}");
     until(&mut asker, "lobby", |p| p["count"] == 6).await;
+    // The watch's baseline (who is there) comes from the other gateways'
+    // lists, gathered when the watch begins: let it arrive before the kill.
+    tokio::time::sleep(Duration::from_millis(600)).await;
 
     let killed = Instant::now();
     drop(c); // SIGKILL: no goodbye, its summaries just stop.
@@ -402,6 +405,12 @@ async fn summaries_carry_lists_only_for_watched_rooms_and_queries_gather_the_res
     .await;
     assert_eq!(quiet.unwrap(), Value::Null, "no list for a room nobody watches");
     assert_eq!(watched.unwrap(), json!(["u1", "u2", "u3"]));
+    // The watcher on B gets A's joins as pushes.
+    let pushes = within(presence_pushes(&mut watcher, |joins, _| {
+        ["u1", "u2", "u3"].iter().all(|u| joins.iter().any(|j| j == u))
+    }))
+    .await;
+    assert!(pushes.iter().all(|p| p["room"] == "watched"), "{pushes:?}");
     // B still answers the quiet room's list, gathered from A.
     let mut asker = b.client("asker").await;
     let (p, _) = until(&mut asker, "quiet", |p| p["count"] == 3).await;

@@ -147,6 +147,15 @@ export interface Activity {
   count: number;
 }
 
+/** Users who joined and left a room watched with `presence: true`, at most one event per room per presence interval. */
+export interface PresenceEvent {
+  room: string;
+  /** Connections subscribed on every gateway. */
+  count: number;
+  join: string[];
+  leave: string[];
+}
+
 export interface Subscribed {
   room: string;
   offset: number;
@@ -164,6 +173,7 @@ export interface ClientEvents {
   state: StateEvent;
   message: Message;
   activity: Activity;
+  presence: PresenceEvent;
   subscribed: Subscribed;
   unsubscribed: Unsubscribed;
   refresh: { expiresIn: number | null };
@@ -177,6 +187,8 @@ export interface SubscribeOptions {
   since?: number;
   /** A room token, or a function returning one, for rooms the connection token does not grant. */
   token?: string | RoomTokenProvider;
+  /** Ask for `presence` events (joins and leaves) of this room; only rooms within the gateway's presence-list bound get them. */
+  presence?: boolean;
 }
 
 export interface HistoryPage {

@@ -497,6 +497,10 @@ export class Client {
       case 'activity':
         this._emit('activity', { room: m.room, offset: m.offset, count: m.count });
         break;
+      case 'presence':
+        if (!this._rooms.has(m.room)) break;
+        this._emit('presence', { room: m.room, count: m.count, join: m.join ?? [], leave: m.leave ?? [] });
+        break;
       case 'unsubscribed':
         this._unsubscribedByServer(m.room, m.error);
         break;
@@ -617,6 +621,7 @@ export class Client {
       this._rooms.set(room, e);
     }
     e.mode = mode;
+    e.presence = options.presence === true;
     if (options.token !== undefined) e.tokenSource = options.token;
     const p = new Promise((resolve, reject) => e.waiters.push({ resolve, reject }));
     this._toSubscribe.add(room);
@@ -659,6 +664,7 @@ export class Client {
     const entries = [];
     for (const e of rooms) {
       const entry = { room: e.room };
+      if (e.presence) entry.presence = true;
       if (e.mode === 'notify') entry.mode = 'notify';
       else {
         const since = this.offsets.get(e.room);

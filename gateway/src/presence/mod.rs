@@ -144,8 +144,12 @@ pub struct Presence {
 /// The presence pushes of one room.
 struct Watch {
     conns: Vec<(ConnId, Arc<ConnHandle>)>,
-    /// The users at the previous push (`None`: unknown or over the bound).
+    /// The users at the previous push (`None`: over the bound).
     last: Option<HashSet<String>>,
+    /// `last` is known: false while a gateway that held members when the
+    /// watch began has not sent its list yet (changes until then are not
+    /// pushed; the first complete view becomes the baseline).
+    primed: bool,
 }
 
 impl Presence {
@@ -175,20 +179,53 @@ impl Presence {
         }
     }
 
-    /// Connection `conn` wants presence pushes for `room`.
-    pub fn watch(&self, room: &RoomId, conn: ConnId, handle: &Arc<ConnHandle>) {
+    /// Connection `conn` wants presence pushes for `room`. A new watch whose
+    /// view lacks some gateway's list gathers it at once (in the
+    /// background, at most [`GATHER_WAIT`]) for the baseline the first
+    /// push is computed against; until then changes wait.
+    pub fn watch(self: &Arc<Self>, room: &RoomId, conn: ConnId, handle: &Arc<ConnHandle>) {
+        let mut unprimed = None;
         let mut w = self.watchers.entry(room.clone()).or_insert_with(|| {
             self.watched.fetch_add(1, Ordering::Relaxed);
             self.watch_changed.store(true, Ordering::Relaxed);
             // Other gateways may be watching it too: send this node's list.
             self.rooms.presence_touch(room);
+            let snap = self.snapshot(room);
+            let primed = snap.missing.is_empty();
+            if !primed {
+                unprimed = Some((snap.users.clone(), snap.missing.clone(), snap.count));
+            }
             Watch {
                 conns: Vec::new(),
-                last: self.snapshot(room).users,
+                last: snap.users.filter(|u| self.within(snap.count, u)),
+                primed,
             }
         });
         if !w.conns.iter().any(|(c, _)| *c == conn) {
             w.conns.push((conn, handle.clone()));
+        }
+        drop(w);
+        if let Some((known, missing, count)) = unprimed
+            && self.nats.is_some()
+        {
+            // Bounded by GATHER_WAIT, so outside the node's task tracker.
+            let (this, room) = (self.clone(), room.clone());
+            tokio::spawn(async move {
+                let Some(more) = this.gather(&room, &missing).await else {
+                    return;
+                };
+                if let Some(mut w) = this.watchers.get_mut(&room)
+                    && !w.primed
+                {
+                    w.last = known
+                        .map(|mut k| {
+                            k.extend(more);
+                            k
+                        })
+                        .filter(|u| this.within(count, u));
+                    w.primed = true;
+                }
+            });
         }
     }
 
@@ -213,18 +250,25 @@ impl Presence {
 
     /// Sends each watched room's joins and leaves since its previous push:
     /// one push per room per interval, whatever the churn (a user who left
-    /// and came back within it is neither). Rooms over the bound, or whose
-    /// lists have not all arrived yet, get none.
+    /// and came back within it is neither). Rooms over the bound get none;
+    /// a room whose lists have not all arrived waits for them (the changes
+    /// are pushed once they have).
     fn push_changes(&self) {
         let rooms: Vec<RoomId> = self.watchers.iter().map(|e| e.key().clone()).collect();
         for room in rooms {
             let now = self.snapshot(&room);
-            let users = now
-                .users
-                .filter(|u| now.missing.is_empty() && self.within(now.count, u));
+            if !now.missing.is_empty() {
+                continue;
+            }
+            let users = now.users.filter(|u| self.within(now.count, u));
             let Some(mut w) = self.watchers.get_mut(&room) else {
                 continue;
             };
+            if !w.primed {
+                w.last = users;
+                w.primed = true;
+                continue;
+            }
             if let (Some(before), Some(after)) = (&w.last, &users) {
                 let mut join: Vec<String> = after.difference(before).cloned().collect();
                 let mut leave: Vec<String> = before.difference(after).cloned().collect();

@@ -28,6 +28,7 @@ const off: () => void = client.on('message', (m: Message) => {
 off();
 client.on('state', (s: StateEvent) => console.log(s.state, s.previous, s.code, s.delayMs, s.resumed));
 client.on('activity', (a) => console.log(a.room, a.count + 1, a.offset));
+client.on('presence', (p) => console.log(p.room, p.count + 1, p.join.concat(p.leave).length));
 client.on('subscribed', (s) => {
   if (s.recovered === false) console.log('reload', s.room, s.offset);
 });
@@ -41,7 +42,7 @@ client.connect();
 async function use(): Promise<void> {
   const sub = await client.subscribe('general', { since: 120 });
   const mode: 'full' | 'notify' = sub.mode;
-  await client.subscribe('random', { mode: 'notify' });
+  await client.subscribe('random', { mode: 'notify', presence: true });
   await client.subscribe('team-7', { token: async ({ room }) => `token-for-${room}` });
   const offset: number = await client.publish('general', { text: 'hi' }, { key: 'k-1' });
   const page = await client.history('general', { limit: 50, before: offset });

@@ -25,6 +25,18 @@ await main(120_000, async (browser) => {
   assert.equal(who.count, 2);
   assert.deepEqual(who.users, ['alice', 'bob']);
   log('presence of general:', JSON.stringify(who));
+  // Presence events: alice watches general; carol joins it.
+  await alice.evaluate(async () => {
+    window.presenceEvents = [];
+    window.demo.client.on('presence', (p) => window.presenceEvents.push(p));
+    await window.demo.client.subscribe('general', { presence: true });
+  });
+  const carol = await openDemo(browser, config.bob, 'carol');
+  await alice.waitForFunction(() => window.presenceEvents.some((p) => p.join.includes('carol')), null, { timeout: 15_000 });
+  const joined = await alice.evaluate(() => window.presenceEvents.find((p) => p.join.includes('carol')));
+  assert.equal(joined.room, 'general');
+  log('presence event:', JSON.stringify(joined));
+  await carol.close();
 
   // Alice moves to #random and writes there; Bob stays in #general.
   await alice.click('li[data-room="random"]');

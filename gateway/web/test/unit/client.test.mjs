@@ -214,6 +214,31 @@ test('after a reconnect every full room resumes from its last offset; overlap is
   client.close();
 });
 
+test('presence: the option rides in the subscribe entry (also after a reconnect) and pushes become presence events', async () => {
+  const { client, sockets } = makeClient();
+  const events = [];
+  client.on('presence', (p) => events.push(p));
+  client.connect();
+  await until(() => sockets.length === 1, 'a socket');
+  await tick();
+  sockets[0].accept();
+  client.subscribe('team-7', { presence: true });
+  await until(() => sockets[0].last('subscribe'), 'subscribe');
+  const sub = sockets[0].last('subscribe');
+  assert.deepEqual(sub.rooms, [{ room: 'team-7', presence: true }]);
+  sockets[0].push({ id: sub.id, ok: { rooms: [{ room: 'team-7', offset: 1 }] } });
+  sockets[0].push({ op: 'presence', room: 'team-7', count: 4, join: ['dave'], leave: [] });
+  sockets[0].push({ op: 'presence', room: 'elsewhere', count: 1, join: ['x'], leave: [] });
+  assert.deepEqual(events, [{ room: 'team-7', count: 4, join: ['dave'], leave: [] }], 'rooms not subscribed are ignored');
+  sockets[0].drop(1006);
+  await until(() => sockets.length === 2, 'a reconnect');
+  await tick();
+  sockets[1].accept();
+  await until(() => sockets[1].last('subscribe'), 'the resubscribe');
+  assert.deepEqual(sockets[1].last('subscribe').rooms, [{ room: 'team-7', presence: true, since: 1 }]);
+  client.close();
+});
+
 test('recovered:false is surfaced and live delivery resumes from the reply offset', async () => {
   const { client, sockets } = makeClient();
   const events = [];
