@@ -29,6 +29,21 @@ async fn gateway(cluster: &Cluster, name: &str) -> (TestNode, SocketAddr) {
     (node, api)
 }
 
+/// Publishes once to `room` through the API, retried with one key while a
+/// fresh cluster answers `unavailable` (its streams still electing leaders;
+/// bounded), so the test's own publishes meet a working stream. Call it
+/// before anyone subscribes: nobody sees the message.
+async fn warm(api: SocketAddr, room: &str) {
+    let body = format!(r#"{{"room":"{room}","data":"warm-up","key":"warm-up"}}"#);
+    for _ in 0..50 {
+        if call(api, "publish", Some(KEY), &body).await.1["ok"]["offset"].is_u64() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("no publish to {room} succeeded in 10 s");
+}
+
 async fn read_messages(c: &mut Client, n: usize) -> Vec<(u64, Value, Value)> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
@@ -47,6 +62,7 @@ async fn api_publishes_reach_every_gateway_once_in_order_with_client_publishes()
     let cluster = Cluster::start(3).await;
     let (a, api_a) = gateway(&cluster, "gw-a").await;
     let (b, api_b) = gateway(&cluster, "gw-b").await;
+    warm(api_a, "lobby").await;
     let mut members = Vec::new();
     for (i, node) in [&a, &b].into_iter().enumerate() {
         let mut m = node.client(&format!("member{i}")).await;
@@ -57,29 +73,47 @@ async fn api_publishes_reach_every_gateway_once_in_order_with_client_publishes()
     let mut pb = b.client("bob").await;
     let mut sent = Vec::new();
     for i in 0..40u64 {
-        let offset = match i % 4 {
-            0 => pa.publish("lobby", json!(i)).await["ok"]["offset"].as_u64(),
-            1 => call(
-                api_a,
-                "publish",
-                Some(KEY),
-                &format!(r#"{{"room":"lobby","data":{i},"from":"bot"}}"#),
-            )
-            .await
-            .1["ok"]["offset"]
-                .as_u64(),
-            2 => pb.publish("lobby", json!(i)).await["ok"]["offset"].as_u64(),
-            _ => call(
-                api_b,
-                "publish",
-                Some(KEY),
-                &format!(r#"{{"room":"lobby","data":{i},"key":"k{i}"}}"#),
-            )
-            .await
-            .1["ok"]["offset"]
-                .as_u64(),
-        };
-        sent.push((offset.unwrap_or_else(|| panic!("publish {i} failed")), json!(i)));
+        // Every publish carries a key, so one answered `unavailable` (a
+        // fresh cluster's stream still settling) is retried safely.
+        let mut r = Value::Null;
+        for _ in 0..25 {
+            r = match i % 4 {
+                0 => {
+                    pa.request(json!({"op":"publish","room":"lobby","data":i,"key":format!("a{i}")}))
+                        .await
+                }
+                1 => {
+                    call(
+                        api_a,
+                        "publish",
+                        Some(KEY),
+                        &format!(r#"{{"room":"lobby","data":{i},"from":"bot","key":"b{i}"}}"#),
+                    )
+                    .await
+                    .1
+                }
+                2 => {
+                    pb.request(json!({"op":"publish","room":"lobby","data":i,"key":format!("c{i}")}))
+                        .await
+                }
+                _ => {
+                    call(
+                        api_b,
+                        "publish",
+                        Some(KEY),
+                        &format!(r#"{{"room":"lobby","data":{i},"key":"k{i}"}}"#),
+                    )
+                    .await
+                    .1
+                }
+            };
+            if r["error"]["code"] != "unavailable" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let offset = r["ok"]["offset"].as_u64();
+        sent.push((offset.unwrap_or_else(|| panic!("publish {i} failed: {r}")), json!(i)));
     }
     // The retried keyed publishes: same offsets, nothing new stored or sent.
     for i in (3..40u64).step_by(4) {
@@ -107,24 +141,20 @@ async fn api_publishes_reach_every_gateway_once_in_order_with_client_publishes()
         );
     }
     let (_, h) = call(api_b, "history", Some(KEY), r#"{"room":"lobby","limit":100}"#).await;
-    let stored: Vec<u64> = h["ok"]["messages"]
+    // The warm-up message aside.
+    let messages: Vec<&Value> = h["ok"]["messages"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| m["offset"].as_u64().unwrap())
+        .filter(|m| m["data"] != "warm-up")
         .collect();
+    let stored: Vec<u64> = messages.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
     assert_eq!(
         stored,
         sent.iter().map(|s| s.0).collect::<Vec<_>>(),
         "each keyed publish stored once"
     );
-    let froms: Vec<&Value> = h["ok"]["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| &m["from"])
-        .take(4)
-        .collect();
+    let froms: Vec<&Value> = messages.iter().map(|m| &m["from"]).take(4).collect();
     assert_eq!(froms, [&json!("alice"), &json!("bot"), &json!("bob"), &json!("server")]);
 
     // room and info see both gateways.
@@ -160,6 +190,7 @@ async fn disconnect_and_unsubscribe_through_one_gateway_act_on_every_gateway() {
     let cluster = Cluster::start(3).await;
     let (a, api_a) = gateway(&cluster, "gw-a").await;
     let (b, _api_b) = gateway(&cluster, "gw-b").await;
+    warm(api_a, "news").await;
     let mut on_a = a.client("carol").await;
     let mut on_b = b.client("carol").await;
     let mut other = b.client("dave").await;
@@ -207,13 +238,17 @@ async fn revoke_refuses_old_tokens_everywhere_and_survives_a_gateway_restart() {
     let mut live_b = Client::open(&b.url()).await;
     assert!(live_b.connect(&old).await.get("ok").is_some());
 
-    let (status, r) = call(
-        api_a,
-        "revoke",
-        Some(KEY),
-        &format!(r#"{{"user":"eve","before":{}}}"#, now() - 1),
-    )
-    .await;
+    // Idempotent, so retried while a fresh cluster's bucket is not yet
+    // writable (`unavailable`, bounded).
+    let body = format!(r#"{{"user":"eve","before":{}}}"#, now() - 1);
+    let (mut status, mut r) = call(api_a, "revoke", Some(KEY), &body).await;
+    for _ in 0..25 {
+        if r["error"]["code"] != "unavailable" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        (status, r) = call(api_a, "revoke", Some(KEY), &body).await;
+    }
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["ok"]["durable"], true);
     assert_eq!(live_a.closed().await, Ended::Close(4001));
