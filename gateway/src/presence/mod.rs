@@ -139,6 +139,9 @@ pub struct Presence {
     watchers: DashMap<RoomId, Watch, foldhash::fast::RandomState>,
     /// Rooms in `watchers` (`DashMap::is_empty` locks every shard).
     watched: std::sync::atomic::AtomicUsize,
+    /// The node's services tracker, from [`Presence::start`] (a new watch's
+    /// gather runs on it).
+    tasks: std::sync::OnceLock<TaskTracker>,
 }
 
 /// The presence pushes of one room.
@@ -176,6 +179,7 @@ impl Presence {
             seq: AtomicU64::new(0),
             watchers: DashMap::default(),
             watched: std::sync::atomic::AtomicUsize::new(0),
+            tasks: std::sync::OnceLock::new(),
         }
     }
 
@@ -206,11 +210,11 @@ impl Presence {
         }
         drop(w);
         if let Some((known, missing, count)) = unprimed
-            && self.nats.is_some()
+            && let Some(tasks) = self.tasks.get()
         {
-            // Bounded by GATHER_WAIT, so outside the node's task tracker.
+            // Bounded by GATHER_WAIT: no stop signal needed.
             let (this, room) = (self.clone(), room.clone());
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let Some(more) = this.gather(&room, &missing).await else {
                     return;
                 };
@@ -427,6 +431,7 @@ impl Presence {
         let Some((client, prefix)) = self.nats.clone() else {
             return Ok(());
         };
+        let _ = self.tasks.set(tasks.clone());
         self.rooms.track_presence(true);
         let mut summaries = client.subscribe(format!("{prefix}.presence.*")).await?;
         let mut syncs = client.subscribe(format!("{prefix}.presence_sync")).await?;
