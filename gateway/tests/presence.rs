@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::api::{KEY, call};
 use common::nats::Cluster;
+use common::process::GatewayProcess;
 use common::{Client, TestNode, within};
 use serde_json::{Value, json};
 
@@ -28,60 +27,24 @@ async fn gateway(cluster: &Cluster, name: &str, tune: impl FnOnce(&mut gateway::
     .await
 }
 
-/// A gateway process (killed on drop).
-struct Proc {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn_gateway(cluster: &Cluster, name: &str) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--jwt-secret",
-            common::SECRET,
-        ])
-        .args([
-            "--nats",
-            &cluster.urls(),
-            "--nats-replicas",
-            "3",
-            "--nats-partitions",
-            "2",
-        ])
-        .args(["--node-id", name, "--presence-interval-ms", "200", "--no-rate-limits"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("gateway binary starts");
-    let mut reader = BufReader::new(child.stderr.take().unwrap());
-    let addr = loop {
-        let mut line = String::new();
-        assert!(
-            reader.read_line(&mut line).unwrap() > 0,
-            "gateway exited before listening"
-        );
-        if let Ok(v) = serde_json::from_str::<Value>(&line)
-            && let Some(addr) = v["fields"]["addr"].as_str()
-        {
-            break addr.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in reader.lines().map_while(Result::ok) {});
-    Proc {
-        child,
-        url: format!("ws://{addr}/ws"),
-    }
+/// A gateway process of the cluster (killed on drop: SIGKILL, no goodbye).
+fn spawn_gateway(cluster: &Cluster, name: &str) -> GatewayProcess {
+    let urls = cluster.urls();
+    GatewayProcess::start(&[
+        "--jwt-secret",
+        common::SECRET,
+        "--nats",
+        &urls,
+        "--nats-replicas",
+        "3",
+        "--nats-partitions",
+        "2",
+        "--node-id",
+        name,
+        "--presence-interval-ms",
+        "200",
+        "--no-rate-limits",
+    ])
 }
 
 async fn member(url: &str, user: &str, room: &str) -> Client {
@@ -140,9 +103,9 @@ async fn presence_converges_after_joins_leaves_and_a_killed_gateway() {
     let _u1 = member(&a.url(), "u1", "lobby").await;
     let mut u2 = member(&a.url(), "u2", "lobby").await;
     let _u3 = member(&b.url(), "u3", "lobby").await;
-    let _u4 = member(&c.url, "u4", "lobby").await;
-    let _u5 = member(&c.url, "u5", "lobby").await;
-    let _u5_again = member(&c.url, "u5", "lobby").await;
+    let _u4 = member(&c.ws_url(), "u4", "lobby").await;
+    let _u5 = member(&c.ws_url(), "u5", "lobby").await;
+    let _u5_again = member(&c.ws_url(), "u5", "lobby").await;
     let mut asker = a.client("asker").await;
     let (p, took) = until(&mut asker, "lobby", |p| p["count"] == 6).await;
     assert_eq!(users(&p), ["u1", "u2", "u3", "u4", "u5"], "{p}");

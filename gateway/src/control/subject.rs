@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{Broadcast, Registry, Revocations, RevokeError};
 use crate::broker::NatsBus;
+use crate::broker::nats::follow;
 
 /// A gathering ends once no answer came for this long.
 pub const GATHER_QUIET: Duration = Duration::from_millis(150);
@@ -92,36 +93,25 @@ impl Control {
             return Ok(());
         };
         tasks.spawn(self.revocations.clone().watch(self.registry.clone(), stop.clone()));
-        let mut orders = client.subscribe(self.subject("order")).await?;
-        let mut infos = client.subscribe(self.subject("info")).await?;
+        let orders = client.subscribe(self.subject("order")).await?;
+        let infos = client.subscribe(self.subject("info")).await?;
         let registry = self.registry.clone();
-        let stop1 = stop.clone();
-        tasks.spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    m = orders.next() => m,
-                    () = stop1.cancelled() => return,
-                };
-                let Some(msg) = msg else { return };
-                match serde_json::from_slice::<Broadcast>(&msg.payload) {
-                    Ok(order) => {
-                        let n = registry.apply(&order);
-                        tracing::debug!(?order, connections = n, "control order applied");
-                    }
-                    Err(e) => tracing::warn!(error = %e, "malformed control order ignored"),
+        follow(tasks, stop, orders, move |msg| {
+            match serde_json::from_slice::<Broadcast>(&msg.payload) {
+                Ok(order) => {
+                    let n = registry.apply(&order);
+                    tracing::debug!(?order, connections = n, "control order applied");
                 }
+                Err(e) => tracing::warn!(error = %e, "malformed control order ignored"),
             }
+            async {}
         });
-        let (client1, stop2) = (client.clone(), stop.clone());
-        tasks.spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    m = infos.next() => m,
-                    () = stop2.cancelled() => return,
-                };
-                let Some(msg) = msg else { return };
-                if let (Some(reply), Ok(body)) = (msg.reply, serde_json::to_vec(&info())) {
-                    let _ = client1.publish(reply, body.into()).await;
+        let client1 = client.clone();
+        follow(tasks, stop, infos, move |msg| {
+            let (client, body) = (client1.clone(), serde_json::to_vec(&info()));
+            async move {
+                if let (Some(reply), Ok(body)) = (msg.reply, body) {
+                    let _ = client.publish(reply, body.into()).await;
                 }
             }
         });

@@ -57,6 +57,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broker::nats::follow;
 use crate::control::{ConnHandle, Order, Registry};
 use crate::model::{ConnId, RoomId};
 use crate::rooms::RoomIndex;
@@ -433,49 +434,33 @@ impl Presence {
         };
         let _ = self.tasks.set(tasks.clone());
         self.rooms.track_presence(true);
-        let mut summaries = client.subscribe(format!("{prefix}.presence.*")).await?;
-        let mut syncs = client.subscribe(format!("{prefix}.presence_sync")).await?;
-        let mut lists = client.subscribe(format!("{prefix}.presence_list")).await?;
+        let summaries = client.subscribe(format!("{prefix}.presence.*")).await?;
+        let syncs = client.subscribe(format!("{prefix}.presence_sync")).await?;
+        let lists = client.subscribe(format!("{prefix}.presence_list")).await?;
         // Ask everyone for their whole state.
         let _ = client.publish(format!("{prefix}.presence_sync"), "*".into()).await;
-        let (this, stop1) = (self.clone(), stop.clone());
-        tasks.spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    m = summaries.next() => m,
-                    () = stop1.cancelled() => return,
-                };
-                let Some(msg) = msg else { return };
+        let this = self.clone();
+        follow(tasks, stop, summaries, move |msg| {
+            let this = this.clone();
+            async move {
                 match serde_json::from_slice::<Summary>(&msg.payload) {
                     Ok(s) => this.apply(s).await,
                     Err(e) => tracing::debug!(error = %e, "malformed presence summary ignored"),
                 }
             }
         });
-        let (this, stop2) = (self.clone(), stop.clone());
-        tasks.spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    m = syncs.next() => m,
-                    () = stop2.cancelled() => return,
-                };
-                let Some(msg) = msg else { return };
-                let who = std::str::from_utf8(&msg.payload).unwrap_or("");
-                if who == "*" || who == this.node_id {
-                    this.send_full.store(true, Ordering::Relaxed);
-                }
+        let this = self.clone();
+        follow(tasks, stop, syncs, move |msg| {
+            let who = std::str::from_utf8(&msg.payload).unwrap_or("");
+            if who == "*" || who == this.node_id {
+                this.send_full.store(true, Ordering::Relaxed);
             }
+            async {}
         });
-        let (this, stop4, answering) = (self.clone(), stop.clone(), client.clone());
-        tasks.spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    m = lists.next() => m,
-                    () = stop4.cancelled() => return,
-                };
-                let Some(msg) = msg else { return };
-                this.answer_list(&answering, msg).await;
-            }
+        let (this, answering) = (self.clone(), client.clone());
+        follow(tasks, stop, lists, move |msg| {
+            let (this, client) = (this.clone(), answering.clone());
+            async move { this.answer_list(&client, msg).await }
         });
         let (this, stop3) = (self.clone(), stop.clone());
         tasks.spawn(async move {

@@ -28,6 +28,8 @@
 //! its token is cancelled; [`NatsBus::close`] then drains the NATS
 //! connection. Delayed unsubscribes go through one bounded pool (`linger`).
 
+mod follow;
+pub use follow::follow;
 mod linger;
 mod read;
 mod repair;
