@@ -379,3 +379,29 @@ async fn summaries_carry_lists_only_for_watched_rooms_and_queries_gather_the_res
     let (p, _) = until(&mut asker, "quiet", |p| p["count"] == 3).await;
     assert_eq!(users(&p), ["u1", "u2", "u3"], "{p}");
 }
+
+/// The gather's error path: a gateway whose count is in the view but that
+/// does not answer the list request (here SIGSTOPped) leaves the answer
+/// with the count and without `users`, after at most the gather's wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_that_does_not_answer_the_list_request_leaves_the_answer_without_users() {
+    let cluster = Cluster::start(3).await;
+    // A 1 s interval on A: B stays in A's view for 3 s after its last summary.
+    let a = gateway(&cluster, "gw-a", |o| o.presence_interval_ms = Some(1_000)).await;
+    let b = spawn_gateway(&cluster, "gw-b");
+    let _m = member(&b.ws_url(), "m", "quiet").await;
+    let mut asker = a.client("asker").await;
+    let (p, _) = until(&mut asker, "quiet", |p| p["count"] == 1).await;
+    assert_eq!(users(&p), ["m"], "gathered from B while it answers");
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &b.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let p = presence(&mut asker, "quiet").await;
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &b.pid().to_string()])
+        .status();
+    assert_eq!(p["count"], 1, "{p}");
+    assert!(p.get("users").is_none(), "no list without B's answer: {p}");
+}
