@@ -26,4 +26,4 @@ if [ "${CHAOS_RELEASE:-0}" = 1 ]; then
   CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target-rel} cargo build --release -p gateway --bin gateway
   export CHAOS_GATEWAY=${CARGO_TARGET_DIR:-$root/target-rel}/release/gateway
 fi
-cargo test -p gateway --test chaos -- --ignored --nocapture 2>&1 | grep --line-buffered -E '^chaos|panicked|test result|FAILED|^thread'
+cargo test -p gateway --test chaos -- --nocapture 2>&1 | grep --line-buffered -E '^chaos|panicked|test result|FAILED|^thread'

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace (the chaos run is not among them while a
-# resume bug it found is open: scripts/chaos.sh; docs/cluster.md), then the
+# Runs every test of the workspace (the chaos run among them, 40 s of faults
+# with a random seed it prints: gateway/tests/chaos; scripts/chaos.sh runs it
+# long), then the
 # Autobahn WebSocket conformance suite, the Helm chart checks, the alert rules
 # (promtool), the Dockerfile lint and every fuzz target for 15 s. Installs what
 # the tests need first (nats-server, autobahntestsuite, the embedded
 # Helm and validators, hadolint, cargo-fuzz and Node.js 22 into .tools/; Node
 # 22, playwright-core and typescript into .tools/web; Debian's chromium and
-# prometheus packages), so it works on a fresh machine.
+# prometheus packages; iproute2 for the chaos run's network namespaces), so it
+# works on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v ip >/dev/null || ! command -v tc >/dev/null; then
+  echo "installing iproute2 (ip, tc) for the chaos run" >&2
+  apt-get install -y -qq iproute2 >&2 || { apt-get update -qq && apt-get install -y -qq iproute2; } >&2
+fi
 NATS_SERVER=$(scripts/ensure-nats.sh)
 export NATS_SERVER
 # The browser client's tests (gateway/tests/browser.rs) run this too; here it

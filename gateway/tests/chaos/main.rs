@@ -237,12 +237,6 @@ async fn read_streams(urls: &str, partitions: u32) -> check::Truth {
     truth
 }
 
-// Not in the default test run while a resume bug it found is open (issue
-// 16): under kill -9 and partitions a resuming client can get
-// `recovered:false` although every message is stored, or miss messages
-// reloaded from a history page (reproduce: `scripts/chaos.sh 40 612381842`).
-// `scripts/chaos.sh` runs it.
-#[ignore = "a resume bug under faults is open (issue 16); run by scripts/chaos.sh"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_survive_kills_stops_partitions_and_slow_links() {
     let seed: u64 = env("CHAOS_SEED", rand::random::<u32>() as u64);
