@@ -301,6 +301,7 @@ pub async fn run(args: &CompareArgs) -> Result<()> {
                         no_stop: false,
                         pub_url: None,
                         read_buf: 16 * 1024,
+                        measure_every: 1,
                     };
                     match fanout::run(&a).await {
                         Ok(r) => {

@@ -341,6 +341,76 @@ impl Conn {
         }
     }
 
+    /// Subscribes (`gw.v1.json` only) to `rooms` in one frame, each with its
+    /// `since` (the last offset the client saw) when given, and waits for the
+    /// reply. Every other frame read meanwhile, including the catch-up that
+    /// follows the reply in the same read, goes to `on_push`. Returns, per
+    /// room in order, `Some((offset, recovered))` from the reply (`recovered`
+    /// is present only for a room asked with `since`), or `None` where the
+    /// room was refused.
+    pub async fn subscribe_since(
+        &mut self,
+        rooms: &[(String, Option<u64>)],
+        on_push: &mut impl FnMut(&[u8]),
+    ) -> Result<Vec<Option<(u64, Option<bool>)>>, ConnError> {
+        if self.target != Target::GwJson {
+            return Err(ConnError::Protocol(anyhow::anyhow!(
+                "subscribe_since speaks gw.v1.json only"
+            )));
+        }
+        let id = self.take_id();
+        let mut s = String::with_capacity(48 + rooms.len() * 32);
+        s.push_str(&format!(r#"{{"id":{id},"op":"subscribe","rooms":["#));
+        for (i, (room, since)) in rooms.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            match since {
+                Some(n) => s.push_str(&format!(r#"{{"room":"{room}","since":{n}}}"#)),
+                None => s.push_str(&format!(r#"{{"room":"{room}"}}"#)),
+            }
+        }
+        s.push_str("]}");
+        self.send_json(&s);
+        self.flush().await?;
+        let prefix = format!(r#"{{"id":{id},"#);
+        loop {
+            let mut found: Option<Result<serde_json::Value, ConnError>> = None;
+            let drained = self.drain(&mut |inc| {
+                let Incoming::Data(bytes) = inc else { return };
+                if found.is_none() && bytes.starts_with(prefix.as_bytes()) {
+                    let v: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
+                    found = Some(match v.get("ok") {
+                        Some(ok) => Ok(ok.clone()),
+                        None => Err(ConnError::Refused(
+                            v["error"]["code"].as_str().unwrap_or("malformed_reply").to_string(),
+                        )),
+                    });
+                } else {
+                    on_push(bytes);
+                }
+            });
+            if let Some(r) = found {
+                let ok = r?;
+                drained?;
+                let entries = ok["rooms"].as_array().cloned().unwrap_or_default();
+                return Ok(entries
+                    .iter()
+                    .map(|e| {
+                        e.get("offset")
+                            .and_then(|o| o.as_u64())
+                            .map(|o| (o, e.get("recovered").and_then(|r| r.as_bool())))
+                    })
+                    .collect());
+            }
+            drained?;
+            if self.wants_flush() {
+                self.flush().await?;
+            }
+            self.fill().await?;
+        }
+    }
+
     /// Queues one publish of `payload` to `room`; written by the next flush.
     /// For the gateway `payload` becomes a JSON string (on `gw.v1.proto`, the
     /// JSON text of one), so it must not need escaping (stamps and padding

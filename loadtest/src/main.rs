@@ -49,6 +49,9 @@ enum Command {
     Storm(scenario::storm::StormArgs),
     /// N connections in R rooms under steady traffic for a long time; the server sampled.
     Soak(scenario::soak::SoakArgs),
+    /// One worker of the report's scale run (loadtest/scale.sh): big room, heavy users, idle
+    /// users over several gateways, clients moving when a gateway drains.
+    Scale(scenario::scale::ScaleArgs),
     /// N idle authenticated connections; server RSS per connection.
     Idle(scenario::idle::IdleArgs),
     /// Bytes on the wire per delivery (chat messages, a 2,000-room catch-up), compression off and on.
@@ -105,6 +108,10 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Soak(a) => {
             let r = scenario::soak::run(a).await?;
+            emit(&cli.json, &r)
+        }
+        Command::Scale(a) => {
+            let r = scenario::scale::run(a).await?;
             emit(&cli.json, &r)
         }
         Command::Idle(a) => {

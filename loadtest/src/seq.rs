@@ -59,12 +59,10 @@ impl SeqTracker {
         Seen::New
     }
 
-    #[cfg(test)]
     pub fn unique(&self) -> u64 {
         self.unique
     }
 
-    #[cfg(test)]
     pub fn duplicates(&self) -> u64 {
         self.duplicates
     }

@@ -76,6 +76,9 @@ pub struct Recorder {
     pub out_of_range: u64,
     /// Frames without a stamp that a subscriber received (replies, pings).
     pub unstamped: u64,
+    /// New deliveries whose latency was recorded (all of them unless the
+    /// scenario measures a sample of its subscribers).
+    pub measured: u64,
 }
 
 impl Recorder {
@@ -106,20 +109,36 @@ pub struct SubscriberBook {
 impl SubscriberBook {
     /// Accounts one received payload read at `now_ns`.
     pub fn on_payload(&mut self, rec: &mut Recorder, payload: &[u8], now_ns: u64) {
+        self.on_payload_as(rec, payload, Some(now_ns));
+    }
+
+    /// Accounts one received payload; its latency is recorded only with a
+    /// read time (`None`: counted for loss and duplicates only).
+    pub fn on_payload_as(&mut self, rec: &mut Recorder, payload: &[u8], now_ns: Option<u64>) {
         let Some(stamp) = self.finder.find(payload) else {
             rec.unstamped += 1;
             return;
         };
-        self.account(rec, &stamp, now_ns);
+        self.account_as(rec, &stamp, now_ns);
     }
 
+    #[cfg(test)]
     pub fn account(&mut self, rec: &mut Recorder, stamp: &Stamp, now_ns: u64) {
+        self.account_as(rec, stamp, Some(now_ns));
+    }
+
+    fn account_as(&mut self, rec: &mut Recorder, stamp: &Stamp, now_ns: Option<u64>) {
         let p = stamp.publisher as usize;
         if p >= self.trackers.len() {
             self.trackers.resize_with(p + 1, SeqTracker::default);
         }
         match self.trackers[p].observe(stamp.seq) {
             Seen::New => {
+                let Some(now_ns) = now_ns else {
+                    rec.phase(stamp.phase).unique += 1;
+                    return;
+                };
+                rec.measured += 1;
                 let phase = rec.phase(stamp.phase);
                 phase.unique += 1;
                 match stamp.latency_us(now_ns) {

@@ -67,6 +67,13 @@ pub struct FanoutArgs {
     /// Initial read buffer per subscriber, bytes.
     #[arg(long, default_value_t = 16 * 1024)]
     pub read_buf: usize,
+    /// Measure latency on one subscriber in K (every K-th, so spread evenly
+    /// over the room's join order); the others are read between messages,
+    /// once the measured ones have the latest, and count for loss only.
+    /// For fixed low rates to a big room, where reading every socket at once
+    /// would make the generator, not the server, the latency (1: all).
+    #[arg(long, default_value_t = 1)]
+    pub measure_every: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -103,6 +110,17 @@ pub async fn run(args: &FanoutArgs) -> Result<FanoutReport> {
     let rec = Recorder::shared();
     let t0 = Instant::now();
     let mut tasks = Vec::with_capacity(args.subs);
+    let every = args.measure_every.max(1);
+    let (turns, turn) = tokio::sync::watch::channel(0u64);
+    if every > 1 {
+        let measured = args.subs.div_ceil(every) as u64;
+        tasks.push(tokio::task::spawn_local(super::lazy_turns(
+            rec.clone(),
+            measured,
+            turns,
+            Duration::from_millis(500),
+        )));
+    }
     for index in 0..args.subs {
         let plan = SubPlan {
             index,
@@ -111,6 +129,7 @@ pub async fn run(args: &FanoutArgs) -> Result<FanoutReport> {
             sub_time: None,
             reconnect: true,
             read_buf: args.read_buf,
+            lazy: (index % every != 0).then(|| turn.clone()),
         };
         tasks.push(tokio::task::spawn_local(super::subscriber(
             env.clone(),
@@ -338,6 +357,7 @@ pub async fn run_cluster(args: &ClusterArgs) -> Result<FanoutReport> {
         no_stop: true,
         pub_url: Some(args.pub_url.clone()),
         read_buf: 16 * 1024,
+        measure_every: 1,
     };
     run(&f).await
 }

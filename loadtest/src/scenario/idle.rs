@@ -72,6 +72,7 @@ pub async fn run(args: &IdleArgs) -> Result<IdleReport> {
             sub_time: None,
             reconnect: false,
             read_buf: 1024,
+            lazy: None,
         };
         tasks.push(tokio::task::spawn_local(super::subscriber(
             env.clone(),

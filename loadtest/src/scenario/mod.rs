@@ -11,6 +11,7 @@
 pub mod fanout;
 pub mod idle;
 pub mod rooms;
+pub mod scale;
 pub mod soak;
 pub mod storm;
 pub mod wire;
@@ -165,6 +166,9 @@ pub struct SubPlan {
     /// Reconnect (and resubscribe) after a disconnect.
     pub reconnect: bool,
     pub read_buf: usize,
+    /// Unmeasured: read only when this generation counter moves (between
+    /// messages), counted for loss and duplicates but not for latency.
+    pub lazy: Option<watch::Receiver<u64>>,
 }
 
 /// One subscriber connection's whole life; aborted by the scenario at the end.
@@ -203,7 +207,10 @@ pub async fn subscriber(env: Rc<Env>, fleet: Rc<Fleet>, rec: Rc<RefCell<Recorder
                 }
                 fleet.refused_rooms.set(fleet.refused_rooms.get() + refused as u64);
                 fleet.live.set(fleet.live.get() + 1);
-                let end = read_loop(&mut conn, &mut book, &rec).await;
+                let end = match &mut plan.lazy {
+                    Some(turn) => lazy_read_loop(&mut conn, &mut book, &rec, turn).await,
+                    None => read_loop(&mut conn, &mut book, &rec).await,
+                };
                 fleet.live.set(fleet.live.get() - 1);
                 end
             }
@@ -240,6 +247,62 @@ pub(crate) async fn read_loop(conn: &mut Conn, book: &mut SubscriberBook, rec: &
             && let Err(e) = conn.flush().await
         {
             return e;
+        }
+    }
+}
+
+/// An unmeasured subscriber's loop: waits for its turn, reads what the
+/// kernel holds for it without waiting, counts it (no latency), and waits
+/// again. Keeps its reads out of the measured subscribers' way.
+async fn lazy_read_loop(
+    conn: &mut Conn,
+    book: &mut SubscriberBook,
+    rec: &RefCell<Recorder>,
+    turn: &mut watch::Receiver<u64>,
+) -> ConnError {
+    loop {
+        if turn.changed().await.is_err() {
+            return ConnError::Eof;
+        }
+        // A zero timeout polls the read once: ready data is taken, an empty
+        // socket ends the turn.
+        while let Ok(filled) = tokio::time::timeout(Duration::ZERO, conn.fill()).await {
+            if let Err(e) = filled {
+                return e;
+            }
+            let drained = {
+                let mut r = rec.borrow_mut();
+                conn.drain(&mut |inc| {
+                    if let Incoming::Data(p) = inc {
+                        book.on_payload_as(&mut r, p, None);
+                    }
+                })
+            };
+            if let Err(e) = drained {
+                return e;
+            }
+        }
+        if conn.wants_flush()
+            && let Err(e) = conn.flush().await
+        {
+            return e;
+        }
+    }
+}
+
+/// Gives the unmeasured subscribers their turn (see [`SubPlan::lazy`]): as
+/// soon as the `measured` subscribers received one more message each (a
+/// fan-out is over), or after `max_gap` without one.
+pub async fn lazy_turns(rec: Rc<RefCell<Recorder>>, measured: u64, turns: watch::Sender<u64>, max_gap: Duration) {
+    let mut last = rec.borrow().measured;
+    let mut at = Instant::now();
+    loop {
+        sleep(Duration::from_millis(1)).await;
+        let now = rec.borrow().measured;
+        if now >= last + measured.max(1) || at.elapsed() >= max_gap {
+            last = now;
+            at = Instant::now();
+            turns.send_modify(|g| *g += 1);
         }
     }
 }

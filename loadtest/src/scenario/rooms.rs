@@ -88,6 +88,7 @@ pub async fn run(args: &RoomsArgs) -> Result<RoomsReport> {
             sub_time: Some(sub_time.clone()),
             reconnect: false,
             read_buf: 16 * 1024,
+            lazy: None,
         };
         tasks.push(tokio::task::spawn_local(super::subscriber(
             env.clone(),

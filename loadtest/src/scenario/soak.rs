@@ -103,6 +103,7 @@ pub async fn run(args: &SoakArgs) -> Result<SoakReport> {
             sub_time: None,
             reconnect: true,
             read_buf: 4096,
+            lazy: None,
         };
         tasks_v.push(tokio::task::spawn_local(super::subscriber(
             env.clone(),
