@@ -14,8 +14,11 @@
 //! offset it saw, as the protocol asks; the time from the close to the
 //! resubscribe's reply is the "moved" histogram.
 //!
-//! Processes meet through files in `--dir`: each worker writes
-//! `ready-<worker>` once its connections are subscribed, then waits for
+//! Processes meet through files in `--dir`: each worker writes `conns-<n>`
+//! once its connections other than the heavy users' are subscribed and
+//! waits for `heavy` (the heavy users subscribe then, over
+//! `--heavy-arrival-secs`, as in the `rooms` scenario); it writes
+//! `ready-<worker>` once all are subscribed, then waits for
 //! `go` (latency counts from then, on one big-room member in
 //! `--measure-every`; `drain` starts a second period); the worker with `--publish-rate` publishes stamped messages into
 //! the big room until `stop` appears and then writes `published`; every
@@ -94,6 +97,11 @@ pub struct ScaleArgs {
     pub measure_every: usize,
     #[arg(long, default_value_t = 100)]
     pub lazy_turn_ms: u64,
+    /// The heavy users' first subscribes are spread over this many seconds,
+    /// once the script opens the heavy phase (`heavy` file: every worker's
+    /// other connections are subscribed).
+    #[arg(long, default_value_t = 5.0)]
+    pub heavy_arrival_secs: f64,
     /// Payload bytes per message.
     #[arg(long, default_value_t = 200)]
     pub size: usize,
@@ -156,6 +164,8 @@ pub struct ScaleReport {
     pub heavy: usize,
     pub idle: usize,
     pub connect_secs: f64,
+    /// From the heavy phase's start to every heavy user subscribed.
+    pub heavy_secs: f64,
     pub failures: BTreeMap<String, u64>,
     pub disconnects: BTreeMap<String, u64>,
     pub per_url: Vec<PerUrl>,
@@ -204,6 +214,9 @@ struct Shared {
     not_recovered: Cell<u64>,
     failures: RefCell<BTreeMap<String, u64>>,
     disconnects: RefCell<BTreeMap<String, u64>>,
+    /// Opens the heavy users' first subscribe, spread over `heavy_arrival_secs`.
+    heavy_go: watch::Receiver<bool>,
+    heavy_arrival_secs: f64,
     /// Per big-room member of this worker, a tracker per publisher.
     big: RefCell<Vec<Vec<SeqTracker>>>,
 }
@@ -312,6 +325,16 @@ async fn client(
                 }
             }
         };
+        if role == Role::Heavy && !since.iter().any(Option::is_some) {
+            // The first subscribe waits for the heavy phase, at this user's
+            // arrival slot within it.
+            let mut go = sh.heavy_go.clone();
+            let _ = go.wait_for(|v| *v).await;
+            sleep(Duration::from_secs_f64(
+                sh.heavy_arrival_secs * (spread(i) % 10_000) as f64 / 10_000.0,
+            ))
+            .await;
+        }
         let asked: Vec<(String, Option<u64>)> = rooms.iter().cloned().zip(since.iter().copied()).collect();
         let resumed = since.iter().any(Option::is_some);
         let t0 = Instant::now();
@@ -444,7 +467,10 @@ pub async fn run(args: &ScaleArgs) -> Result<ScaleReport> {
         };
         plans.push((i, role, rooms, member));
     }
+    let (heavy_go_tx, heavy_go) = watch::channel(false);
     let sh = Rc::new(Shared {
+        heavy_go,
+        heavy_arrival_secs: args.heavy_arrival_secs,
         env: env.clone(),
         eps,
         first: args.first,
@@ -492,6 +518,16 @@ pub async fn run(args: &ScaleArgs) -> Result<ScaleReport> {
     let live = || sh.live.iter().map(Cell::get).sum::<usize>();
     let t0 = Instant::now();
     let mut last = Instant::now();
+    while live() < args.count - n_heavy {
+        if Instant::now() > limit || t0.elapsed() > Duration::from_secs(600) {
+            bail!("worker {}: {}/{} live; failures {:?}", args.worker, live(), args.count - n_heavy, sh.failures.borrow());
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(args.dir.join(format!("conns-{}", args.worker)), b"conns\n")?;
+    wait_file(&args.dir.join("heavy"), limit).await?;
+    let t_heavy = Instant::now();
+    heavy_go_tx.send_replace(true);
     while live() < args.count {
         if Instant::now() > limit || t0.elapsed() > Duration::from_secs(600) {
             bail!(
@@ -509,6 +545,7 @@ pub async fn run(args: &ScaleArgs) -> Result<ScaleReport> {
         sleep(Duration::from_millis(50)).await;
     }
     let connect_secs = t0.elapsed().as_secs_f64();
+    let heavy_secs = t_heavy.elapsed().as_secs_f64();
     let live_ready: Vec<usize> = sh.live.iter().map(Cell::get).collect();
     eprintln!(
         "scale worker {}: {} live in {connect_secs:.1} s ({n_big} big, {n_heavy} heavy); heavy subscribe {:?}",
@@ -583,6 +620,7 @@ pub async fn run(args: &ScaleArgs) -> Result<ScaleReport> {
         heavy: n_heavy,
         idle: args.count - n_big - n_heavy,
         connect_secs,
+        heavy_secs,
         failures: sh.failures.borrow().clone(),
         disconnects: sh.disconnects.borrow().clone(),
         per_url: (0..n)
