@@ -7,8 +7,10 @@
 //!
 //! Files: `members` (member sets, notify-mode counts, the broadcast),
 //! `log` (the recent log: publish, de-duplication, catch-up, history),
-//! `sequencer` (cluster mode: ordering, gaps, repair bookkeeping), `stats`
-//! (figures for `/metrics`).
+//! `sequencer` (cluster mode: ordering, gaps, repair bookkeeping), `events`
+//! (the broker's interface, `broker::events`, implemented: the broker reports
+//! and asks through it and never names this module), `presence` (changed
+//! rooms for presence), `stats` (figures for `/metrics`).
 //!
 //! Invariants:
 //! - A conn is in a room at most once; the first and last local member of a
