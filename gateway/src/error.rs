@@ -2,7 +2,8 @@
 //!
 //! Owns the mapping to the wire: [`ErrorCode`] is the `code` of an error reply,
 //! [`CloseReason`] the close code and the advice a client acts on. Both are the
-//! ones in `docs/protocol.md`, defined once here.
+//! ones in `docs/protocol.md`, defined once here. Also [`RoomError`], the one
+//! refusal of the room state, which the rooms return and the broker carries.
 
 use std::borrow::Cow;
 
@@ -33,6 +34,13 @@ impl ErrorCode {
             Self::Internal => "internal",
         }
     }
+}
+
+/// Why a room operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RoomError {
+    #[error("the node holds too many rooms")]
+    TooManyRooms,
 }
 
 /// An error reply: code, a human-readable message, and for `rate_limited`

@@ -45,12 +45,16 @@ const LAYERS: &[&str] = &[
     // Typed commands and server messages and their codecs (JSON, protobuf);
     // encodes onto transport frames.
     "protocol",
-    // Local membership, the recent log and the sequencer: stores messages
-    // already encoded by protocol; knows no broker.
-    "rooms",
-    // How messages get offsets and reach nodes: reports to rooms through a
-    // callback and never reaches into them, so it sits above rooms.
+    // How messages get offsets and reach nodes. It reports what arrives to
+    // the rooms and asks them only through its own interface
+    // (`broker::events`: RoomEvents, RoomCache), which rooms implements; it
+    // never names rooms, so it sits below them (centrifuge's Broker and its
+    // event handler).
     "broker",
+    // Local membership, the recent log and the sequencer: stores messages
+    // already encoded by protocol; implements the broker's interface and
+    // uses nothing else of the broker (see NARROW).
+    "rooms",
     // JWT verification: a service of the node, using metrics only.
     "auth",
     // Rate limits and admission: a service of the node; uses metrics and
@@ -83,6 +87,17 @@ const ALLOWED_CYCLES: &[(&[&str], &str)] = &[(
     "the two codecs encode the typed messages protocol/mod.rs defines, and \
      its SharedMessage caches a message's frame per codec (made by them); \
      both stay inside `protocol`, below every other layer",
+)];
+
+/// Layers that may use a lower layer only through some of its files:
+/// (user, used, the files allowed), each with the reason.
+const NARROW: &[(&str, &str, &[&str], &str)] = &[(
+    "rooms",
+    "broker",
+    &["broker::events"],
+    "the rooms implement the broker's interface and share its vocabulary \
+     (Gap, Delivered, Published, Catchup); the buses themselves (embedded, \
+     NATS) are the node's business, not the rooms'",
 )];
 
 /// Longest non-test part of a source file, in lines.
@@ -158,6 +173,9 @@ fn check(files: &[(String, String)]) -> Vec<String> {
             if let Some(p) = layer_violation(path, &e) {
                 problems.push(p);
             }
+            if let Some(p) = narrow_violation(path, &e) {
+                problems.push(p);
+            }
             if !e.to.is_empty() && layer(&e.to).is_none() {
                 unknown.insert(top(&e.to).to_string());
             }
@@ -215,6 +233,24 @@ fn layer_violation(path: &str, e: &Edge) -> Option<String> {
             e.line,
             top(&e.from),
             e.path
+        )
+    })
+}
+
+/// An edge into a layer that its user may reach only through some files
+/// ([`NARROW`]) and that lands elsewhere.
+fn narrow_violation(path: &str, e: &Edge) -> Option<String> {
+    let (_, used, allowed, _) = NARROW
+        .iter()
+        .find(|(user, used, _, _)| top(&e.from) == *user && top(&e.to) == *used)?;
+    (!allowed.contains(&e.to.as_str())).then(|| {
+        format!(
+            "{path}:{}: `{}` uses `{}` (`{}`), but may use `{used}` only through {}",
+            e.line,
+            top(&e.from),
+            e.to,
+            e.path,
+            allowed.join(", ")
         )
     })
 }
@@ -747,6 +783,60 @@ fn checker_refuses_edges_against_the_order_and_unknown_modules() {
         "{p:#?}"
     );
     assert_eq!(p.len(), 3, "{p:#?}");
+}
+
+#[test]
+fn checker_keeps_the_broker_below_the_rooms_and_the_rooms_to_its_interface() {
+    let src = [
+        ("lib.rs", ""),
+        ("model.rs", ""),
+        ("broker/mod.rs", "pub mod events;\npub mod nats;\n"),
+        ("broker/events.rs", "use crate::model::RoomId;\n"),
+        ("broker/nats.rs", "use super::events::Rooms;\n"),
+        ("rooms/mod.rs", "mod events;\npub use crate::broker::events::Gap;\n"),
+        (
+            "rooms/events.rs",
+            "use crate::broker::events::{RoomEvents, RoomCache};\n",
+        ),
+    ];
+    assert_eq!(check(&files(&src)), Vec::<String>::new());
+    let mut bad = src.to_vec();
+    bad[4] = (
+        "broker/nats.rs",
+        "use super::events::Rooms;\nuse crate::rooms::RoomIndex;\n",
+    );
+    bad[6] = ("rooms/events.rs", "use crate::broker::{Bus, events::RoomEvents};\n");
+    let p = check(&files(&bad));
+    assert!(
+        p.iter()
+            .any(|p| p.starts_with("broker/nats.rs:2: `broker` uses `rooms` (`crate::rooms::RoomIndex`)")),
+        "{p:#?}"
+    );
+    assert!(
+        p.iter().any(|p| p.starts_with(
+            "rooms/events.rs:1: `rooms` uses `broker` (`crate::broker::Bus`), but may use `broker` only through broker::events"
+        )),
+        "{p:#?}"
+    );
+    assert_eq!(p.len(), 2, "{p:#?}");
+}
+
+/// The broker reports to the rooms through its own interface and never
+/// names them (issue 11), whatever the layer order says.
+#[test]
+fn the_broker_never_names_the_rooms() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut all = Vec::new();
+    collect(&src, &src, &mut all);
+    let known = all.iter().map(|(p, _)| module_of(p)).collect();
+    let into_rooms: Vec<String> = all
+        .iter()
+        .filter(|(p, _)| p.starts_with("broker/"))
+        .flat_map(|(p, t)| edges_of(p, t, &known).into_iter().map(move |e| (p.clone(), e)))
+        .filter(|(_, e)| top(&e.to) == "rooms")
+        .map(|(p, e)| format!("{p}:{}: {}", e.line, e.path))
+        .collect();
+    assert!(into_rooms.is_empty(), "the broker uses the rooms: {into_rooms:#?}");
 }
 
 #[test]

@@ -8,7 +8,12 @@
 //! - [`Bus::Nats`] (cluster mode): durable rooms are stored in JetStream and
 //!   every node with members receives each stored message once, with its
 //!   offset, on the room's fan-out subject. See `docs/cluster.md`.
+//!
+//! The bus never reaches into the rooms: it reports to them and asks them
+//! through the traits of [`events`] ([`RoomEvents`], [`RoomCache`]), which
+//! `rooms` implements. This module does not depend on `rooms`.
 
+pub mod events;
 pub mod nats;
 
 use std::sync::Arc;
@@ -16,8 +21,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use crate::rooms::{Published, RoomError, RoomId, RoomIndex, SharedMessage};
+use crate::error::RoomError;
+use crate::model::RoomId;
+use crate::protocol::SharedMessage;
 
+pub use events::{Catchup, Delivered, Gap, Published, RoomCache, RoomEvents, Rooms};
 pub use nats::{ClusterConfig, NatsBus};
 
 /// A message to publish.
@@ -153,8 +161,14 @@ pub enum Bus {
 
 impl Bus {
     /// Stores and distributes a message; the returned offset is the one every
-    /// member sees.
-    pub async fn publish(&self, rooms: &RoomIndex, msg: Outgoing<'_>) -> Result<Published, BusError> {
+    /// member sees. The embedded bus hands it to `rooms`
+    /// ([`RoomEvents::publish`]); the NATS bus stores it in its stream and
+    /// this node's members get it from the fan-out subject like every
+    /// node's.
+    pub async fn publish<R>(&self, rooms: &R, msg: Outgoing<'_>) -> Result<Published, BusError>
+    where
+        R: RoomEvents + ?Sized,
+    {
         match self {
             Bus::Embedded => {
                 // Arrival on this node: `gateway_fanout_seconds` counts from here.

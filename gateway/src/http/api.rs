@@ -292,7 +292,7 @@ async fn publish_one(
 ) -> Result<u64, ProtoError> {
     let started = std::time::Instant::now();
     let out = Outgoing { room, from, data, key };
-    match node.bus.publish(&node.rooms, out).await {
+    match node.bus.publish(node.rooms.as_ref(), out).await {
         Ok(p) => {
             let m = &node.metrics;
             if p.fresh {

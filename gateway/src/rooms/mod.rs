@@ -7,8 +7,10 @@
 //!
 //! Files: `members` (member sets, notify-mode counts, the broadcast),
 //! `log` (the recent log: publish, de-duplication, catch-up, history),
-//! `sequencer` (cluster mode: ordering, gaps, repair bookkeeping), `stats`
-//! (figures for `/metrics`).
+//! `sequencer` (cluster mode: ordering, gaps, repair bookkeeping), `events`
+//! (the broker's interface, `broker::events`, implemented: the broker reports
+//! and asks through it and never names this module), `presence` (changed
+//! rooms for presence), `stats` (figures for `/metrics`).
 //!
 //! Invariants:
 //! - A conn is in a room at most once; the first and last local member of a
@@ -28,6 +30,7 @@
 //! scrape ([`RoomIndex::top_rooms`]) takes no room lock and changes nothing. Broadcasts never block: full outboxes overflow and their writers
 //! close those connections as slow consumers.
 
+mod events;
 mod log;
 mod members;
 mod presence;
@@ -43,6 +46,8 @@ use dashmap::DashMap;
 use fanout_tree::{Flushers, MemberSet, Outbox, TreeConfig, TreeTier};
 use parking_lot::Mutex;
 
+pub use crate::broker::events::{Catchup, Delivered, Gap, Published};
+pub use crate::error::RoomError;
 pub use crate::model::{ConnId, RoomId};
 pub use crate::protocol::SharedMessage;
 pub use crate::transport::ws::Frame;
@@ -109,26 +114,6 @@ pub struct Joined {
     pub at: Option<(u64, Option<Catchup>)>,
 }
 
-/// The messages a joiner with `since` missed.
-#[derive(Debug)]
-pub enum Catchup {
-    /// Served from the log, oldest first; `recovered` is false when some
-    /// are gone for good.
-    Messages {
-        messages: Vec<SharedMessage>,
-        recovered: bool,
-    },
-    /// Older than this node's cache: read the stream (then try again).
-    NeedsBackend,
-}
-
-/// A hole in a room's sequence: fetch offsets in `(after, upto]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Gap {
-    pub after: u64,
-    pub upto: u64,
-}
-
 /// A page of `history`.
 #[derive(Debug)]
 pub enum HistoryPage {
@@ -138,13 +123,6 @@ pub enum HistoryPage {
         more: bool,
     },
     NeedsBackend,
-}
-
-/// Why a room operation failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum RoomError {
-    #[error("the node holds too many rooms")]
-    TooManyRooms,
 }
 
 /// A stored message and its offset (kept beside it for the log's binary
@@ -253,31 +231,6 @@ struct Room {
     state: Mutex<RoomState>,
     /// The same counters as `state.stats`, readable without the lock.
     stats: Arc<RoomCounters>,
-}
-
-/// The outcome of a local publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Published {
-    pub offset: u64,
-    /// False when the `key` was seen before: nothing was stored or sent.
-    pub fresh: bool,
-    /// Members the message was queued for.
-    pub delivered: usize,
-}
-
-/// What happened to a message that arrived from the bus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivered {
-    /// Appended and offered to `members`.
-    Applied { members: usize },
-    /// Seen before (offset not above the last one).
-    Duplicate,
-    /// Kept until the room is live or a gap is filled.
-    Buffered,
-    /// Kept; the messages in the gap must be fetched first.
-    Gap(Gap),
-    /// The room has no state on this node.
-    NoRoom,
 }
 
 /// The de-duplication key of `key` published by user `sub`: the user's
@@ -1099,5 +1052,59 @@ mod tests {
         idx.join(&r, ConnId(51), Member::FullProto(&joiner), Some(0), None)
             .unwrap();
         assert_eq!(proto::tests::message_encodes(), after_alice);
+    }
+
+    /// Issue 11: the broker sees the rooms only as `dyn Rooms`. Driven
+    /// through that interface, out-of-order arrivals, a gap, a repair that
+    /// fails and is asked for again, and a loss reach the member in offset
+    /// order, and the queries see the same state.
+    #[tokio::test]
+    async fn the_broker_drives_a_cache_room_through_its_interface() {
+        use crate::broker::Rooms;
+
+        let idx = Arc::new(cache(100));
+        let rooms: Arc<dyn Rooms> = idx.clone();
+        let r = room("r");
+        let ob = outbox();
+        let joined = idx.join(&r, ConnId(1), Member::Full(&ob), None, None).unwrap();
+        // Out of order, before the room is live: kept.
+        assert_eq!(rooms.deliver(&r, 13, 12, frame(13)), Delivered::Buffered);
+        assert_eq!(rooms.deliver(&r, 11, 10, frame(11)), Delivered::Buffered);
+        assert!(!rooms.is_live(&r));
+        assert_eq!(rooms.cache_start(&r, 13), None);
+        // Live at 10: 11 follows; 13 waits behind 12, the gap to read.
+        assert_eq!(rooms.go_live(&r, 10), Some(Gap { after: 11, upto: 12 }));
+        assert_eq!(rooms.last_offset(&r), 11);
+        // A tail learnt meanwhile goes to the holder of the gap.
+        assert_eq!(rooms.request_repair(&r, 20), None);
+        assert_eq!(
+            rooms.repaired(&r, entries(12..=12), 12),
+            Some(Gap { after: 13, upto: 20 })
+        );
+        assert_eq!(drained(&ob).await, vec![11, 12, 13]);
+        // The holder fails; the next request gets the gap again.
+        rooms.repair_failed(&r);
+        assert_eq!(rooms.deliver(&r, 13, 12, frame(13)), Delivered::Duplicate);
+        assert_eq!(rooms.request_repair(&r, 20), Some(Gap { after: 13, upto: 20 }));
+        // The stream dropped up to 17 before this node read it.
+        assert_eq!(rooms.lost_messages(&r, 17), 1, "the member must resume");
+        assert_eq!(rooms.repaired(&r, entries(18..=20), 20), None);
+        assert_eq!(rooms.live_rooms(), vec![(r.clone(), 20)]);
+        assert_eq!(frames(rooms.catchup(&r, 17, 20)), (vec![18, 19, 20], true));
+        assert_eq!(frames(rooms.catchup(&r, 12, 20)), (vec![], false));
+        assert_eq!(rooms.cache_start(&r, 20).map(|c| c.0), Some(17));
+        // Ephemeral messages reach members without being kept.
+        let ob2 = outbox();
+        let second = idx.join(&r, ConnId(2), Member::Full(&ob2), None, None).unwrap();
+        assert_eq!(rooms.broadcast_unstored(&r, &frame(0)), 1);
+        assert_eq!(drained(&ob2).await, vec![0]);
+        assert_eq!(rooms.last_offset(&r), 20);
+        // The linger ends: state is dropped only without members.
+        assert!(!rooms.forget_if_empty(&r));
+        idx.leave(&r, ConnId(1), joined.slot);
+        idx.leave(&r, ConnId(2), second.slot);
+        assert!(rooms.forget_if_empty(&r));
+        assert!(!rooms.is_live(&r));
+        assert_eq!(rooms.deliver(&r, 21, 20, frame(21)), Delivered::NoRoom);
     }
 }

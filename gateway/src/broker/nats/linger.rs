@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::rooms::RoomId;
+use crate::model::RoomId;
 
 /// Requests queued for the pool task at most; beyond it the caller acts at
 /// once. Allocated lazily by the channel, so a large bound costs nothing idle.

@@ -18,7 +18,7 @@
 //! applied. After a reconnect every live room is checked against the stream's
 //! last sequence the same way.
 //!
-//! Concurrency: one task per subscribed room feeds [`RoomIndex::deliver`];
+//! Concurrency: one task per subscribed room feeds [`RoomEvents::deliver`];
 //! making a room live, backfilling its cache and repairing gaps are
 //! single-flight per room.
 //!
@@ -61,9 +61,10 @@ use linger::{LINGER_QUEUE, Linger, linger_pool};
 use read::Stored;
 use scan::{Answer, ScanEnd, Start};
 
+use super::events::{Catchup, Delivered, Gap, Published, RoomEvents, Rooms};
 use super::{BusError, Fetched, Outgoing, UnavailableKind, now_ms};
-use crate::model::Message;
-use crate::rooms::{Catchup, Delivered, Gap, Published, RoomId, RoomIndex, SharedMessage};
+use crate::model::{Message, RoomId};
+use crate::protocol::SharedMessage;
 
 /// Settings of cluster mode.
 #[derive(Debug, Clone)]
@@ -145,7 +146,9 @@ impl Drop for RoomLink {
 pub struct NatsBus {
     client: async_nats::Client,
     js: jetstream::Context,
-    rooms: Arc<RoomIndex>,
+    /// The rooms of this node, told what arrives (one dynamic call per
+    /// message; the fan-out to members happens behind it).
+    rooms: Arc<dyn Rooms>,
     cfg: ClusterConfig,
     streams: Vec<stream::Stream>,
     /// The direct-get subject of each stream (`$JS.API.DIRECT.GET.<stream>`,
@@ -279,7 +282,7 @@ impl NatsBus {
     /// is cancelled.
     pub async fn start(
         cfg: ClusterConfig,
-        rooms: Arc<RoomIndex>,
+        rooms: Arc<dyn Rooms>,
         deliveries: metrics::Counter,
         tasks: TaskTracker,
         stop: CancellationToken,
@@ -562,37 +565,13 @@ impl NatsBus {
     fn on_message(self: &Arc<Self>, room: &RoomId, msg: async_nats::Message) {
         // Arrival on this node: `gateway_fanout_seconds` counts from here.
         let arrived = Instant::now();
-        let headers = msg.headers.as_ref();
-        let get = |name: &str| {
-            headers
-                .and_then(|h| h.get_last(name))
-                .and_then(|v| v.as_str().parse::<u64>().ok())
-        };
-        let Ok(env) = Envelope::decode(msg.payload.as_ref()) else {
-            tracing::warn!(%room, "undecodable message on the fan-out subject");
-            return;
-        };
-        let Some(seq) = get(SEQ) else {
-            // Ephemeral: not stored, no offset.
-            let msg = encode(room, 0, &env);
-            let members = self.rooms.broadcast_unstored(room, &msg);
-            if members > 0 {
+        match arrive(&*self.rooms, room, msg.headers.as_ref(), &msg.payload) {
+            Arrival::Fanned { members, ts_ms } => {
                 self.deliveries.increment(members as u64);
-                crate::metrics::fanned_out(arrived.elapsed(), env.ts_ms);
+                crate::metrics::fanned_out(arrived.elapsed(), ts_ms);
             }
-            return;
-        };
-        let prev = get(LAST_SEQ).unwrap_or(0);
-        if prev == 0 {
-            tracing::debug!(%room, seq, "message without a previous offset");
-        }
-        match self.rooms.deliver(room, seq, prev, encode(room, seq, &env)) {
-            Delivered::Gap(gap) => self.spawn_repair(room.clone(), gap),
-            Delivered::Applied { members } => {
-                self.deliveries.increment(members as u64);
-                crate::metrics::fanned_out(arrived.elapsed(), env.ts_ms);
-            }
-            Delivered::Duplicate | Delivered::Buffered | Delivered::NoRoom => {}
+            Arrival::Gap(gap) => self.spawn_repair(room.clone(), gap),
+            Arrival::Quiet => {}
         }
     }
 
@@ -643,6 +622,63 @@ impl NatsBus {
     }
 }
 
+/// What one message on a room's fan-out subject came to.
+#[derive(Debug, PartialEq, Eq)]
+enum Arrival {
+    /// Offered to `members` (a stored message that was applied, or an
+    /// ephemeral one that reached someone); `ts_ms` is its publish time.
+    Fanned { members: usize, ts_ms: u64 },
+    /// A hole before it: the caller now holds the gap and repairs it.
+    Gap(Gap),
+    /// Nothing to count: undecodable, a duplicate, kept for later, no room
+    /// state, or an ephemeral message without members.
+    Quiet,
+}
+
+/// Reports one message of `room`'s fan-out subject to `rooms`: a stored one
+/// (it has `Nats-Sequence`) with its offset and the room's previous offset
+/// (`Nats-Last-Sequence`, 0 when missing) through [`RoomEvents::deliver`], an
+/// ephemeral one through [`RoomEvents::broadcast_unstored`]. One call into
+/// the rooms per message.
+fn arrive<R>(rooms: &R, room: &RoomId, headers: Option<&HeaderMap>, payload: &[u8]) -> Arrival
+where
+    R: RoomEvents + ?Sized,
+{
+    let get = |name: &str| {
+        headers
+            .and_then(|h| h.get_last(name))
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+    };
+    let Ok(env) = Envelope::decode(payload) else {
+        tracing::warn!(%room, "undecodable message on the fan-out subject");
+        return Arrival::Quiet;
+    };
+    let Some(seq) = get(SEQ) else {
+        // Ephemeral: not stored, no offset.
+        let members = rooms.broadcast_unstored(room, &encode(room, 0, &env));
+        return if members > 0 {
+            Arrival::Fanned {
+                members,
+                ts_ms: env.ts_ms,
+            }
+        } else {
+            Arrival::Quiet
+        };
+    };
+    let prev = get(LAST_SEQ).unwrap_or(0);
+    if prev == 0 {
+        tracing::debug!(%room, seq, "message without a previous offset");
+    }
+    match rooms.deliver(room, seq, prev, encode(room, seq, &env)) {
+        Delivered::Gap(gap) => Arrival::Gap(gap),
+        Delivered::Applied { members } => Arrival::Fanned {
+            members,
+            ts_ms: env.ts_ms,
+        },
+        Delivered::Duplicate | Delivered::Buffered | Delivered::NoRoom => Arrival::Quiet,
+    }
+}
+
 /// The typed message of an envelope read or received for `room` at
 /// `offset` (0: ephemeral), stored once with its JSON push encoded.
 fn encode(room: &RoomId, offset: u64, env: &Envelope) -> SharedMessage {
@@ -676,6 +712,162 @@ mod tests {
             ignore_discovered: false,
             js_domain: None,
         }
+    }
+
+    /// A fake of the rooms that records what the broker reports and answers
+    /// `deliver` from a script.
+    #[derive(Default)]
+    struct Recorder {
+        events: Mutex<Vec<String>>,
+        answers: Mutex<std::collections::VecDeque<Delivered>>,
+        unstored_members: usize,
+    }
+
+    impl Recorder {
+        fn note(&self, event: String) {
+            self.events.lock().push(event);
+        }
+    }
+
+    impl RoomEvents for Recorder {
+        fn publish(
+            &self,
+            _: &RoomId,
+            _: &str,
+            _: &bytes::Bytes,
+            _: Option<&str>,
+            _: u64,
+            _: Instant,
+        ) -> Result<Published, crate::error::RoomError> {
+            unreachable!("the NATS bus never publishes through the rooms")
+        }
+        fn deliver(&self, room: &RoomId, seq: u64, prev: u64, msg: SharedMessage) -> Delivered {
+            let m = msg.message();
+            self.note(format!(
+                "deliver {room} {seq} after {prev}: offset {} from {} at {} {:?}",
+                m.offset, m.from, m.ts, m.data
+            ));
+            self.answers.lock().pop_front().expect("a scripted answer")
+        }
+        fn broadcast_unstored(&self, room: &RoomId, msg: &SharedMessage) -> usize {
+            self.note(format!("unstored {room}: offset {}", msg.offset()));
+            self.unstored_members
+        }
+        fn go_live(&self, room: &RoomId, last: u64) -> Option<Gap> {
+            self.note(format!("live {room} at {last}"));
+            None
+        }
+        fn request_repair(&self, room: &RoomId, tail: u64) -> Option<Gap> {
+            self.note(format!("repair {room} to {tail}"));
+            None
+        }
+        fn repaired(&self, room: &RoomId, _: Vec<(u64, SharedMessage)>, upto: u64) -> Option<Gap> {
+            self.note(format!("repaired {room} to {upto}"));
+            None
+        }
+        fn repair_failed(&self, room: &RoomId) {
+            self.note(format!("repair failed {room}"));
+        }
+        fn lost_messages(&self, room: &RoomId, gone_upto: u64) -> usize {
+            self.note(format!("lost {room} to {gone_upto}"));
+            0
+        }
+        fn forget_if_empty(&self, room: &RoomId) -> bool {
+            self.note(format!("forget {room}"));
+            false
+        }
+    }
+
+    fn envelope(from: &str, ts_ms: u64, data: &'static [u8]) -> Vec<u8> {
+        Envelope {
+            from: from.into(),
+            ts_ms,
+            data: bytes::Bytes::from_static(data),
+        }
+        .encode_to_vec()
+    }
+
+    fn stored(seq: u64, prev: Option<u64>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(SEQ, seq.to_string().as_str());
+        if let Some(prev) = prev {
+            h.insert(LAST_SEQ, prev.to_string().as_str());
+        }
+        h
+    }
+
+    /// Issue 11: what arrives on a room's fan-out subject reaches the rooms
+    /// as one event each, in arrival order (out of order included: ordering
+    /// is the rooms' job), and what the rooms answer decides what the broker
+    /// does next (count a fan-out, repair a gap, or nothing).
+    #[test]
+    fn fan_out_messages_become_one_room_event_each() {
+        let r = RoomId::parse("kr").unwrap();
+        let rooms = Recorder {
+            answers: Mutex::new(
+                [
+                    Delivered::Buffered,
+                    Delivered::Gap(Gap { after: 10, upto: 11 }),
+                    Delivered::Applied { members: 3 },
+                    Delivered::Duplicate,
+                    Delivered::Applied { members: 0 },
+                    Delivered::NoRoom,
+                ]
+                .into(),
+            ),
+            ..Recorder::default()
+        };
+        let msg = envelope("alice", 7, b"{}");
+        let got = [
+            // Before the room is live, then ahead of a gap, then in order.
+            arrive(&rooms, &r, Some(&stored(12, Some(11))), &msg),
+            arrive(&rooms, &r, Some(&stored(12, Some(11))), &msg),
+            arrive(&rooms, &r, Some(&stored(13, Some(12))), &msg),
+            arrive(&rooms, &r, Some(&stored(13, Some(12))), &msg),
+            // No previous offset: reported as 0 (unknown).
+            arrive(&rooms, &r, Some(&stored(14, None)), &msg),
+            arrive(&rooms, &r, Some(&stored(15, Some(14))), &msg),
+            // Not decodable: nothing reaches the rooms.
+            arrive(&rooms, &r, Some(&stored(16, Some(15))), b"\xff\xff"),
+            // Ephemeral (no sequence), nobody to reach.
+            arrive(&rooms, &r, None, &envelope("bob", 8, b"1")),
+        ];
+        assert_eq!(
+            got,
+            [
+                Arrival::Quiet,
+                Arrival::Gap(Gap { after: 10, upto: 11 }),
+                Arrival::Fanned { members: 3, ts_ms: 7 },
+                Arrival::Quiet,
+                Arrival::Fanned { members: 0, ts_ms: 7 },
+                Arrival::Quiet,
+                Arrival::Quiet,
+                Arrival::Quiet,
+            ]
+        );
+        let ephemeral = Recorder {
+            unstored_members: 2,
+            ..Recorder::default()
+        };
+        assert_eq!(
+            arrive(&ephemeral, &r, None, &envelope("bob", 8, b"1")),
+            Arrival::Fanned { members: 2, ts_ms: 8 }
+        );
+        let deliver =
+            |seq: u64, prev: u64| format!("deliver kr {seq} after {prev}: offset {seq} from alice at 7 b\"{{}}\"");
+        assert_eq!(
+            *rooms.events.lock(),
+            [
+                deliver(12, 11),
+                deliver(12, 11),
+                deliver(13, 12),
+                deliver(13, 12),
+                deliver(14, 0),
+                deliver(15, 14),
+                "unstored kr: offset 0".to_string(),
+            ]
+        );
+        assert_eq!(*ephemeral.events.lock(), ["unstored kr: offset 0"]);
     }
 
     #[test]

@@ -57,7 +57,7 @@ impl Session<'_> {
             data,
             key,
         };
-        let result = node.bus.publish(&node.rooms, out).await;
+        let result = node.bus.publish(node.rooms.as_ref(), out).await;
         match result {
             Ok(p) => {
                 let m = &node.metrics;
