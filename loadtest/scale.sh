@@ -24,7 +24,7 @@
 # to CPU 1 (taskset). Prints a Markdown table per gateway and for NATS, and
 # keeps the workers' JSON in $OUT (default target-rel/scale).
 #
-#   loadtest/scale.sh                          # 100,000 connections, 100 msg/s, 60 s of traffic
+#   loadtest/scale.sh                          # 100,000 connections, 100 msg/s, 120 s of traffic
 #   TOTAL=20000 MEASURE=30 loadtest/scale.sh   # a short try
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,7 +33,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target-rel}
 cargo build --release -p loadtest -p gateway
 bin=$CARGO_TARGET_DIR/release
 nats=$(scripts/ensure-nats.sh)
-TOTAL=${TOTAL:-100000} RATE=${RATE:-100} MEASURE=${MEASURE:-60} GATEWAYS=6
+TOTAL=${TOTAL:-100000} RATE=${RATE:-100} MEASURE=${MEASURE:-120} GATEWAYS=6
 WORKERS=${WORKERS:-$(( (TOTAL + 14999) / 15000 ))}
 OUT=${OUT:-$CARGO_TARGET_DIR/scale}
 SECRET=loadtest-secret-0123456789abcdef0
@@ -117,8 +117,10 @@ for g in gws:
     num, pid, port = g.split(":")
     m = get(f"http://127.0.0.1:{port}/metrics") or ""
     val = lambda name: next((float(l.split()[-1]) for l in m.splitlines() if l.startswith(name + " ")), None)
+    fan = {l.split('le="')[1].split('"')[0]: float(l.split()[-1])
+           for l in m.splitlines() if l.startswith("gateway_fanout_seconds_bucket")}
     rows.append({"who": f"g{num}", "proc": proc(pid), "deliveries": val("gateway_deliveries_total"),
-                 "conns": val("gateway_conns_active")})
+                 "conns": val("gateway_conns_active"), "fanout_buckets": fan})
 for i, pid in enumerate(wpids):
     rows.append({"who": f"w{i}", "proc": proc(pid)})
 with open(out, "a") as f:
@@ -170,7 +172,11 @@ drain_at=$(date +%s.%N)
 touch "$dir/drain"
 kill -TERM "${gw_pid[$GATEWAYS]}"
 echo "scale: gateway $GATEWAYS draining (SIGTERM)" >&2
-sleep $((MEASURE - half))
+settle=$(( (MEASURE - half) / 2 ))
+sleep "$settle"
+touch "$dir/settled"
+sample settled
+sleep $((MEASURE - half - settle))
 sample end
 touch "$dir/stop"
 for p in "${wpids[@]}"; do wait "$p" || echo "worker $p exited with $?" >&2; done
@@ -196,8 +202,18 @@ print(f"heavy users ({sum(h['count'] for h in hs):,}, arriving over 5 s once eve
       f"{sum(h['p50_ms'] * h['count'] for h in hs) / max(sum(h['count'] for h in hs), 1):,.0f} ms, "
       f"p99 {max((h['p99_ms'] for h in hs), default=0):,.0f} ms (worst worker)")
 print("\nSteady state (traffic on, before the drain), per process:\n")
-print("| process | connections | RSS (MB) | CPU (cores) | deliveries/s (server) | big-room p50 (ms) | p99 (ms) |")
-print("|---|---:|---:|---:|---:|---:|---:|")
+def quantile(a, b, q):
+    # From the delta of two cumulative Prometheus histograms (le -> count).
+    if not a or not b: return None
+    les = sorted((float(k), k) for k in b if k != "+Inf")
+    total = b.get("+Inf", 0) - a.get("+Inf", 0)
+    if total <= 0: return None
+    for v, k in les:
+        if b[k] - a.get(k, 0) >= q * total:
+            return v
+    return float("inf")
+print("| process | connections | RSS (MB) | CPU (cores) | deliveries/s (server) | fan-out p50/p99 (ms, server) | big-room p50 (ms) | p99 (ms) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
 lat = {}
 for w in ws:
     for u in w["per_url"]:
@@ -218,13 +234,15 @@ for who in sorted((k for k in r1 if not k.startswith("w")), key=lambda k: (k[0],
         n = int(who[1:]); url = urls[n - 1] if n <= len(urls) else None
         dps = ((b["deliveries"] or 0) - (a["deliveries"] or 0)) / dt1
         p50, p99 = merged(url) if url else ("-", "-")
-        print(f"| gateway {n} | {int(b['conns'] or 0):,} | {b['proc']['rss']/1e6:.0f} | {cpu:.2f} | {dps:,.0f} | {p50} | {p99} |")
+        f50, f99 = (quantile(a.get("fanout_buckets"), b.get("fanout_buckets"), q) for q in (0.5, 0.99))
+        fan = f"≤{f50*1e3:g} / ≤{f99*1e3:g}" if f50 is not None else "-"
+        print(f"| gateway {n} | {int(b['conns'] or 0):,} | {b['proc']['rss']/1e6:.0f} | {cpu:.2f} | {dps:,.0f} | {fan} | {p50} | {p99} |")
     else:
-        print(f"| nats {who} | - | {b['proc']['rss']/1e6:.0f} | {cpu:.2f} | - | - | - |")
+        print(f"| nats {who} | - | {b['proc']['rss']/1e6:.0f} | {cpu:.2f} | - | - | - | - |")
 wk = [k for k in r1 if k.startswith("w") and r0[k]["proc"] and r1[k]["proc"]]
 wcpu = sum(r1[k]["proc"]["cpu_s"] - r0[k]["proc"]["cpu_s"] for k in wk) / dt1
 wrss = sum(r1[k]["proc"]["rss"] for k in wk) / 1e6
-print(f"| load generator ({len(wk)} processes) | {sum(w['count'] for w in ws):,} | {wrss:.0f} | {wcpu:.2f} | - | - | - |")
+print(f"| load generator ({len(wk)} processes) | {sum(w['count'] for w in ws):,} | {wrss:.0f} | {wcpu:.2f} | - | - | - | - |")
 rate = lambda a, b, key, dt: sum(b[k][key] - a[k][key] for k in b if k.startswith("n")) / dt
 bg_in, bg_out = rate(ri, r0, "in_msgs", dt0), rate(ri, r0, "out_msgs", dt0)
 tr_in, tr_out = rate(r0, r1, "in_msgs", dt1), rate(r0, r1, "out_msgs", dt1)
@@ -244,15 +262,20 @@ if hr:
     print(f"heavy users' resubscribe with since (2,000 rooms): p50 {max(h['p50_ms'] for h in hr):.0f} ms, p99 {max(h['p99_ms'] for h in hr):.0f} ms (worst worker)")
 print(f"\nBig room: {published:,} messages published ({acked:,} acknowledged, nacks {pub['nacks']}); "
       f"{chk['complete']:,}/{chk['members']:,} members hold every one; missing {chk['missing']}, duplicated {chk['duplicates']}")
-print("\nAfter the drain (from the drain to the end of the check), per gateway:\n")
-print("| gateway | connections at the end | RSS (MB) | big-room p50 (ms) | p99 (ms) |")
-print("|---|---:|---:|---:|---:|")
+rs = rows("settled")
+dts = samples["end"]["t"] - samples["settled"]["t"]
+print(f"\nAfter the drain, per gateway: while the clients move (the {samples['settled']['t'] - drain_at:.0f} s after "
+      f"the SIGTERM) and after that (to the end of the check; CPU over the {dts:.0f} s to the end of the traffic):\n")
+print("| gateway | connections at the end | RSS (MB) | big-room p50 / p99 while moving (ms) | after (ms) | CPU after (cores) |")
+print("|---|---:|---:|---:|---:|---:|")
 for who in sorted(r2, key=lambda k: (k[0], int(k[1:]))):
     if not who.startswith("g") or not r2[who]["proc"]:
         continue
     n = int(who[1:]); url = urls[n - 1] if n <= len(urls) else None
-    p50, p99 = merged(url, "latency_after_drain") if url else ("-", "-")
-    print(f"| gateway {n} | {int(r2[who]['conns'] or 0):,} | {r2[who]['proc']['rss']/1e6:.0f} | {p50} | {p99} |")
+    m50, m99 = merged(url, "latency_after_drain") if url else ("-", "-")
+    s50, s99 = merged(url, "latency_settled") if url else ("-", "-")
+    cpu = (r2[who]["proc"]["cpu_s"] - rs[who]["proc"]["cpu_s"]) / dts if rs.get(who, {}).get("proc") else float("nan")
+    print(f"| gateway {n} | {int(r2[who]['conns'] or 0):,} | {r2[who]['proc']['rss']/1e6:.0f} | {m50} / {m99} | {s50} / {s99} | {cpu:.2f} |")
 from collections import Counter
 fails, discs = Counter(), Counter()
 for w in ws:

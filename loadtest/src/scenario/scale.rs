@@ -131,12 +131,16 @@ pub struct PerUrl {
     pub live_ready: usize,
     pub live_end: usize,
     /// Big-room messages received there between `go` and `drain` (the
-    /// steady state) and from `drain` to the end of the settle.
+    /// steady state), from `drain` to `settled` (clients moving), and from
+    /// `settled` to the end of the check.
     pub delivered: u64,
     pub delivered_after_drain: u64,
-    /// Publish-to-receive latency of those messages (catch-up included).
+    pub delivered_settled: u64,
+    /// Publish-to-receive latency of those messages (catch-up included),
+    /// in the same three periods.
     pub latency: Latency,
     pub latency_after_drain: Latency,
+    pub latency_settled: Latency,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -173,7 +177,8 @@ pub struct ScaleReport {
     pub heavy_subscribe: Latency,
     /// Heavy users' resubscribe with `since` after a move, round trip.
     pub heavy_resume: Latency,
-    /// Connections closed with 1012 or 1001 (drain) and back (resubscribed elsewhere).
+    /// Connections that ended by the drain (1012, 1001, or any end after
+    /// it began) and of those back (resubscribed elsewhere).
     pub moved: u64,
     pub moved_back: u64,
     /// From the 1012 close to the resubscribe's reply.
@@ -200,11 +205,12 @@ struct Shared {
     home: Vec<usize>,
     failover: Vec<usize>,
     live: Vec<Cell<usize>>,
-    /// Per URL, for the steady state (0) and after the drain began (1).
-    delivered: Vec<[Cell<u64>; 2]>,
-    latency: Vec<[RefCell<Hist>; 2]>,
+    /// Per URL and period: the steady state (0), after the drain began (1),
+    /// after the script declared the move over (2).
+    delivered: Vec<[Cell<u64>; 3]>,
+    latency: Vec<[RefCell<Hist>; 3]>,
     counting: Cell<bool>,
-    /// 1 once the script announced the drain (`drain` file).
+    /// The period (files `drain`, `settled`).
     period: Cell<usize>,
     heavy_sub: RefCell<Hist>,
     heavy_resume: RefCell<Hist>,
@@ -389,8 +395,9 @@ async fn client(
             }
             Err(e) => e,
         };
-        // 1012: the drain closed it; 1001: the drain's timeout did.
-        if matches!(end, ConnError::Closed(1012 | 1001)) {
+        // 1012: the drain closed it; 1001 or a dropped connection: the
+        // drain's timeout did (any end once the drain began counts).
+        if matches!(end, ConnError::Closed(1012 | 1001)) || sh.period.get() >= 1 {
             sh.moved.set(sh.moved.get() + 1);
             closed_at.get_or_insert_with(Instant::now);
         }
@@ -567,10 +574,13 @@ pub async fn run(args: &ScaleArgs) -> Result<ScaleReport> {
         ctl.running.set(true);
     }
     {
-        let (sh, drain) = (sh.clone(), args.dir.join("drain"));
+        let (sh, dir) = (sh.clone(), args.dir.clone());
         tokio::task::spawn_local(async move {
-            if wait_file(&drain, limit).await.is_ok() {
+            if wait_file(&dir.join("drain"), limit).await.is_ok() {
                 sh.period.set(1);
+            }
+            if wait_file(&dir.join("settled"), limit).await.is_ok() {
+                sh.period.set(2);
             }
         });
     }
@@ -630,8 +640,10 @@ pub async fn run(args: &ScaleArgs) -> Result<ScaleReport> {
                 live_end: sh.live[u].get(),
                 delivered: sh.delivered[u][0].get(),
                 delivered_after_drain: sh.delivered[u][1].get(),
+                delivered_settled: sh.delivered[u][2].get(),
                 latency: sh.latency[u][0].borrow().summary(),
                 latency_after_drain: sh.latency[u][1].borrow().summary(),
+                latency_settled: sh.latency[u][2].borrow().summary(),
             })
             .collect(),
         heavy_subscribe: sh.heavy_sub.borrow().summary(),
