@@ -48,7 +48,7 @@ run() { # name, extra gateway flags...
   LOADTEST_NO_PROGRESS=1 taskset -c 0,1 "$bin/loadtest" --json "$out/$name-$round.json" fanout \
     --url "ws://$addr/ws" --server-pid "$pid" --subs "$subs" --rates "$rate" --step-secs "$secs" \
     --no-stop --measure-every "${MEASURE_EVERY:-10}" >/dev/null
-  curl -s "http://$addr/metrics" | grep -E '^gateway_(tree|deliveries)' >"$out/$name-$round.metrics" || true
+  curl -s "http://$addr/metrics" | grep -E '^gateway_(tree|deliveries|fanout_seconds)' >"$out/$name-$round.metrics" || true
   kill "$pid"; wait "$pid" 2>/dev/null || true
   python3 - "$out/$name-$round.json" "$name" "$round" <<'PY'
 import json, sys
