@@ -129,7 +129,7 @@ pub async fn run(args: &FanoutArgs) -> Result<FanoutReport> {
             sub_time: None,
             reconnect: true,
             read_buf: args.read_buf,
-            lazy: (index % every != 0).then(|| turn.clone()),
+            lazy: (!index.is_multiple_of(every)).then(|| turn.clone()),
         };
         tasks.push(tokio::task::spawn_local(super::subscriber(
             env.clone(),

@@ -511,7 +511,7 @@ pub async fn run(args: &ScaleArgs) -> Result<ScaleReport> {
     }));
     for (i, role, rooms, member) in plans {
         let lazy = member.and_then(|k| {
-            ((args.first / args.big_every.max(1) + k) % args.measure_every.max(1) != 0).then(|| turn.clone())
+            (!(args.first / args.big_every.max(1) + k).is_multiple_of(args.measure_every.max(1))).then(|| turn.clone())
         });
         tasks.push(tokio::task::spawn_local(client(
             sh.clone(),
@@ -527,7 +527,13 @@ pub async fn run(args: &ScaleArgs) -> Result<ScaleReport> {
     let mut last = Instant::now();
     while live() < args.count - n_heavy {
         if Instant::now() > limit || t0.elapsed() > Duration::from_secs(600) {
-            bail!("worker {}: {}/{} live; failures {:?}", args.worker, live(), args.count - n_heavy, sh.failures.borrow());
+            bail!(
+                "worker {}: {}/{} live; failures {:?}",
+                args.worker,
+                live(),
+                args.count - n_heavy,
+                sh.failures.borrow()
+            );
         }
         sleep(Duration::from_millis(50)).await;
     }
