@@ -16,6 +16,7 @@
 
 mod check;
 mod clients;
+mod lagging;
 mod net;
 mod procs;
 mod proxy;
@@ -34,6 +35,10 @@ use clients::{PubRecord, Shared, SubRecord};
 use net::Net;
 use procs::{Proc, wait_ok};
 use proxy::{Faults, Knobs};
+
+/// The tests of this binary build network namespaces and links named after
+/// the process: one at a time.
+static NETWORKS: Mutex<()> = Mutex::new(());
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -239,6 +244,7 @@ async fn read_streams(urls: &str, partitions: u32) -> check::Truth {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_survive_kills_stops_partitions_and_slow_links() {
+    let _one_network_at_a_time = NETWORKS.lock().unwrap_or_else(|e| e.into_inner());
     let seed: u64 = env("CHAOS_SEED", rand::random::<u32>() as u64);
     let secs: u64 = env("CHAOS_SECS", 40);
     let n_clients: usize = env("CHAOS_CLIENTS", 200);

@@ -21,7 +21,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn new(name: String, ns: String, args: Vec<String>, log: PathBuf) -> Self {
+    /// A process run in namespace `ns` (empty: the root namespace).
+    pub fn new(name: String, ns: String, args: Vec<String>, log: PathBuf) -> Self {
         Self {
             name,
             ns,
@@ -40,7 +41,8 @@ impl Proc {
             .open(&self.log)
             .unwrap();
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let child = cmd(Some(&self.ns), &args)
+        let ns = (!self.ns.is_empty()).then_some(self.ns.as_str());
+        let child = cmd(ns, &args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
