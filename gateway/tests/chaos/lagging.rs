@@ -113,18 +113,18 @@ fn gateway_args(id: &str, listen: String, api: String, nats: String) -> Vec<Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_on_a_replica_behind_never_answers_a_history_page_short() {
-    let _one_network_at_a_time = super::NETWORKS.lock().unwrap_or_else(|e| e.into_inner());
+    let _one_network_at_a_time = super::NETWORKS.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let net = Net::create(3, 0);
     let mut nats = procs::nats(&net, dir.path());
     for p in &mut nats {
         p.start();
     }
-    for i in 0..3 {
+    for (i, p) in nats.iter().enumerate() {
         assert!(
             wait_ok(&format!("{}:8222", net.nats_ip(i)), "/healthz", Duration::from_secs(60)).await,
             "nats n{i} did not start:\n{}",
-            nats[i].log_tail(30)
+            p.log_tail(30)
         );
     }
     // A: the root namespace, on n0 and n1. B: in n2's namespace, on n2 only.

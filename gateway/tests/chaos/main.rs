@@ -38,7 +38,7 @@ use proxy::{Faults, Knobs};
 
 /// The tests of this binary build network namespaces and links named after
 /// the process: one at a time.
-static NETWORKS: Mutex<()> = Mutex::new(());
+static NETWORKS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -244,7 +244,7 @@ async fn read_streams(urls: &str, partitions: u32) -> check::Truth {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_survive_kills_stops_partitions_and_slow_links() {
-    let _one_network_at_a_time = NETWORKS.lock().unwrap_or_else(|e| e.into_inner());
+    let _one_network_at_a_time = NETWORKS.lock().await;
     let seed: u64 = env("CHAOS_SEED", rand::random::<u32>() as u64);
     let secs: u64 = env("CHAOS_SECS", 40);
     let n_clients: usize = env("CHAOS_CLIENTS", 200);
