@@ -10,7 +10,7 @@
 //! traffic (WebSocket ping, NATS `PING`) is answered by queueing bytes that the
 //! caller writes with [`Conn::flush`] or [`Conn::try_flush`].
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -83,38 +83,50 @@ pub fn wire_bytes() -> u64 {
     WIRE_BYTES.with(Cell::get)
 }
 
-/// A compressed message's inflater and output (per connection, made by the
-/// first compressed message): reset per message, as every server here
-/// answers with `server_no_context_takeover`.
+thread_local! {
+    /// The inflater of this thread's connections, shared: reset per message,
+    /// as every server here answers with `server_no_context_takeover` (no
+    /// message refers to an earlier one), so no connection's state matters to
+    /// the next message. One per connection cost a 32 KiB window and its
+    /// state each, cold in the cache at every delivery once a few hundred
+    /// connections take turns.
+    static DECOMPRESS: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+}
+
+/// A compressed message's output buffer (per connection, made by the first
+/// compressed message); the inflater is the thread's [`DECOMPRESS`].
 struct Inflater {
-    d: Decompress,
     out: Vec<u8>,
 }
 
 impl Inflater {
     fn inflate(&mut self, data: &[u8]) -> Result<&[u8]> {
-        self.d.reset(false);
+        DECOMPRESS.with(|d| self.inflate_with(&mut d.borrow_mut(), data))?;
+        Ok(&self.out)
+    }
+
+    fn inflate_with(&mut self, d: &mut Decompress, data: &[u8]) -> Result<()> {
+        d.reset(false);
         self.out.clear();
         for input in [data, &[0, 0, 0xff, 0xff][..]] {
-            let start = self.d.total_in();
+            let start = d.total_in();
             loop {
-                let used = (self.d.total_in() - start) as usize;
+                let used = (d.total_in() - start) as usize;
                 if used == input.len() && self.out.len() < self.out.capacity() {
                     break;
                 }
                 if self.out.len() == self.out.capacity() {
                     self.out.reserve(self.out.capacity().max(4096));
                 }
-                let before = self.d.total_out();
-                self.d
-                    .decompress_vec(&input[used..], &mut self.out, FlushDecompress::Sync)
+                let before = d.total_out();
+                d.decompress_vec(&input[used..], &mut self.out, FlushDecompress::Sync)
                     .context("inflating a compressed message")?;
-                if self.d.total_out() == before && self.out.len() < self.out.capacity() && used == input.len() {
+                if d.total_out() == before && self.out.len() < self.out.capacity() && used == input.len() {
                     break;
                 }
             }
         }
-        Ok(&self.out)
+        Ok(())
     }
 }
 
@@ -505,7 +517,6 @@ impl Conn {
                             *frag_compressed = false;
                             let inf = inflater.get_or_insert_with(|| {
                                 Box::new(Inflater {
-                                    d: Decompress::new(false),
                                     out: Vec::with_capacity(4096),
                                 })
                             });
