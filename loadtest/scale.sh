@@ -164,6 +164,7 @@ half=$((MEASURE / 2))
 sample idle
 sleep "$half"
 sample ready
+go_at=$(date +%s.%N)
 touch "$dir/go"
 sleep "$half"
 sample before_drain
@@ -178,12 +179,14 @@ touch "$dir/settled"
 sample settled
 sleep $((MEASURE - half - settle))
 sample end
+stop_at=$(date +%s.%N)
 touch "$dir/stop"
 for p in "${wpids[@]}"; do wait "$p" || echo "worker $p exited with $?" >&2; done
 wait "${gw_pid[$GATEWAYS]}" 2>/dev/null || true
-python3 - "$OUT" "$MEASURE" "$half" "$drain_at" <<'PY'
+python3 - "$OUT" "$MEASURE" "$half" "$drain_at" "$go_at" "$stop_at" <<'PY'
 import glob, json, sys
 out, measure, half, drain_at = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+go_at, stop_at = float(sys.argv[5]), float(sys.argv[6])
 ws = [json.load(open(p)) for p in sorted(glob.glob(f"{out}/worker-*.json"))]
 samples = {s["label"]: s for s in map(json.loads, open(f"{out}/samples.jsonl"))}
 rows = lambda label: {r["who"]: r for r in samples[label]["rows"]}
@@ -246,7 +249,8 @@ print(f"| load generator ({len(wk)} processes) | {sum(w['count'] for w in ws):,}
 rate = lambda a, b, key, dt: sum(b[k][key] - a[k][key] for k in b if k.startswith("n")) / dt
 bg_in, bg_out = rate(ri, r0, "in_msgs", dt0), rate(ri, r0, "out_msgs", dt0)
 tr_in, tr_out = rate(r0, r1, "in_msgs", dt1), rate(r0, r1, "out_msgs", dt1)
-msg_rate = pub["published"] / measure
+# The publishers ran from `go` to `stop` (the traffic time plus the samples).
+msg_rate = pub["published"] / (stop_at - go_at)
 print(f"\nNATS, summed over the 3 servers (varz in_msgs/out_msgs: clients, routes, JetStream replication and API): "
       f"{bg_in:,.0f} in / {bg_out:,.0f} out per second before the traffic, {tr_in:,.0f} / {tr_out:,.0f} with it; "
       f"the difference per published message ({msg_rate:.0f}/s): {(tr_in - bg_in) / msg_rate:.1f} in, "
@@ -280,5 +284,6 @@ from collections import Counter
 fails, discs = Counter(), Counter()
 for w in ws:
     fails.update(w["failures"]); discs.update(w["disconnects"])
-print(f"\nconnection attempts failed: {dict(fails)}; connections ended: {dict(discs)}")
+print(f"\nconnection attempts failed: {dict(fails)}; connections ended: {dict(discs)}; "
+      f"subscribe entries refused: {sum(w.get('refused_rooms', 0) for w in ws)}")
 PY

@@ -4,7 +4,9 @@
 # run creates, subscribers resuming with `since`, keyed publishers with
 # retries, and seeded faults (kill -9, SIGSTOP, link-down partitions,
 # tc tbf, delay/stall/cut through a proxy) for SECONDS; then the checker's
-# counts. The test command runs it for 40 s; this is the long run.
+# counts. The test command runs it for 40 s; this is the long run. The same
+# test binary also runs the lagging-replica test (gateway/tests/chaos/lagging.rs,
+# ~30 s, debug gateway binary).
 #
 #   scripts/chaos.sh [SECONDS] [SEED]        # default 600 s, a random seed
 #
@@ -26,4 +28,4 @@ if [ "${CHAOS_RELEASE:-0}" = 1 ]; then
   CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target-rel} cargo build --release -p gateway --bin gateway
   export CHAOS_GATEWAY=${CARGO_TARGET_DIR:-$root/target-rel}/release/gateway
 fi
-cargo test -p gateway --test chaos -- --nocapture 2>&1 | grep --line-buffered -E '^chaos|panicked|test result|FAILED|^thread'
+cargo test -p gateway --test chaos -- --nocapture 2>&1 | grep --line-buffered -E '^chaos|^lagging|panicked|test result|FAILED|^thread'

@@ -7,13 +7,23 @@
 # the tests need first (nats-server, autobahntestsuite, the embedded
 # Helm and validators, hadolint, cargo-fuzz and Node.js 22 into .tools/; Node
 # 22, playwright-core and typescript into .tools/web; Debian's chromium and
-# prometheus packages; iproute2 for the chaos run's network namespaces), so it
-# works on a fresh machine.
+# prometheus packages; iproute2 and curl for the chaos run's network
+# namespaces, which need root), so it works on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v ip >/dev/null || ! command -v tc >/dev/null; then
-  echo "installing iproute2 (ip, tc) for the chaos run" >&2
-  apt-get install -y -qq iproute2 >&2 || { apt-get update -qq && apt-get install -y -qq iproute2; } >&2
+# The chaos run (gateway/tests/chaos) builds network namespaces: it needs root,
+# iproute2 (ip, tc) and curl.
+if [ "$(id -u)" -ne 0 ]; then
+  echo "scripts/test.sh: the chaos run creates network namespaces and needs root" >&2
+  exit 1
+fi
+missing=()
+command -v ip >/dev/null && command -v tc >/dev/null || missing+=(iproute2)
+command -v curl >/dev/null || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]} (apt) for the chaos run" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2 \
+    || { DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >&2
 fi
 NATS_SERVER=$(scripts/ensure-nats.sh)
 export NATS_SERVER

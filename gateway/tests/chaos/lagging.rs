@@ -85,8 +85,11 @@ fn offsets(page: &Value) -> Vec<u64> {
 }
 
 fn gateway_args(id: &str, listen: String, api: String, nats: String) -> Vec<String> {
+    // The chaos run's binary (`CHAOS_GATEWAY`, a release build from
+    // scripts/chaos.sh) when given.
+    let bin = std::env::var("CHAOS_GATEWAY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_gateway").to_string());
     [
-        env!("CARGO_BIN_EXE_gateway"),
+        bin.as_str(),
         "--node-id",
         id,
         "--listen",
@@ -306,7 +309,7 @@ async fn a_gateway_on_a_replica_behind_never_answers_a_history_page_short() {
     let want: Vec<u64> = acked[41..46].to_vec();
     let page = format!(r#"{{"room":"lag","before":{before},"limit":5}}"#);
     let stale0 = counter(&ns2, b_ws, "gateway_bus_stale_reads_total");
-    let n2_last = replica_last_seq(&net.nats_ip(2));
+    let n2_last = replica_last_seq(&ns2, &net.nats_ip(2));
     let (status, v) = api(Some(&ns2), b_api, "history", &page);
     let stale1 = counter(&ns2, b_ws, "gateway_bus_stale_reads_total");
     eprintln!(
@@ -350,10 +353,11 @@ async fn a_gateway_on_a_replica_behind_never_answers_a_history_page_short() {
 }
 
 /// The highest last sequence of the room streams in the server's own
-/// replicas (`/jsz`), read now.
-fn replica_last_seq(ip: &str) -> Option<u64> {
+/// replicas (`/jsz`), read now from inside its namespace `ns` (not through
+/// its throttled link).
+fn replica_last_seq(ns: &str, ip: &str) -> Option<u64> {
     let out = cmd(
-        None,
+        Some(ns),
         &["curl", "-sS", "-m", "5", &format!("http://{ip}:8222/jsz?streams=true")],
     )
     .output()

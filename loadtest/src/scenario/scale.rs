@@ -177,14 +177,18 @@ pub struct ScaleReport {
     pub heavy_subscribe: Latency,
     /// Heavy users' resubscribe with `since` after a move, round trip.
     pub heavy_resume: Latency,
-    /// Connections that ended by the drain (1012, 1001, or any end after
-    /// it began) and of those back (resubscribed elsewhere).
+    /// Connection ends caused by the drain (1012, 1001, or any end after it
+    /// began; a client that failed again counts again) and of those the
+    /// resubscribes that followed (back on another gateway).
     pub moved: u64,
     pub moved_back: u64,
     /// From the 1012 close to the resubscribe's reply.
     pub moved_time: Latency,
     /// Rooms answered `recovered:false` on a resubscribe.
     pub not_recovered: u64,
+    /// Subscribe entries the gateway refused (any error), first subscribes
+    /// and resubscribes together.
+    pub refused_rooms: u64,
     pub check: BigCheck,
     pub publisher: Option<PublisherFigures>,
 }
@@ -218,6 +222,7 @@ struct Shared {
     moved_back: Cell<u64>,
     moved_time: RefCell<Hist>,
     not_recovered: Cell<u64>,
+    refused_rooms: Cell<u64>,
     failures: RefCell<BTreeMap<String, u64>>,
     disconnects: RefCell<BTreeMap<String, u64>>,
     /// Opens the heavy users' first subscribe, spread over `heavy_arrival_secs`.
@@ -245,8 +250,6 @@ fn message_offset(frame: &[u8]) -> Option<u64> {
     std::str::from_utf8(&frame[at..at + digits]).ok()?.parse().ok()
 }
 
-/// One client's whole life: connect, subscribe (with `since` after the
-/// first time), read until the connection ends, move to a failover gateway.
 /// Reads once (waiting for data) and hands every message read to `on`.
 async fn read_once(conn: &mut Conn, on: &mut impl FnMut(&[u8])) -> Result<(), ConnError> {
     conn.fill().await?;
@@ -271,6 +274,11 @@ async fn read_ready(conn: &mut Conn, on: &mut impl FnMut(&[u8])) -> Result<(), C
     Ok(())
 }
 
+/// One client's whole life: connect, subscribe (with `since` after the
+/// first time), read until the connection ends, move to a failover gateway.
+/// Only big-room members move their `since` with what they read; the other
+/// rooms get no messages in this scenario, so their reply's offset stays
+/// the last one.
 async fn client(
     sh: Rc<Shared>,
     i: usize,
@@ -349,6 +357,8 @@ async fn client(
         let end = match reply {
             Ok(entries) => {
                 let took = t0.elapsed().as_micros() as u64;
+                let refused = rooms.len().saturating_sub(entries.iter().flatten().count());
+                sh.refused_rooms.set(sh.refused_rooms.get() + refused as u64);
                 for (k, e) in entries.iter().enumerate() {
                     if let Some((off, recovered)) = e {
                         if since[k].is_none() {
@@ -494,6 +504,7 @@ pub async fn run(args: &ScaleArgs) -> Result<ScaleReport> {
         moved_back: Cell::new(0),
         moved_time: RefCell::default(),
         not_recovered: Cell::new(0),
+        refused_rooms: Cell::new(0),
         failures: RefCell::default(),
         disconnects: RefCell::default(),
         big: RefCell::new((0..n_big).map(|_| Vec::new()).collect()),
@@ -658,6 +669,7 @@ pub async fn run(args: &ScaleArgs) -> Result<ScaleReport> {
         moved_back: sh.moved_back.get(),
         moved_time: sh.moved_time.borrow().summary(),
         not_recovered: sh.not_recovered.get(),
+        refused_rooms: sh.refused_rooms.get(),
         check,
         publisher: ctl.map(|c| PublisherFigures {
             published: PubControl::get(&c.published, 1),
