@@ -472,6 +472,24 @@ impl Conn {
         Ok(())
     }
 
+    /// Reads what the kernel already holds, without waiting: `Ok(true)` if
+    /// bytes were read, `Ok(false)` if the socket had none.
+    pub fn try_fill(&mut self) -> Result<bool, ConnError> {
+        if let Some(code) = self.closed {
+            return Err(ConnError::Closed(code));
+        }
+        match self.stream.try_read(self.reader.spare()) {
+            Ok(0) => Err(ConnError::Eof),
+            Ok(n) => {
+                WIRE_BYTES.with(|w| w.set(w.get() + n as u64));
+                self.reader.filled(n);
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Parses every buffered frame; `on` gets each application message.
     pub fn drain(&mut self, on: &mut impl FnMut(Incoming<'_>)) -> Result<(), ConnError> {
         let Conn {

@@ -108,6 +108,7 @@ pub struct SubscriberBook {
 
 impl SubscriberBook {
     /// Accounts one received payload read at `now_ns`.
+    #[cfg(test)]
     pub fn on_payload(&mut self, rec: &mut Recorder, payload: &[u8], now_ns: u64) {
         self.on_payload_as(rec, payload, Some(now_ns));
     }

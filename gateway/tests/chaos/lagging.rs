@@ -84,6 +84,24 @@ fn offsets(page: &Value) -> Vec<u64> {
         .unwrap_or_default()
 }
 
+/// Asks B (in `ns`, API at `api_addr`) for `page` until it answers (at most
+/// 60 s), and asserts the answer holds exactly `want`.
+async fn page_in_the_end(ns: &str, api_addr: &str, page: &str, want: &[u64], when: &str) {
+    let t = Instant::now();
+    loop {
+        let (status, v) = api(Some(ns), api_addr, "history", page);
+        if status == 200 {
+            assert_eq!(offsets(&v), want, "{when}");
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "B still fails {when}: {status} {v}"
+        );
+        sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn gateway_args(id: &str, listen: String, api: String, nats: String) -> Vec<String> {
     // The chaos run's binary (`CHAOS_GATEWAY`, a release build from
     // scripts/chaos.sh) when given.
@@ -277,19 +295,7 @@ async fn a_gateway_on_a_replica_behind_never_answers_a_history_page_short() {
 
     // Healed: the same page, complete, from B.
     net.link("n2", true);
-    let t = Instant::now();
-    loop {
-        let (status, v) = api(Some(&ns2), b_api, "history", &page);
-        if status == 200 {
-            assert_eq!(offsets(&v), want, "after the heal");
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "B still fails after the heal: {status} {v}"
-        );
-        sleep(Duration::from_millis(500)).await;
-    }
+    page_in_the_end(&ns2, b_api, &page, &want, "after the heal").await;
 
     // Behind but reachable: n2's link throttled, so the stream's new messages
     // reach n2's replica late while requests to the leader still get through.
@@ -332,19 +338,7 @@ async fn a_gateway_on_a_replica_behind_never_answers_a_history_page_short() {
         assert!(v["error"]["code"].is_string(), "an error with a code: {status} {v}");
     }
     net.throttle("n2", None);
-    let t = Instant::now();
-    loop {
-        let (status, v) = api(Some(&ns2), b_api, "history", &page);
-        if status == 200 {
-            assert_eq!(offsets(&v), want, "after the throttle");
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "B still fails after the throttle: {status} {v}"
-        );
-        sleep(Duration::from_millis(500)).await;
-    }
+    page_in_the_end(&ns2, b_api, &page, &want, "after the throttle").await;
     a.kill();
     b.kill();
     for p in &mut nats {

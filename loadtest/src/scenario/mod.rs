@@ -225,22 +225,29 @@ pub async fn subscriber(env: Rc<Env>, fleet: Rc<Fleet>, rec: Rc<RefCell<Recorder
     }
 }
 
+/// Parses everything buffered on `conn` into `book`; latency is recorded
+/// only with a read time (`None`: counted for loss and duplicates only).
+fn drain_payloads(
+    conn: &mut Conn,
+    book: &mut SubscriberBook,
+    rec: &RefCell<Recorder>,
+    now: Option<u64>,
+) -> Result<(), ConnError> {
+    let mut r = rec.borrow_mut();
+    conn.drain(&mut |inc| {
+        if let Incoming::Data(p) = inc {
+            book.on_payload_as(&mut r, p, now);
+        }
+    })
+}
+
 /// The subscriber hot loop: one read, one clock read, parse everything read.
 pub(crate) async fn read_loop(conn: &mut Conn, book: &mut SubscriberBook, rec: &RefCell<Recorder>) -> ConnError {
     loop {
         if let Err(e) = conn.fill().await {
             return e;
         }
-        let now = now_ns();
-        let drained = {
-            let mut r = rec.borrow_mut();
-            conn.drain(&mut |inc| {
-                if let Incoming::Data(p) = inc {
-                    book.on_payload(&mut r, p, now);
-                }
-            })
-        };
-        if let Err(e) = drained {
+        if let Err(e) = drain_payloads(conn, book, rec, Some(now_ns())) {
             return e;
         }
         if conn.wants_flush()
@@ -264,21 +271,13 @@ async fn lazy_read_loop(
         if turn.changed().await.is_err() {
             return ConnError::Eof;
         }
-        // A zero timeout polls the read once: ready data is taken, an empty
-        // socket ends the turn.
-        while let Ok(filled) = tokio::time::timeout(Duration::ZERO, conn.fill()).await {
-            if let Err(e) = filled {
-                return e;
+        loop {
+            match conn.try_fill() {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => return e,
             }
-            let drained = {
-                let mut r = rec.borrow_mut();
-                conn.drain(&mut |inc| {
-                    if let Incoming::Data(p) = inc {
-                        book.on_payload_as(&mut r, p, None);
-                    }
-                })
-            };
-            if let Err(e) = drained {
+            if let Err(e) = drain_payloads(conn, book, rec, None) {
                 return e;
             }
         }

@@ -260,11 +260,10 @@ async fn read_once(conn: &mut Conn, on: &mut impl FnMut(&[u8])) -> Result<(), Co
     })
 }
 
-/// Reads what the kernel already holds, without waiting (a zero timeout polls
-/// the read once), and hands every message to `on`.
-async fn read_ready(conn: &mut Conn, on: &mut impl FnMut(&[u8])) -> Result<(), ConnError> {
-    while let Ok(filled) = tokio::time::timeout(Duration::ZERO, conn.fill()).await {
-        filled?;
+/// Reads what the kernel already holds, without waiting, and hands every
+/// message to `on`.
+fn read_ready(conn: &mut Conn, on: &mut impl FnMut(&[u8])) -> Result<(), ConnError> {
+    while conn.try_fill()? {
         conn.drain(&mut |inc| {
             if let Incoming::Data(f) = inc {
                 on(f);
@@ -388,7 +387,7 @@ async fn client(
                             if turn.changed().await.is_err() {
                                 break ConnError::Eof;
                             }
-                            read_ready(&mut conn, &mut |f| on_frame(f, url, &mut since)).await
+                            read_ready(&mut conn, &mut |f| on_frame(f, url, &mut since))
                         }
                     };
                     if let Err(e) = read {
