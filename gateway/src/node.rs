@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
-use crate::broker::{Bus, ClusterConfig, NatsBus};
+use crate::broker::{Bus, BusError, ClusterConfig, NatsBus, Outgoing, Published};
 use crate::config::Config;
 use crate::control::{Control, NodeInfo};
 use crate::limits::Limits;
@@ -281,6 +281,25 @@ impl Node {
     /// handler, a second listener) that must not outlive the node's drain.
     pub fn spawn_service(&self, task: impl Future<Output = ()> + Send + 'static) {
         spawn_until(&self.services, &self.services_stop, task);
+    }
+
+    /// Publishes `out` through the bus, as a client's or the server API's
+    /// publish: counts it (`gateway_published_total` and the local
+    /// deliveries, or `gateway_deduplicated_total` for a key seen before)
+    /// and records its duration in `gateway_publish_seconds`, successful
+    /// publishes only. Errors: the bus's ([`BusError`]), not counted.
+    pub async fn publish(&self, out: Outgoing<'_>) -> Result<Published, BusError> {
+        let started = Instant::now();
+        let p = self.bus.publish(self.rooms.as_ref(), out).await?;
+        let m = &self.metrics;
+        if p.fresh {
+            m.published_total.increment(1);
+            m.deliveries_total.increment(p.delivered as u64);
+        } else {
+            m.deduplicated_total.increment(1);
+        }
+        m.publish_seconds.record(started.elapsed().as_secs_f64());
+        Ok(p)
     }
 
     /// Tasks of this node still running (connections and services).

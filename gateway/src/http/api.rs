@@ -290,20 +290,9 @@ async fn publish_one(
     data: &Bytes,
     key: Option<&str>,
 ) -> Result<u64, ProtoError> {
-    let started = std::time::Instant::now();
     let out = Outgoing { room, from, data, key };
-    match node.bus.publish(node.rooms.as_ref(), out).await {
-        Ok(p) => {
-            let m = &node.metrics;
-            if p.fresh {
-                m.published_total.increment(1);
-                m.deliveries_total.increment(p.delivered as u64);
-            } else {
-                m.deduplicated_total.increment(1);
-            }
-            m.publish_seconds.record(started.elapsed().as_secs_f64());
-            Ok(p.offset)
-        }
+    match node.publish(out).await {
+        Ok(p) => Ok(p.offset),
         Err(e) => {
             tracing::debug!(%room, error = %e, "API publish failed");
             Err(bus_error(&e))

@@ -49,7 +49,6 @@ impl Session<'_> {
         {
             return self.rate_limited(id, r);
         }
-        let started = std::time::Instant::now();
         let node = self.node.clone();
         let out = Outgoing {
             room: &room,
@@ -57,19 +56,8 @@ impl Session<'_> {
             data,
             key,
         };
-        let result = node.bus.publish(node.rooms.as_ref(), out).await;
-        match result {
-            Ok(p) => {
-                let m = &node.metrics;
-                if p.fresh {
-                    m.published_total.increment(1);
-                    m.deliveries_total.increment(p.delivered as u64);
-                } else {
-                    m.deduplicated_total.increment(1);
-                }
-                m.publish_seconds.record(started.elapsed().as_secs_f64());
-                self.reply_ok(id, ReplyBody::Publish { offset: p.offset })
-            }
+        match node.publish(out).await {
+            Ok(p) => self.reply_ok(id, ReplyBody::Publish { offset: p.offset }),
             Err(e) => {
                 tracing::debug!(%room, error = %e, "publish failed");
                 self.reply_err(id, &bus_error(&e))
