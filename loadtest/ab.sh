@@ -7,24 +7,19 @@
 #   loadtest/ab.sh OLD_GATEWAY NEW_GATEWAY [ROUNDS]
 #   # e.g. a binary built from an older commit against target-rel/release/gateway
 # Env: SUBS (1000), RATES (deliveries/s, comma-separated: 2000000,3000000,4000000,5000000), SECS (5).
-set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
 [ $# -ge 2 ] || { sed -n 2,9p "$0"; exit 2; }
-old=$1 new=$2 rounds=${3:-5}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target-rel}
+old=$(realpath "$1") new=$(realpath "$2") rounds=${3:-5}
+source "$(dirname "$0")/lib.sh"
 cargo build --release -p loadtest
-lt=$CARGO_TARGET_DIR/release/loadtest
-ulimit -n "$(ulimit -Hn)"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+lt=$bin/loadtest
 for round in $(seq "$rounds"); do
   for name in old new; do
-    bin=$old; [ "$name" = new ] && bin=$new
+    gw=$old; [ "$name" = new ] && gw=$new
     port=$(free_port)
-    taskset -c 0 "$bin" --listen "127.0.0.1:$port" --jwt-secret loadtest-secret-0123456789abcdef0 --no-rate-limits \
+    taskset -c 0 "$gw" --listen "127.0.0.1:$port" --jwt-secret "$SECRET" --no-rate-limits \
       --node-id "ab-$name" --log warn >/dev/null 2>&1 &
-    pid=$!
-    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+    pid=$!; pids+=("$pid")
+    wait_ready "http://127.0.0.1:$port/readyz" 100 || { echo "$gw did not start" >&2; exit 1; }
     echo "== $name, round $round"
     LOADTEST_NO_PROGRESS=1 taskset -c 1 "$lt" fanout --url "ws://127.0.0.1:$port/ws" --server-pid "$pid" \
       --subs "${SUBS:-1000}" --rates "${RATES:-2000000,3000000,4000000,5000000}" --step-secs "${SECS:-5}" --no-stop 2>&1 \

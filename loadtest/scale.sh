@@ -26,46 +26,16 @@
 #
 #   loadtest/scale.sh                          # 100,000 connections, 100 msg/s, 120 s of traffic
 #   TOTAL=20000 MEASURE=30 loadtest/scale.sh   # a short try
-set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target-rel}
+source "$(dirname "$0")/lib.sh"
 cargo build --release -p loadtest -p gateway
-bin=$CARGO_TARGET_DIR/release
-nats=$(scripts/ensure-nats.sh)
 TOTAL=${TOTAL:-100000} RATE=${RATE:-100} MEASURE=${MEASURE:-120} GATEWAYS=6
 WORKERS=${WORKERS:-$(( (TOTAL + 14999) / 15000 ))}
 OUT=${OUT:-$CARGO_TARGET_DIR/scale}
-SECRET=loadtest-secret-0123456789abcdef0
-ulimit -n "$(ulimit -Hn)"
-dir=$(mktemp -d)
 rm -rf "$OUT"; mkdir -p "$OUT"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # --- NATS: 3 servers, JetStream, one cluster ---------------------------------
-declare -a cport rport mport nats_pid
-for i in 1 2 3; do cport[$i]=$(free_port); rport[$i]=$(free_port); mport[$i]=$(free_port); done
-routes=$(for i in 1 2 3; do printf '"nats-route://127.0.0.1:%s",' "${rport[$i]}"; done)
-for i in 1 2 3; do
-  cat > "$dir/n$i.conf" <<CONF
-server_name: n$i
-listen: "127.0.0.1:${cport[$i]}"
-http: "127.0.0.1:${mport[$i]}"
-max_payload: 8MB
-jetstream { store_dir: "$dir/n$i", sync_interval: always }
-cluster { name: scale, listen: "127.0.0.1:${rport[$i]}", routes: [${routes%,}] }
-CONF
-  taskset -c 0 "$nats" -c "$dir/n$i.conf" > "$OUT/n$i.log" 2>&1 &
-  nats_pid[$i]=$!; pids+=($!)
-done
-urls="nats://127.0.0.1:${cport[1]},nats://127.0.0.1:${cport[2]},nats://127.0.0.1:${cport[3]}"
-for _ in $(seq 100); do
-  ok=1; for i in 1 2 3; do curl -sf "http://127.0.0.1:${mport[$i]}/healthz?js-enabled-only=true" >/dev/null || ok=0; done
-  [ $ok = 1 ] && break; sleep 0.2
-done
+nats_cluster scale "$OUT"
+urls=$nats_urls
 
 # --- gateways ------------------------------------------------------------------
 declare -a gport gw_pid
@@ -75,8 +45,7 @@ start_gateway() { # $1 = number
     --node-id "scale-$1" --nats "$urls" --nats-replicas 3 --max-connections 19900 --log warn \
     > "$OUT/gw-$1.log" 2>&1 &
   gw_pid[$1]=$!; pids+=($!)
-  for _ in $(seq 300); do curl -sf "http://127.0.0.1:${gport[$1]}/readyz" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "gateway $1 not ready" >&2; exit 1
+  wait_ready "http://127.0.0.1:${gport[$1]}/readyz" || { echo "gateway $1 not ready: $OUT/gw-$1.log" >&2; exit 1; }
 }
 for g in $(seq $GATEWAYS); do start_gateway "$g"; done
 # The gateway that takes the drained one's place starts now, without clients
@@ -256,9 +225,11 @@ print(f"\nNATS, summed over the 3 servers (varz in_msgs/out_msgs: clients, route
       f"the difference per published message ({msg_rate:.0f}/s): {(tr_in - bg_in) / msg_rate:.1f} in, "
       f"{(tr_out - bg_out) / msg_rate:.1f} out")
 moved = sum(w["moved"] for w in ws); back = sum(w["moved_back"] for w in ws)
+mc = sum(w["moved_clients"] for w in ws); bc = sum(w["moved_back_clients"] for w in ws)
 # (1001: the drain's timeout closed the rest)
 mt = [w["moved_time"] for w in ws if w["moved_time"]["count"]]
-print(f"\nDrain of gateway 6: {moved:,} clients closed with 1012 or 1001, {back:,} back on another gateway; "
+print(f"\nDrain of gateway 6: {moved:,} connection ends (1012, 1001 or any end after the drain began) of {mc:,} clients, "
+      f"{back:,} resubscribes on another gateway ({bc:,} clients back); "
       f"close-to-resubscribed p50 {max((m['p50_ms'] for m in mt), default=0):.0f} ms, max {max((m['max_ms'] for m in mt), default=0):,.0f} ms "
       f"(the drain spreads its closes over 2 s); rooms answered recovered:false: {sum(w['not_recovered'] for w in ws)}")
 hr = [w["heavy_resume"] for w in ws if w["heavy_resume"]["count"]]

@@ -12,23 +12,14 @@
 #
 #   loadtest/soak.sh                                 # 19,000 conns, 3,000 rooms, 500 msg/s, 30 min
 #   CONNS=2000 ROOMS=300 SECS=120 SAMPLE=20 loadtest/soak.sh   # a short try
-set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target-rel}
+source "$(dirname "$0")/lib.sh"
 cargo build --release -p loadtest -p gateway
-bin=$CARGO_TARGET_DIR/release
 CONNS=${CONNS:-19000} ROOMS=${ROOMS:-3000} MSGS=${MSGS:-500} SECS=${SECS:-1800} SAMPLE=${SAMPLE:-60} HISTORY=${HISTORY:-100}
-ulimit -n "$(ulimit -Hn)"
-dir=$(mktemp -d)
-pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$dir"; }
-trap cleanup EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-taskset -c 0 "$bin/gateway" --listen "127.0.0.1:$port" --jwt-secret loadtest-secret-0123456789abcdef0 \
+port=$(free_port)
+taskset -c 0 "$bin/gateway" --listen "127.0.0.1:$port" --jwt-secret "$SECRET" \
   --no-rate-limits --node-id soak --history-size "$HISTORY" --log warn >"$dir/gw.log" 2>&1 &
-pid=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+pid=$!; pids+=("$pid")
+wait_ready "http://127.0.0.1:$port/readyz" 100 || { cat "$dir/gw.log"; exit 1; }
 out=$CARGO_TARGET_DIR/soak.json
 echo "soak: $CONNS connections, $ROOMS rooms, $MSGS msg/s, history $HISTORY, $SECS s, a sample every $SAMPLE s (gateway pid $pid)" >&2
 taskset -c 1 "$bin/loadtest" --json "$out" soak --url "ws://127.0.0.1:$port/ws" --server-pid "$pid" \

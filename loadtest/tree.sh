@@ -16,12 +16,8 @@
 # Env: SUBS (10000), RATE (deliveries/s, 50000), SECS (per step, 10),
 #      SPLIT_ARGS (the split gateway's flags, default
 #      "--tree-threshold 5000 --tree-degree 16": shards of at most 313 members).
-set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target-rel}
+source "$(dirname "$0")/lib.sh"
 cargo build --release -p gateway -p loadtest
-bin=$CARGO_TARGET_DIR/release
 rounds=${1:-3}
 subs=${SUBS:-10000}
 rate=${RATE:-50000}
@@ -29,13 +25,11 @@ secs=${SECS:-10}
 split_args=${SPLIT_ARGS:---tree-threshold 5000 --tree-degree 16}
 out=${OUT:-target/loadtest/tree-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
-ulimit -n "$(ulimit -Hn)"
-secret=loadtest-secret-0123456789abcdef0
 
 run() { # name, extra gateway flags...
   local name=$1; shift
   local log="$out/$name-$round.log"
-  taskset -c 0,1 "$bin/gateway" --listen 127.0.0.1:0 --jwt-secret "$secret" --no-rate-limits \
+  taskset -c 0,1 "$bin/gateway" --listen 127.0.0.1:0 --jwt-secret "$SECRET" --no-rate-limits \
     --node-id "bench-$name" "$@" >"$log" 2>&1 &
   local pid=$!
   local addr=""

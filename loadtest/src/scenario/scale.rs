@@ -182,6 +182,10 @@ pub struct ScaleReport {
     /// resubscribes that followed (back on another gateway).
     pub moved: u64,
     pub moved_back: u64,
+    /// Distinct clients with at least one such end, and of those the ones
+    /// that were back (subscribed on another gateway) at least once.
+    pub moved_clients: u64,
+    pub moved_back_clients: u64,
     /// From the 1012 close to the resubscribe's reply.
     pub moved_time: Latency,
     /// Rooms answered `recovered:false` on a resubscribe.
@@ -220,6 +224,8 @@ struct Shared {
     heavy_resume: RefCell<Hist>,
     moved: Cell<u64>,
     moved_back: Cell<u64>,
+    moved_clients: Cell<u64>,
+    moved_back_clients: Cell<u64>,
     moved_time: RefCell<Hist>,
     not_recovered: Cell<u64>,
     refused_rooms: Cell<u64>,
@@ -292,6 +298,8 @@ async fn client(
     let mut since: Vec<Option<u64>> = vec![None; rooms.len()];
     let finder = StampFinder::default();
     let mut closed_at: Option<Instant> = None;
+    // Whether this client was counted in `moved_clients` / `moved_back_clients`.
+    let (mut was_moved, mut was_back) = (false, false);
     // Where this client goes after its gateway: a second hash of `i`, so the
     // clients of one gateway spread over every failover gateway.
     let mut attempt = spread(i ^ 0x5bd1_e995);
@@ -377,6 +385,9 @@ async fn client(
                 }
                 if let Some(at) = closed_at.take() {
                     sh.moved_back.set(sh.moved_back.get() + 1);
+                    if !std::mem::replace(&mut was_back, true) {
+                        sh.moved_back_clients.set(sh.moved_back_clients.get() + 1);
+                    }
                     sh.moved_time.borrow_mut().record_us(at.elapsed().as_micros() as u64);
                 }
                 sh.live[url].set(sh.live[url].get() + 1);
@@ -408,6 +419,9 @@ async fn client(
         // drain's timeout did (any end once the drain began counts).
         if matches!(end, ConnError::Closed(1012 | 1001)) || sh.period.get() >= 1 {
             sh.moved.set(sh.moved.get() + 1);
+            if !std::mem::replace(&mut was_moved, true) {
+                sh.moved_clients.set(sh.moved_clients.get() + 1);
+            }
             closed_at.get_or_insert_with(Instant::now);
         }
         count(&sh.disconnects, &end);
@@ -501,6 +515,8 @@ pub async fn run(args: &ScaleArgs) -> Result<ScaleReport> {
         heavy_resume: RefCell::default(),
         moved: Cell::new(0),
         moved_back: Cell::new(0),
+        moved_clients: Cell::new(0),
+        moved_back_clients: Cell::new(0),
         moved_time: RefCell::default(),
         not_recovered: Cell::new(0),
         refused_rooms: Cell::new(0),
@@ -666,6 +682,8 @@ pub async fn run(args: &ScaleArgs) -> Result<ScaleReport> {
         heavy_resume: sh.heavy_resume.borrow().summary(),
         moved: sh.moved.get(),
         moved_back: sh.moved_back.get(),
+        moved_clients: sh.moved_clients.get(),
+        moved_back_clients: sh.moved_back_clients.get(),
         moved_time: sh.moved_time.borrow().summary(),
         not_recovered: sh.not_recovered.get(),
         refused_rooms: sh.refused_rooms.get(),
