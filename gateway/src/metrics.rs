@@ -53,6 +53,8 @@ pub struct Metrics {
     pub conns_limit: Gauge,
     pub conns_total: Counter,
     pub rooms_active: Gauge,
+    /// Encoded bytes of stored history across the node's rooms (set at scrape).
+    pub history_bytes: Gauge,
     pub published_total: Counter,
     pub deduplicated_total: Counter,
     pub deliveries_total: Counter,
@@ -90,11 +92,14 @@ impl Metrics {
             counter!("gateway_disconnects_total", "code" => code).increment(0);
         }
         describe_gauge!("gateway_tasks_alive", "Tasks alive in the node's async runtime.");
+        // Counted by `rooms::budget`.
+        counter!("gateway_history_evicted_rooms_total").increment(0);
         Self {
             conns_active: gauge!("gateway_conns_active"),
             conns_limit: gauge!("gateway_conns_limit"),
             conns_total: counter!("gateway_conns_total"),
             rooms_active: gauge!("gateway_rooms_active"),
+            history_bytes: gauge!("gateway_history_bytes"),
             published_total: counter!("gateway_published_messages_total"),
             deduplicated_total: counter!("gateway_deduplicated_messages_total"),
             deliveries_total: counter!("gateway_deliveries_total"),

@@ -120,6 +120,7 @@ impl Node {
                 },
                 history_size: cfg.history_size,
                 history_max_bytes: cfg.history_max_bytes,
+                history_total_bytes: cfg.history_total_bytes,
                 dedup_window: cfg.dedup_window,
                 dedup_max_keys: cfg.dedup_max_keys,
                 max_rooms: cfg.max_rooms,

@@ -69,6 +69,47 @@ async fn max_rooms_caps_the_rooms_a_node_holds() {
     assert_eq!(rooms[2]["error"]["code"], "limit_exceeded", "{r}");
 }
 
+/// `--history-total-bytes` with `--max-rooms`: rooms made by publishes
+/// alone (nobody subscribed) neither hold memory past the node's history
+/// budget nor hold their slots: the 20th such room is accepted with a cap of
+/// 5 rooms, the least recently active rooms' history is dropped, and a room
+/// with a member keeps its own.
+#[tokio::test]
+async fn history_total_bytes_and_max_rooms_evict_idle_rooms_not_refuse_new_ones() {
+    let node = TestNode::with(|o| {
+        o.max_rooms = Some(5);
+        o.history_max_bytes = Some(4096);
+        o.history_total_bytes = Some(8192);
+        o.no_rate_limits = Some(true);
+    })
+    .await;
+    let mut member = node.client("bob").await;
+    member.subscribe(&["kept"]).await;
+    let mut c = node.client("alice").await;
+    let text = "x".repeat(500);
+    assert!(c.publish("kept", json!({"text": text})).await["ok"].is_object());
+    for i in 0..20 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let r = c.publish(&format!("idle-{i}"), json!({"text": text})).await;
+        assert!(r["ok"].is_object(), "room {i}: {r}");
+    }
+    let history = |room: &str| json!({"op":"history","room":room,"limit":10});
+    let oldest = c.request(history("idle-0")).await;
+    assert_eq!(oldest["ok"]["messages"], json!([]), "{oldest}");
+    let newest = c.request(history("idle-19")).await;
+    assert_eq!(newest["ok"]["messages"].as_array().map(Vec::len), Some(1), "{newest}");
+    let kept = c.request(history("kept")).await;
+    assert_eq!(kept["ok"]["messages"].as_array().map(Vec::len), Some(1), "{kept}");
+    let (_, text) = common::http_get(&node.http("/metrics")).await;
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    assert!(value("gateway_history_bytes") <= 8192.0, "{text}");
+    assert!(value("gateway_history_evicted_rooms_total") >= 15.0, "{text}");
+}
+
 /// `--ping-interval-ms`: the server sends WebSocket pings at that interval.
 #[tokio::test]
 async fn ping_interval_ms_sets_how_often_the_server_pings() {

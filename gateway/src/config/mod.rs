@@ -175,6 +175,9 @@ pub struct Config {
     pub history_size: usize,
     /// Default 4 MiB.
     pub history_max_bytes: usize,
+    /// Bytes of history across every room of the node (`rooms::budget`);
+    /// default 1 GiB, at least `history_max_bytes`.
+    pub history_total_bytes: usize,
     /// Default 200.
     pub history_page_max: usize,
     /// Default 120 s.

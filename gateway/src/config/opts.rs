@@ -314,6 +314,9 @@ pub struct Opts {
     /// Bytes kept per room for `since` and `history` [default: 4194304].
     #[arg(long, env = "GATEWAY_HISTORY_MAX_BYTES", global = true)]
     pub history_max_bytes: Option<usize>,
+    /// Bytes of history kept across all rooms of the node; over it the least recently active rooms' history is dropped, rooms without members first; at least --history-max-bytes [default: 1073741824].
+    #[arg(long, env = "GATEWAY_HISTORY_TOTAL_BYTES", global = true)]
+    pub history_total_bytes: Option<usize>,
     /// Largest `limit` of one `history` page [default: 200].
     #[arg(long, env = "GATEWAY_HISTORY_PAGE_MAX", global = true)]
     pub history_page_max: Option<usize>,
@@ -452,6 +455,7 @@ impl Opts {
             write_timeout_ms,
             history_size,
             history_max_bytes,
+            history_total_bytes,
             history_page_max,
             dedup_window_ms,
             dedup_max_keys,

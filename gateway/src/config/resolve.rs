@@ -126,6 +126,7 @@ impl Config {
             write_timeout: conn.write_timeout,
             history_size: rooms.history_size,
             history_max_bytes: rooms.history_max_bytes,
+            history_total_bytes: rooms.history_total_bytes,
             history_page_max: rooms.history_page_max,
             dedup_window: ms(o.dedup_window_ms, 120_000),
             dedup_max_keys: rooms.dedup_max_keys,
@@ -383,6 +384,7 @@ impl Connection {
 struct Rooms {
     history_size: usize,
     history_max_bytes: usize,
+    history_total_bytes: usize,
     history_page_max: usize,
     dedup_max_keys: usize,
     max_rooms: usize,
@@ -390,9 +392,20 @@ struct Rooms {
 
 impl Rooms {
     fn resolve(o: &Opts) -> Result<Self, ConfigError> {
+        let history_max_bytes = positive("history_max_bytes", o.history_max_bytes, 4 << 20)?;
+        let history_total_bytes = positive("history_total_bytes", o.history_total_bytes, 1 << 30)?;
+        if history_total_bytes < history_max_bytes {
+            return Err(invalid(
+                "history_total_bytes",
+                format!(
+                    "{history_total_bytes} is below --history-max-bytes ({history_max_bytes}): one room could not keep its own history"
+                ),
+            ));
+        }
         Ok(Rooms {
             history_size: positive("history_size", o.history_size, 1_000)?,
-            history_max_bytes: positive("history_max_bytes", o.history_max_bytes, 4 << 20)?,
+            history_max_bytes,
+            history_total_bytes,
             history_page_max: positive("history_page_max", o.history_page_max, 200)?,
             dedup_max_keys: positive("dedup_max_keys", o.dedup_max_keys, 10_000)?,
             max_rooms: positive("max_rooms", o.max_rooms, 1_000_000)?,

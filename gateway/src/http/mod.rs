@@ -79,6 +79,7 @@ async fn metrics_text(State(node): State<Arc<Node>>) -> Response {
     m.conns_active.set(node.conns_active() as f64);
     m.conns_limit.set(node.cfg.max_connections as f64);
     m.rooms_active.set(node.rooms.len() as f64);
+    m.history_bytes.set(node.rooms.history_bytes() as f64);
     // The flushers count in their own atomics (no metric call per write).
     let flushed = node.rooms.flushers().stats();
     m.flusher_writes_total.absolute(flushed.writes);

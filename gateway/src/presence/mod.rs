@@ -638,6 +638,7 @@ mod tests {
         RoomLimits {
             history_size: 10,
             history_max_bytes: 1 << 20,
+            history_total_bytes: 1 << 30,
             dedup_window: Duration::from_secs(60),
             dedup_max_keys: 100,
             max_rooms: 10,

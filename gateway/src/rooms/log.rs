@@ -117,7 +117,7 @@ impl RoomIndex {
         // Keys are scoped to the user: clients number their keys alike, and
         // one user must never suppress another's message by guessing a key.
         let key = key.map(|k| dedup_key(from, k));
-        self.with_room(room, |st| {
+        let published = self.with_room(room, |st| {
             self.expire_keys(st, now);
             if let Some(offset) = key.as_deref().and_then(|k| st.dedup.get(k)) {
                 return Published {
@@ -150,7 +150,9 @@ impl RoomIndex {
                 fresh: true,
                 delivered,
             }
-        })
+        });
+        self.keep_budget();
+        published
     }
 
     pub(super) fn expire_keys(&self, st: &mut RoomState, now: Instant) {
@@ -205,7 +207,12 @@ impl RoomIndex {
     /// stored nothing after it was dropped. Entries not contiguous with the
     /// cache (the cache now starts above `read_upto`) are not added.
     pub fn prepend(&self, room: &RoomId, covers_from: u64, entries: &[(u64, SharedMessage)], read_upto: u64) {
-        self.with_existing(room, |st| st.prepend(&self.limits, covers_from, entries, read_upto));
+        self.with_existing(room, |st| {
+            let before = st.log_bytes;
+            st.prepend(&self.limits, covers_from, entries, read_upto);
+            self.account(before, st.log_bytes);
+        });
+        self.keep_budget();
     }
 
     /// Completes a catch-up of `room` for `since` up to `upto` with `read`,
@@ -246,9 +253,12 @@ impl RoomIndex {
                     .take_while(|e| e.offset <= upto)
                     .map(|e| e.msg.clone()),
             );
+            let before = st.log_bytes;
             st.prepend(&self.limits, since, read, read_upto);
+            self.account(before, st.log_bytes);
             Some(Some(messages))
         });
+        self.keep_budget();
         match joined.flatten() {
             Some(messages) => messages,
             // No cache: the read alone must reach `upto`.

@@ -272,12 +272,14 @@ impl RoomIndex {
         msg: SharedMessage,
     ) -> usize {
         st.last_offset = offset;
+        let before = st.log_bytes;
         st.log_bytes += msg.weight();
         st.log.push_back(Entry {
             offset,
             msg: msg.clone(),
         });
         self.trim(st);
+        self.account(before, st.log_bytes);
         let delivered = self.broadcast(st, &msg);
         for w in st.watchers.values() {
             w.bump(room, offset);
@@ -367,6 +369,7 @@ mod tests {
                 fanout_shards: 1,
                 history_size: 100,
                 history_max_bytes: 1 << 20,
+                history_total_bytes: 1 << 30,
                 dedup_window: Duration::from_secs(60),
                 dedup_max_keys: 100,
                 max_rooms: 10,
@@ -444,6 +447,7 @@ mod tests {
                 fanout_shards: 1,
                 history_size: 100,
                 history_max_bytes: 1 << 20,
+                history_total_bytes: 1 << 30,
                 dedup_window: Duration::from_secs(60),
                 dedup_max_keys: 100,
                 max_rooms: 10,

@@ -10,7 +10,8 @@
 //! `sequencer` (cluster mode: ordering, gaps, repair bookkeeping), `events`
 //! (the broker's interface, `broker::events`, implemented: the broker reports
 //! and asks through it and never names this module), `presence` (changed
-//! rooms for presence), `stats` (figures for `/metrics`).
+//! rooms for presence), `stats` (figures for `/metrics`), `budget` (the
+//! node-wide bounds: stored history bytes and the room count).
 //!
 //! Invariants:
 //! - A conn is in a room at most once; the first and last local member of a
@@ -30,6 +31,7 @@
 //! scrape ([`RoomIndex::top_rooms`]) takes no room lock and changes nothing. Broadcasts never block: full outboxes overflow and their writers
 //! close those connections as slow consumers.
 
+mod budget;
 mod events;
 mod log;
 mod members;
@@ -39,7 +41,7 @@ mod stats;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -76,6 +78,9 @@ pub struct RoomLimits {
     pub history_size: usize,
     /// Bytes of encoded (JSON) frames kept per room.
     pub history_max_bytes: usize,
+    /// Bytes of stored history across every room of the node; over it the
+    /// least recently active rooms' histories are dropped (`budget`).
+    pub history_total_bytes: usize,
     /// How long a publish `key` is remembered (embedded bus).
     pub dedup_window: Duration,
     /// Most keys remembered per room (embedded bus).
@@ -198,8 +203,11 @@ impl RoomState {
         self.stats.members.store(n, Ordering::Relaxed);
     }
 
-    fn new(mode: LogMode) -> Self {
+    /// A room's state; with the authoritative log its offsets start after
+    /// `floor` ([`RoomIndex::offset_floor`]).
+    fn new(mode: LogMode, floor: u64) -> Self {
         let authoritative = mode == LogMode::Authoritative;
+        let floor = if authoritative { floor } else { 0 };
         Self {
             plain: Default::default(),
             deflated: None,
@@ -207,9 +215,9 @@ impl RoomState {
             joining: HashSet::default(),
             log: VecDeque::new(),
             log_bytes: 0,
-            last_offset: 0,
-            evicted_upto: 0,
-            gone_upto: 0,
+            last_offset: floor,
+            evicted_upto: floor,
+            gone_upto: floor,
             live: authoritative,
             live_from: 0,
             pending: BTreeMap::new(),
@@ -254,7 +262,16 @@ pub struct RoomIndex {
     /// Rooms whose membership changed since presence last read them, once
     /// each; kept only while [`RoomIndex::track_presence`] is on.
     presence_changed: Mutex<Vec<RoomId>>,
-    presence_tracked: std::sync::atomic::AtomicBool,
+    presence_tracked: AtomicBool,
+    /// Encoded bytes of every room's log (`budget`).
+    history_bytes: AtomicUsize,
+    /// The highest offset of a removed room (authoritative log): rooms made
+    /// later start above it.
+    offset_floor: AtomicU64,
+    /// A shedding (`budget`) is under way.
+    shedding: AtomicBool,
+    /// When a search for a room slot last found none.
+    slot_search_failed: Mutex<Option<Instant>>,
 }
 
 impl RoomIndex {
@@ -269,7 +286,11 @@ impl RoomIndex {
             flushers: Flushers::new(shards),
             tree,
             presence_changed: Mutex::default(),
-            presence_tracked: std::sync::atomic::AtomicBool::new(false),
+            presence_tracked: AtomicBool::new(false),
+            history_bytes: AtomicUsize::new(0),
+            offset_floor: AtomicU64::new(0),
+            shedding: AtomicBool::new(false),
+            slot_search_failed: Mutex::new(None),
         }
     }
 
@@ -321,12 +342,12 @@ impl RoomIndex {
         if let Some(r) = self.get(room) {
             return Ok(r);
         }
-        if self.count.load(Ordering::Relaxed) >= self.limits.max_rooms {
+        if self.count.load(Ordering::Relaxed) >= self.limits.max_rooms && !self.free_a_slot() {
             return Err(RoomError::TooManyRooms);
         }
         let entry = self.rooms.entry(room.clone()).or_insert_with(|| {
             self.count.fetch_add(1, Ordering::Relaxed);
-            let state = RoomState::new(self.mode);
+            let state = RoomState::new(self.mode, self.offset_floor());
             Arc::new(Room {
                 stats: state.stats.clone(),
                 state: Mutex::new(state),
@@ -375,6 +396,12 @@ impl RoomIndex {
 
     /// Drops the room's state. Called with the lock held.
     fn remove_locked(&self, room: &RoomId, st: &mut RoomState) {
+        if self.mode == LogMode::Authoritative {
+            self.offset_floor.fetch_max(st.last_offset, Ordering::Relaxed);
+        }
+        self.account(st.log_bytes, 0);
+        st.log_bytes = 0;
+        st.log.clear();
         st.dead = true;
         self.rooms.remove(room);
         self.count.fetch_sub(1, Ordering::Relaxed);
@@ -533,6 +560,7 @@ mod tests {
             tree: TreeConfig::default(),
             history_size: history,
             history_max_bytes: 1 << 20,
+            history_total_bytes: 1 << 30,
             dedup_window: Duration::from_secs(60),
             dedup_max_keys: 100,
             max_rooms: 10,
@@ -729,11 +757,14 @@ mod tests {
         assert_eq!(page(idx.history(&room("none"), None, 3)), (vec![], false));
     }
 
+    /// Rooms with members are never evicted for a slot (`budget`): over
+    /// `max_rooms` of them a new room is refused.
     #[test]
     fn room_count_is_capped() {
         let idx = index(10);
+        let ob = outbox();
         for i in 0..10 {
-            idx.publish(&room(&format!("r{i}")), "a", &data(b"1"), None, 0, Instant::now())
+            idx.join(&room(&format!("r{i}")), ConnId(1), Member::Full(&ob), None, None)
                 .unwrap();
         }
         assert_eq!(

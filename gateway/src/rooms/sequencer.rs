@@ -10,33 +10,36 @@ impl RoomIndex {
     /// A message from the bus with its offset `seq`; `prev` is the previous
     /// offset of the same room (0 if unknown).
     pub fn deliver(&self, room: &RoomId, seq: u64, prev: u64, msg: SharedMessage) -> Delivered {
-        self.with_existing(room, |st| {
-            if !st.live || st.repairing {
-                if st.live && seq <= st.last_offset {
+        let delivered = self
+            .with_existing(room, |st| {
+                if !st.live || st.repairing {
+                    if st.live && seq <= st.last_offset {
+                        return Delivered::Duplicate;
+                    }
+                    self.buffer(st, seq, prev, msg);
+                    return Delivered::Buffered;
+                }
+                if seq <= st.last_offset {
                     return Delivered::Duplicate;
                 }
-                self.buffer(st, seq, prev, msg);
-                return Delivered::Buffered;
-            }
-            if seq <= st.last_offset {
-                return Delivered::Duplicate;
-            }
-            // An unknown previous offset (0 while the room has messages) may
-            // hide a gap: read up to the message before this one to be sure.
-            let prev = if prev == 0 && st.last_offset > 0 { seq - 1 } else { prev };
-            if prev > st.last_offset {
-                let gap = Gap {
-                    after: st.last_offset,
-                    upto: prev,
-                };
-                self.buffer(st, seq, prev, msg);
-                st.repairing = true;
-                return Delivered::Gap(gap);
-            }
-            let members = self.append_and_broadcast(room, st, seq, msg);
-            Delivered::Applied { members }
-        })
-        .unwrap_or(Delivered::NoRoom)
+                // An unknown previous offset (0 while the room has messages) may
+                // hide a gap: read up to the message before this one to be sure.
+                let prev = if prev == 0 && st.last_offset > 0 { seq - 1 } else { prev };
+                if prev > st.last_offset {
+                    let gap = Gap {
+                        after: st.last_offset,
+                        upto: prev,
+                    };
+                    self.buffer(st, seq, prev, msg);
+                    st.repairing = true;
+                    return Delivered::Gap(gap);
+                }
+                let members = self.append_and_broadcast(room, st, seq, msg);
+                Delivered::Applied { members }
+            })
+            .unwrap_or(Delivered::NoRoom);
+        self.keep_budget();
+        delivered
     }
 
     pub(super) fn buffer(&self, st: &mut RoomState, seq: u64, prev: u64, msg: SharedMessage) {
@@ -89,6 +92,7 @@ impl RoomIndex {
     /// never claims to cover it. Returns how many members were closed.
     pub fn lost_messages(&self, room: &RoomId, gone_upto: u64) -> usize {
         self.with_existing(room, |st| {
+            self.account(st.log_bytes, 0);
             st.log.clear();
             st.log_bytes = 0;
             st.evicted_upto = gone_upto.max(st.evicted_upto);
@@ -101,35 +105,41 @@ impl RoomIndex {
     /// Makes `room` live at offset `last` (cache mode): applies what was
     /// buffered meanwhile. Returns a gap to fetch, if any.
     pub fn go_live(&self, room: &RoomId, last: u64) -> Option<Gap> {
-        self.with_existing(room, |st| {
-            if st.live {
-                return None;
-            }
-            st.live = true;
-            st.live_from = last;
-            st.last_offset = last;
-            st.evicted_upto = last;
-            self.drain_pending(room, st)
-        })
-        .flatten()
+        let gap = self
+            .with_existing(room, |st| {
+                if st.live {
+                    return None;
+                }
+                st.live = true;
+                st.live_from = last;
+                st.last_offset = last;
+                st.evicted_upto = last;
+                self.drain_pending(room, st)
+            })
+            .flatten();
+        self.keep_budget();
+        gap
     }
 
     /// Applies messages fetched for a gap (in offset order), then what was
     /// buffered behind it. Returns the next gap, if any.
     pub fn repaired(&self, room: &RoomId, fetched: Vec<(u64, SharedMessage)>, upto: u64) -> Option<Gap> {
-        self.with_existing(room, |st| {
-            for (seq, msg) in fetched {
-                if seq > st.last_offset {
-                    self.append_and_broadcast(room, st, seq, msg);
+        let gap = self
+            .with_existing(room, |st| {
+                for (seq, msg) in fetched {
+                    if seq > st.last_offset {
+                        self.append_and_broadcast(room, st, seq, msg);
+                    }
                 }
-            }
-            // Whatever the gap held that the stream no longer has is skipped.
-            if upto > st.last_offset {
-                st.last_offset = upto;
-            }
-            self.drain_pending(room, st)
-        })
-        .flatten()
+                // Whatever the gap held that the stream no longer has is skipped.
+                if upto > st.last_offset {
+                    st.last_offset = upto;
+                }
+                self.drain_pending(room, st)
+            })
+            .flatten();
+        self.keep_budget();
+        gap
     }
 
     /// Asks for the messages up to `tail` (the stream's last offset, or one

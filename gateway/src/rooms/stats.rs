@@ -14,8 +14,13 @@ pub const RANK_WINDOW_SECS: u64 = 30;
 /// The current ranking window: whole [`RANK_WINDOW_SECS`] since the process
 /// started.
 pub(super) fn rank_window() -> u64 {
+    now_ms() / 1000 / RANK_WINDOW_SECS
+}
+
+/// Milliseconds since the first call in this process (a monotonic clock).
+fn now_ms() -> u64 {
     static START: LazyLock<Instant> = LazyLock::new(Instant::now);
-    START.elapsed().as_secs() / RANK_WINDOW_SECS
+    START.elapsed().as_millis() as u64
 }
 
 /// A room's figures for `/metrics`: written under the room's lock (one
@@ -34,6 +39,9 @@ pub struct RoomCounters {
     pub(super) window: AtomicU64,
     pub(super) window_deliveries: AtomicU64,
     pub(super) previous_window_deliveries: AtomicU64,
+    /// When the room last fanned out a message, ms on this process's
+    /// monotonic clock (0: never); which rooms `budget` evicts first.
+    pub(super) last_active_ms: AtomicU64,
 }
 
 impl RoomCounters {
@@ -42,7 +50,9 @@ impl RoomCounters {
         let delivered = delivered as u64;
         self.messages.fetch_add(1, Ordering::Relaxed);
         self.deliveries.fetch_add(delivered, Ordering::Relaxed);
-        let now = rank_window();
+        let ms = now_ms();
+        self.last_active_ms.store(ms, Ordering::Relaxed);
+        let now = ms / 1000 / RANK_WINDOW_SECS;
         let w = self.window.load(Ordering::Relaxed);
         if w != now {
             let last = self.window_deliveries.load(Ordering::Relaxed);
