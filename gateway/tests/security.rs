@@ -271,7 +271,13 @@ async fn data_no_client_could_read_is_refused_and_never_relayed() {
     member.subscribe(&["r"]).await;
     let mut c = node.client("sender").await;
     let deep = format!("{}{}", "[".repeat(3_000), "]".repeat(3_000));
-    for data in [deep.as_str(), "1e999999", r#""\ud800""#, r#"{"a":"\udc00x"}"#] {
+    for data in [
+        deep.as_str(),
+        "1e999999",
+        r#""\ud800""#,
+        r#"{"a":"\udc00x"}"#,
+        r#"{"a":1,"a":2}"#,
+    ] {
         c.send_text(format!(r#"{{"id":7,"op":"publish","room":"r","data":{data}}}"#))
             .await;
         let r = c.reply(7).await;

@@ -21,6 +21,7 @@
 //! frames, each set once through a `OnceLock` (whoever needs it first encodes
 //! it, under the room's lock during a broadcast; later readers take no lock).
 
+mod ijson;
 pub mod json;
 pub mod proto;
 
@@ -338,8 +339,9 @@ pub fn json_string(s: &str) -> String {
 pub const MAX_DATA_DEPTH: usize = 64;
 
 /// Checks a publish's `data` (JSON text) is a value every client can read:
-/// JSON that parses into a value (no number outside the range of a double,
-/// no unpaired UTF-16 surrogate escape, RFC 7493 I-JSON) nested at most
+/// JSON that parses into a value (RFC 7493 I-JSON: no number outside the
+/// range of a double, no unpaired UTF-16 surrogate escape, no object with
+/// two members of the same name; `ijson`) nested at most
 /// [`MAX_DATA_DEPTH`] deep. The gateway relays `data` byte for byte to
 /// every member, so a value that breaks one client's parser would break it
 /// for everybody in the room.
@@ -352,7 +354,7 @@ pub fn check_data(data: &[u8]) -> Result<(), ProtoError> {
             "data is nested deeper than {MAX_DATA_DEPTH} levels"
         )));
     }
-    serde_json::from_slice::<serde_json::Value>(data)
+    serde_json::from_slice::<ijson::Interoperable>(data)
         .map(|_| ())
         .map_err(|e| ProtoError::bad_request(format!("data is not interoperable JSON: {e}")))
 }
@@ -404,7 +406,15 @@ mod tests {
             assert!(check_data(ok).is_ok(), "{}", String::from_utf8_lossy(ok));
         }
         let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
-        let bad: [&[u8]; 4] = [b"1e999999", b"\"\\ud800\"", b"[1,", deep.as_bytes()];
+        let bad: [&[u8]; 6] = [
+            b"1e999999",
+            b"\"\\ud800\"",
+            b"[1,",
+            deep.as_bytes(),
+            b"{\"a\":1,\"a\":2}",
+            // The same name once escaped, nested in an array.
+            b"[{\"b\":{},\"x\":0,\"\\u0062\":[]}]",
+        ];
         for b in bad {
             let e = check_data(b).unwrap_err();
             assert_eq!(e.code, ErrorCode::BadRequest, "{}", String::from_utf8_lossy(b));
