@@ -69,6 +69,13 @@ fn token(config: &Config, args: TokenArgs) -> ExitCode {
         );
         return ExitCode::from(EXIT_CONFIG);
     };
+    if !gateway::model::is_valid_user(&args.sub) {
+        eprintln!(
+            "gateway token: --sub must be 1 to {} bytes without control or bidirectional formatting characters (the gateway refuses such a token)",
+            gateway::model::MAX_USER_LEN
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let publish = args.publish.unwrap_or_else(|| args.rooms.clone());
     let ttl = (args.ttl > 0).then_some(args.ttl);
     match auth::mint_hs256(secret.as_bytes(), &args.sub, args.rooms, publish, ttl) {

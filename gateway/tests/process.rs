@@ -95,6 +95,16 @@ fn token_subcommand_mints_a_verifiable_token() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "no secret configured");
+
+    // A sub the gateway would refuse (it is shown to others as `from`).
+    for sub in ["bad\u{202E}sub", "a\nb"] {
+        let out = Command::new(BIN)
+            .args(["token", "--jwt-secret", LONG_SECRET, "--sub", sub])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{sub:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--sub must be"));
+    }
 }
 
 const LONG_SECRET: &str = "s3-s3-s3-s3-s3-s3-s3-s3-s3-s3-s3-s3";

@@ -84,6 +84,8 @@ pub enum AuthError {
     Audience,
     #[error("token has no sub")]
     MissingSub,
+    #[error("token sub must be 1 to 256 bytes without control or bidirectional formatting characters")]
+    BadSub,
     #[error("token is for another user")]
     WrongSub,
     #[error("room token is for another room")]
@@ -115,6 +117,7 @@ impl AuthError {
             Self::Issuer => "issuer",
             Self::Audience => "audience",
             Self::MissingSub => "missing_sub",
+            Self::BadSub => "bad_sub",
             Self::WrongSub => "wrong_sub",
             Self::WrongRoom => "wrong_room",
             Self::BadGrants => "bad_grants",
@@ -206,6 +209,10 @@ struct RawHeader {
     alg: String,
     #[serde(default)]
     kid: Option<String>,
+    /// Header extensions the recipient must understand (RFC 7515 4.1.11);
+    /// the gateway understands none, so a token naming any is refused.
+    #[serde(default)]
+    crit: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -228,6 +235,9 @@ impl<'a> Unverified<'a> {
             return Err(AuthError::Malformed);
         };
         let header: RawHeader = serde_json::from_slice(&b64(h)?).map_err(|_| AuthError::Malformed)?;
+        if header.crit.is_some() {
+            return Err(AuthError::Malformed);
+        }
         // `none` and anything unknown end here, before any key is looked at.
         let alg = Algorithm::from_str(&header.alg).map_err(|_| AuthError::Algorithm)?;
         let iss = if want_iss {
@@ -535,6 +545,9 @@ impl Verifier {
         }
         check_exp(claims.exp)?;
         let sub = claims.sub.filter(|s| !s.is_empty()).ok_or(AuthError::MissingSub)?;
+        if !crate::model::is_valid_user(&sub) {
+            return Err(AuthError::BadSub);
+        }
         let grants = match claim_at(&claims.rest, &self.opts.rooms_claim) {
             None | Some(Value::Null) => self.opts.default_grants.clone(),
             Some(v) => grants_from(v).map_err(|_| AuthError::BadGrants)?,
@@ -699,6 +712,12 @@ mod tests {
             (sign(json!({"sub":"a","nbf":now+60}), S), AuthError::NotYetValid),
             (sign(json!({"sub":"a"}), b"other"), AuthError::Signature),
             (sign(json!({"exp":now+60}), S), AuthError::MissingSub),
+            (sign(json!({"sub":"a\u{0}b","exp":now+60}), S), AuthError::BadSub),
+            (
+                sign(json!({"sub":"mallory\u{202E}ecila","exp":now+60}), S),
+                AuthError::BadSub,
+            ),
+            (sign(json!({"sub":"x".repeat(257),"exp":now+60}), S), AuthError::BadSub),
             ("garbage".to_string(), AuthError::Malformed),
             ("x".repeat(MAX_TOKEN_BYTES + 1), AuthError::TooLarge),
         ];
@@ -712,6 +731,12 @@ mod tests {
             base64_url(br#"{"sub":"a"}"#)
         );
         assert_eq!(v.verify_connect_now(&none).unwrap_err(), AuthError::Algorithm);
+        // A critical header extension the gateway cannot understand.
+        let mut header = Header::new(Algorithm::HS256);
+        header.crit = Some(vec!["x-policy".into()]);
+        let crit =
+            jsonwebtoken::encode(&header, &json!({"sub":"a","exp":now+60}), &EncodingKey::from_secret(S)).unwrap();
+        assert_eq!(v.verify_connect_now(&crit).unwrap_err(), AuthError::Malformed);
     }
 
     #[test]

@@ -41,7 +41,7 @@ use crate::rooms::HistoryPage;
 /// Most rooms in one `broadcast`.
 pub const MAX_BROADCAST_ROOMS: usize = 1_000;
 /// Longest `from`, `user` and `key`, bytes.
-pub const MAX_NAME_LEN: usize = 256;
+pub const MAX_NAME_LEN: usize = crate::model::MAX_USER_LEN;
 /// The `from` of an API publish that names no sender.
 pub const DEFAULT_FROM: &str = "server";
 
@@ -237,9 +237,9 @@ fn room_id(name: &str) -> Result<RoomId, ProtoError> {
 }
 
 fn name<'a>(what: &str, v: &'a str) -> Result<&'a str, ProtoError> {
-    if v.is_empty() || v.len() > MAX_NAME_LEN || v.chars().any(char::is_control) {
+    if !crate::model::is_valid_user(v) {
         return Err(ProtoError::bad_request(format!(
-            "{what} must be 1 to {MAX_NAME_LEN} bytes without control characters"
+            "{what} must be 1 to {MAX_NAME_LEN} bytes without control or bidirectional formatting characters"
         )));
     }
     Ok(v)
