@@ -479,6 +479,12 @@ async fn the_token_expiring_closes_4010_and_refresh_extends_it() {
     let long = sign(&json!({"sub":"rita","exp":now + 600,"rooms":{"sub":["*"],"pub":["*"]}}));
     let r = refreshed.request(json!({"op":"refresh","token":long})).await;
     assert!(r["ok"]["expires_in"].as_u64().unwrap() > 500, "{r}");
+    // expires_in is the token's time left, even past the expiry timer's
+    // one-year cap.
+    let two_years = 2 * 365 * 24 * 3600;
+    let far = sign(&json!({"sub":"rita","exp":now + two_years,"rooms":{"sub":["*"],"pub":["*"]}}));
+    let r = refreshed.request(json!({"op":"refresh","token":far})).await;
+    assert!(r["ok"]["expires_in"].as_u64().unwrap() > two_years - 60, "{r}");
     let other = sign(&json!({"sub":"someone-else","exp":now + 600}));
     let r = refreshed.request(json!({"op":"refresh","token":other})).await;
     assert_eq!(r["error"]["code"], "unauthorized");

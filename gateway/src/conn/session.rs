@@ -639,7 +639,8 @@ impl<'a> Session<'a> {
             return None;
         };
         self.expires_at = Some(auth::deadline(exp, self.node.verifier.leeway()));
-        Some(auth::until(exp, Duration::ZERO).as_secs())
+        // The token's own time left, not the timer's (capped at a year).
+        Some(exp.saturating_sub(auth::now_secs()))
     }
 
     pub(super) async fn handle(&mut self, frame: Bytes) -> Result<(), CloseReason> {
