@@ -193,3 +193,50 @@ async fn an_oversized_frame_is_refused_from_its_header_alone() {
         .expect("closed without waiting for the payload");
     assert_eq!(code, 1009);
 }
+
+/// The status line a raw upgrade request gets.
+async fn status_of(node: &TestNode, request: String) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut tcp = tokio::net::TcpStream::connect(node.running.addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = within(tcp.read(&mut buf)).await.unwrap_or(0);
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    head.lines().next().unwrap_or("").to_string()
+}
+
+/// RFC 6455 4.2.1: a handshake whose `Sec-WebSocket-Key` is not 16 bytes in
+/// base64, or that has no `Host`, is refused with 400 before any upgrade.
+#[tokio::test]
+async fn a_handshake_without_a_valid_key_or_host_is_refused_400() {
+    let node = TestNode::start().await;
+    let addr = node.running.addr;
+    let request = |host: bool, key: &str| {
+        let host = if host {
+            format!("Host: {addr}\r\n")
+        } else {
+            String::new()
+        };
+        format!(
+            "GET /ws HTTP/1.1\r\n{host}Upgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: gw.v1.json\r\n\r\n"
+        )
+    };
+    for key in [
+        "!!",
+        "dGhlIHNhbXBsZSBub25jZQ",
+        "dGhlIHNhbXBsZSBub25jZXg=",
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    ] {
+        let status = status_of(&node, request(true, key)).await;
+        assert!(status.starts_with("HTTP/1.1 400"), "key {key:?}: {status}");
+    }
+    let status = status_of(&node, request(false, "dGhlIHNhbXBsZSBub25jZQ==")).await;
+    assert!(status.starts_with("HTTP/1.1 400"), "no Host: {status}");
+    let status = status_of(&node, request(true, "dGhlIHNhbXBsZSBub25jZQ==")).await;
+    assert!(
+        status.starts_with("HTTP/1.1 101"),
+        "the RFC's own example key: {status}"
+    );
+}

@@ -41,6 +41,16 @@ fn refuse_admission(refusal: Refusal) -> Response {
     r
 }
 
+/// Whether a `Sec-WebSocket-Key` is what RFC 6455 4.1 says a client sends:
+/// 16 bytes in base64 (24 characters).
+fn valid_key(key: &[u8]) -> bool {
+    use base64::Engine as _;
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|k| k.len() == 16)
+}
+
 pub(super) fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
@@ -150,6 +160,16 @@ pub(super) async fn ws_upgrade(State(node): State<Arc<Node>>, mut req: Request) 
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
         return refuse(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
     };
+    if !valid_key(key.as_bytes()) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455 4.1)",
+        );
+    }
+    // RFC 6455 4.2.1 and HTTP/1.1 (RFC 9112 3.2): a request without Host is refused.
+    if !headers.contains_key(header::HOST) {
+        return refuse(StatusCode::BAD_REQUEST, "missing Host");
+    }
     if !origin_allowed(&node.cfg, headers) {
         return refuse(StatusCode::FORBIDDEN, "origin not allowed");
     }
