@@ -110,6 +110,32 @@ async fn history_total_bytes_and_max_rooms_evict_idle_rooms_not_refuse_new_ones(
     assert!(value("gateway_history_evicted_rooms_total") >= 15.0, "{text}");
 }
 
+/// `--user-max-conns`: one user's connections on the node are capped; the
+/// connect past it answers `limit_exceeded` and closes 4029 (protocol.md:
+/// too many connections, node, user or address); other users are not
+/// counted, and a closed connection frees its place.
+#[tokio::test]
+async fn user_max_conns_caps_one_users_connections_with_4029() {
+    let node = TestNode::with(|o| o.user_max_conns = Some(2)).await;
+    let mut alice = vec![node.client("alice").await, node.client("alice").await];
+    let mut third = common::Client::open(&node.url()).await;
+    let r = third.connect(&node.token("alice")).await;
+    assert_eq!(r["error"]["code"], "limit_exceeded", "{r}");
+    assert_eq!(third.closed().await, Ended::Close(4029));
+    let mut bob = node.client("bob").await;
+    bob.subscribe(&["r"]).await;
+    drop(alice.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut again = common::Client::open(&node.url()).await;
+        if again.connect(&node.token("alice")).await["ok"].is_object() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the closed connection never freed its place");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `--ping-interval-ms`: the server sends WebSocket pings at that interval.
 #[tokio::test]
 async fn ping_interval_ms_sets_how_often_the_server_pings() {

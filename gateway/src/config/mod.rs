@@ -165,6 +165,9 @@ pub struct Config {
     pub max_rooms_per_conn: usize,
     /// Default 50,000.
     pub max_connections: usize,
+    /// Connections of one user on this node (`--user-max-conns`); 0: no cap
+    /// (the default).
+    pub user_max_conns: usize,
     /// Default 1 MiB.
     pub outbox_max_bytes: usize,
     /// Default 8,192.

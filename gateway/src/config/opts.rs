@@ -298,6 +298,9 @@ pub struct Opts {
     /// WebSocket connections on this node; more are closed with 4029 [default: 50000].
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", global = true)]
     pub max_connections: Option<usize>,
+    /// WebSocket connections of one user (`sub`) on this node; a `connect` past it gets `limit_exceeded` and close 4029; 0 = off [default: 0].
+    #[arg(long, env = "GATEWAY_USER_MAX_CONNS", global = true)]
+    pub user_max_conns: Option<usize>,
     /// Bytes queued for one connection (pushes, replies, catch-up, history pages and the batch being written) before it is closed as a slow consumer (4009) [default: 4194304].
     #[arg(long, env = "GATEWAY_OUTBOX_MAX_BYTES", global = true)]
     pub outbox_max_bytes: Option<usize>,
@@ -450,6 +453,7 @@ impl Opts {
             permessage_deflate,
             max_rooms_per_conn,
             max_connections,
+            user_max_conns,
             outbox_max_bytes,
             outbox_max_frames,
             write_timeout_ms,

@@ -121,6 +121,7 @@ impl Config {
             permessage_deflate: o.permessage_deflate.unwrap_or(true),
             max_rooms_per_conn: conn.max_rooms_per_conn,
             max_connections: conn.max_connections,
+            user_max_conns: o.user_max_conns.unwrap_or(0),
             outbox_max_bytes: conn.outbox_max_bytes,
             outbox_max_frames: conn.outbox_max_frames,
             write_timeout: conn.write_timeout,

@@ -601,12 +601,23 @@ impl<'a> Session<'a> {
             self.reply_err(id, &ProtoError::new(ErrorCode::Unauthorized, "the token was revoked"))?;
             return Err(CloseReason::Unauthorized);
         }
-        self.control = Some(
-            self.node
-                .control
-                .registry
-                .register(&identity.sub, self.id, identity.iat),
-        );
+        let cap = self.node.cfg.user_max_conns;
+        let Some(handle) = self
+            .node
+            .control
+            .registry
+            .register(&identity.sub, self.id, identity.iat, cap)
+        else {
+            self.reply_err(
+                id,
+                &ProtoError::new(
+                    ErrorCode::LimitExceeded,
+                    format!("{} connections of this user on this node (--user-max-conns)", cap),
+                ),
+            )?;
+            return Err(CloseReason::TooManyConnections);
+        };
+        self.control = Some(handle);
         // A revocation stored between the check and the registration.
         if self.node.control.revocations.is_revoked(&identity.sub, identity.iat) {
             return Err(CloseReason::Revoked);

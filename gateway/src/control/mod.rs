@@ -155,15 +155,20 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Registers connection `conn` of `user`, holding a token issued at `iat`.
-    pub fn register(&self, user: &str, conn: ConnId, iat: u64) -> Arc<ConnHandle> {
+    /// Registers connection `conn` of `user`, holding a token issued at
+    /// `iat`, unless `user` has `cap` connections here already (`cap` 0:
+    /// no cap; `--user-max-conns`): then `None`. The count and the
+    /// registration are one step, so concurrent connects never pass the cap.
+    pub fn register(&self, user: &str, conn: ConnId, iat: u64, cap: usize) -> Option<Arc<ConnHandle>> {
+        let mut conns = self.users.entry(user.to_string()).or_default();
+        if cap > 0 && conns.len() >= cap {
+            return None;
+        }
         let handle = Arc::new(ConnHandle::new(user, iat));
+        conns.push((conn, handle.clone()));
+        drop(conns);
         self.by_conn.insert(conn, handle.user.clone());
-        self.users
-            .entry(user.to_string())
-            .or_default()
-            .push((conn, handle.clone()));
-        handle
+        Some(handle)
     }
 
     /// Removes connection `conn` of `user`.
@@ -238,9 +243,11 @@ mod tests {
     #[tokio::test]
     async fn orders_reach_only_the_users_connections_and_revocations_only_old_tokens() {
         let r = Registry::default();
-        let a1 = r.register("alice", ConnId(1), 100);
-        let a2 = r.register("alice", ConnId(2), 300);
-        let b = r.register("bob", ConnId(3), 100);
+        let a1 = r.register("alice", ConnId(1), 100, 0).unwrap();
+        let a2 = r.register("alice", ConnId(2), 300, 0).unwrap();
+        let b = r.register("bob", ConnId(3), 100, 2).unwrap();
+        assert!(r.register("alice", ConnId(4), 100, 2).is_none(), "alice holds 2");
+        assert_eq!(r.count("alice"), 2);
         let order = Broadcast::Disconnect {
             user: "alice".into(),
             code: 4003,

@@ -657,7 +657,7 @@ mod tests {
         let ob = Arc::new(Outbox::new(OutboxLimits::default()));
         // Two connections of "a", one of "b".
         for (conn, user) in [(1, "a"), (2, "a"), (3, "b")] {
-            registry.register(user, ConnId(conn), 0);
+            registry.register(user, ConnId(conn), 0, 0);
         }
         let j1 = rooms.join(&r, ConnId(1), Member::Full(&ob), None, None).unwrap();
         let j2 = rooms.join(&r, ConnId(2), Member::FullProto(&ob), None, None).unwrap();
