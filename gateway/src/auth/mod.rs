@@ -259,6 +259,10 @@ impl<'a> Unverified<'a> {
     }
 }
 
+/// How far (seconds) beyond the leeway a token's `iat` may be ahead of this
+/// node's clock before the token is refused as not valid yet.
+pub const IAT_AHEAD_SECS: u64 = 60;
+
 /// The node's verification keys and rules.
 pub struct Verifier {
     keys: Vec<VerifyKey>,
@@ -544,6 +548,13 @@ impl Verifier {
             return Err(AuthError::RoomTokenAsConnect);
         }
         check_exp(claims.exp)?;
+        // Revocations compare `iat` with their time: a token dated in the
+        // future would pass a `revoke` made now. A signer's clock a little
+        // ahead is not refused (the leeway plus [`IAT_AHEAD_SECS`]).
+        let ahead = self.opts.leeway_secs.saturating_add(IAT_AHEAD_SECS);
+        if claims.iat.is_some_and(|iat| iat > now_secs().saturating_add(ahead)) {
+            return Err(AuthError::NotYetValid);
+        }
         let sub = claims.sub.filter(|s| !s.is_empty()).ok_or(AuthError::MissingSub)?;
         if !crate::model::is_valid_user(&sub) {
             return Err(AuthError::BadSub);
@@ -712,6 +723,7 @@ mod tests {
             (sign(json!({"sub":"a","nbf":now+60}), S), AuthError::NotYetValid),
             (sign(json!({"sub":"a"}), b"other"), AuthError::Signature),
             (sign(json!({"exp":now+60}), S), AuthError::MissingSub),
+            (sign(json!({"sub":"a","iat":now+3600}), S), AuthError::NotYetValid),
             (sign(json!({"sub":"a\u{0}b","exp":now+60}), S), AuthError::BadSub),
             (
                 sign(json!({"sub":"mallory\u{202E}ecila","exp":now+60}), S),
