@@ -177,7 +177,7 @@ async fn disconnect_unsubscribe_and_revoke_in_embedded_mode() {
     let (node, api) = api_node(|_| {}).await;
     let mut a = node.client("alice").await;
     // Bob's connection holds a token issued after the coming revocation.
-    let later = common::sign(&json!({"sub":"bob","iat":now() + 100,"exp":now() + 600}));
+    let later = common::sign(&json!({"sub":"bob","iat":now() + 30,"exp":now() + 600}));
     let mut b = Client::open(&node.url()).await;
     assert!(b.connect(&later).await.get("ok").is_some());
     a.subscribe(&["general"]).await;
