@@ -43,11 +43,11 @@ impl AsyncRead for SharedTcp {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
             ready!(self.0.0.poll_read_ready(cx))?;
-            match self.0.0.try_read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
+            // Into the unfilled part as it is: `initialize_unfilled` zeroed
+            // it first, a memset of the reader's whole chunk on every read
+            // (its buffers are uninitialized each time).
+            match self.0.0.try_read_buf(buf) {
+                Ok(_) => return Poll::Ready(Ok(())),
                 // Readiness was stale: polling again registers for the next.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
