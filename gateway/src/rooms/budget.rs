@@ -125,7 +125,7 @@ impl RoomIndex {
         rooms.sort_unstable_by_key(|(members, active, ..)| (*members, *active));
         let now = Instant::now();
         let mut evicted = 0u64;
-        for (_, _, id, room) in rooms {
+        for (had_members, _, id, room) in rooms {
             let more = match need {
                 Need::Bytes => self.history_bytes() > bytes_target,
                 Need::Slots => self.len() > rooms_target,
@@ -139,8 +139,12 @@ impl RoomIndex {
             }
             let empty = !st.has_members();
             if need == Need::Slots && !empty {
-                // Rooms with members come last: none left to free.
-                break;
+                if had_members {
+                    // Rooms with members come last: none left to free.
+                    break;
+                }
+                // Joined since, or held by a connection still joining.
+                continue;
             }
             if !st.log.is_empty() {
                 self.drop_history(&mut st);
