@@ -8,6 +8,7 @@
 #   # e.g. a binary built from an older commit against target-rel/release/gateway
 # Env: SUBS (1000), RATES (deliveries/s, comma-separated: 2000000,3000000,4000000,5000000), SECS (5).
 [ $# -ge 2 ] || { sed -n 2,9p "$0"; exit 2; }
+[ -x "$1" ] && [ -x "$2" ] || { echo "ab.sh: $1 and $2 must be gateway binaries" >&2; exit 2; }
 old=$(realpath "$1") new=$(realpath "$2") rounds=${3:-5}
 source "$(dirname "$0")/lib.sh"
 cargo build --release -p loadtest
@@ -24,6 +25,6 @@ for round in $(seq "$rounds"); do
     LOADTEST_NO_PROGRESS=1 taskset -c 1 "$lt" fanout --url "ws://127.0.0.1:$port/ws" --server-pid "$pid" \
       --subs "${SUBS:-1000}" --rates "${RATES:-2000000,3000000,4000000,5000000}" --step-secs "${SECS:-5}" --no-stop 2>&1 \
       | grep '^  step' | awk '!seen[$0]++'
-    kill "$pid"; wait "$pid" 2>/dev/null || true
+    kill "$pid"; wait "$pid" 2>/dev/null || true; forget_pid "$pid"
   done
 done

@@ -8,7 +8,8 @@
 #            debug builds in target/)
 #   $SECRET  the HS256 secret the gateways and the load generator share
 #   $dir     a temporary folder, removed at exit
-#   pids     an array: every process added to it is killed at exit
+#   pids     an array: every process added to it is killed at exit (a
+#            script that stops one itself calls forget_pid)
 #   the open-file limit raised to the hard limit (20,000 here: TOOLING.md)
 # and the functions below. Every server it starts binds to 127.0.0.1.
 set -euo pipefail
@@ -22,10 +23,18 @@ dir=$(mktemp -d)
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf "$dir"
 }
 trap cleanup EXIT
+
+# forget_pid PID: PID was stopped and waited for by the script; the clean-up
+# must not signal the number again (it may belong to another process by then).
+forget_pid() {
+  local keep=() p
+  for p in "${pids[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+  pids=("${keep[@]}")
+}
 
 # free_port: prints a TCP port of 127.0.0.1 that was free a moment ago.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -46,7 +55,8 @@ wait_ready() {
 # default always; max_payload 8 MB), pinned to CPU 0, logs LOGDIR/nI.log.
 # Sets cport[1..3] (client ports), mport[1..3] (monitoring), nats_pid[1..3]
 # and nats_urls (the three client URLs, comma-separated); returns once all
-# three report JetStream healthy, or exits 1.
+# three answer /healthz (JetStream included: the cluster has a meta leader),
+# or prints the log and exits 1.
 nats_cluster() {
   local name=$1 logs=$2 nats i routes=""
   nats=$(scripts/ensure-nats.sh)
@@ -68,7 +78,7 @@ CONF
   done
   nats_urls="nats://127.0.0.1:${cport[1]},nats://127.0.0.1:${cport[2]},nats://127.0.0.1:${cport[3]}"
   for i in 1 2 3; do
-    wait_ready "http://127.0.0.1:${mport[i]}/healthz?js-enabled-only=true" 300 \
-      || { echo "nats-server n$i did not start: $logs/n$i.log" >&2; exit 1; }
+    wait_ready "http://127.0.0.1:${mport[i]}/healthz" 600 \
+      || { echo "nats-server n$i not healthy after 60 s:" >&2; tail -20 "$logs/n$i.log" >&2; exit 1; }
   done
 }

@@ -150,8 +150,8 @@ sleep $((MEASURE - half - settle))
 sample end
 stop_at=$(date +%s.%N)
 touch "$dir/stop"
-for p in "${wpids[@]}"; do wait "$p" || echo "worker $p exited with $?" >&2; done
-wait "${gw_pid[$GATEWAYS]}" 2>/dev/null || true
+for p in "${wpids[@]}"; do wait "$p" || echo "worker $p exited with $?" >&2; forget_pid "$p"; done
+wait "${gw_pid[$GATEWAYS]}" 2>/dev/null || true; forget_pid "${gw_pid[$GATEWAYS]}"
 python3 - "$OUT" "$MEASURE" "$half" "$drain_at" "$go_at" "$stop_at" <<'PY'
 import glob, json, sys
 out, measure, half, drain_at = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])

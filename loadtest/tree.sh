@@ -32,6 +32,7 @@ run() { # name, extra gateway flags...
   taskset -c 0,1 "$bin/gateway" --listen 127.0.0.1:0 --jwt-secret "$SECRET" --no-rate-limits \
     --node-id "bench-$name" "$@" >"$log" 2>&1 &
   local pid=$!
+  pids+=("$pid")
   local addr=""
   for _ in $(seq 100); do
     addr=$(grep -o 'listening on ws://[0-9.:]*' "$log" | head -1 | sed 's|.*ws://||' || true)
@@ -43,7 +44,7 @@ run() { # name, extra gateway flags...
     --url "ws://$addr/ws" --server-pid "$pid" --subs "$subs" --rates "$rate" --step-secs "$secs" \
     --no-stop --measure-every "${MEASURE_EVERY:-10}" >/dev/null
   curl -s "http://$addr/metrics" | grep -E '^gateway_(tree|deliveries|fanout_seconds)' >"$out/$name-$round.metrics" || true
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  kill "$pid"; wait "$pid" 2>/dev/null || true; forget_pid "$pid"
   python3 - "$out/$name-$round.json" "$name" "$round" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1])); s = r["steps"][0]; lat = s["latency"]

@@ -59,16 +59,20 @@ pub const MAX_USER_LEN: usize = 256;
 
 /// Whether `s` may be a user id, which other clients are shown as `from`:
 /// 1 to [`MAX_USER_LEN`] bytes, no control character (C0 and C1: NUL,
-/// newlines, terminal escapes) and no Unicode bidirectional formatting
-/// character (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to U+2069),
-/// which would reorder what a client displays around the name (a name that
-/// reads as another, or as part of the message).
+/// newlines, terminal escapes), no line or paragraph separator (U+2028,
+/// U+2029) and no Unicode bidirectional formatting character (U+061C,
+/// U+200E, U+200F, U+202A to U+202E, U+2066 to U+2069), which would reorder
+/// what a client displays around the name (a name that reads as another, or
+/// as part of the message).
 pub fn is_valid_user(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_USER_LEN
         && !s.chars().any(|c| {
             c.is_control()
-                || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+                || matches!(
+                    c,
+                    '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+                )
         })
 }
 

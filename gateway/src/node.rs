@@ -285,8 +285,9 @@ impl Node {
     }
 
     /// Publishes `out` through the bus, as a client's or the server API's
-    /// publish: counts it (`gateway_published_total` and the local
-    /// deliveries, or `gateway_deduplicated_total` for a key seen before)
+    /// publish: counts it (`gateway_published_messages_total` and the local
+    /// deliveries, or `gateway_deduplicated_messages_total` for a key seen
+    /// before)
     /// and records its duration in `gateway_publish_seconds`, successful
     /// publishes only. Errors: the bus's ([`BusError`]), not counted.
     pub async fn publish(&self, out: Outgoing<'_>) -> Result<Published, BusError> {

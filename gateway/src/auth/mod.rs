@@ -204,15 +204,21 @@ struct Unverified<'a> {
     token: &'a str,
 }
 
+/// True for a member that is there, whatever its value.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
+}
+
 #[derive(Deserialize)]
 struct RawHeader {
     alg: String,
     #[serde(default)]
     kid: Option<String>,
     /// Header extensions the recipient must understand (RFC 7515 4.1.11);
-    /// the gateway understands none, so a token naming any is refused.
-    #[serde(default)]
-    crit: Option<serde::de::IgnoredAny>,
+    /// the gateway understands none, so a token with the member at all
+    /// (even `null`) is refused.
+    #[serde(default, deserialize_with = "present")]
+    crit: bool,
 }
 
 #[derive(Deserialize)]
@@ -235,7 +241,7 @@ impl<'a> Unverified<'a> {
             return Err(AuthError::Malformed);
         };
         let header: RawHeader = serde_json::from_slice(&b64(h)?).map_err(|_| AuthError::Malformed)?;
-        if header.crit.is_some() {
+        if header.crit {
             return Err(AuthError::Malformed);
         }
         // `none` and anything unknown end here, before any key is looked at.
@@ -749,6 +755,25 @@ mod tests {
         let crit =
             jsonwebtoken::encode(&header, &json!({"sub":"a","exp":now+60}), &EncodingKey::from_secret(S)).unwrap();
         assert_eq!(v.verify_connect_now(&crit).unwrap_err(), AuthError::Malformed);
+        // Even a `crit` of null.
+        let signed = format!(
+            "{}.{}",
+            base64_url(br#"{"alg":"HS256","crit":null}"#),
+            base64_url(format!(r#"{{"sub":"a","exp":{}}}"#, now + 60).as_bytes())
+        );
+        let sig =
+            jsonwebtoken::crypto::sign(signed.as_bytes(), &EncodingKey::from_secret(S), Algorithm::HS256).unwrap();
+        let crit_null = format!("{signed}.{sig}");
+        assert_eq!(v.verify_connect_now(&crit_null).unwrap_err(), AuthError::Malformed);
+        let plain = crit_null.replace(
+            &base64_url(br#"{"alg":"HS256","crit":null}"#),
+            &base64_url(br#"{"alg":"HS256"}"#),
+        );
+        assert_eq!(
+            v.verify_connect_now(&plain).unwrap_err(),
+            AuthError::Signature,
+            "the same token without crit is judged on its signature"
+        );
     }
 
     #[test]

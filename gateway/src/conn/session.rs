@@ -158,8 +158,10 @@ pub(super) struct Session<'a> {
 impl Drop for Session<'_> {
     fn drop(&mut self) {
         self.leave_all();
-        if let (Some(_), Some(identity)) = (self.control.take(), &self.identity) {
-            self.node.control.registry.deregister(&identity.sub, self.id);
+        // By the handle's own user: `accept` may fail after registering,
+        // before `identity` is set (a revocation in between).
+        if let Some(handle) = self.control.take() {
+            self.node.control.registry.deregister(handle.user(), self.id);
         }
     }
 }

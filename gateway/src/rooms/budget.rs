@@ -25,19 +25,25 @@
 //! catch-up reads them there). Evictions count in
 //! `gateway_history_evicted_rooms_total`.
 //!
-//! One shedding runs at a time; it reads the rooms' activity from their
-//! counters without locks, then locks one room at a time (never while
-//! holding the room map's guard). A room-count shedding that freed nothing
-//! is not tried again for [`RETRY_AFTER`].
+//! One shedding runs at a time: a byte shedding is skipped while another
+//! runs (that one brings the total down), a slot search waits for it and
+//! looks again. It reads the rooms' activity from their counters without
+//! locks, then locks one room at a time (never while holding the room map's
+//! guard). A slot search that freed nothing is not tried again for
+//! [`RETRY_AFTER`]. It runs on the thread whose publish or join crossed the
+//! bound: a walk of every room, amortized over the 10% of the budget or 1%
+//! of the slots it frees.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+use parking_lot::MutexGuard;
 
 use super::{LogMode, RoomIndex, RoomState};
 
 /// How long a `--max-rooms` refusal is answered without another search for
 /// rooms to evict, after a search found none (every room has members).
-pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// What a shedding is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,8 +93,10 @@ impl RoomIndex {
     /// Brings the stored history back within `--history-total-bytes` if a
     /// change took it over. Call with no room lock held.
     pub(super) fn keep_budget(&self) {
-        if self.history_bytes() > self.limits.history_total_bytes {
-            self.shed(Need::Bytes);
+        if self.history_bytes() > self.limits.history_total_bytes
+            && let Some(running) = self.shedding.try_lock()
+        {
+            self.shed(Need::Bytes, running);
         }
     }
 
@@ -96,18 +104,18 @@ impl RoomIndex {
     /// whether one is free now. Call with no room lock held.
     pub(super) fn free_a_slot(&self) -> bool {
         if self.mode == LogMode::Authoritative {
+            // After a shedding under way, which may have freed slots.
+            let running = self.shedding.lock();
             let failed = *self.slot_search_failed.lock();
-            if failed.is_none_or(|at| at.elapsed() >= RETRY_AFTER) {
-                self.shed(Need::Slots);
+            if self.len() >= self.limits.max_rooms && failed.is_none_or(|at| at.elapsed() >= RETRY_AFTER) {
+                self.shed(Need::Slots, running);
             }
         }
         self.len() < self.limits.max_rooms
     }
 
-    fn shed(&self, need: Need) {
-        if self.shedding.swap(true, Ordering::Acquire) {
-            return;
-        }
+    /// Sheds for `need`; `_running` is the held `shedding` lock.
+    fn shed(&self, need: Need, _running: MutexGuard<'_, ()>) {
         let bytes_target = self.limits.history_total_bytes / 10 * 9;
         let rooms_target = self.limits.max_rooms - (self.limits.max_rooms / 100).max(1);
         // The activity read without locks: rooms without members first,
@@ -124,7 +132,7 @@ impl RoomIndex {
             .collect();
         rooms.sort_unstable_by_key(|(members, active, ..)| (*members, *active));
         let now = Instant::now();
-        let mut evicted = 0u64;
+        let (mut evicted, mut with_members) = (0u64, 0u64);
         for (had_members, _, id, room) in rooms {
             let more = match need {
                 Need::Bytes => self.history_bytes() > bytes_target,
@@ -138,17 +146,34 @@ impl RoomIndex {
                 continue;
             }
             let empty = !st.has_members();
-            if need == Need::Slots && !empty {
-                if had_members {
-                    // Rooms with members come last: none left to free.
-                    break;
-                }
-                // Joined since, or held by a connection still joining.
+            if need == Need::Bytes && st.log.is_empty() {
+                // Nothing to free (a room just made is among these).
                 continue;
+            }
+            if need == Need::Slots {
+                if !empty {
+                    if had_members {
+                        // Rooms with members come last: none left to free.
+                        break;
+                    }
+                    // Joined since, or held by a connection still joining.
+                    continue;
+                }
+                if st.log.is_empty() && st.dedup.is_empty() {
+                    // Just made by a publish or join not applied yet.
+                    continue;
+                }
+                // Only a room that can go loses its history here: one whose
+                // publish keys are still remembered keeps both.
+                self.expire_keys(&mut st, now);
+                if !st.dedup.is_empty() {
+                    continue;
+                }
             }
             if !st.log.is_empty() {
                 self.drop_history(&mut st);
                 evicted += 1;
+                with_members += u64::from(!empty);
             }
             if empty && self.mode == LogMode::Authoritative {
                 self.expire_keys(&mut st, now);
@@ -160,10 +185,17 @@ impl RoomIndex {
         if evicted > 0 {
             metrics::counter!("gateway_history_evicted_rooms_total").increment(evicted);
         }
+        if with_members > 0 {
+            tracing::warn!(
+                rooms = with_members,
+                history_bytes = self.history_bytes(),
+                budget = self.limits.history_total_bytes,
+                "stored history over --history-total-bytes: rooms with members lost their history"
+            );
+        }
         if need == Need::Slots {
             *self.slot_search_failed.lock() = (self.len() >= self.limits.max_rooms).then(Instant::now);
         }
-        self.shedding.store(false, Ordering::Release);
     }
 }
 
@@ -305,6 +337,7 @@ mod tests {
             )
             .is_err()
         );
+        assert_eq!(stored(&idx, &room("b")), 1, "a room that cannot go keeps its history");
         assert_eq!(
             publish(&idx, &room("b"), Some("k1")),
             1,

@@ -268,8 +268,8 @@ pub struct RoomIndex {
     /// The highest offset of a removed room (authoritative log): rooms made
     /// later start above it.
     offset_floor: AtomicU64,
-    /// A shedding (`budget`) is under way.
-    shedding: AtomicBool,
+    /// Held by the shedding (`budget`) under way.
+    shedding: Mutex<()>,
     /// When a search for a room slot last found none.
     slot_search_failed: Mutex<Option<Instant>>,
 }
@@ -289,7 +289,7 @@ impl RoomIndex {
             presence_tracked: AtomicBool::new(false),
             history_bytes: AtomicUsize::new(0),
             offset_floor: AtomicU64::new(0),
-            shedding: AtomicBool::new(false),
+            shedding: Mutex::new(()),
             slot_search_failed: Mutex::new(None),
         }
     }
