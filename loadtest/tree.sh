@@ -39,7 +39,7 @@ run() { # name, extra gateway flags...
     [ -n "$addr" ] && break
     sleep 0.1
   done
-  [ -n "$addr" ] || { echo "gateway $name did not start:"; cat "$log"; kill "$pid"; exit 1; }
+  [ -n "$addr" ] || { echo "gateway $name did not start:"; cat "$log"; kill "$pid" 2>/dev/null; exit 1; }
   LOADTEST_NO_PROGRESS=1 taskset -c 0,1 "$bin/loadtest" --json "$out/$name-$round.json" fanout \
     --url "ws://$addr/ws" --server-pid "$pid" --subs "$subs" --rates "$rate" --step-secs "$secs" \
     --no-stop --measure-every "${MEASURE_EVERY:-10}" >/dev/null
