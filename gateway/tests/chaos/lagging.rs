@@ -312,14 +312,28 @@ async fn a_gateway_on_a_replica_behind_never_answers_a_history_page_short() {
     net.throttle("n2", Some("64kbit"));
     let pad = "x".repeat(4000);
     for k in 40..60 {
-        let (status, v) = api(
-            None,
-            &a_api,
-            "publish",
-            &format!(r#"{{"room":"lag","data":{{"k":{k},"pad":"{pad}"}}}}"#),
-        );
-        assert_eq!(status, 200, "publish {k}: {v}");
-        acked.push(v["ok"]["offset"].as_u64().expect("offset"));
+        // Retried as a client would: the stream's leader may have moved to
+        // n2 since the heal, and a publish then waits on the throttled link
+        // past its timeout (an unavailable answer, nothing stored twice:
+        // the key makes the retry the same message).
+        let t = Instant::now();
+        loop {
+            let (status, v) = api(
+                None,
+                &a_api,
+                "publish",
+                &format!(r#"{{"room":"lag","data":{{"k":{k},"pad":"{pad}"}},"key":"pad-{k}"}}"#),
+            );
+            if status == 200 {
+                acked.push(v["ok"]["offset"].as_u64().expect("offset"));
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "publish {k} while n2 is throttled: {status} {v}"
+            );
+            sleep(Duration::from_millis(500)).await;
+        }
     }
     let before = acked[45] + 1;
     let want: Vec<u64> = acked[41..46].to_vec();
