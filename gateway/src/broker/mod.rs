@@ -136,6 +136,10 @@ pub enum UnavailableKind {
     /// A catch-up read found the room's cache moving on every attempt.
     #[error("the room's cache kept moving while it was read")]
     CacheMoving,
+    /// A room could not be brought up to an offset a client saw on another
+    /// node (its tail unreadable, or the repair not there in time).
+    #[error("the room could not be brought up to the client's offset")]
+    BehindClient,
 }
 
 /// Messages read from the stream for a catch-up.
@@ -196,9 +200,14 @@ impl Bus {
 
     /// Brings a live room up to at least `offset` (a client saw it on another
     /// node) before a joiner is added.
-    pub async fn sync_to(&self, room: &RoomId, offset: u64) {
-        if let Bus::Nats(n) = self {
-            n.sync_to(room, offset).await;
+    ///
+    /// Errors: [`UnavailableKind::BehindClient`] when the room is still
+    /// behind `offset` although the stream holds it (NATS unreachable or
+    /// slow): the joiner must retry, not be told its messages are gone.
+    pub async fn sync_to(&self, room: &RoomId, offset: u64) -> Result<(), BusError> {
+        match self {
+            Bus::Nats(n) => n.sync_to(room, offset).await,
+            Bus::Embedded => Ok(()),
         }
     }
 

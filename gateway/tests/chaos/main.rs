@@ -522,6 +522,10 @@ async fn acknowledged_messages_survive_kills_stops_partitions_and_slow_links() {
     show("UNEXPLAINED recovered:false", &rep.unexplained);
     show("ANOMALY", &rep.anomalies);
     show("CRASH", &run.crashes);
+    if rep.violations() + run.crashes.len() > 0 {
+        // The servers' logs and stores, for a look after the run.
+        eprintln!("chaos: logs and stores kept in {}", dir.keep().display());
+    }
     assert!(rep.acked > 0, "nothing was acknowledged");
     assert_eq!(
         rep.violations() + run.crashes.len(),

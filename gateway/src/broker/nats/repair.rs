@@ -105,18 +105,19 @@ impl NatsBus {
 
     /// A client saw `offset` elsewhere; make sure this node has applied it
     /// before the client joins, so it gets no message twice.
-    pub async fn sync_to(self: &Arc<Self>, room: &RoomId, offset: u64) {
+    pub async fn sync_to(self: &Arc<Self>, room: &RoomId, offset: u64) -> Result<(), BusError> {
         if self.is_ephemeral(room) || !self.rooms.is_live(room) || offset <= self.rooms.last_offset(room) {
-            return;
+            return Ok(());
         }
         // Trust the stream, not the client: an offset beyond the room's tail
         // is bogus (answered recovered:false) and must not start a repair.
-        let Ok(tail) = self.last_seq(room).await else {
-            return;
-        };
+        let tail = self
+            .last_seq_retrying(room)
+            .await
+            .map_err(|_| BusError::unavailable(UnavailableKind::BehindClient))?;
         let offset = offset.min(tail);
         if offset <= self.rooms.last_offset(room) {
-            return;
+            return Ok(());
         }
         self.clone().repair_to(room.clone(), offset).await;
         // A repair that was already running reaches `offset` on its own.
@@ -124,6 +125,12 @@ impl NatsBus {
         while self.rooms.last_offset(room) < offset && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // Still behind: answering now would tell the joiner its messages
+        // are gone (recovered:false) while the stream holds them.
+        if self.rooms.last_offset(room) < offset {
+            return Err(BusError::unavailable(UnavailableKind::BehindClient));
+        }
+        Ok(())
     }
 
     /// After a reconnect: fetch what every live room missed.

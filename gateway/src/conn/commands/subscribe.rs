@@ -382,7 +382,7 @@ async fn prepare_room(node: &Node, room: &RoomId, since: Option<u64>) -> Prepare
         return Ok(None);
     };
     // The client may have seen newer messages on another node.
-    node.bus.sync_to(room, since).await;
+    node.bus.sync_to(room, since).await?;
     let upto = node.rooms.last_offset(room);
     match node.rooms.catchup(room, since, upto) {
         Catchup::NeedsBackend => Ok(Some(upto)),
