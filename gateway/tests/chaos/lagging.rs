@@ -112,6 +112,21 @@ async fn page_in_the_end(ns: &str, api_addr: &str, page: &str, want: &[u64], whe
     }
 }
 
+/// Publishes `body` through A's API until it is acknowledged (an
+/// `unavailable` answer is retried every 0.5 s, for at most `bound`; the
+/// body's key makes a retry the same message); its offset.
+async fn publish_retrying(a_api: &str, body: &str, when: &str, bound: Duration) -> u64 {
+    let t = Instant::now();
+    loop {
+        let (status, v) = api(None, a_api, "publish", body);
+        if status == 200 {
+            return v["ok"]["offset"].as_u64().expect("offset");
+        }
+        assert!(t.elapsed() < bound, "publish {when}: {status} {v}");
+        sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn gateway_args(id: &str, listen: String, api: String, nats: String) -> Vec<String> {
     // The chaos run's binary (`CHAOS_GATEWAY`, a release build from
     // scripts/chaos.sh) when given.
@@ -264,24 +279,8 @@ async fn a_gateway_on_a_replica_behind_never_answers_a_history_page_short() {
     // n2 cut off; 10 more messages, stored by n0 and n1.
     net.link("n2", false);
     for k in 30..40 {
-        let t = Instant::now();
-        loop {
-            let (status, v) = api(
-                None,
-                &a_api,
-                "publish",
-                &format!(r#"{{"room":"lag","data":{{"k":{k}}}}}"#),
-            );
-            if status == 200 {
-                acked.push(v["ok"]["offset"].as_u64().expect("offset"));
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "publish {k} while n2 is cut: {status} {v}"
-            );
-            sleep(Duration::from_millis(500)).await;
-        }
+        let body = format!(r#"{{"room":"lag","data":{{"k":{k}}},"key":"cut-{k}"}}"#);
+        acked.push(publish_retrying(&a_api, &body, "while n2 is cut", Duration::from_secs(30)).await);
     }
     let before = acked.last().unwrap() + 1;
     let want: Vec<u64> = acked[acked.len() - 15..].to_vec();
@@ -314,26 +313,9 @@ async fn a_gateway_on_a_replica_behind_never_answers_a_history_page_short() {
     for k in 40..60 {
         // Retried as a client would: the stream's leader may have moved to
         // n2 since the heal, and a publish then waits on the throttled link
-        // past its timeout (an unavailable answer, nothing stored twice:
-        // the key makes the retry the same message).
-        let t = Instant::now();
-        loop {
-            let (status, v) = api(
-                None,
-                &a_api,
-                "publish",
-                &format!(r#"{{"room":"lag","data":{{"k":{k},"pad":"{pad}"}},"key":"pad-{k}"}}"#),
-            );
-            if status == 200 {
-                acked.push(v["ok"]["offset"].as_u64().expect("offset"));
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "publish {k} while n2 is throttled: {status} {v}"
-            );
-            sleep(Duration::from_millis(500)).await;
-        }
+        // past its timeout.
+        let body = format!(r#"{{"room":"lag","data":{{"k":{k},"pad":"{pad}"}},"key":"pad-{k}"}}"#);
+        acked.push(publish_retrying(&a_api, &body, "while n2 is throttled", Duration::from_secs(60)).await);
     }
     let before = acked[45] + 1;
     let want: Vec<u64> = acked[41..46].to_vec();
