@@ -101,13 +101,11 @@ async fn history_total_bytes_and_max_rooms_evict_idle_rooms_not_refuse_new_ones(
     let kept = c.request(history("kept")).await;
     assert_eq!(kept["ok"]["messages"].as_array().map(Vec::len), Some(1), "{kept}");
     let (_, text) = common::http_get(&node.http("/metrics")).await;
-    let value = |name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-            .unwrap_or(f64::NAN)
-    };
-    assert!(value("gateway_history_bytes") <= 8192.0, "{text}");
-    assert!(value("gateway_history_evicted_rooms_total") >= 15.0, "{text}");
+    assert!(common::metric(&text, "gateway_history_bytes") <= 8192.0, "{text}");
+    assert!(
+        common::metric(&text, "gateway_history_evicted_rooms_total") >= 15.0,
+        "{text}"
+    );
 }
 
 /// `--user-max-conns`: one user's connections on the node are capped; the

@@ -10,12 +10,6 @@ use common::TestNode;
 use common::api::{KEY, call};
 use serde_json::json;
 
-fn value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_and_api_publishes_count_alike_and_retries_count_as_deduplicated() {
     let node = TestNode::with(|o| {
@@ -62,7 +56,7 @@ async fn client_and_api_publishes_count_alike_and_retries_count_as_deduplicated(
         "gateway_deliveries_total",
         "gateway_publish_seconds_count",
     ]
-    .map(|n| value(&text, n));
+    .map(|n| common::metric(&text, n));
     assert_eq!(
         got,
         [4.0, 2.0, 4.0, 6.0],

@@ -176,7 +176,10 @@ impl RoomIndex {
                 with_members += u64::from(!empty);
             }
             if empty && self.mode == LogMode::Authoritative {
-                self.expire_keys(&mut st, now);
+                if need == Need::Bytes {
+                    // (A slot search expired them above.)
+                    self.expire_keys(&mut st, now);
+                }
                 if st.dedup.is_empty() {
                     self.remove_locked(&id, &mut st);
                 }

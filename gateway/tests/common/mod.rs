@@ -312,6 +312,14 @@ pub async fn wait_for_status(url: &str, status: u16) -> Option<u16> {
     code
 }
 
+/// The value of the unlabelled series `name` in a `/metrics` text (NaN
+/// when it is not there).
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// [`try_http_get`] that must succeed.
 pub async fn http_get(url: &str) -> (u16, String) {
     try_http_get(url)
