@@ -1116,3 +1116,67 @@ async fn publish_timeout_ms_bounds_the_wait_for_an_acknowledgement() {
     assert_eq!(r["error"]["code"], "unavailable", "{r}");
     assert!(took < Duration::from_secs(3), "answered after {took:?}");
 }
+
+/// Issue 16 (chaos run, seed 560015323): a client that saw offsets on one
+/// gateway resumes on another whose copy of the room is behind and whose
+/// NATS server is stopped (SIGSTOP). The node cannot bring the room up to
+/// the client's `since`, so the entry answers `unavailable` (the client
+/// retries it); it used to answer `recovered:false` while the stream held
+/// every message. Once NATS is back, the same entry recovers exactly the
+/// message the client had not seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_since_the_node_cannot_reach_yet_is_unavailable_not_unrecovered() {
+    let cluster = Cluster::start(3).await;
+    let only = |i: usize, name: &'static str, publish_timeout_ms: u64| {
+        let url = cluster.servers[i].url();
+        gateway_tuned(&cluster, name, move |o| {
+            o.nats = Some(url);
+            o.nats_ignore_discovered = Some(true);
+            o.publish_timeout_ms = Some(publish_timeout_ms);
+        })
+    };
+    // A talks to server 0, B to server 1 only; B's stream requests give up
+    // after 500 ms, so the stop below costs seconds, not minutes.
+    let a = only(0, "gw-sync-a", 5_000).await;
+    let b = only(1, "gw-sync-b", 500).await;
+    let room = "ahead";
+    let mut stay = b.client("stay").await;
+    stay.subscribe(&[room]).await;
+    let mut seer = a.client("seer").await;
+    seer.subscribe(&[room]).await;
+    let mut writer = a.client("writer").await;
+    let first = publish_many(&mut writer, room, 1, |_| json!("first")).await[0];
+    assert_eq!(read_messages(&mut stay, 1).await[0].0, first);
+    assert_eq!(read_messages(&mut seer, 1).await[0].0, first);
+
+    cluster.servers[1].pause();
+    // Two more through server 0 (a new stream leader may be elected first).
+    let later = publish_many(&mut writer, room, 2, |i| json!(i)).await;
+    let seen: Vec<u64> = read_messages(&mut seer, 2).await.iter().map(|(o, _)| *o).collect();
+    assert_eq!(seen, later, "the seer saw both on A");
+    // The seer moves to B, having seen the first of the two.
+    let resume = json!({"op":"subscribe","rooms":[{"room":room,"since":later[0]}]});
+    let mut mover = b.client("mover").await;
+    let r = mover.request(resume.clone()).await;
+    cluster.servers[1].resume();
+    let entry = &r["ok"]["rooms"][0];
+    assert_eq!(
+        entry["error"]["code"], "unavailable",
+        "B cannot reach the stream: the entry must be retried, not recovered:false: {r}"
+    );
+    assert!(entry.get("recovered").is_none(), "{r}");
+
+    // NATS back: the retried entry recovers the one message missed, once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let r = loop {
+        let r = mover.request(resume.clone()).await;
+        if r["ok"]["rooms"][0]["error"]["code"] != "unavailable" || std::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(r["ok"]["rooms"][0]["recovered"], true, "{r}");
+    let got: Vec<u64> = read_messages(&mut mover, 1).await.iter().map(|(o, _)| *o).collect();
+    assert_eq!(got, later[1..], "exactly the message not seen on A");
+    assert!(mover.push_within(Duration::from_millis(300)).await.is_none());
+}
