@@ -59,7 +59,7 @@ use tokio_util::task::TaskTracker;
 
 use linger::{LINGER_QUEUE, Linger, linger_pool};
 use read::Stored;
-use scan::{Answer, ScanEnd, Start};
+use scan::{Answer, ScanEnd, Start, StreamReads, scan};
 
 use super::events::{Catchup, Delivered, Gap, Published, RoomEvents, Rooms};
 use super::{BusError, Fetched, Outgoing, UnavailableKind, now_ms};

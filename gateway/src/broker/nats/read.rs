@@ -179,7 +179,10 @@ impl NatsBus {
         loop {
             let msg = tokio::time::timeout(DIRECT_TIMEOUT, sub.next())
                 .await
-                .map_err(|_| BusError::Timeout)?
+                .map_err(|_| {
+                    tracing::debug!(%room, "direct get: no answer within {DIRECT_TIMEOUT:?}");
+                    BusError::Timeout
+                })?
                 .ok_or(BusError::unavailable(UnavailableKind::DirectGetEnded))?;
             if let Some(status) = msg.status {
                 // 204: end of batch; 404: no (more) messages.
@@ -276,7 +279,7 @@ impl NatsBus {
             let (start, cached) = self.rooms.cache_start(room, upto).unwrap_or((upto, 0));
             let read_upto = start.min(upto);
             let budget = max_bytes.saturating_sub(cached);
-            match self.read_forward(room, since, read_upto, budget, &mut st).await? {
+            match read_forward(self, room, since, read_upto, budget, &mut st).await? {
                 ReadEnd::Reached => {}
                 ReadEnd::Lost | ReadEnd::OverBudget => return Ok(lost(st.read_bytes)),
             }
@@ -293,104 +296,6 @@ impl NatsBus {
             }
         }
         Err(BusError::unavailable(UnavailableKind::CacheMoving))
-    }
-
-    /// Reads the messages of `room` after `st.covered` up to `read_upto` into
-    /// `st`, within `budget` bytes of frames. The first answer (the stored
-    /// message at or after `since`) decides whether anything after `since`
-    /// may be gone; a replica behind the leader decides nothing: what it
-    /// lacks is asked of the leader ([`Self::scan`]).
-    pub(super) async fn read_forward(
-        &self,
-        room: &RoomId,
-        since: u64,
-        read_upto: u64,
-        budget: usize,
-        st: &mut CatchupRead,
-    ) -> Result<ReadEnd, BusError> {
-        if st.covered >= read_upto {
-            return Ok(ReadEnd::Reached);
-        }
-        let mut end = None;
-        let mut take = |st: &mut CatchupRead, m: Stored| -> bool {
-            st.read_bytes += m.payload.len();
-            if m.seq > read_upto {
-                st.covered = read_upto;
-                return false;
-            }
-            if let Ok(env) = Envelope::decode(m.payload.as_ref()) {
-                let msg = encode(room, m.seq, &env);
-                st.bytes += msg.weight();
-                if st.bytes > budget {
-                    end = Some(ReadEnd::OverBudget);
-                    return false;
-                }
-                st.read.push((m.seq, msg));
-            }
-            st.covered = m.seq;
-            true
-        };
-        if !st.proved {
-            // One message until the first answer proves nothing after `since`
-            // is gone: a `since` older than the stream's history then costs
-            // one message, not a batch.
-            let mut first = None;
-            let body = self.forward_request(room, since.max(1), 1, budget);
-            self.direct(room, body, |m| {
-                first = Some(m);
-                false
-            })
-            .await?;
-            if first.is_none() {
-                // Nothing at or after `since` on the server that answered: it
-                // may be a replica that is behind.
-                metrics::counter!("gateway_bus_stale_reads_total").increment(1);
-                first = self.leader_next(room, since.max(1)).await?;
-            }
-            let Some(m) = first else {
-                return Ok(ReadEnd::Lost);
-            };
-            // If the message at `since` is stored, so is everything after it;
-            // and nothing lies between `since` and `since + 1`. With `since`
-            // 0, only a room that never dropped a message is whole (the count
-            // comes with direct answers only).
-            let intact = if since == 0 {
-                m.pending.is_some_and(|p| self.never_dropped(p + 1))
-            } else {
-                m.seq <= since.saturating_add(1)
-            };
-            if !intact {
-                st.read_bytes += m.payload.len();
-                return Ok(ReadEnd::Lost);
-            }
-            st.proved = true;
-            if m.seq <= since {
-                st.read_bytes += m.payload.len();
-            } else if !take(st, m) {
-                return Ok(end.unwrap_or(ReadEnd::Reached));
-            }
-            if st.covered >= read_upto {
-                return Ok(ReadEnd::Reached);
-            }
-        }
-        // `st.covered` is a message read (or `since`, proved stored): the read
-        // goes on after it.
-        let after = st.covered;
-        let left = budget.saturating_sub(st.bytes);
-        let scan = self
-            .scan(room, Start::After(after), read_upto, DIRECT_BATCH, left, |m| {
-                take(st, m)
-            })
-            .await?;
-        if let Some(end) = end {
-            return Ok(end);
-        }
-        Ok(match scan {
-            ScanEnd::Reached => ReadEnd::Reached,
-            // The leader lacks a message up to `read_upto`, or the one read
-            // last left the stream meanwhile.
-            ScanEnd::Exhausted | ScanEnd::Broken => ReadEnd::Lost,
-        })
     }
 
     /// The newest stored message of `room` at or below offset `n`. `n` may
@@ -468,8 +373,13 @@ impl NatsBus {
             None => u64::MAX,
         };
         for _ in 0..HISTORY_ATTEMPTS {
-            if let Some(page) = self.history_page(room, upto, limit).await? {
-                return Ok(page);
+            match self.history_page(room, upto, limit).await {
+                Ok(Some(page)) => return Ok(page),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(%room, error = ?e, "history read failed");
+                    return Err(e);
+                }
             }
         }
         Err(BusError::unavailable(UnavailableKind::HistoryMoving))
@@ -518,28 +428,28 @@ impl NatsBus {
         };
         let mut page: std::collections::VecDeque<(u64, Option<SharedMessage>)> = Default::default();
         let mut dropped = older;
-        let end = self
-            .scan(
-                room,
-                Start::At(older.map_or(1, |o| o + 1)),
-                reach,
-                taken + 1,
-                usize::MAX,
-                |m| {
-                    if m.seq > upto {
-                        return false;
-                    }
-                    let msg = Envelope::decode(m.payload.as_ref())
-                        .ok()
-                        .map(|env| encode(room, m.seq, &env));
-                    page.push_back((m.seq, msg));
-                    if page.len() > limit {
-                        dropped = page.pop_front().map(|(seq, _)| seq);
-                    }
-                    true
-                },
-            )
-            .await?;
+        let end = scan(
+            self,
+            room,
+            Start::At(older.map_or(1, |o| o + 1)),
+            reach,
+            taken + 1,
+            usize::MAX,
+            |m| {
+                if m.seq > upto {
+                    return false;
+                }
+                let msg = Envelope::decode(m.payload.as_ref())
+                    .ok()
+                    .map(|env| encode(room, m.seq, &env));
+                page.push_back((m.seq, msg));
+                if page.len() > limit {
+                    dropped = page.pop_front().map(|(seq, _)| seq);
+                }
+                true
+            },
+        )
+        .await?;
         if matches!(end, ScanEnd::Broken) {
             return Ok(None);
         }
@@ -599,5 +509,172 @@ impl NatsBus {
             Ok(m) => m.subject.as_str() == self.store_subject(room),
             Err(_) => false,
         }
+    }
+}
+
+/// Reads the messages of `room` after `st.covered` up to `read_upto` into
+/// `st`, within `budget` bytes of frames. The first answer (the stored
+/// message at or after `since`) decides whether anything after `since`
+/// may be gone; a replica behind the leader decides nothing: what it
+/// lacks is asked of the leader ([`Self::scan`]).
+pub(super) async fn read_forward<S: StreamReads>(
+    src: &S,
+    room: &RoomId,
+    since: u64,
+    read_upto: u64,
+    budget: usize,
+    st: &mut CatchupRead,
+) -> Result<ReadEnd, BusError> {
+    if st.covered >= read_upto {
+        return Ok(ReadEnd::Reached);
+    }
+    let mut end = None;
+    let mut take = |st: &mut CatchupRead, m: Stored| -> bool {
+        st.read_bytes += m.payload.len();
+        if m.seq > read_upto {
+            st.covered = read_upto;
+            return false;
+        }
+        if let Ok(env) = Envelope::decode(m.payload.as_ref()) {
+            let msg = encode(room, m.seq, &env);
+            st.bytes += msg.weight();
+            if st.bytes > budget {
+                end = Some(ReadEnd::OverBudget);
+                return false;
+            }
+            st.read.push((m.seq, msg));
+        }
+        st.covered = m.seq;
+        true
+    };
+    if !st.proved {
+        // One message until the first answer proves nothing after `since`
+        // is gone: a `since` older than the stream's history then costs
+        // one message, not a batch.
+        let mut first = None;
+        src.direct_from(room, since.max(1), 1, budget, |m| {
+            first = Some(m);
+            false
+        })
+        .await?;
+        if first.is_none() {
+            // Nothing at or after `since` on the server that answered: it
+            // may be a replica that is behind.
+            metrics::counter!("gateway_bus_stale_reads_total").increment(1);
+            first = src.leader_next(room, since.max(1)).await?;
+        }
+        let Some(m) = first else {
+            return Ok(ReadEnd::Lost);
+        };
+        // If the message at `since` is stored, so is everything after it;
+        // and nothing lies between `since` and `since + 1`. With `since`
+        // 0, only a room that never dropped a message is whole (the count
+        // comes with direct answers only).
+        let intact = if since == 0 {
+            m.pending.is_some_and(|p| src.never_dropped(p + 1))
+        } else {
+            m.seq <= since.saturating_add(1)
+        };
+        if !intact {
+            st.read_bytes += m.payload.len();
+            return Ok(ReadEnd::Lost);
+        }
+        st.proved = true;
+        if m.seq <= since {
+            st.read_bytes += m.payload.len();
+        } else if !take(st, m) {
+            return Ok(end.unwrap_or(ReadEnd::Reached));
+        }
+        if st.covered >= read_upto {
+            return Ok(ReadEnd::Reached);
+        }
+    }
+    // `st.covered` is a message read (or `since`, proved stored): the read
+    // goes on after it.
+    let after = st.covered;
+    let left = budget.saturating_sub(st.bytes);
+    let scan = scan(src, room, Start::After(after), read_upto, DIRECT_BATCH, left, |m| {
+        take(st, m)
+    })
+    .await?;
+    if let Some(end) = end {
+        return Ok(end);
+    }
+    Ok(match scan {
+        ScanEnd::Reached => ReadEnd::Reached,
+        // The leader lacks a message up to `read_upto`, or the one read
+        // last left the stream meanwhile.
+        ScanEnd::Exhausted | ScanEnd::Broken => ReadEnd::Lost,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::scan::tests::{Lagging, room};
+    use super::*;
+
+    fn fresh(since: u64) -> CatchupRead {
+        CatchupRead {
+            proved: false,
+            covered: since,
+            read: Vec::new(),
+            bytes: 0,
+            read_bytes: 0,
+        }
+    }
+
+    async fn catch_up(src: &Lagging, since: u64, upto: u64) -> (ReadEnd, Vec<u64>) {
+        let mut st = fresh(since);
+        let end = read_forward(src, &room(), since, upto, usize::MAX, &mut st)
+            .await
+            .unwrap();
+        (end, st.read.iter().map(|(seq, _)| *seq).collect())
+    }
+
+    const STORED: [u64; 6] = [5, 8, 13, 21, 34, 55];
+
+    /// Issue 16 (chaos run): a replica behind holds nothing at or after
+    /// `since`. That proves nothing is gone; the leader is asked, and the
+    /// catch-up is whole (it used to answer recovered:false at once).
+    #[tokio::test]
+    async fn a_since_past_a_replica_behind_is_proved_by_the_leader() {
+        let src = Lagging::new(&STORED, 13);
+        let (end, read) = catch_up(&src, 21, 55).await;
+        assert!(matches!(end, ReadEnd::Reached));
+        assert_eq!(read, [34, 55]);
+    }
+
+    #[tokio::test]
+    async fn a_catch_up_a_replica_behind_ends_early_is_read_on_from_the_leader() {
+        let src = Lagging::new(&STORED, 13);
+        let (end, read) = catch_up(&src, 5, 55).await;
+        assert!(matches!(end, ReadEnd::Reached));
+        assert_eq!(read, [8, 13, 21, 34, 55]);
+    }
+
+    /// The message at `since` left the stream (the oldest kept is 8):
+    /// messages after it may be gone too, so the catch-up is lost.
+    #[tokio::test]
+    async fn a_since_that_left_the_stream_is_lost() {
+        let src = Lagging::new(&STORED[1..], u64::MAX);
+        let (end, _) = catch_up(&src, 5, 55).await;
+        assert!(matches!(end, ReadEnd::Lost));
+    }
+
+    /// `since` 0 on a room that may have dropped messages: not provable.
+    #[tokio::test]
+    async fn since_zero_is_lost_unless_the_room_never_dropped_one() {
+        let src = Lagging::new(&STORED, u64::MAX);
+        let (end, _) = catch_up(&src, 0, 55).await;
+        assert!(matches!(end, ReadEnd::Lost));
+    }
+
+    /// Nothing at or after `since` even at the leader: the client's `since`
+    /// is beyond the stream (or everything after it left).
+    #[tokio::test]
+    async fn a_since_the_leader_has_nothing_after_is_lost() {
+        let src = Lagging::new(&STORED, 13);
+        let (end, _) = catch_up(&src, 56, 60).await;
+        assert!(matches!(end, ReadEnd::Lost));
     }
 }
