@@ -31,9 +31,22 @@ impl NatsBus {
             let fetched = match read {
                 Ok((entries, true)) => entries,
                 Ok((entries, false)) if attempt >= REPAIR_ATTEMPTS => {
-                    tracing::error!(%room, after = gap.after, upto = gap.upto, "the stream no longer has part of a gap; skipping it");
+                    // Never skip silently: what was read may end anywhere
+                    // inside the gap, so members are reset (they resume with
+                    // `since` and are told `recovered:false`) and the cache
+                    // restarts after the gap.
+                    let closed = self.rooms.lost_messages(&room, gap.upto);
+                    tracing::error!(%room, after = gap.after, upto = gap.upto, read = entries.len(), closed, "the stream no longer has part of a gap; members must resume");
                     metrics::counter!("gateway_bus_gaps_skipped_total").increment(1);
-                    entries
+                    metrics::counter!("gateway_bus_lost_resets_total").increment(1);
+                    match self.rooms.repaired(&room, Vec::new(), gap.upto) {
+                        Some(next) => {
+                            gap = next;
+                            attempt = 0;
+                            continue;
+                        }
+                        None => return,
+                    }
                 }
                 Ok(_) | Err(_) if attempt < REPAIR_ATTEMPTS => {
                     if let Err(e) = read {
