@@ -1166,7 +1166,10 @@ async fn a_since_the_node_cannot_reach_yet_is_unavailable_not_unrecovered() {
     );
     assert!(entry.get("recovered").is_none(), "{r}");
 
-    // NATS back: the retried entry recovers the one message missed, once.
+    // NATS back: once B has both messages (its member `stay` got them), the
+    // retried entry recovers the one message missed, once.
+    let got: Vec<u64> = read_messages(&mut stay, 2).await.iter().map(|(o, _)| *o).collect();
+    assert_eq!(got, later);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let r = loop {
         let r = mover.request(resume.clone()).await;

@@ -159,6 +159,14 @@ pub trait RoomEvents: Send + Sync {
     /// after the hole. Returns the members closed.
     fn lost_messages(&self, room: &RoomId, gone_upto: u64) -> usize;
 
+    /// A gap of the room up to `upto` could not be read from the stream
+    /// (the holder gave up after its attempts). Called before its
+    /// [`RoomEvents::repaired`]. Every local member is closed so that it
+    /// resumes with `since`; the cache restarts after the gap, but nothing
+    /// is taken as gone (a resume is read from the stream). Returns the
+    /// members closed.
+    fn gap_unread(&self, room: &RoomId, upto: u64) -> usize;
+
     /// The linger of a room whose last local member left has passed (called
     /// by the linger pool, or at once when the pool is full). Drops the
     /// room's state if it still has no member and returns whether it did;

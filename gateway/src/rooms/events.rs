@@ -52,6 +52,10 @@ impl RoomEvents for RoomIndex {
         RoomIndex::lost_messages(self, room, gone_upto)
     }
 
+    fn gap_unread(&self, room: &RoomId, upto: u64) -> usize {
+        RoomIndex::gap_unread(self, room, upto)
+    }
+
     fn forget_if_empty(&self, room: &RoomId) -> bool {
         RoomIndex::forget_if_empty(self, room)
     }

@@ -865,6 +865,25 @@ mod tests {
         }
     }
 
+    /// A gap the broker gave up reading: members are closed, the cache
+    /// restarts after it, and an older `since` goes to the stream (which
+    /// may still hold the gap) instead of being told recovered:false.
+    #[test]
+    fn an_unread_gap_resets_members_but_claims_nothing_gone() {
+        let idx = cache(100);
+        let r = room("r");
+        let ob = outbox();
+        idx.join(&r, ConnId(1), Member::Full(&ob), None, None).unwrap();
+        idx.go_live(&r, 0);
+        idx.deliver(&r, 1, 0, frame(1));
+        assert_eq!(idx.gap_unread(&r, 6), 1);
+        idx.repaired(&r, Vec::new(), 6);
+        idx.deliver(&r, 7, 6, frame(7));
+        assert!(matches!(idx.catchup(&r, 1, 7), Catchup::NeedsBackend));
+        assert_eq!(frames(idx.catchup(&r, 6, 7)), (vec![7], true));
+        assert!(matches!(idx.history(&r, None, 5), HistoryPage::NeedsBackend));
+    }
+
     fn frames(c: Catchup) -> (Vec<u64>, bool) {
         match c {
             Catchup::Messages { messages, recovered } => (offsets(&messages), recovered),

@@ -91,12 +91,28 @@ impl RoomIndex {
     /// learns `recovered:false`, and the cache restarts after the hole so it
     /// never claims to cover it. Returns how many members were closed.
     pub fn lost_messages(&self, room: &RoomId, gone_upto: u64) -> usize {
+        self.reset_after(room, gone_upto, true)
+    }
+
+    /// A gap of `room` up to `upto` could not be read from the stream (the
+    /// broker gave up): like [`Self::lost_messages`], every local member is
+    /// closed and the cache restarts after the gap, but nothing is claimed
+    /// gone: a member resuming with an older `since` is answered from the
+    /// stream, which proves or disproves the loss. Returns the members
+    /// closed.
+    pub fn gap_unread(&self, room: &RoomId, upto: u64) -> usize {
+        self.reset_after(room, upto, false)
+    }
+
+    fn reset_after(&self, room: &RoomId, upto: u64, gone: bool) -> usize {
         self.with_existing(room, |st| {
             self.account(st.log_bytes, 0);
             st.log.clear();
             st.log_bytes = 0;
-            st.evicted_upto = gone_upto.max(st.evicted_upto);
-            st.gone_upto = st.evicted_upto;
+            st.evicted_upto = upto.max(st.evicted_upto);
+            if gone {
+                st.gone_upto = st.evicted_upto;
+            }
             st.abort_full()
         })
         .unwrap_or(0)

@@ -772,6 +772,10 @@ mod tests {
             self.note(format!("lost {room} to {gone_upto}"));
             0
         }
+        fn gap_unread(&self, room: &RoomId, upto: u64) -> usize {
+            self.note(format!("unread {room} to {upto}"));
+            0
+        }
         fn forget_if_empty(&self, room: &RoomId) -> bool {
             self.note(format!("forget {room}"));
             false

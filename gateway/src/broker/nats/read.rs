@@ -348,7 +348,7 @@ impl NatsBus {
     ///
     /// Two passes: a walk back from `before`, newest first, one direct get
     /// per message plus one to learn `more`, finds where the page starts;
-    /// then the page is read forward from there ([`Self::scan`]) up to
+    /// then the page is read forward from there ([`scan`]) up to
     /// `before` (or the room's last message, asked of the leader). A walk
     /// step answered by a replica that is behind returns an older message
     /// than the leader would, skipping the ones it lacks; so the walk only
@@ -516,7 +516,7 @@ impl NatsBus {
 /// `st`, within `budget` bytes of frames. The first answer (the stored
 /// message at or after `since`) decides whether anything after `since`
 /// may be gone; a replica behind the leader decides nothing: what it
-/// lacks is asked of the leader ([`Self::scan`]).
+/// lacks is asked of the leader ([`scan`]).
 pub(super) async fn read_forward<S: StreamReads>(
     src: &S,
     room: &RoomId,

@@ -33,12 +33,11 @@ impl NatsBus {
                 Ok((entries, false)) if attempt >= REPAIR_ATTEMPTS => {
                     // Never skip silently: what was read may end anywhere
                     // inside the gap, so members are reset (they resume with
-                    // `since` and are told `recovered:false`) and the cache
+                    // `since`, which is read from the stream) and the cache
                     // restarts after the gap.
-                    let closed = self.rooms.lost_messages(&room, gap.upto);
+                    let closed = self.rooms.gap_unread(&room, gap.upto);
                     tracing::error!(%room, after = gap.after, upto = gap.upto, read = entries.len(), closed, "the stream no longer has part of a gap; members must resume");
                     metrics::counter!("gateway_bus_gaps_skipped_total").increment(1);
-                    metrics::counter!("gateway_bus_lost_resets_total").increment(1);
                     match self.rooms.repaired(&room, Vec::new(), gap.upto) {
                         Some(next) => {
                             gap = next;

@@ -24,7 +24,7 @@ pub(super) enum Answer {
     Stopped,
 }
 
-/// How a [`NatsBus::scan`] ended.
+/// How a [`scan`] ended.
 pub(super) enum ScanEnd {
     /// A message at or after the bound was handed over, or the caller stopped.
     Reached,
@@ -37,7 +37,7 @@ pub(super) enum ScanEnd {
     Broken,
 }
 
-/// Where a [`NatsBus::scan`] starts.
+/// Where a [`scan`] starts.
 #[derive(Clone, Copy)]
 pub(super) enum Start {
     /// After this message, already read, which must still be stored.
