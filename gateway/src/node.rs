@@ -14,7 +14,7 @@
 //!   cancelled, which happens only once the connections ended, so a draining
 //!   connection still gets its room's messages written.
 //!
-//! Shutdown, in order ([`drain`]): readiness goes 503; the node token is
+//! Shutdown, in order (`drain`): readiness goes 503; the node token is
 //! cancelled (the listener stops accepting; every connection sends close
 //! 1012 within the drain spread); the connection tracker is awaited until
 //! the drain deadline; then the services are stopped (the broker leaves its

@@ -1,8 +1,8 @@
 //! Room grants: which rooms a connection may subscribe to and publish to.
 //!
 //! Owns the room-name [`Pattern`] (`*` matches any run of room characters),
-//! [`Grants`] and how a token's rooms claim becomes grants ([`grants_from`],
-//! looked up by dotted path with [`claim_at`]).
+//! [`Grants`] and how a token's rooms claim becomes grants (`grants_from`,
+//! looked up by dotted path with `claim_at`).
 //!
 //! Does not own token verification or the defaults applied when a token has
 //! no rooms claim (both in `auth`), nor room-name validation (`rooms`).

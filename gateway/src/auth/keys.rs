@@ -2,7 +2,7 @@
 //! how a JWKS document becomes keys.
 //!
 //! Owns [`VerifyKey`] (a key pinned to an algorithm family, optionally to one
-//! algorithm and to an issuer), [`KeyError`] and [`parse_jwks`]. It is the
+//! algorithm and to an issuer), [`KeyError`] and `parse_jwks`. It is the
 //! leaf of `auth`: the verifier (`auth`) and the JWKS URL fetcher
 //! ([`crate::auth::jwks`]) both read keys from here and this module uses
 //! neither, so the two no longer depend on each other.

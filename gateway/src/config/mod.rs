@@ -235,7 +235,7 @@ impl Config {
 
 /// The verifier described by the configuration: options, secret, PEM keys,
 /// `--jwks` and `--jwt-issuer-keys`. Reads files now; JWKS URLs are fetched
-/// once [`Verifier::start`] runs (or on first use).
+/// by the node's JWKS refresh loop ([`crate::auth::jwks::JwksSource::refresh_loop`]) once the node starts.
 ///
 /// Lives here, not in `auth`, so that `auth` never depends on `config`.
 pub fn verifier(cfg: &Config) -> Result<Verifier, KeyError> {

@@ -1,7 +1,7 @@
 //! Defaults and validation: [`Opts`] in, [`Config`] or a [`ConfigError`] out.
 //!
 //! Owns every default value and every check, by group: rate limits
-//! ([`resolve_limits`]), cluster, auth, connection, rooms and the rest. The
+//! (`resolve_limits`), cluster, auth, connection, rooms and the rest. The
 //! first invalid value found ends resolution with an error naming its option
 //! (groups are checked in that order, each option once). Does not own the
 //! option spellings or the file merge (`config::opts`) nor the fields'

@@ -146,7 +146,7 @@ impl Revocations {
 
     /// Cluster mode: follows the bucket until `stop`, applying every update
     /// to the list and to the live connections of `registry`. A watch that
-    /// breaks is opened again after [`REWATCH_DELAY`] (it re-reads the
+    /// breaks is opened again after `REWATCH_DELAY` (it re-reads the
     /// latest entry of every user, so nothing is missed across the gap).
     pub async fn watch(self: Arc<Self>, registry: Arc<Registry>, stop: CancellationToken) {
         let Some(store) = self.kv.clone() else {

@@ -1,5 +1,5 @@
 //! GCRA primitives shared by every limit: a [`Rate`], direct limiters and
-//! [`take`], and [`Keyed`] limiters that can be pruned and reset.
+//! [`take`], and `Keyed` limiters that can be pruned and reset.
 //!
 //! Owns how a rate becomes a `governor` quota and how a keyed limiter is
 //! swept. It is the leaf of `limits`: both the connection limits

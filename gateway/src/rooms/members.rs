@@ -37,7 +37,7 @@ pub enum Member<'a> {
 }
 
 /// Where a connection's full membership sits in a room: the slot in one of
-/// the room's member sets (the top two bits name the [`FullSet`]). The
+/// the room's member sets (the top two bits name the `FullSet`). The
 /// connection keeps it per room and hands it back to leave or switch modes,
 /// so a room needs no index from connection to member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

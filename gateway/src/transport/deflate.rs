@@ -231,7 +231,7 @@ pub enum InflateError {
 
 /// Inflates one compressed client message (without its tail) into at most
 /// `max` bytes. The output grows with what the stream really yields, in
-/// [`INFLATE_CHUNK`] steps, and never beyond `max` bytes of content: a
+/// `INFLATE_CHUNK` steps, and never beyond `max` bytes of content: a
 /// message that would inflate further ends with [`InflateError::TooLarge`]
 /// before more is allocated.
 pub fn inflate(data: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {

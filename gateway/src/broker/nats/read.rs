@@ -348,7 +348,7 @@ impl NatsBus {
     ///
     /// Two passes: a walk back from `before`, newest first, one direct get
     /// per message plus one to learn `more`, finds where the page starts;
-    /// then the page is read forward from there ([`scan`]) up to
+    /// then the page is read forward from there (the forward scan) up to
     /// `before` (or the room's last message, asked of the leader). A walk
     /// step answered by a replica that is behind returns an older message
     /// than the leader would, skipping the ones it lacks; so the walk only
