@@ -1210,3 +1210,59 @@ async fn gateways_started_at_once_on_a_fresh_cluster_all_come_up() {
         assert_eq!(read_messages(m, 1).await[0].0, offset);
     }
 }
+
+/// Found by the lagging-replica test (issue 16): a subscribe entry that
+/// fails in cluster mode (here the stream has no leader: two of the three
+/// servers are stopped) leaves the room's state on the node, not live, for
+/// the linger. Its empty cache answered `history` with no messages and
+/// `more:false` while the stream held the room's messages. A room that is
+/// not live now answers from the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_subscribe_leaves_no_empty_history_behind() {
+    let cluster = Cluster::start(3).await;
+    let a = gateway(&cluster, "gw-fail-a", None).await;
+    let mut writer = a.client("writer").await;
+    let offsets = publish_many(&mut writer, "kept", 3, |i| json!(i)).await;
+    // B talks to a server that does not lead the room's stream; the other
+    // two (the leader among them) are stopped below.
+    let leader = stream_hosts(&cluster, 4).await[gateway::broker::nats::partition("kept", 4) as usize].clone();
+    let x = (0..3).find(|&i| cluster.servers[i].name != leader).unwrap();
+    let b_url = cluster.servers[x].url();
+    let b = gateway_tuned(&cluster, "gw-fail-b", move |o| {
+        o.nats = Some(b_url);
+        o.nats_ignore_discovered = Some(true);
+        o.publish_timeout_ms = Some(500);
+        // The failed room's state stays for the whole test.
+        o.room_linger_ms = Some(120_000);
+    })
+    .await;
+
+    let others: Vec<usize> = (0..3).filter(|&i| i != x).collect();
+    for &i in &others {
+        cluster.servers[i].pause();
+    }
+    let mut c = b.client("joiner").await;
+    let r = c.request(json!({"op":"subscribe","rooms":[{"room":"kept"}]})).await;
+    for &i in &others {
+        cluster.servers[i].resume();
+    }
+    assert_eq!(r["ok"]["rooms"][0]["error"]["code"], "unavailable", "{r}");
+
+    // The stream is back: B's page holds the three messages (retried while
+    // the stream elects its leader again).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let h = loop {
+        let h = c.request(json!({"op":"history","room":"kept","limit":10})).await;
+        if h["error"]["code"] != "unavailable" || std::time::Instant::now() > deadline {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let got: Vec<u64> = h["ok"]["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{h}"))
+        .iter()
+        .filter_map(|m| m["offset"].as_u64())
+        .collect();
+    assert_eq!(got, offsets, "{h}");
+}

@@ -96,9 +96,18 @@ impl RoomState {
 
 impl RoomIndex {
     /// The messages of `room` in `(since, upto]` as far as this node has them.
+    /// A room that is not live yet (cache mode: its state exists while a
+    /// member is being joined, or lingers after a join that failed) holds no
+    /// cache to answer from.
     pub fn catchup(&self, room: &RoomId, since: u64, upto: u64) -> Catchup {
-        self.with_existing(room, |st| st.catchup(since, upto))
-            .unwrap_or(Catchup::NeedsBackend)
+        self.with_existing(room, |st| {
+            if st.live {
+                st.catchup(since, upto)
+            } else {
+                Catchup::NeedsBackend
+            }
+        })
+        .unwrap_or(Catchup::NeedsBackend)
     }
 
     /// Stores a message published on this node (the embedded bus) by `from`:
@@ -274,6 +283,12 @@ impl RoomIndex {
             more: false,
         };
         let Some(page) = self.with_existing(room, |st| {
+            // Not live (cache mode): the state of a room being joined, or
+            // lingering after a join that failed, caches nothing yet. An
+            // empty log there once answered a page of nothing, `more:false`.
+            if !st.live {
+                return HistoryPage::NeedsBackend;
+            }
             let end = match before {
                 Some(b) => st.log.partition_point(|e| e.offset < b),
                 None => st.log.len(),

@@ -865,6 +865,23 @@ mod tests {
         }
     }
 
+    /// A room not live yet (a join waiting on the bus, or its state lingering
+    /// after a join that failed) has no cache to answer from: its empty log
+    /// once answered history with no messages and `more:false`.
+    #[test]
+    fn a_room_not_live_answers_nothing_from_its_empty_cache() {
+        let idx = cache(100);
+        let r = room("r");
+        idx.join(&r, ConnId(1), Member::Joining, None, None).unwrap();
+        assert!(matches!(idx.history(&r, None, 10), HistoryPage::NeedsBackend));
+        assert!(matches!(idx.catchup(&r, 3, 5), Catchup::NeedsBackend));
+        idx.go_live(&r, 5);
+        assert!(matches!(
+            idx.catchup(&r, 5, 5),
+            Catchup::Messages { recovered: true, .. }
+        ));
+    }
+
     /// A gap the broker gave up reading: members are closed, the cache
     /// restarts after it, and an older `since` goes to the stream (which
     /// may still hold the gap) instead of being told recovered:false.

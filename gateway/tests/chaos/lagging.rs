@@ -7,7 +7,10 @@
 //! while the leader is out of its reach the page is an error, not a short
 //! page. Then the same with n2 reachable but behind: its link throttled with
 //! `tc tbf` while the stream takes 80 KB, n2's own `/jsz` confirming that its
-//! replica ends before the page does when the page is asked for.
+//! replica ends before the page does when the page is asked for. While n2 is
+//! cut, a client that saw the newest offset on gateway A also resumes on B
+//! with `since`: B must answer `unavailable`, never `recovered:false` from
+//! n2's stale copy.
 
 use std::time::Duration;
 
@@ -127,6 +130,27 @@ async fn publish_retrying(a_api: &str, body: &str, when: &str, bound: Duration) 
     }
 }
 
+/// A WebSocket client run inside network namespace `ns` (gateway B listens
+/// there on loopback; the test process stays in the root namespace):
+/// `ws_client.py`, Python's standard library over a raw socket. Connects to
+/// `host:port` with a token for `sub`, sends `command` (JSON whose `id` is
+/// not 1) and returns the reply (60 s at most).
+fn ws_request_in(ns: &str, host_port: &str, sub: &str, command: &Value) -> Value {
+    let (host, port) = host_port.rsplit_once(':').expect("host:port");
+    let token = gateway::auth::mint_hs256(SECRET.as_bytes(), sub, vec!["*".into()], vec!["*".into()], Some(600))
+        .expect("token");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/chaos/ws_client.py");
+    let out = cmd(Some(ns), &["python3", script, host, port, &token, &command.to_string()])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "ws_client.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("a JSON reply")
+}
+
 fn gateway_args(id: &str, listen: String, api: String, nats: String) -> Vec<String> {
     // The chaos run's binary (`CHAOS_GATEWAY`, a release build from
     // scripts/chaos.sh) when given.
@@ -189,17 +213,16 @@ async fn a_gateway_on_a_replica_behind_never_answers_a_history_page_short() {
     );
     let ns2 = net.nats_ns(2);
     let (b_ws, b_api) = ("127.0.0.1:8080", "127.0.0.1:9090");
-    let mut b = Proc::new(
-        "gateway B".into(),
-        ns2.clone(),
-        gateway_args(
-            "gw-b",
-            b_ws.into(),
-            b_api.into(),
-            format!("nats://{}:4222", net.nats_ip(2)),
-        ),
-        dir.path().join("b.log"),
+    let mut b_args = gateway_args(
+        "gw-b",
+        b_ws.into(),
+        b_api.into(),
+        format!("nats://{}:4222", net.nats_ip(2)),
     );
+    // B's requests to NATS give up after 1 s (not 5): its reads of the
+    // leader while n2 is cut fail in seconds.
+    b_args.extend(["--publish-timeout-ms".to_string(), "1000".to_string()]);
+    let mut b = Proc::new("gateway B".into(), ns2.clone(), b_args, dir.path().join("b.log"));
     a.start();
     b.start();
     assert!(
@@ -302,9 +325,39 @@ async fn a_gateway_on_a_replica_behind_never_answers_a_history_page_short() {
         assert_unavailable(status, &v);
     }
 
+    // A client that saw the newest acknowledged offset (on A) resumes on B,
+    // where the room is not live: B's room tail must come from the stream's
+    // leader, out of reach, so the entry is `unavailable`. Read from n2's
+    // stale copy (what the chaos run found, seed 20261129), the tail said
+    // 30 messages, the room went live there, and the client was told
+    // `recovered:false` with every message stored.
+    let since = *acked.last().unwrap();
+    let resume = serde_json::json!({"id": 2, "op": "subscribe", "rooms": [{"room": "lag", "since": since}]});
+    let r = ws_request_in(&ns2, b_ws, "mover", &resume);
+    eprintln!("lagging: while cut, a resume on B with since {since} answered {r}");
+    assert_eq!(
+        r["ok"]["rooms"][0]["error"]["code"], "unavailable",
+        "B must not answer a resume from n2's stale copy: {r}"
+    );
+
     // Healed: the same page, complete, from B.
     net.link("n2", true);
     page_in_the_end(&ns2, b_api, &page, &want, "after the heal").await;
+    // And the resume: nothing missed, nothing to send.
+    let t = Instant::now();
+    let r = loop {
+        let r = ws_request_in(&ns2, b_ws, "mover", &resume);
+        if r["ok"]["rooms"][0]["error"]["code"] != "unavailable" || t.elapsed() > Duration::from_secs(60) {
+            break r;
+        }
+        sleep(Duration::from_millis(500)).await;
+    };
+    let entry = &r["ok"]["rooms"][0];
+    assert_eq!(
+        (entry["recovered"].as_bool(), entry["offset"].as_u64()),
+        (Some(true), Some(since)),
+        "{r}"
+    );
 
     // Behind: n2's link throttled, so the stream's new messages reach n2's
     // replica late. Requests to the leader go through too, but their answers
