@@ -154,7 +154,7 @@ pub struct Opts {
     /// How long a node stays subscribed to a room after its last local member left, ms [default: 5000].
     #[arg(long, env = "GATEWAY_ROOM_LINGER_MS", global = true)]
     pub room_linger_ms: Option<u64>,
-    /// How long a durable publish waits for the stream's acknowledgement, ms [default: 5000].
+    /// How long a durable publish waits for the stream's acknowledgement, and any other JetStream API request (a stream read from its leader) for its answer, ms [default: 5000].
     #[arg(long, env = "GATEWAY_PUBLISH_TIMEOUT_MS", global = true)]
     pub publish_timeout_ms: Option<u64>,
     /// Connect only to the --nats URLs, never to servers the cluster announces (NATS behind a load balancer or NAT) [default: false].
