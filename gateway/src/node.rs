@@ -163,7 +163,7 @@ impl Node {
         };
         let control = match &bus {
             Bus::Embedded => Control::embedded(),
-            Bus::Nats(n) => Control::cluster(n, &cfg.nats_prefix, cfg.nats_replicas).await?,
+            Bus::Nats(n) => Control::cluster(n, &cfg.nats_prefix, cfg.nats_replicas, cfg.nats_connect_timeout).await?,
         };
         let control = Arc::new(control);
         let presence = Arc::new(Presence::new(

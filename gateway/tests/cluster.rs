@@ -1266,3 +1266,49 @@ async fn a_failed_subscribe_leaves_no_empty_history_behind() {
         .collect();
     assert_eq!(got, offsets, "{h}");
 }
+
+/// Found by the 600 s chaos run (issue 16): a gateway restarted while
+/// JetStream was briefly unavailable (a NATS server just killed, a meta
+/// leader being elected) exited at start: "the token revocation list could
+/// not be loaded: ... JetStream system temporarily unavailable". Here the
+/// bucket's leader loses its two peers (stopped) while a node opens the
+/// bucket through it, and they come back 3 s later: the open waits (a node
+/// gives it `--nats-connect-timeout-ms`) and succeeds. Before, it failed
+/// ("timed out").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_revocation_bucket_is_waited_for_while_jetstream_is_unavailable() {
+    let cluster = Cluster::start(3).await;
+    // The streams and the revocation bucket exist already.
+    let first = gateway(&cluster, "gw-js-first", None).await;
+    first.shutdown().await;
+    // The node talks to the server that leads the bucket's stream, and its
+    // two peers are stopped: the leader keeps answering some requests, but
+    // nothing that needs its peers (what the chaos run met: "timed out" or
+    // "temporarily unavailable").
+    let leader = {
+        let client = async_nats::connect(cluster.servers[0].url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut s = js.get_stream("KV_GW_REVOKED").await.unwrap();
+        let info = s.info().await.unwrap();
+        info.cluster.as_ref().and_then(|c| c.leader.clone()).unwrap_or_default()
+    };
+    let x = (0..3).find(|&i| cluster.servers[i].name == leader).unwrap();
+    let others: Vec<usize> = (0..3).filter(|&i| i != x).collect();
+    let client = async_nats::connect(cluster.servers[x].url()).await.unwrap();
+    let mut js = async_nats::jetstream::new(client);
+    js.set_timeout(Duration::from_secs(1));
+    for &i in &others {
+        cluster.servers[i].pause();
+    }
+    let open =
+        tokio::spawn(async move { gateway::control::Revocations::open(&js, "gw", 3, Duration::from_secs(30)).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for &i in &others {
+        cluster.servers[i].resume();
+    }
+    let opened = tokio::time::timeout(Duration::from_secs(60), open)
+        .await
+        .expect("the open ends")
+        .unwrap();
+    assert!(opened.expect("the bucket opens once JetStream is back").is_durable());
+}

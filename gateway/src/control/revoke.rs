@@ -62,41 +62,62 @@ impl Revocations {
     }
 
     /// Cluster mode: opens (or creates) the bucket and loads every entry.
-    pub async fn open(js: &jetstream::Context, prefix: &str, replicas: usize) -> Result<Self, RevokeError> {
+    /// JetStream may be briefly unavailable at start (a server just
+    /// restarted, a meta leader being elected: "JetStream system temporarily
+    /// unavailable"): the whole open is retried until `patience`
+    /// (`--nats-connect-timeout-ms`) has passed.
+    ///
+    /// Errors: [`RevokeError::Bucket`] with the last failure, once `patience`
+    /// is spent.
+    pub async fn open(
+        js: &jetstream::Context,
+        prefix: &str,
+        replicas: usize,
+        patience: Duration,
+    ) -> Result<Self, RevokeError> {
         let bucket = format!("{}_REVOKED", prefix.to_ascii_uppercase());
-        let err = |e: &dyn std::fmt::Display| RevokeError::Bucket {
-            bucket: bucket.clone(),
-            detail: e.to_string(),
-        };
+        let deadline = std::time::Instant::now() + patience;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match Self::open_once(js, &bucket, replicas).await {
+                Ok(this) => return Ok(this),
+                Err(detail) if std::time::Instant::now() < deadline => {
+                    tracing::warn!(%bucket, attempt, error = %detail, "revocation bucket not ready; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(10)))).await;
+                }
+                Err(detail) => return Err(RevokeError::Bucket { bucket, detail }),
+            }
+        }
+    }
+
+    /// One attempt at [`Self::open`]: the bucket (created if missing) and
+    /// every entry.
+    async fn open_once(js: &jetstream::Context, bucket: &str, replicas: usize) -> Result<Self, String> {
         // Several gateways may start at once: a create that loses the race
         // is retried as a lookup.
-        let mut attempt = 0;
-        let store = loop {
-            attempt += 1;
-            match js.get_key_value(&bucket).await {
-                Ok(s) => break s,
-                Err(e) if attempt > 3 => return Err(err(&e)),
-                Err(_) => {}
-            }
-            let cfg = kv::Config {
-                bucket: bucket.clone(),
-                description: "gateway token revocations: user -> unix seconds".into(),
-                history: 1,
-                num_replicas: replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            };
-            match js.create_key_value(cfg).await {
-                Ok(s) => break s,
-                Err(e) if attempt > 3 => return Err(err(&e)),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100 * attempt)).await,
+        let store = match js.get_key_value(bucket).await {
+            Ok(s) => s,
+            Err(_) => {
+                let cfg = kv::Config {
+                    bucket: bucket.to_string(),
+                    description: "gateway token revocations: user -> unix seconds".into(),
+                    history: 1,
+                    num_replicas: replicas,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                };
+                match js.create_key_value(cfg).await {
+                    Ok(s) => s,
+                    Err(e) => return Err(e.to_string()),
+                }
             }
         };
         let this = Self {
             before: RwLock::default(),
             kv: Some(store),
         };
-        this.load().await.map_err(|e| err(&e))?;
+        this.load().await.map_err(|e| e.to_string())?;
         Ok(this)
     }
 

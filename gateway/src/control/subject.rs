@@ -66,9 +66,15 @@ impl Control {
         }
     }
 
-    /// Cluster mode: opens the revocation bucket (loading it).
-    pub async fn cluster(bus: &NatsBus, prefix: &str, replicas: usize) -> Result<Self, RevokeError> {
-        let revocations = Revocations::open(bus.jetstream(), prefix, replicas).await?;
+    /// Cluster mode: opens the revocation bucket (loading it), retried for
+    /// up to `patience` while JetStream is not ready.
+    pub async fn cluster(
+        bus: &NatsBus,
+        prefix: &str,
+        replicas: usize,
+        patience: std::time::Duration,
+    ) -> Result<Self, RevokeError> {
+        let revocations = Revocations::open(bus.jetstream(), prefix, replicas, patience).await?;
         Ok(Self {
             registry: Arc::default(),
             revocations: Arc::new(revocations),

@@ -50,8 +50,13 @@ pub(super) async fn ensure_stream(
         source: e,
     };
     // Several nodes may start at once: a create that loses the race (or times
-    // out while the meta leader is busy) is retried as a lookup.
+    // out while the meta leader is busy) is retried as a lookup. JetStream
+    // may also be briefly unavailable (a server just restarted, a meta
+    // leader being elected): failures are retried for the connect timeout.
+    let patience = Instant::now() + cfg.connect_timeout;
     let mut attempt = 0;
+    let retry = |attempt: u64| attempt < 5 || Instant::now() < patience;
+    let pause = |attempt: u64| Duration::from_millis(200 * attempt.min(10));
     let mut stream = loop {
         attempt += 1;
         match js.get_stream(&name).await {
@@ -62,9 +67,9 @@ pub(super) async fn ensure_stream(
                 }
                 // A stream another gateway has just created can answer
                 // "not found" for a moment (its group not formed yet).
-                Err(e) if attempt < 5 => {
+                Err(e) if retry(attempt) => {
                     tracing::debug!(stream = %name, error = %e, "new stream not readable yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                    tokio::time::sleep(pause(attempt)).await;
                 }
                 Err(e) => return Err(wrap(Box::new(e))),
             },
@@ -73,16 +78,16 @@ pub(super) async fn ensure_stream(
                 tracing::info!(stream = %name, replicas = cfg.replicas, "creating room stream");
                 match js.create_stream(stream_config(cfg, p)).await {
                     Ok(s) => break s,
-                    Err(e) if attempt < 5 => {
+                    Err(e) if retry(attempt) => {
                         tracing::debug!(stream = %name, error = %e, "stream create failed; looking it up again");
-                        tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                        tokio::time::sleep(pause(attempt)).await;
                     }
                     Err(e) => return Err(wrap(Box::new(e))),
                 }
             }
-            Err(e) if attempt < 5 => {
-                tracing::debug!(stream = %name, error = %e, "stream lookup failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            Err(e) if retry(attempt) => {
+                tracing::warn!(stream = %name, error = %e, attempt, "stream lookup failed; retrying");
+                tokio::time::sleep(pause(attempt)).await;
             }
             Err(e) => return Err(wrap(Box::new(e))),
         }
