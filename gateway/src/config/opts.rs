@@ -163,7 +163,7 @@ pub struct Opts {
     /// JetStream domain of the streams, for a node connected to a NATS leaf node whose JetStream runs in the hub cluster (JetStream API requests go to $JS.<DOMAIN>.API) [default: none: the local account's JetStream].
     #[arg(long, env = "GATEWAY_NATS_JS_DOMAIN", global = true)]
     pub nats_js_domain: Option<String>,
-    /// How long the node waits for NATS at start, ms [default: 10000].
+    /// How long the node waits for NATS at start (the connection, then JetStream: the room streams and the revocation bucket), ms [default: 10000].
     #[arg(long, env = "GATEWAY_NATS_CONNECT_TIMEOUT_MS", global = true)]
     pub nats_connect_timeout_ms: Option<u64>,
     /// PEM certificate chain: serve wss:// (with --tls-key).
