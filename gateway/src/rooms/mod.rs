@@ -845,14 +845,21 @@ mod tests {
         assert_eq!(drained(&ob).await, vec![4, 5, 9]);
     }
 
-    #[test]
-    fn lost_messages_restart_the_cache_after_the_hole() {
+    /// A live cache-mode room "r" with one member (its outbox returned,
+    /// kept open) and message 1 applied.
+    fn live_with_one_message() -> (RoomIndex, RoomId, ConnOutbox) {
         let idx = cache(100);
         let r = room("r");
         let ob = outbox();
         idx.join(&r, ConnId(1), Member::Full(&ob), None, None).unwrap();
         idx.go_live(&r, 0);
         idx.deliver(&r, 1, 0, frame(1));
+        (idx, r, ob)
+    }
+
+    #[test]
+    fn lost_messages_restart_the_cache_after_the_hole() {
+        let (idx, r, _ob) = live_with_one_message();
         assert_eq!(idx.lost_messages(&r, 6), 1);
         idx.repaired(&r, vec![(7, frame(7))], 7);
         match idx.catchup(&r, 1, 7) {
@@ -887,12 +894,7 @@ mod tests {
     /// may still hold the gap) instead of being told recovered:false.
     #[test]
     fn an_unread_gap_resets_members_but_claims_nothing_gone() {
-        let idx = cache(100);
-        let r = room("r");
-        let ob = outbox();
-        idx.join(&r, ConnId(1), Member::Full(&ob), None, None).unwrap();
-        idx.go_live(&r, 0);
-        idx.deliver(&r, 1, 0, frame(1));
+        let (idx, r, _ob) = live_with_one_message();
         assert_eq!(idx.gap_unread(&r, 6), 1);
         idx.repaired(&r, Vec::new(), 6);
         idx.deliver(&r, 7, 6, frame(7));

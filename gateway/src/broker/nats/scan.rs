@@ -242,6 +242,9 @@ pub(super) mod tests {
         /// Once the leader hands this one out, it and every older message
         /// leave the stream (rooms lose their oldest first).
         expires_when_read: Option<u64>,
+        /// What the stream's limits say: a room with this few messages
+        /// never dropped one (no max age, under the per-room limit).
+        pub(in crate::broker::nats) never_dropped_below: u64,
         leader_reads: Mutex<Vec<u64>>,
     }
 
@@ -251,6 +254,7 @@ pub(super) mod tests {
                 leader: Mutex::new(stored.iter().copied().collect()),
                 replica_upto,
                 expires_when_read: None,
+                never_dropped_below: 0,
                 leader_reads: Mutex::new(Vec::new()),
             }
         }
@@ -314,8 +318,8 @@ pub(super) mod tests {
             self.leader.lock().contains(&offset)
         }
 
-        fn never_dropped(&self, _stored: u64) -> bool {
-            false
+        fn never_dropped(&self, stored: u64) -> bool {
+            stored < self.never_dropped_below
         }
     }
 
